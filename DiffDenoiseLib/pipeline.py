@@ -1,0 +1,257 @@
+"""Denoise an image with a trained model: Fast (student), Full (SRDS), and the ablation modes.
+
+Data flows one way: image -> linear normalisation -> noise transform (VST) -> slices
+(2.5D stacks) -> networks -> slices -> inverse transform -> inverse normalisation,
+so the result is in the input's units (HU stays HU) and geometry.
+
+Full mode diffuses the normalised residual r = (y - c) / s around the blind-spot
+estimate c = BSN(y), with s = std(y - c) over the whole image: the diffusion model
+only has to add back the fine detail the blind-spot network smoothed away, and an
+under-trained model (which predicts r = 0) leaves the BSN result unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
+from DiffDenoiseLib.imageio import Image
+from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig, StudentNet
+from DiffDenoiseLib.noise import estimate_transform_params, get_transform
+from DiffDenoiseLib.normalization import Normalization
+from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
+from DiffDenoiseLib.slicing import as_slice_stack, choose_slice_axis, context_stack, from_slice_stack, map_tiled
+
+STAGES = ("bsn", "diffusion", "student")
+MODES = ("fast", "full", "bsn", "single")
+
+
+@dataclass
+class SamplingConfig:
+    """How Full mode samples: the diffusion formulation and the SRDS settings."""
+
+    prediction: str = "v"  # eps | v | x0
+    schedule: str = "cosine"  # cosine | linear
+    timesteps: int = 1000
+    steps: int = 5  # DDIM steps
+    pairs: int = 1  # symmetric pairs averaged
+    t_start: Optional[int] = 120  # truncated start; None starts from t = T
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown sampling settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass
+class DenoisingModel:
+    """The networks of one model and its card; a network is None when its stage is not trained."""
+
+    config: NetworkConfig
+    sampling: SamplingConfig
+    card: dict
+    bsn: Optional[BlindSpotNet] = None
+    diffusion: Optional[ConditionalUNet] = None
+    student: Optional[StudentNet] = None
+
+    def stages(self) -> List[str]:
+        return [s for s in STAGES if getattr(self, s) is not None]
+
+    def network(self, stage: str) -> torch.nn.Module:
+        net = getattr(self, stage)
+        if net is None:
+            raise ValueError(f"model '{self.card.get('name', '?')}' has no trained {stage} stage")
+        return net
+
+    def state_dicts(self) -> Dict[str, dict]:
+        return {s: getattr(self, s).state_dict() for s in self.stages()}
+
+    @classmethod
+    def build(cls, config: NetworkConfig, sampling: SamplingConfig, card: dict, stages=STAGES) -> "DenoisingModel":
+        """Fresh (untrained) networks for `stages`."""
+        constructors = {"bsn": BlindSpotNet, "diffusion": ConditionalUNet, "student": StudentNet}
+        nets = {s: constructors[s](config) for s in stages}
+        return cls(config=config, sampling=sampling, card=card, **nets)
+
+    @classmethod
+    def from_card(cls, card: dict, state_dicts: Dict[str, dict]) -> "DenoisingModel":
+        config = NetworkConfig.from_dict(card["architecture"])
+        sampling = SamplingConfig.from_dict(card["sampling"])
+        model = cls.build(config, sampling, card, stages=[s for s in STAGES if s in state_dicts])
+        for stage, state in state_dicts.items():
+            model.network(stage).load_state_dict(state)
+        return model.eval()
+
+    def to(self, device) -> "DenoisingModel":
+        for stage in self.stages():
+            getattr(self, stage).to(device)
+        return self
+
+    def eval(self) -> "DenoisingModel":
+        for stage in self.stages():
+            getattr(self, stage).eval()
+        return self
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(self.sampling.timesteps, self.sampling.schedule)
+
+
+@dataclass
+class DenoiseResult:
+    image: Image
+    uncertainty: Optional[Image]
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+def prepare_array(array: np.ndarray, transform_spec: dict):
+    """Normalise and stabilise an image for the networks; returns (z, normalization, transform)."""
+    data = np.asarray(array, dtype=np.float64)
+    if not np.all(np.isfinite(data)):
+        raise ValueError(f"the image has {int(np.size(data) - np.isfinite(data).sum())} NaN or infinite voxels")
+    normalization = Normalization.fit(data)
+    normalized = normalization.forward(data)
+    name = transform_spec.get("name", "none")
+    params = {k: v for k, v in transform_spec.items() if k != "name"}
+    if not params:
+        params = estimate_transform_params(name, normalized)
+    transform = get_transform(name, **params)
+    return transform.forward(normalized), normalization, transform
+
+
+def run_network_on_slices(
+    fn: Callable[..., torch.Tensor],
+    slices: np.ndarray,
+    context: int,
+    device: torch.device,
+    extra: Optional[np.ndarray] = None,
+    batch_size: int = 8,
+    tile: int = 256,
+    progress: Optional[Callable[[int], None]] = None,
+    cancel: Optional[CancelToken] = None,
+    indices: Optional[Sequence[int]] = None,
+) -> np.ndarray:
+    """Apply `fn(stack[, extra]) -> (B, C, h, w)` to slices of a (n, H, W) array; returns (len(indices), C, H, W).
+
+    Slices (all, or those in `indices`) go through in batches and, when large, in
+    blended tiles. `extra`, when given, is a (n, H, W) array whose matching slice is
+    passed as a second (B, 1, H, W) input (Full mode passes the blind-spot estimate).
+    """
+    outputs = []
+    indices = list(range(slices.shape[0])) if indices is None else list(indices)
+    for start in range(0, len(indices), batch_size):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        idx = indices[start:start + batch_size]
+        batch = torch.from_numpy(np.stack([context_stack(slices, i, context) for i in idx]).astype(np.float32))
+        inputs = [batch.to(device)]
+        if extra is not None:
+            inputs.append(torch.from_numpy(extra[idx][:, None].astype(np.float32)).to(device))
+        with torch.no_grad():
+            outputs.append(map_tiled(fn, inputs, tile=tile).float().cpu().numpy())
+        if progress is not None:
+            progress(len(idx))
+    return np.concatenate(outputs)
+
+
+def residual_scale(slices: np.ndarray, estimate: np.ndarray) -> float:
+    """s = std(y - c): the residual diffusion's unit of intensity for this image."""
+    return float(max(np.std(slices - estimate), 1e-6))
+
+
+def denoise_image(
+    image: Image,
+    model: DenoisingModel,
+    mode: str = "fast",
+    steps: Optional[int] = None,
+    pairs: Optional[int] = None,
+    t_start: Optional[int] = -1,
+    slice_axis: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    progress: Optional[Callable[[Progress], None]] = None,
+    cancel: Optional[CancelToken] = None,
+    seed: int = 0,
+    tile: int = 256,
+) -> DenoiseResult:
+    """Denoise a 2D image or a volume; the input image is never modified.
+
+    `t_start=-1` keeps the model's calibrated truncated start; None forces a full start.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    started = time.monotonic()
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    k = model.config.context_slices
+    z, normalization, transform = prepare_array(image.array, model.card.get("transform", {"name": "none"}))
+    axis = choose_slice_axis(image.spacing, z.shape) if slice_axis is None else slice_axis
+    slices = as_slice_stack(z, axis)
+    n = slices.shape[0]
+    passes = {"fast": 1, "bsn": 1, "full": 2, "single": 2}[mode]
+    timer = ProgressTimer(total=n * passes)
+
+    def advance(count: int) -> None:
+        timer.advance(count)
+        if progress is not None:
+            progress(Progress("denoise", timer.done, timer.total, None, timer.eta_s()))
+
+    run = dict(context=k, device=device, tile=tile, progress=advance, cancel=cancel)
+    details: dict = {"mode": mode, "slice_axis": int(axis), "slices": int(n)}
+    uncertainty = None
+    if mode == "fast":
+        denoised = run_network_on_slices(model.network("student"), slices, **run)[:, 0]
+    else:
+        denoised = run_network_on_slices(model.network("bsn"), slices, **run)[:, 0]
+        if mode in ("full", "single"):
+            denoised, uncertainty, sampling = sample_residual(model, slices, denoised, steps, pairs, t_start,
+                                                               mode == "single", seed, run)
+            details.update(sampling)
+    denoised_z = from_slice_stack(denoised, axis, z.ndim)
+    output = normalization.inverse(transform.inverse_denoised(denoised_z.astype(np.float64)))
+    result_image = replace(image, array=output.astype(np.float32))
+    uncertainty_image = None
+    if uncertainty is not None:
+        spread = from_slice_stack(uncertainty, axis, z.ndim).astype(np.float64)
+        upper = normalization.inverse(transform.inverse_denoised(denoised_z + spread))
+        uncertainty_image = replace(image, array=np.abs(upper - output).astype(np.float32))
+    return DenoiseResult(result_image, uncertainty_image, time.monotonic() - started, details)
+
+
+def sample_residual(model, slices, estimate, steps, pairs, t_start, single, seed, run, indices=None):
+    """SRDS (or one DDIM sample) of the residual around the blind-spot estimate of every slice.
+
+    Returns (denoised, uncertainty or None, settings used) for the slices in `indices`
+    (all by default); `estimate` is the BSN output of all slices.
+    """
+    sampling = model.sampling
+    steps = steps or sampling.steps
+    pairs = pairs or sampling.pairs
+    t_start = sampling.t_start if t_start == -1 else t_start
+    schedule = model.schedule
+    scale = residual_scale(slices, estimate)
+    generator = torch.Generator(device=run["device"]).manual_seed(seed)
+    diffusion = model.network("diffusion")
+    k = run["context"]
+
+    def sample(stack: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        cond = torch.cat([c, stack[:, :k], stack[:, k + 1:]], dim=1)
+        mean, spread = srds_sample(diffusion, cond, schedule, steps=steps, pairs=pairs, t_start=t_start,
+                                   prediction=sampling.prediction, generator=generator, single=single)
+        return torch.cat([c + scale * mean, scale * spread], dim=1)
+
+    both = run_network_on_slices(sample, slices, extra=estimate, indices=indices, **run)
+    info = {"steps": int(steps), "pairs": int(pairs), "t_start": t_start, "residual_scale": scale,
+            "single_sample": bool(single)}
+    return both[:, 0], (None if single else both[:, 1]), info
