@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up DiffDenoise on a fresh machine: the CPU build of torch first (a bare `torch`
+# requirement would pull several GB of CUDA packages), then the package itself.
+#   bash scripts/setup.sh          the command line and the shipped models
+#   bash scripts/setup.sh --test   also the test dependencies and the offline test images
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  packages="mricron-data"
+  [ "$with_tests" = 1 ] && packages="$packages invesalius-examples"
+  missing=$(for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+  if [ -n "$missing" ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  fi
+fi
+
+python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+if [ "$with_tests" = 1 ]; then
+  python -m pip install -q --disable-pip-version-check -e ".[test]"
+else
+  python -m pip install -q --disable-pip-version-check -e .
+fi
