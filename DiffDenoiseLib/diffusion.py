@@ -40,7 +40,8 @@ class NoiseSchedule:
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """sqrt(abar_t) and sqrt(1 - abar_t) shaped (B, 1, 1, 1) on `like`'s device and dtype."""
         abar = self.alphas_cumprod[t.long().cpu()].view(-1, *([1] * (like.dim() - 1)))
-        return abar.sqrt().to(like), (1 - abar).sqrt().to(like)
+        abar = abar.to(like.dtype).to(like.device)  # cast on the CPU: MPS has no float64
+        return abar.sqrt(), (1 - abar).sqrt()
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
