@@ -1,0 +1,440 @@
+"""MRML-facing logic of the DiffDenoise module: scene volumes in, background jobs, results in the scene.
+
+`slicer` (and `qt`, for the GUI timer) are imported inside functions, never at
+module level, so this file imports anywhere. It runs on the real MRML libraries
+both inside Slicer and, for tests and scripts, with the `slicer-core` wheel.
+
+A job writes its volumes to a temporary folder, runs the command-line worker
+(`python -m DiffDenoiseLib ... --json`) as a `WorkerProcess` and turns the
+outcome into scene changes; the temporary folder is removed whatever the outcome.
+The input volume is only read, never modified.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from DiffDenoiseLib import worker_protocol
+from DiffDenoiseLib.process import WorkerProcess
+from DiffDenoiseLib.signals import Signal
+
+LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
+
+# Rough cost of one network evaluation per megapixel of slice, in seconds, on one
+# CPU (the blind-spot/diffusion UNet sizes of the shipped models: an SRDS pair of
+# 5 DDIM steps takes about 0.6 s on a 224 x 192 slice). A GPU is counted 30 times
+# faster. Only the estimate shown before a run uses these; the time left while it
+# runs comes from the worker.
+_UNET_SECONDS_PER_MEGAPIXEL_CPU = 1.4
+_STUDENT_SECONDS_PER_MEGAPIXEL_CPU = 0.15
+_GPU_SPEED_UP = 30.0
+_STARTUP_SECONDS = 5.0
+ESTIMATE_DEFAULT_STEPS = 5
+ESTIMATE_DEFAULT_PAIRS = 1
+
+
+@dataclass
+class DenoiseSettings:
+    """What the Denoise button runs; 0 steps/pairs keeps the model's own sampling settings."""
+
+    mode: str = "fast"
+    model: str = ""
+    device: str = "auto"
+    steps: int = 0
+    pairs: int = 0
+    uncertainty: bool = False
+
+
+@dataclass
+class TrainSettings:
+    name: str
+    stages: Tuple[str, ...] = ("bsn", "diffusion", "student")
+    from_model: str = ""
+    max_steps: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Estimate:
+    device: str          # "cpu", "cuda", "mps"
+    device_message: str  # the library's sentence about the device
+    seconds: float
+    advice: str          # "" or a suggestion (Full on a CPU is slow: use Fast)
+
+
+@dataclass
+class JobOutcome:
+    """How a job ended: `status` is "done", "cancelled" or "failed"."""
+
+    kind: str
+    status: str
+    message: str
+    exit_code: int
+    result: dict = field(default_factory=dict)
+    output_volume: object = None
+    uncertainty_volume: object = None
+    model: str = ""
+
+
+def qt_poll_timer(poll: Callable[[], bool], interval_ms: int = 100):
+    """Call `poll` from Slicer's event loop until it returns False; returns the timer (keep a reference)."""
+    import qt
+
+    timer = qt.QTimer()
+    timer.setInterval(interval_ms)
+
+    def tick():
+        if not poll():
+            timer.stop()
+
+    timer.timeout.connect(tick)
+    timer.start()
+    return timer
+
+
+class Job:
+    """One background run: a worker, the temporary folder it reads and writes, and what to do on success.
+
+    Signals: `progress(event)` for progress events, `log(message)` for every line a
+    person may want to read, `finished(JobOutcome)` once.
+    """
+
+    def __init__(self, kind: str, worker: WorkerProcess, temp_dir: str,
+                 on_success: Callable[[dict], JobOutcome], timer_factory: Callable = qt_poll_timer):
+        self.kind = kind
+        self._timer_factory = timer_factory
+        self.worker = worker
+        self.temp_dir = temp_dir
+        self._on_success = on_success
+        self.progress = Signal("event")
+        self.log = Signal("message")
+        self.finished = Signal("outcome")
+        self.outcome: Optional[JobOutcome] = None
+        self._result: dict = {}
+        self._error = ""
+        self._timer = None
+        worker.event.connect(self._on_event)
+        worker.finished.connect(self._on_finished)
+
+    @property
+    def running(self) -> bool:
+        return self.outcome is None
+
+    def start(self, wait_for_completion: bool = False) -> "Job":
+        """Start the worker; with `wait_for_completion` return only when `finished` has been emitted."""
+        try:
+            self.worker.start()
+        except OSError as error:
+            self._finish(JobOutcome(self.kind, "failed", "Could not start the worker: %s" % error, -1))
+            return self
+        if wait_for_completion:
+            self.worker.wait()
+        else:
+            self._timer = self._timer_factory(self.worker.poll)
+        return self
+
+    def cancel(self) -> None:
+        if self.running:
+            self.log.emit("Cancelling...")
+            self.worker.cancel()
+
+    def _on_event(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            self.progress.emit(event)
+        elif kind == "result":
+            self._result = event
+        elif kind == "error":
+            self._error = str(event.get("message", ""))
+            self.log.emit("Error: " + self._error)
+        elif kind == "checkpoint":
+            self.log.emit("Checkpoint saved (%s, step %s)." % (event.get("stage", "?"), event.get("step", "?")))
+        elif kind == "log" and event.get("message"):
+            self.log.emit(str(event["message"]))
+
+    def _on_finished(self, code: int) -> None:
+        try:
+            if code == worker_protocol.EXIT_OK:
+                outcome = self._on_success(self._result)
+            elif code == worker_protocol.EXIT_CANCELLED:
+                outcome = JobOutcome(self.kind, "cancelled", "Cancelled.", code)
+            else:
+                reason = self._error or (self.worker.stderr_tail[-1] if self.worker.stderr_tail else "")
+                message = "The worker %s%s" % (worker_protocol.describe_exit(code), ": " + reason if reason else ".")
+                outcome = JobOutcome(self.kind, "failed", message, code)
+        except Exception as error:  # reading the results failed: report it like a failed run
+            outcome = JobOutcome(self.kind, "failed", "Could not import the results: %s" % error, code)
+        self._finish(outcome)
+
+    def _finish(self, outcome: JobOutcome) -> None:
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.outcome = outcome
+        self.log.emit(outcome.message)
+        self.finished.emit(outcome)
+
+
+class DenoiseLogic:
+    """Denoise and train on scene volumes through the worker; show results for comparison.
+
+    Collaborators can be passed in (tests, scripts): `scene` (default
+    `slicer.mrmlScene`), `python` (the interpreter command for the worker),
+    `env`, `temp_root` and `timer_factory` (how a running job is polled).
+    """
+
+    def __init__(self, scene=None, python: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None,
+                 temp_root: Optional[str] = None, timer_factory: Callable = qt_poll_timer):
+        self._scene = scene
+        self.python = list(python) if python else default_python()
+        self.env = env if env is not None else worker_environment()
+        self.temp_root = temp_root
+        self.timer_factory = timer_factory
+
+    @property
+    def scene(self):
+        if self._scene is not None:
+            return self._scene
+        import slicer
+
+        return slicer.mrmlScene
+
+    # ---- models and estimates -------------------------------------------------------
+
+    def list_models(self) -> List[dict]:
+        """The shipped and user models with their cards, as the worker's `models --json` lists them."""
+        worker = WorkerProcess(worker_protocol.models_command(self.python), env=self.env)
+        events: List[dict] = []
+        worker.event.connect(events.append)
+        code = worker.start().wait()
+        if code != worker_protocol.EXIT_OK:
+            raise RuntimeError("listing models failed: %s" % "\n".join(worker.stderr_tail))
+        models: List[dict] = []
+        for event in events:
+            if isinstance(event.get("models"), list):
+                models.extend(event["models"])
+            elif event.get("event") == "model":
+                models.append(event)
+        return models
+
+    def estimate(self, input_node, settings: DenoiseSettings) -> Estimate:
+        """Which device will run and roughly how long Denoise takes on `input_node`."""
+        from DiffDenoiseLib.device import select_device
+
+        device, message = select_device(settings.device)
+        dims = input_node.GetImageData().GetDimensions()
+        megapixels = dims[0] * dims[1] * dims[2] / 1e6
+        per_megapixel = _STUDENT_SECONDS_PER_MEGAPIXEL_CPU
+        if settings.mode == "full":
+            steps = settings.steps or ESTIMATE_DEFAULT_STEPS
+            pairs = settings.pairs or ESTIMATE_DEFAULT_PAIRS
+            per_megapixel = _UNET_SECONDS_PER_MEGAPIXEL_CPU * (1 + 2 * pairs * steps)
+        if device.type != "cpu":
+            per_megapixel /= _GPU_SPEED_UP
+        seconds = _STARTUP_SECONDS + megapixels * per_megapixel
+        advice = ""
+        if settings.mode == "full" and device.type == "cpu" and seconds > 120:
+            fast = _STARTUP_SECONDS + megapixels * _STUDENT_SECONDS_PER_MEGAPIXEL_CPU
+            advice = ("Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s."
+                      % (worker_protocol.format_seconds(seconds), worker_protocol.format_seconds(fast)))
+        return Estimate(device.type, message, seconds, advice)
+
+    # ---- denoising ------------------------------------------------------------------
+
+    def denoise(self, input_node, settings: DenoiseSettings, output_node=None) -> JobOutcome:
+        """Denoise and wait (scripts, tests): the blocking path through the same worker."""
+        return self.denoise_job(input_node, settings, output_node).start(wait_for_completion=True).outcome
+
+    def denoise_job(self, input_node, settings: DenoiseSettings, output_node=None) -> Job:
+        """A job (connect its signals, then `start()`) that denoises `input_node`; the result fills
+        `output_node`, or a new volume named after the input."""
+        if input_node is None or input_node.GetImageData() is None:
+            raise ValueError("Select an input volume with image data.")
+        if settings.mode not in ("fast", "full"):
+            raise ValueError("unknown mode %r: use fast or full" % settings.mode)
+        temp_dir = self._make_temp_dir()
+        input_path = os.path.join(temp_dir, "input.nrrd")
+        output_path = os.path.join(temp_dir, "output.nrrd")
+        uncertainty_path = os.path.join(temp_dir, "uncertainty.nrrd") if (
+            settings.uncertainty and settings.mode == "full") else ""
+        try:
+            write_volume(input_node, input_path)
+        except Exception:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        args = worker_protocol.denoise_command(self.python, input_path, output_path, settings.mode, settings.model,
+                                               settings.device, settings.steps, settings.pairs, uncertainty_path)
+
+        def on_success(result: dict) -> JobOutcome:
+            output = self._import_result(output_path, input_node, output_node, "denoised")
+            output.SetAttribute("DiffDenoise.Mode", settings.mode)
+            output.SetAttribute("DiffDenoise.Model", str(result.get("model", settings.model)))
+            uncertainty = None
+            if uncertainty_path:
+                uncertainty = self._import_result(uncertainty_path, input_node, None, "uncertainty")
+                uncertainty.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
+                uncertainty.GetDisplayNode().SetAutoWindowLevel(True)
+            self.show_comparison(input_node, output)
+            seconds = result.get("seconds")
+            took = " in %s" % worker_protocol.format_seconds(seconds) if isinstance(seconds, (int, float)) else ""
+            return JobOutcome("denoise", "done", "Denoised %s%s." % (input_node.GetName(), took), 0, result,
+                              output, uncertainty, str(result.get("model", settings.model)))
+
+        return Job("denoise", WorkerProcess(args, env=self.env), temp_dir, on_success, self.timer_factory)
+
+    def _import_result(self, path: str, input_node, output_node, suffix: str):
+        """Read the worker's file into a volume with exactly the input's geometry, window/level and place."""
+        import slicer
+
+        scene = self.scene
+        if output_node is None:
+            output_node = scene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode", scene.GenerateUniqueName("%s %s" % (input_node.GetName(), suffix)))
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(path)
+        if not storage.ReadData(output_node):
+            raise RuntimeError("could not read %s" % os.path.basename(path))
+        if output_node.GetImageData().GetDimensions() != input_node.GetImageData().GetDimensions():
+            raise RuntimeError("the worker returned a volume of another size")
+        output_node.SetIJKToRASMatrix(ijk_to_ras(input_node))
+        output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
+        if output_node.GetDisplayNode() is None:
+            output_node.CreateDefaultDisplayNodes()
+        source_display = input_node.GetDisplayNode()
+        display = output_node.GetDisplayNode()
+        if source_display is not None:
+            display.SetAndObserveColorNodeID(source_display.GetColorNodeID())
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevel(source_display.GetWindow(), source_display.GetLevel())
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+        if hierarchy is not None:
+            source_item = hierarchy.GetItemByDataNode(input_node)
+            parent = hierarchy.GetItemParent(source_item) if source_item else hierarchy.GetSceneItemID()
+            item = hierarchy.GetItemByDataNode(output_node)
+            if item:
+                hierarchy.SetItemParent(item, parent)
+            else:
+                hierarchy.CreateItem(parent, output_node)
+        return output_node
+
+    # ---- training -------------------------------------------------------------------
+
+    def train(self, volume_nodes: Sequence, settings: TrainSettings) -> JobOutcome:
+        """Train and wait (scripts, tests)."""
+        return self.training_job(volume_nodes, settings).start(wait_for_completion=True).outcome
+
+    def training_job(self, volume_nodes: Sequence, settings: TrainSettings) -> Job:
+        """A job that trains (or adapts, with `from_model`) a model on scene volumes."""
+        if not settings.name.strip():
+            raise ValueError("Give the new model a name.")
+        nodes = [node for node in volume_nodes if node is not None and node.GetImageData() is not None]
+        if not nodes:
+            raise ValueError("Choose at least one volume to train on.")
+        temp_dir = self._make_temp_dir()
+        paths = [os.path.join(temp_dir, "train_%d.nrrd" % index) for index in range(len(nodes))]
+        try:
+            for node, path in zip(nodes, paths):
+                write_volume(node, path)
+            args = worker_protocol.train_command(self.python, paths, settings.name.strip(), settings.stages,
+                                                 settings.from_model, settings.max_steps, settings.device)
+        except Exception:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+
+        def on_success(result: dict) -> JobOutcome:
+            name = str(result.get("model", result.get("name", settings.name.strip())))
+            return JobOutcome("train", "done", "Model %s is trained and ready." % name, 0, result, model=name)
+
+        return Job("train", WorkerProcess(args, env=self.env), temp_dir, on_success, self.timer_factory)
+
+    # ---- comparison in the slice views ------------------------------------------------
+
+    def composite_nodes(self) -> list:
+        scene = self.scene
+        return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+
+    def show_comparison(self, original_node, denoised_node, fade: float = 1.0) -> None:
+        """Denoised as background, original as foreground: the fade (0 original .. 1 denoised) compares them."""
+        for composite in self.composite_nodes():
+            composite.SetBackgroundVolumeID(denoised_node.GetID())
+            composite.SetForegroundVolumeID(original_node.GetID())
+            composite.SetForegroundOpacity(1.0 - fade)
+
+    def set_fade(self, fade: float) -> None:
+        """0 shows the original, 1 the denoised volume, in between a blend (in every slice view)."""
+        for composite in self.composite_nodes():
+            composite.SetForegroundOpacity(min(1.0, max(0.0, 1.0 - fade)))
+
+    def show_side_by_side(self, original_node, denoised_node) -> None:
+        """Two linked views: original on the left (Red), denoised on the right (Yellow), same slice."""
+        import slicer
+
+        scene = self.scene
+        layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+        if layout is not None:
+            layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        slice_nodes = {node.GetLayoutName(): node for node in (
+            scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")))}
+        if "Red" in slice_nodes and "Yellow" in slice_nodes:
+            slice_nodes["Yellow"].GetSliceToRAS().DeepCopy(slice_nodes["Red"].GetSliceToRAS())
+            slice_nodes["Yellow"].UpdateMatrices()
+        for composite in self.composite_nodes():
+            name = composite.GetLayoutName()
+            if name not in ("Red", "Yellow"):
+                continue
+            composite.SetBackgroundVolumeID((original_node if name == "Red" else denoised_node).GetID())
+            composite.SetForegroundVolumeID(None)
+            composite.SetLinkedControl(True)
+            composite.SetHotLinkedControl(True)
+
+    def show_uncertainty(self, denoised_node, uncertainty_node, opacity: float = 0.5) -> None:
+        """The uncertainty map (colour) over the denoised volume in every slice view."""
+        for composite in self.composite_nodes():
+            composite.SetBackgroundVolumeID(denoised_node.GetID())
+            composite.SetForegroundVolumeID(uncertainty_node.GetID())
+            composite.SetForegroundOpacity(opacity)
+
+    def _make_temp_dir(self) -> str:
+        return tempfile.mkdtemp(prefix="DiffDenoise-", dir=self.temp_root)
+
+
+def ijk_to_ras(volume_node):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def write_volume(volume_node, path: str) -> None:
+    """Write a scalar volume (in its own coordinates, as Slicer's Save does) for the worker to read."""
+    import slicer
+
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(path)
+    storage.SetUseCompression(False)
+    if not storage.WriteData(volume_node):
+        raise RuntimeError("could not write %s to a temporary file" % volume_node.GetName())
+
+
+def default_python() -> List[str]:
+    """The interpreter for the worker: Slicer's PythonSlicer inside Slicer, else this Python."""
+    python_slicer = shutil.which("PythonSlicer")
+    if python_slicer and "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
+        return [python_slicer]
+    return [sys.executable]
+
+
+def worker_environment() -> Dict[str, str]:
+    """The environment for the worker: this library first on the path (the worker runs the same code)."""
+    env = dict(os.environ)
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and hasattr(slicer, "app"):
+        env = dict(slicer.util.startupEnvironment())
+    paths = [LIBRARY_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env

@@ -1,0 +1,253 @@
+"""MRML-facing logic on the real Slicer libraries (the `slicer-core` wheel): no Slicer application.
+
+Volumes are loaded through vtkSlicerVolumesLogic, the worker runs as a real
+subprocess through the waitForCompletion path, and the slice views' blended
+image is computed on the CPU by vtkMRMLSliceLogic.
+"""
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("needs the slicer-core wheel", allow_module_level=True)
+
+import SimpleITK as sitk  # noqa: E402
+import slicer.util  # noqa: E402
+from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
+
+from DiffDenoiseLib.slicer_logic import DenoiseLogic, DenoiseSettings, TrainSettings, ijk_to_ras  # noqa: E402
+
+# Stands for `python -m DiffDenoiseLib denoise|train ... --json`: a 3x3x3 mean filter, the same
+# JSON lines and exit codes, and `--uncertainty` written as the absolute method noise.
+FAKE_CLI = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, SimpleITK as sitk
+    args = sys.argv[sys.argv.index("DiffDenoiseLib") + 1:]
+    say = lambda **e: print(json.dumps(e), flush=True)
+    if args[0] == "denoise":
+        source, target = args[1], args[2]
+        image = sitk.ReadImage(source)
+        if "--model" in args and args[args.index("--model") + 1] == "missing":
+            say(event="error", message="unknown model 'missing'")
+            sys.exit(2)
+        say(event="progress", stage="denoise", step=0, total=1, loss=None, eta_s=1.0)
+        smooth = sitk.Mean(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 1])
+        sitk.WriteImage(smooth, target)
+        if "--uncertainty" in args:
+            sitk.WriteImage(sitk.Abs(sitk.Cast(image, sitk.sitkFloat32) - smooth), args[args.index("--uncertainty") + 1])
+        say(event="progress", stage="denoise", step=1, total=1, loss=None, eta_s=0.0)
+        say(event="result", output=target, model="fake-mean", seconds=0.5)
+    elif args[0] == "train":
+        name = args[args.index("--name") + 1]
+        inputs = args[1:args.index("--name")]
+        say(event="log", message="training on %d volumes" % len(inputs))
+        say(event="result", model=name, inputs=[sitk.ReadImage(p).GetSize() for p in inputs])
+    """
+)
+
+
+@pytest.fixture
+def mrml(tmp_path):
+    """A scene with the logic objects Slicer would register (held here: they are referenced weakly)."""
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    color_logic = slicer.vtkSlicerColorLogic()
+    color_logic.SetMRMLScene(scene)
+    app_logic.SetModuleLogic("Colors", color_logic)
+    volumes_logic = slicer.vtkSlicerVolumesLogic()
+    volumes_logic.SetMRMLApplicationLogic(app_logic)
+    volumes_logic.SetMRMLScene(scene)
+    layout_logic = slicer.vtkMRMLLayoutLogic()  # creates the layout and the Red, Green, Yellow slice nodes
+    layout_logic.SetMRMLScene(scene)
+    slice_logics = {}
+    for name in ("Red", "Yellow"):
+        slice_logic = slicer.vtkMRMLSliceLogic()
+        slice_logic.SetMRMLScene(scene)
+        slice_logic.SetMRMLApplicationLogic(app_logic)
+        slice_logic.SetSliceNode(scene.GetNodeByID("vtkMRMLSliceNode" + name))
+        slice_logic.GetSliceNode().SetDimensions(48, 40, 1)
+        slice_logics[name] = slice_logic
+    layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    yield dict(scene=scene, volumes=volumes_logic, slices=slice_logics, layout=layout,
+               keep=(app_logic, color_logic, layout_logic))
+    scene.Clear(1)
+
+
+@pytest.fixture
+def fake_logic(mrml, tmp_path):
+    script = tmp_path / "fake_cli.py"
+    script.write_text(FAKE_CLI)
+    temp_root = tmp_path / "jobs"
+    temp_root.mkdir()
+    return DenoiseLogic(scene=mrml["scene"], python=[sys.executable, str(script)], temp_root=str(temp_root))
+
+
+def _noisy_volume(path: Path, shape=(6, 20, 24)):
+    rng = np.random.default_rng(3)
+    clean = np.zeros(shape, np.float32)
+    clean[:, 5:15, 6:18] = 100.0
+    noisy = (clean + rng.normal(0, 10, shape)).astype(np.int16)
+    image = sitk.GetImageFromArray(noisy)
+    image.SetSpacing((0.8, 0.7, 2.5))
+    image.SetOrigin((12.0, -30.0, 4.5))
+    image.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))  # rotated, right-handed
+    sitk.WriteImage(image, str(path))
+    return noisy
+
+
+def _matrix(node) -> np.ndarray:
+    return slicer.util.arrayFromVTKMatrix(ijk_to_ras(node))
+
+
+def _blended(slice_logic) -> np.ndarray:
+    connection = slice_logic.GetImageDataConnection()
+    producer = connection.GetProducer()
+    producer.Update()
+    image = producer.GetOutputDataObject(connection.GetIndex())
+    return vtk_to_numpy(image.GetPointData().GetScalars()).astype(float)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
+def test_volumes_load_through_the_volumes_logic(mrml, tmp_path, suffix):
+    path = tmp_path / ("head" + suffix)
+    voxels = _noisy_volume(path)
+    node = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    assert node.IsA("vtkMRMLScalarVolumeNode")
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), voxels)
+    assert node.GetSpacing() == pytest.approx((0.8, 0.7, 2.5))
+
+
+def test_denoise_waits_for_the_worker_and_keeps_geometry_window_and_input(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    source.GetDisplayNode().SetAutoWindowLevel(False)
+    source.GetDisplayNode().SetWindowLevel(150.0, 40.0)
+    before = slicer.util.arrayFromVolume(source).copy()
+    source_matrix = _matrix(source)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml["scene"])
+    folder = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "Patient 1")
+    hierarchy.CreateItem(folder, source)  # what Slicer's subject hierarchy plugins do for a loaded volume
+
+    outcome = fake_logic.denoise(source, DenoiseSettings(mode="full", uncertainty=True))
+
+    assert outcome.status == "done", outcome.message
+    output = outcome.output_volume
+    assert output.GetName() == "head denoised"
+    np.testing.assert_array_equal(_matrix(output), source_matrix)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(source), before)
+    denoised = slicer.util.arrayFromVolume(output)
+    assert denoised.shape == before.shape
+    assert denoised[:, 7:13, 8:16].std() < 0.5 * before[:, 7:13, 8:16].std()
+    display = output.GetDisplayNode()
+    assert (display.GetWindow(), display.GetLevel()) == (150.0, 40.0)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(output)) == folder
+    assert output.GetAttribute("DiffDenoise.Model") == "fake-mean"
+
+    uncertainty = outcome.uncertainty_volume
+    assert uncertainty.GetName() == "head uncertainty"
+    np.testing.assert_array_equal(_matrix(uncertainty), source_matrix)
+    assert uncertainty.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeIron"
+    assert os.listdir(fake_logic.temp_root) == []
+
+
+def test_result_fills_a_chosen_output_volume(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nii.gz"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    chosen = mrml["scene"].AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my result")
+    outcome = fake_logic.denoise(source, DenoiseSettings(), output_node=chosen)
+    assert outcome.output_volume is chosen and outcome.uncertainty_volume is None
+    np.testing.assert_array_equal(_matrix(chosen), _matrix(source))
+
+
+def test_refused_input_reports_the_worker_sentence_and_adds_nothing(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    volumes_before = mrml["scene"].GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    outcome = fake_logic.denoise(source, DenoiseSettings(model="missing"))
+    assert outcome.status == "failed" and outcome.exit_code == 2
+    assert "unknown model 'missing'" in outcome.message
+    assert mrml["scene"].GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes_before
+    assert os.listdir(fake_logic.temp_root) == []
+
+
+def test_composite_nodes_and_blended_slice_follow_the_fade(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    output = fake_logic.denoise(source, DenoiseSettings()).output_volume
+    red = mrml["slices"]["Red"]
+    composite = red.GetSliceCompositeNode()
+    assert composite.GetBackgroundVolumeID() == output.GetID()
+    assert composite.GetForegroundVolumeID() == source.GetID()
+    assert composite.GetForegroundOpacity() == 0.0  # the result is shown first
+    red.FitSliceToAll()
+
+    images = {}
+    for fade in (0.0, 0.5, 1.0):
+        fake_logic.set_fade(fade)
+        assert composite.GetForegroundOpacity() == pytest.approx(1.0 - fade)
+        images[fade] = _blended(red)
+    assert np.abs(images[0.0] - images[1.0]).mean() > 1.0
+    np.testing.assert_allclose(images[0.5], (images[0.0] + images[1.0]) / 2, atol=1.01)
+
+
+def test_side_by_side_shows_original_and_result_in_linked_views(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    output = fake_logic.denoise(source, DenoiseSettings()).output_volume
+    red_view, yellow_view = mrml["slices"]["Red"].GetSliceNode(), mrml["slices"]["Yellow"].GetSliceNode()
+    yellow_view.GetSliceToRAS().DeepCopy(slicer.util.vtkMatrixFromArray(
+        np.array([[0, 0, 1, 5], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)))  # sagittal
+    yellow_view.UpdateMatrices()
+
+    fake_logic.show_side_by_side(source, output)
+
+    assert mrml["layout"].GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    red = mrml["slices"]["Red"].GetSliceCompositeNode()
+    yellow = mrml["slices"]["Yellow"].GetSliceCompositeNode()
+    assert (red.GetBackgroundVolumeID(), red.GetForegroundVolumeID()) == (source.GetID(), None)
+    assert (yellow.GetBackgroundVolumeID(), yellow.GetForegroundVolumeID()) == (output.GetID(), None)
+    assert red.GetLinkedControl() and yellow.GetLinkedControl()
+    np.testing.assert_array_equal(slicer.util.arrayFromVTKMatrix(yellow_view.GetSliceToRAS()),
+                                  slicer.util.arrayFromVTKMatrix(red_view.GetSliceToRAS()))
+
+
+def test_training_exports_every_chosen_volume(mrml, fake_logic, tmp_path):
+    nodes = []
+    for index in range(2):
+        path = tmp_path / ("scan%d.nrrd" % index)
+        _noisy_volume(path, shape=(4 + index, 16, 18))
+        nodes.append(mrml["volumes"].AddArchetypeVolume(str(path), "scan%d" % index))
+    job = fake_logic.training_job(nodes, TrainSettings(name="my-mri", max_steps=5))
+    messages = []
+    job.log.connect(messages.append)
+    outcome = job.start(wait_for_completion=True).outcome
+    assert outcome.status == "done" and outcome.model == "my-mri"
+    assert [tuple(size) for size in outcome.result["inputs"]] == [(18, 16, 4), (18, 16, 5)]
+    assert "training on 2 volumes" in messages
+    with pytest.raises(ValueError):
+        fake_logic.training_job(nodes, TrainSettings(name="  "))
+    with pytest.raises(ValueError):
+        fake_logic.training_job([], TrainSettings(name="x"))
+
+
+def test_estimate_names_the_device_and_warns_about_full_on_cpu(mrml, fake_logic):
+    volume = slicer.util.addVolumeFromArray(np.zeros((200, 256, 256), np.int16), name="ct")
+    fast = fake_logic.estimate(volume, DenoiseSettings(mode="fast", device="cpu"))
+    full = fake_logic.estimate(volume, DenoiseSettings(mode="full", device="cpu"))
+    assert fast.device == full.device == "cpu" and "CPU" in full.device_message
+    assert full.seconds > 10 * fast.seconds
+    assert fast.advice == "" and "Fast mode" in full.advice
