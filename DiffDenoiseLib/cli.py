@@ -1,0 +1,432 @@
+"""The `diffdenoise` command: `denoise`, `train`, `models`, `info`.
+
+It is both the researcher's tool and the worker the Slicer module runs in the
+background, so its interface is a contract (README, `worker_protocol.py`). Exit codes:
+0 success; 2 bad input or usage, with one sentence naming the problem and no
+traceback; 3 cancelled (SIGTERM, Ctrl-C or the stop file; training saves a checkpoint
+first); 1 anything else, with the traceback kept in a log file whose path is given.
+Outputs appear under their final names only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from DiffDenoiseLib import __version__
+from DiffDenoiseLib.device import select_device
+from DiffDenoiseLib.events import Reporter
+from DiffDenoiseLib.imageio import Image, read_image, write_image
+from DiffDenoiseLib.networks import NetworkConfig
+from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image
+from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
+from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
+from DiffDenoiseLib.training import TrainConfig, train_model
+from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, format_seconds
+
+EXIT_INTERNAL = 1
+MODE_STAGES = {"fast": ("student",), "full": ("bsn", "diffusion"), "single": ("bsn", "diffusion"), "bsn": ("bsn",)}
+CONFIG_SECTIONS = ("network", "training", "sampling", "transform")
+REQUEST_FILE = "request.json"
+# The library reports bad input and settings with these; the command answers them with exit 2.
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class UsageError(Exception):
+    """Bad input or usage: the command exits 2 with this sentence."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that raises instead of printing usage and exiting, so --json can report it."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got '{text}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    json_flag = _Parser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="write one JSON event a line on stdout")
+    store_flag = _Parser(add_help=False)
+    store_flag.add_argument("--store", metavar="DIR", help="user model store (default: $DIFFDENOISE_MODELS or "
+                                                           "~/.diffdenoise/models)")
+    work_flags = _Parser(add_help=False)
+    work_flags.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    work_flags.add_argument("--stop-file", metavar="PATH", help="stop cleanly (exit 3) when this file appears")
+
+    parser = _Parser(prog="diffdenoise", description="Self-supervised denoising of CT, MRI and X-ray images.",
+                     epilog="Exit codes: 0 success, 2 bad input or usage, 3 cancelled, 1 internal error.")
+    parser.add_argument("--version", action="version", version=f"diffdenoise {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    denoise = commands.add_parser("denoise", parents=[json_flag, store_flag, work_flags],
+                                  help="denoise an image or volume")
+    denoise.add_argument("input", help="image file (NRRD, NIfTI, MHA, ...) or DICOM series folder")
+    denoise.add_argument("output", help="output image file; written only when complete")
+    denoise.add_argument("--model", metavar="NAME|PATH", help="model name or folder (default: the shipped "
+                                                              "default for the image's modality)")
+    denoise.add_argument("--mode", choices=MODES, default="fast",
+                         help="fast: student network (default); full: diffusion with symmetric sampling; "
+                              "bsn, single: blind-spot network alone or one diffusion sample, for comparison")
+    denoise.add_argument("--steps", type=_positive, help="DDIM steps in full mode (default: the model's)")
+    denoise.add_argument("--pairs", type=_positive, help="symmetric pairs averaged in full mode (default: the model's)")
+    denoise.add_argument("--uncertainty", metavar="PATH", help="also write the uncertainty map (full mode)")
+
+    train = commands.add_parser("train", parents=[json_flag, store_flag, work_flags],
+                                help="train or adapt a model on noisy images")
+    train.add_argument("inputs", nargs="+", metavar="INPUT", help="noisy training images or DICOM series folders")
+    train.add_argument("--name", required=True, help="name of the new model in the store")
+    train.add_argument("--stages", help="comma-separated stages to train (default: bsn,diffusion,student)")
+    train.add_argument("--from", dest="from_model", metavar="MODEL", help="start from this model's networks")
+    train.add_argument("--max-steps", type=_positive, help="cap every stage's optimisation steps")
+    train.add_argument("--config", metavar="JSON", help="settings file with any of the sections "
+                                                        + ", ".join(CONFIG_SECTIONS))
+
+    commands.add_parser("models", parents=[json_flag, store_flag], help="list shipped and user models")
+    commands.add_parser("info", parents=[json_flag], help="devices, memory and library versions")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with Reporter("--json" in argv) as reporter:
+        try:
+            args = build_parser().parse_args(argv)
+        except UsageError as error:
+            reporter.error(str(error))
+            return EXIT_BAD_INPUT
+        cancel = CancelToken(getattr(args, "stop_file", None))
+        with _cancel_on_signals(cancel):
+            return _run(args, argv, reporter, cancel)
+
+
+def _run(args, argv, reporter: Reporter, cancel: CancelToken) -> int:
+    try:
+        COMMANDS[args.command](args, reporter, cancel)
+        return EXIT_OK
+    except (Cancelled, KeyboardInterrupt) as stop:
+        reporter.log(f"Cancelled: {stop}" if str(stop) else "Cancelled.")
+        return EXIT_CANCELLED
+    except UsageError as error:
+        reporter.error(str(error))
+        return EXIT_BAD_INPUT
+    except BAD_INPUT as error:
+        reporter.error(_sentence(error))
+        return EXIT_BAD_INPUT
+    except Exception as error:
+        log = _write_crash_log(getattr(args, "store", None), argv)
+        reporter.error(f"internal error ({type(error).__name__}: {_sentence(error)}); the details are in {log}")
+        return EXIT_INTERNAL
+
+
+@contextlib.contextmanager
+def _cancel_on_signals(cancel: CancelToken):
+    """SIGTERM and a first Ctrl-C set the cancel token (work stops at its next check); a second Ctrl-C interrupts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and cancel.cancelled:
+            raise KeyboardInterrupt("interrupted")
+        cancel.cancel()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _sentence(error: BaseException) -> str:
+    """The error as one line; OS errors name their file."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _write_crash_log(store_dir: Optional[str], argv: Sequence[str]) -> Path:
+    """Write the current exception's traceback under the store's `logs/` (else the temp folder); return the path."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = (f"diffdenoise {__version__}, torch {torch.__version__}, Python {platform.python_version()}\n"
+            f"command: diffdenoise {' '.join(argv)}\n\n{traceback.format_exc()}")
+    folders = (ModelStore(store_dir).user_dir / "logs", Path(tempfile.gettempdir()) / "diffdenoise-logs")
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"diffdenoise-{stamp}-{os.getpid()}.log"
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return Path("(no writable log folder)")
+
+
+def _check_writable(path: Path, ndim: int) -> None:
+    """Fail before the work rather than after it: write a tiny float image of the same dimension beside `path`."""
+    with tempfile.TemporaryDirectory(prefix=".diffdenoise-probe-", dir=str(path.parent)) as folder:
+        try:
+            write_image(Image(array=np.zeros((2,) * ndim, dtype=np.float32)), Path(folder) / path.name)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else "no writer"
+            raise UsageError(f"cannot write {path}: SimpleITK cannot save a {ndim}D float image in this format "
+                             f"({reason})") from None
+
+
+def _check_output(path: Path, inputs: Sequence[Path]) -> None:
+    if not path.name or path.is_dir():
+        raise UsageError(f"the output {path} is a folder; give a file name such as {path / 'denoised.nrrd'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"the output folder {path.parent} does not exist")
+    for source in inputs:
+        if source.exists() and path.resolve() == source.resolve():
+            raise UsageError(f"the output {path} would overwrite the input; choose another file name")
+
+
+def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
+    if args.uncertainty and args.mode != "full":
+        raise UsageError("--uncertainty needs --mode full: the map comes from the symmetric sample pairs")
+    source, output = Path(args.input), Path(args.output)
+    _check_output(output, [source])
+    uncertainty_path = Path(args.uncertainty) if args.uncertainty else None
+    if uncertainty_path is not None:
+        _check_output(uncertainty_path, [source, output])
+    image = read_image(source)
+    for path in [output] + ([uncertainty_path] if uncertainty_path else []):
+        _check_writable(path, image.array.ndim)
+    store = ModelStore(args.store)
+    if args.model:
+        folder = store.resolve(args.model)
+    else:
+        name = store.default_for(image.modality)
+        folder = store.resolve(name)
+        reporter.log(f"Using the shipped default model '{name}' for {image.modality or 'unknown-modality'} "
+                     "images; choose another with --model.")
+    model = load_model(folder)
+    missing = [s for s in MODE_STAGES[args.mode] if s not in model.stages()]
+    if missing:
+        raise UsageError(f"the model '{folder.name}' has no trained {' or '.join(missing)} stage, which "
+                         f"--mode {args.mode} needs (it has: {', '.join(model.stages())})")
+    device, message = select_device(args.device)
+    reporter.log(message)
+
+    def on_progress(p: Progress) -> None:
+        reporter.progress(p.stage, p.step, p.total, p.loss, p.eta_s, p.resumed)
+
+    result = denoise_image(image, model, mode=args.mode, steps=args.steps, pairs=args.pairs, device=device,
+                           progress=on_progress, cancel=cancel)
+    cancel.raise_if_cancelled()
+    written = []
+    try:
+        if uncertainty_path is not None:
+            write_image(result.uncertainty, uncertainty_path)
+            written.append(uncertainty_path)
+        write_image(result.image, output)
+    except BaseException:
+        for path in written:
+            path.unlink()
+        raise
+    reporter.log(f"Denoised {source.name} with '{folder.name}' ({args.mode} mode, {device.type}) in "
+                 f"{_duration(result.seconds)}: wrote {output}.")
+    reporter.result({"output": str(output), "uncertainty": str(uncertainty_path) if uncertainty_path else None,
+                     "model": folder.name, "model_path": str(folder), "mode": args.mode, "device": str(device),
+                     "seconds": round(result.seconds, 3), "shape": list(result.image.array.shape),
+                     "details": result.details})
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else format_seconds(seconds)
+
+
+def _parse_stages(text: Optional[str]):
+    if text is None:
+        return None
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise UsageError(f"unknown stage(s) '{text}'; choose from {','.join(STAGES)}")
+    return tuple(s for s in STAGES if s in stages)
+
+
+def _read_config(path: Optional[str]) -> dict:
+    if path is None:
+        return {}
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UsageError(f"the settings file {path} is not valid JSON ({error})") from None
+    if not isinstance(settings, dict) or set(settings) - set(CONFIG_SECTIONS):
+        raise UsageError(f"the settings file {path} must be a JSON object with sections among "
+                         f"{', '.join(CONFIG_SECTIONS)}")
+    return settings
+
+
+def _prepare_training_dir(work_dir: Path, request: dict, reporter: Reporter) -> bool:
+    """Keep the checkpoints of an interrupted run of the same request (return True); start afresh otherwise."""
+    saved = work_dir / REQUEST_FILE
+    if work_dir.is_dir():
+        try:
+            same = json.loads(saved.read_text(encoding="utf-8")) == request
+        except (OSError, ValueError):
+            same = False
+        if same:
+            reporter.log(f"Resuming the interrupted training from {work_dir}.")
+            return True
+        reporter.log(f"Discarding the checkpoints in {work_dir}: they belong to a training with other settings.")
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    saved.write_text(json.dumps(request, indent=2), encoding="utf-8")
+    return False
+
+
+def _train(args, reporter: Reporter, cancel: CancelToken) -> None:
+    store = ModelStore(args.store)
+    name = validate_name(args.name)
+    if store.is_shipped(name):
+        raise UsageError(f"'{name}' is the name of a shipped model; choose another name")
+    settings = _read_config(args.config)
+    stages = _parse_stages(args.stages)
+    training = dict(settings.get("training", {}))
+    if stages is not None:
+        training["stages"] = stages
+    if args.max_steps is not None:
+        training["max_steps"] = args.max_steps
+    train_config = TrainConfig.from_dict(training)
+    network = NetworkConfig.from_dict(settings["network"]) if "network" in settings else None
+    sampling = SamplingConfig.from_dict(settings["sampling"]) if "sampling" in settings else None
+    images = [read_image(path) for path in args.inputs]
+    init_from = load_model(store.resolve(args.from_model)) if args.from_model else None
+    device, message = select_device(args.device)
+    reporter.log(message)
+
+    request = {"inputs": [str(Path(p).resolve()) for p in args.inputs], "from": args.from_model,
+               "settings": settings, "training": train_config.to_dict()}
+    work_dir = store.training_dir(name)
+    resuming = _prepare_training_dir(work_dir, request, reporter)
+    first = [True]
+    started = time.monotonic()
+
+    def on_progress(p: Progress) -> None:
+        reporter.progress(p.stage, p.step, p.total, p.loss, p.eta_s, p.resumed or (resuming and first[0]))
+        first[0] = False
+
+    model = train_model(images, work_dir, name, network_config=network, train_config=train_config,
+                        transform=settings.get("transform", "none"), sampling=sampling, init_from=init_from,
+                        device=device, progress=on_progress, on_checkpoint=reporter.checkpoint, cancel=cancel,
+                        log=reporter.log)
+    folder = save_model(model, store.model_dir(name))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work_dir.parent.rmdir()  # the store's training area, when no other training is unfinished
+    seconds = time.monotonic() - started
+    reporter.log(f"Model '{name}' ({', '.join(model.stages())}) saved in {folder}.")
+    reporter.result({"model": name, "path": str(folder), "stages": model.stages(), "seconds": round(seconds, 1),
+                     "training": model.card["training"]["stages"]})
+
+
+def _models(args, reporter: Reporter, cancel: CancelToken) -> None:
+    store = ModelStore(args.store)
+    models = store.list()
+    lines = [f"Shipped models: {store.shipped_dir}", f"User models: {store.user_dir}", ""]
+    for card in models:
+        if "error" in card:
+            lines.append(f"{card['name']:<24} {card['source']:<8} unusable: {card['error']}")
+            continue
+        defaults = card.get("default_for") or []
+        note = f"  default for {', '.join(str(m) for m in defaults if m)}" if defaults else ""
+        lines.append(f"{card['name']:<24} {card['source']:<8} {','.join(card['stages']):<24}{note}")
+        if card.get("description"):
+            lines.append(f"    {card['description']}")
+    if not models:
+        lines.append("No models found.")
+    reporter.result({"models": models, "shipped_dir": str(store.shipped_dir), "store": str(store.user_dir)},
+                    "\n".join(lines))
+
+
+def _memory_bytes() -> Dict[str, Optional[int]]:
+    """Total and available system memory where the OS reports them through sysconf (Linux, macOS)."""
+    def pages(name: str) -> Optional[int]:
+        try:
+            return int(os.sysconf(name)) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            return None
+
+    return {"total": pages("SC_PHYS_PAGES"), "available": pages("SC_AVPHYS_PAGES")}
+
+
+def system_info() -> dict:
+    """Devices, CPU, memory and versions: what a user reports with a problem, and what a job can use."""
+    devices = [{"name": "cpu", "description": platform.processor() or platform.machine()}]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            devices.append({"name": f"cuda:{index}", "description": props.name, "memory_bytes": props.total_memory})
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append({"name": "mps", "description": "Apple GPU"})
+    chosen, message = select_device("auto")
+    return {
+        "devices": devices, "default_device": str(chosen), "device_message": message,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": _memory_bytes(),
+        "versions": {"diffdenoise": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "SimpleITK": sitk.Version_VersionString(), "python": platform.python_version()},
+        "platform": platform.platform(), "store": str(ModelStore().user_dir),
+    }
+
+
+def _gib(value: Optional[int]) -> str:
+    return f"{value / 2 ** 30:.1f} GiB" if value else "unknown"
+
+
+def _describe_device(device: dict) -> str:
+    details = [device["description"]] if device.get("description") else []
+    if "memory_bytes" in device:
+        details.append(_gib(device["memory_bytes"]))
+    return device["name"] + (f" ({', '.join(details)})" if details else "")
+
+
+def _info(args, reporter: Reporter, cancel: CancelToken) -> None:
+    info = system_info()
+    versions = info["versions"]
+    memory = info["memory_bytes"]
+    devices = "; ".join(_describe_device(d) for d in info["devices"])
+    text = "\n".join([
+        f"DiffDenoise {versions['diffdenoise']}: torch {versions['torch']}, numpy {versions['numpy']}, "
+        f"SimpleITK {versions['SimpleITK']}, Python {versions['python']}",
+        f"Devices: {devices}",
+        info["device_message"],
+        f"CPU cores: {info['cpu_count']} (torch uses {info['torch_threads']} threads); memory: "
+        f"{_gib(memory['total'])} total, {_gib(memory['available'])} available",
+        f"Model store: {info['store']}",
+    ])
+    reporter.result(info, text)
+
+
+COMMANDS = {"denoise": _denoise, "train": _train, "models": _models, "info": _info}
