@@ -45,6 +45,8 @@ EXIT_INTERNAL = 1
 MODE_STAGES = {"fast": ("student",), "full": ("bsn", "diffusion"), "single": ("bsn", "diffusion"), "bsn": ("bsn",)}
 CONFIG_SECTIONS = ("network", "training", "sampling", "transform")
 REQUEST_FILE = "request.json"
+# Settings a resumed training may change; any other change makes the old checkpoints unusable.
+RESUMABLE_CHANGES = ("stages", "max_steps", "bsn_steps", "diffusion_steps", "student_steps", "checkpoint_seconds")
 # The library reports bad input and settings with these; the command answers them with exit 2.
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -327,7 +329,9 @@ def _train(args, reporter: Reporter, cancel: CancelToken) -> None:
     reporter.log(message)
 
     request = {"inputs": [str(Path(p).resolve()) for p in args.inputs], "from": args.from_model,
-               "settings": settings, "training": train_config.to_dict()}
+               "network": settings.get("network"), "sampling": settings.get("sampling"),
+               "transform": settings.get("transform"),
+               "training": {k: v for k, v in train_config.to_dict().items() if k not in RESUMABLE_CHANGES}}
     work_dir = store.training_dir(name)
     resuming = _prepare_training_dir(work_dir, request, reporter)
     first = [True]

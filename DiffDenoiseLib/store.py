@@ -131,10 +131,10 @@ def load_model(folder: PathLike, device: Optional[torch.device] = None) -> Denoi
 class ModelStore:
     """Shipped models (read-only, inside the package) and the user's models."""
 
-    def __init__(self, store_dir: Optional[PathLike] = None, shipped_dir: PathLike = SHIPPED_DIR):
+    def __init__(self, store_dir: Optional[PathLike] = None, shipped_dir: Optional[PathLike] = None):
         chosen = store_dir or os.environ.get(STORE_ENV) or DEFAULT_STORE
         self.user_dir = Path(chosen).expanduser().absolute()
-        self.shipped_dir = Path(shipped_dir)
+        self.shipped_dir = Path(shipped_dir if shipped_dir is not None else SHIPPED_DIR)
 
     def _folders(self):
         """(source, folder) of every model folder, shipped first; hidden folders are work areas."""
