@@ -35,6 +35,7 @@ _GPU_SPEED_UP = 30.0
 _STARTUP_SECONDS = 5.0
 ESTIMATE_DEFAULT_STEPS = 5
 ESTIMATE_DEFAULT_PAIRS = 1
+SOURCE_REFERENCE = "DiffDenoiseSource"  # node reference from a result to the volume it was computed from
 
 
 @dataclass
@@ -299,6 +300,7 @@ class DenoiseLogic:
         if output_node.GetImageData().GetDimensions() != input_node.GetImageData().GetDimensions():
             raise RuntimeError("the worker returned a volume of another size")
         output_node.SetIJKToRASMatrix(ijk_to_ras(input_node))
+        output_node.SetNodeReferenceID(SOURCE_REFERENCE, input_node.GetID())
         output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
         if output_node.GetDisplayNode() is None:
             output_node.CreateDefaultDisplayNodes()
@@ -355,6 +357,10 @@ class DenoiseLogic:
         scene = self.scene
         return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
                 for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+
+    def source_volume(self, result_node):
+        """The volume a result was computed from (kept as a node reference, so it survives scene save/load)."""
+        return result_node.GetNodeReference(SOURCE_REFERENCE) if result_node is not None else None
 
     def show_comparison(self, original_node, denoised_node, fade: float = 1.0) -> None:
         """Denoised as background, original as foreground: the fade (0 original .. 1 denoised) compares them."""

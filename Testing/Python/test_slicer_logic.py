@@ -152,6 +152,7 @@ def test_denoise_waits_for_the_worker_and_keeps_geometry_window_and_input(mrml, 
     assert (display.GetWindow(), display.GetLevel()) == (150.0, 40.0)
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(output)) == folder
     assert output.GetAttribute("DiffDenoise.Model") == "fake-mean"
+    assert fake_logic.source_volume(output) is source
 
     uncertainty = outcome.uncertainty_volume
     assert uncertainty.GetName() == "head uncertainty"
