@@ -104,7 +104,7 @@ class Panel:
         self._set_models(models)
 
     def _set_models(self, models: List[dict]) -> None:
-        self.models = [m for m in models if m.get("name")]
+        self.models = [m for m in models if m.get("name") and "error" not in m]
         names = [m["name"] for m in self.models]
         self._updating = True
         try:
@@ -121,7 +121,7 @@ class Panel:
         self.update_from_parameters()
 
     def _model_title(self, name: str) -> str:
-        return name + (" (shipped)" if self._card(name).get("shipped") else "")
+        return name + (" (shipped)" if self._card(name).get("source") == "shipped" else "")
 
     def _card(self, name: str) -> dict:
         return next((m for m in self.models if m.get("name") == name), {})
@@ -355,16 +355,14 @@ def rough_duration(seconds: float) -> str:
 
 def describe_card(card: dict) -> str:
     """One or two lines about a model for the panel, from its card."""
-    if not card:
-        return ""
     parts = []
     if card.get("description"):
         parts.append(str(card["description"]))
     if card.get("stages"):
         parts.append("stages: " + ", ".join(card["stages"]))
-    data = card.get("training_data") or card.get("data") or {}
-    if isinstance(data, dict) and data.get("description"):
-        parts.append("trained on " + str(data["description"]))
+    count = (card.get("training_data") or {}).get("count")
+    if count:
+        parts.append("trained on %d image%s" % (count, "" if count == 1 else "s"))
     if card.get("created"):
         parts.append("created " + str(card["created"])[:10])
-    return "; ".join(parts) + "." if parts else card.get("name", "")
+    return "; ".join(parts) + "." if parts else ""

@@ -6,11 +6,12 @@ slots run on the GUI thread and the application never waits on a pipe. `wait()`
 is the blocking path for scripts and tests: the same queue, drained until the
 process ends.
 
-The worker runs in its own process group (POSIX) or process group and job tree
-(Windows), because in Slicer the Python executable is a launcher that starts the
-real interpreter as its child: `cancel()` asks the whole group to stop (SIGTERM:
-the command line saves a checkpoint and exits 3), and kills the group if it has
-not exited after a grace period, so no orphan keeps running.
+The worker runs in its own process group (POSIX) or process group (Windows),
+because in Slicer the Python executable is a launcher that starts the real
+interpreter as its child. `cancel()` asks the worker to stop (its stop file, and
+SIGTERM to the whole group on POSIX: the command line saves a checkpoint and
+exits 3) and kills the whole process tree if it has not exited after a grace
+period, so no orphan keeps running.
 """
 
 import os
@@ -36,11 +37,12 @@ class WorkerProcess:
     """
 
     def __init__(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
-                 grace_seconds: float = 10.0):
+                 grace_seconds: float = 10.0, stop_file: Optional[str] = None):
         self.args: List[str] = [str(a) for a in args]
         self.env = env
         self.cwd = cwd
         self.grace_seconds = grace_seconds
+        self.stop_file = stop_file
         self.event = Signal("event")
         self.finished = Signal("exit_code")
         self.returncode: Optional[int] = None
@@ -134,7 +136,10 @@ class WorkerProcess:
         if self._proc is None or self._proc.poll() is not None:
             return  # not started, or already done: its own exit code stands
         self.cancelled = True
-        self._signal_tree(terminate=True)
+        if self.stop_file:
+            open(self.stop_file, "a").close()
+        if not _WINDOWS:
+            self._signal_group(signal.SIGTERM)
         self._kill_timer = threading.Timer(self.grace_seconds, self._kill_tree)
         self._kill_timer.daemon = True
         self._kill_timer.start()
@@ -146,16 +151,14 @@ class WorkerProcess:
             self._kill_tree()
 
     def _kill_tree(self) -> None:
-        self._signal_tree(terminate=False)
-
-    def _signal_tree(self, terminate: bool) -> None:
-        pid = self._proc.pid
         if _WINDOWS:
-            flags = ["/T"] if terminate else ["/T", "/F"]
-            subprocess.run(["taskkill", "/PID", str(pid)] + flags, stdout=subprocess.DEVNULL,
+            subprocess.run(["taskkill", "/PID", str(self._proc.pid), "/T", "/F"], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
-            return
+        else:
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
         try:
-            os.killpg(pid, signal.SIGTERM if terminate else signal.SIGKILL)
+            os.killpg(self._proc.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass

@@ -265,8 +265,10 @@ class DenoiseLogic:
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
+        stop_file = os.path.join(temp_dir, "stop")
         args = worker_protocol.denoise_command(self.python, input_path, output_path, settings.mode, settings.model,
-                                               settings.device, settings.steps, settings.pairs, uncertainty_path)
+                                               settings.device, settings.steps, settings.pairs, uncertainty_path,
+                                               stop_file)
 
         def on_success(result: dict) -> JobOutcome:
             output = self._import_result(output_path, input_node, output_node, "denoised")
@@ -283,7 +285,8 @@ class DenoiseLogic:
             return JobOutcome("denoise", "done", "Denoised %s%s." % (input_node.GetName(), took), 0, result,
                               output, uncertainty, str(result.get("model", settings.model)))
 
-        return Job("denoise", WorkerProcess(args, env=self.env), temp_dir, on_success, self.timer_factory)
+        return Job("denoise", WorkerProcess(args, env=self.env, stop_file=stop_file), temp_dir, on_success,
+                   self.timer_factory)
 
     def _import_result(self, path: str, input_node, output_node, suffix: str):
         """Read the worker's file into a volume with exactly the input's geometry, window/level and place."""
@@ -336,11 +339,13 @@ class DenoiseLogic:
             raise ValueError("Choose at least one volume to train on.")
         temp_dir = self._make_temp_dir()
         paths = [os.path.join(temp_dir, "train_%d.nrrd" % index) for index in range(len(nodes))]
+        stop_file = os.path.join(temp_dir, "stop")
         try:
             for node, path in zip(nodes, paths):
                 write_volume(node, path)
             args = worker_protocol.train_command(self.python, paths, settings.name.strip(), settings.stages,
-                                                 settings.from_model, settings.max_steps, settings.device)
+                                                 settings.from_model, settings.max_steps, settings.device,
+                                                 stop_file)
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
@@ -349,7 +354,8 @@ class DenoiseLogic:
             name = str(result.get("model", result.get("name", settings.name.strip())))
             return JobOutcome("train", "done", "Model %s is trained and ready." % name, 0, result, model=name)
 
-        return Job("train", WorkerProcess(args, env=self.env), temp_dir, on_success, self.timer_factory)
+        return Job("train", WorkerProcess(args, env=self.env, stop_file=stop_file), temp_dir, on_success,
+                   self.timer_factory)
 
     # ---- comparison in the slice views ------------------------------------------------
 

@@ -58,7 +58,7 @@ def _base(python: Sequence[str], command: str) -> List[str]:
 
 def denoise_command(python: Sequence[str], input_path: str, output_path: str, mode: str = "fast",
                    model: str = "", device: str = "auto", steps: int = 0, pairs: int = 0,
-                   uncertainty_path: str = "") -> List[str]:
+                   uncertainty_path: str = "", stop_file: str = "") -> List[str]:
     """`denoise` command line; `model=""` lets the worker choose the shipped default, 0 keeps the model's steps/pairs."""
     args = _base(python, "denoise") + [input_path, output_path, "--mode", mode, "--device", device]
     if model:
@@ -69,12 +69,14 @@ def denoise_command(python: Sequence[str], input_path: str, output_path: str, mo
         args += ["--pairs", str(pairs)]
     if uncertainty_path:
         args += ["--uncertainty", uncertainty_path]
+    if stop_file:
+        args += ["--stop-file", stop_file]
     return args + ["--json"]
 
 
 def train_command(python: Sequence[str], input_paths: Sequence[str], name: str,
                  stages: Sequence[str] = ("bsn", "diffusion", "student"), from_model: str = "",
-                 max_steps: int = 0, device: str = "auto") -> List[str]:
+                 max_steps: int = 0, device: str = "auto", stop_file: str = "") -> List[str]:
     """`train` command line; `max_steps=0` keeps each stage's full default length."""
     if not input_paths:
         raise ValueError("training needs at least one volume")
@@ -86,6 +88,8 @@ def train_command(python: Sequence[str], input_paths: Sequence[str], name: str,
         args += ["--from", from_model]
     if max_steps > 0:
         args += ["--max-steps", str(max_steps)]
+    if stop_file:
+        args += ["--stop-file", stop_file]
     return args + ["--json"]
 
 

@@ -134,9 +134,10 @@ class FakeJob:
 
 
 class FakeLogic:
-    MODELS = [{"name": "mr-default", "shipped": True, "stages": ["bsn", "diffusion", "student"],
-               "description": "Brain MRI, Rician noise"},
-              {"name": "ct-default", "shipped": True, "stages": ["bsn", "diffusion", "student"]}]
+    MODELS = [{"name": "mr-default", "source": "shipped", "stages": ["bsn", "diffusion", "student"],
+               "description": "Brain MRI, Rician noise", "training_data": {"count": 1}},
+              {"name": "ct-default", "source": "shipped", "stages": ["bsn", "diffusion", "student"]},
+              {"name": "broken", "source": "user", "error": "card.json is not valid JSON"}]
 
     def __init__(self):
         self.models = list(self.MODELS)
@@ -291,7 +292,8 @@ def test_idle_panel_offers_denoise_and_lists_models(panel):
     assert "Roughly 25 min" in ui.estimateLabel.text()
     ui.modelComboBox.setCurrentIndex(1)
     assert panel.params.model == "mr-default"
-    assert "Brain MRI" in ui.modelInfoLabel.text()
+    assert ui.modelInfoLabel.text() == ("Brain MRI, Rician noise; stages: bsn, diffusion, student; "
+                                        "trained on 1 image.")
 
 
 def test_denoise_run_cancel_and_done(panel):
@@ -378,7 +380,7 @@ def test_training_start_stop_and_new_model_in_the_selector(panel):
     assert ui.trainProgressBar.value() == 20 and ui.lossLabel.text() == "Loss (bsn): 0.01234"
     assert ui.progressBar.format() == "Idle"  # the denoise bar is untouched
 
-    logic.models.append({"name": "knee-3T", "stages": ["bsn", "student"]})
+    logic.models.append({"name": "knee-3T", "source": "user", "stages": ["bsn", "student"]})
     job.finished.emit(JobOutcome("train", "done", "Model knee-3T is trained and ready.", 0, {}, model="knee-3T"))
     assert ui.trainButton.text() == "Start training" and panel.panel.state == IDLE
     assert ui.modelComboBox.itemText(3) == "knee-3T"

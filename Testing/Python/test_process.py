@@ -29,11 +29,14 @@ FAKE_WORKER = textwrap.dedent(
         say(event="checkpoint", stage="bsn", step=step)
         sys.exit(3)
     signal.signal(signal.SIGTERM, stop if on_term == "graceful" else signal.SIG_IGN)
+    stop_file = on_term[len("stopfile:"):] if on_term.startswith("stopfile:") else ""
     say(event="log", message="worker started")
     print("a line that is not JSON", flush=True)
     sys.stderr.write("warning on stderr\\n"); sys.stderr.flush()
     for step in range(1, steps + 1):
         time.sleep(delay)
+        if stop_file and os.path.exists(stop_file):
+            stop()
         say(event="progress", stage="bsn", step=step, total=steps, loss=1.0 / step, eta_s=(steps - step) * delay)
     say(event="result", output="out.nrrd", seconds=steps * delay)
     """
@@ -135,6 +138,23 @@ def test_cancel_stops_a_graceful_worker_with_a_checkpoint(scripts, tmp_path):
 
     job.cancel()
     assert job.wait(timeout=20) == EXIT_CANCELLED
+    assert any(e["event"] == "checkpoint" for e in events)
+    assert _wait_gone(pid)
+
+
+def test_cancel_through_the_stop_file(scripts, tmp_path):
+    """What stops a worker where no SIGTERM reaches it (Windows): the stop file, well before the kill."""
+    worker, _ = scripts
+    stop_file = tmp_path / "stop"
+    job = WorkerProcess([sys.executable, worker, "1000", "0.05", tmp_path / "pid", "stopfile:%s" % stop_file],
+                        grace_seconds=60.0, stop_file=str(stop_file)).start()
+    events = []
+    job.event.connect(events.append)
+    pid = _wait_for_file(tmp_path / "pid")
+    started = time.monotonic()
+    job.cancel()
+    assert job.wait(timeout=30) == EXIT_CANCELLED
+    assert time.monotonic() - started < 30
     assert any(e["event"] == "checkpoint" for e in events)
     assert _wait_gone(pid)
 

@@ -252,3 +252,35 @@ def test_estimate_names_the_device_and_warns_about_full_on_cpu(mrml, fake_logic)
     assert fast.device == full.device == "cpu" and "CPU" in full.device_message
     assert full.seconds > 10 * fast.seconds
     assert fast.advice == "" and "Fast mode" in full.advice
+
+
+def test_real_worker_trains_on_scene_volumes_then_denoises_with_the_new_model(mrml, tmp_path):
+    """The real command line end to end: `train --max-steps 5` on a scene volume, then Fast and Full."""
+    from DiffDenoiseLib.slicer_logic import worker_environment
+
+    env = worker_environment()
+    env["DIFFDENOISE_MODELS"] = str(tmp_path / "models")
+    env["OMP_NUM_THREADS"] = "1"
+    logic = DenoiseLogic(scene=mrml["scene"], env=env, temp_root=str(tmp_path))
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path, shape=(5, 40, 36))
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    before = slicer.util.arrayFromVolume(source).copy()
+
+    trained = logic.train([source], TrainSettings(name="tiny-test", max_steps=5, device="cpu"))
+    assert trained.status == "done", trained.message
+    assert trained.model == "tiny-test"
+    assert "tiny-test" in [card["name"] for card in logic.list_models()]
+
+    for mode in ("fast", "full"):
+        outcome = logic.denoise(source, DenoiseSettings(mode=mode, model="tiny-test", device="cpu", steps=2,
+                                                        uncertainty=True))
+        assert outcome.status == "done", outcome.message
+        assert outcome.result["mode"] == mode and outcome.model == "tiny-test"
+        output = outcome.output_volume
+        np.testing.assert_array_equal(_matrix(output), _matrix(source))
+        assert slicer.util.arrayFromVolume(output).shape == before.shape
+        assert np.isfinite(slicer.util.arrayFromVolume(output)).all()
+        assert (outcome.uncertainty_volume is not None) == (mode == "full")
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(source), before)
+    assert sorted(os.listdir(tmp_path)) == ["head.nrrd", "models"]  # every job's temporary folder is gone
