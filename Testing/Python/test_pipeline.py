@@ -1,0 +1,128 @@
+"""Denoising an image end to end: units, geometry, graceful degradation, quality on a real CT slice."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DiffDenoiseLib.imageio import Image, read_image, write_image
+from DiffDenoiseLib.metrics import psnr
+from DiffDenoiseLib.networks import NetworkConfig
+from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig, denoise_image
+from DiffDenoiseLib.training import TrainConfig, train_model
+
+SMALL = NetworkConfig(bsn_width=16, bsn_depth=3, unet_base=16, unet_mults=(1, 2), student_width=16)
+
+
+@pytest.fixture(scope="module")
+def ct_slice():
+    """pydicom's bundled 128x128 CT slice (HU) with synthetic Gaussian noise of 60 HU."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    clean = read_image(get_testdata_file("CT_small.dcm"))
+    hu = clean.array.astype(np.float64).reshape(clean.array.shape[-2:])
+    noisy = hu + np.random.default_rng(0).normal(0, 60, hu.shape)
+    geometry = dict(spacing=clean.spacing[:2], origin=clean.origin[:2], direction=(1.0, 0.0, 0.0, 1.0))
+    return hu, Image(array=noisy.astype(np.float32), modality="CT", **geometry)
+
+
+@pytest.fixture(scope="module")
+def trained(ct_slice, tmp_path_factory):
+    """Small models trained on the noisy slice alone (self-supervised): a real but short run."""
+    _, noisy = ct_slice
+    config = TrainConfig(bsn_steps=400, diffusion_steps=300, student_steps=300, batch_size=8, bsn_patch=48,
+                         diffusion_patch=48, student_patch=48, student_slices=1, bsn_lr=2e-3)
+    return train_model([noisy], tmp_path_factory.mktemp("ct"), "ct-small", network_config=SMALL,
+                       train_config=config, sampling=SamplingConfig(steps=4, t_start=100))
+
+
+def test_every_mode_beats_the_noisy_input_on_a_real_ct_slice(ct_slice, trained):
+    clean, noisy = ct_slice
+    data_range = float(clean.max() - clean.min())
+    before = noisy.array.copy()
+    scores = {"noisy": psnr(clean, noisy.array, data_range=data_range)}
+    for mode in ("bsn", "full", "fast"):
+        result = denoise_image(noisy, trained, mode=mode)
+        assert result.image.array.dtype == np.float32 and result.image.array.shape == clean.shape
+        scores[mode] = psnr(clean, result.image.array, data_range=data_range)
+    assert np.array_equal(noisy.array, before), "the input image must never be modified"
+    for mode in ("bsn", "full", "fast"):
+        assert scores[mode] > scores["noisy"] + 1.5, scores
+    # the output is in the input's units: mean HU is kept
+    assert abs(float(denoise_image(noisy, trained, mode="fast").image.array.mean()) - clean.mean()) < 15
+
+
+def test_full_mode_with_a_barely_trained_diffusion_model_is_not_worse_than_the_bsn(ct_slice, trained, tmp_path):
+    clean, noisy = ct_slice
+    bsn_only = DenoisingModel.from_card(trained.card, {"bsn": trained.bsn.state_dict()})
+    barely = train_model([noisy], tmp_path, "barely", init_from=bsn_only,
+                         train_config=TrainConfig(stages=("diffusion",), diffusion_steps=2, batch_size=2,
+                                                  diffusion_patch=32))
+    data_range = float(clean.max() - clean.min())
+    bsn = psnr(clean, denoise_image(noisy, barely, mode="bsn").image.array, data_range=data_range)
+    full = psnr(clean, denoise_image(noisy, barely, mode="full").image.array, data_range=data_range)
+    assert full >= bsn - 0.05, (full, bsn)
+
+
+def test_full_mode_gives_an_uncertainty_map_in_the_input_units(ct_slice, trained):
+    _, noisy = ct_slice
+    result = denoise_image(noisy, trained, mode="full", pairs=2)
+    assert result.uncertainty is not None
+    u = result.uncertainty.array
+    assert u.shape == noisy.array.shape and np.all(u >= 0) and np.isfinite(u).all()
+    assert 0 < float(u.mean()) < 60  # below the noise level, in HU
+    assert result.details["pairs"] == 2
+    assert denoise_image(noisy, trained, mode="fast").uncertainty is None
+
+
+def test_same_seed_same_result_and_tiling_has_no_seams(ct_slice, trained):
+    _, noisy = ct_slice
+    a = denoise_image(noisy, trained, mode="full", seed=3).image.array
+    b = denoise_image(noisy, trained, mode="full", seed=3).image.array
+    assert np.array_equal(a, b)
+    whole = denoise_image(noisy, trained, mode="bsn").image.array
+    tiled = denoise_image(noisy, trained, mode="bsn", tile=80).image.array
+    assert np.abs(tiled - whole).max() < 0.5  # HU, against 60 HU of noise
+
+
+def test_geometry_survives_read_process_write(trained, tmp_path):
+    rng = np.random.default_rng(2)
+    volume = sitk.GetImageFromArray((rng.normal(0, 30, (5, 40, 44)) + 200).astype(np.int16))
+    volume.SetSpacing((0.7, 0.8, 2.5))
+    volume.SetOrigin((-10.0, 20.0, 5.0))
+    volume.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    path = tmp_path / "in.nrrd"
+    sitk.WriteImage(volume, str(path))
+    out = tmp_path / "out.nrrd"
+    write_image(denoise_image(read_image(path), trained, mode="fast").image, out)
+    result = sitk.ReadImage(str(out))
+    assert result.GetSize() == volume.GetSize()
+    assert np.allclose(result.GetSpacing(), volume.GetSpacing())
+    assert np.allclose(result.GetOrigin(), volume.GetOrigin())
+    assert np.allclose(result.GetDirection(), volume.GetDirection())
+    assert result.GetPixelID() == sitk.sitkFloat32
+
+
+def test_bad_images_are_refused_with_a_reason(trained):
+    flat = Image(array=np.full((20, 20), 7.0, np.float32), spacing=(1.0, 1.0), origin=(0.0, 0.0),
+                 direction=(1.0, 0.0, 0.0, 1.0), modality=None)
+    with pytest.raises(ValueError, match="constant"):
+        denoise_image(flat, trained)
+    bad = flat.array.copy()
+    bad[3, 4] = np.nan
+    bad[0, 0] = 1.0
+    with pytest.raises(ValueError, match="NaN"):
+        denoise_image(Image(array=bad, spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0),
+                            modality=None), trained)
+    with pytest.raises(ValueError, match="unknown mode"):
+        denoise_image(flat, trained, mode="fastest")
+
+
+def test_a_model_without_the_student_says_so(trained):
+    partial = DenoisingModel.from_card(trained.card, {"bsn": trained.bsn.state_dict()})
+    noisy = Image(array=np.random.default_rng(0).random((16, 16)).astype(np.float32), spacing=(1.0, 1.0),
+                  origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0), modality=None)
+    with pytest.raises(ValueError, match="student"):
+        denoise_image(noisy, partial, mode="fast")
+    assert torch.is_tensor(next(iter(partial.bsn.state_dict().values())))

@@ -1,0 +1,90 @@
+"""Stage training: resume after interruption, cancel, card contents, patch sampling."""
+
+import numpy as np
+import pytest
+import torch
+
+from DiffDenoiseLib.imageio import Image
+from DiffDenoiseLib.networks import NetworkConfig
+from DiffDenoiseLib.training import CancelToken, Cancelled, PatchSampler, TrainConfig, train_model
+
+TINY = NetworkConfig(bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1, 2), student_width=8)
+
+
+def noisy_volume(seed=0, shape=(6, 40, 48)):
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    clean = 100 + 50 * np.sin(x / 5.0) * np.cos(y / 7.0) + z
+    return Image(array=(clean + rng.normal(0, 10, shape)).astype(np.float32),
+                 spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()), modality="MR")
+
+
+class StopAfterChecks(CancelToken):
+    """Asks to stop after the training loop has looked `n` times (once per step)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.remaining = n
+
+    @property
+    def cancelled(self):
+        self.remaining -= 1
+        return self.remaining < 0
+
+
+def test_patch_sampler_cuts_aligned_patches_with_context():
+    volume = np.arange(4 * 20 * 30, dtype=np.float32).reshape(4, 20, 30)
+    sampler = PatchSampler([volume], context=1, patch=8, extras=[[volume * 2]])
+    stacks, (extra,), which = sampler.batch(np.random.default_rng(0), 5)
+    assert stacks.shape == (5, 3, 8, 8) and extra.shape == (5, 1, 8, 8)
+    assert torch.equal(extra[:, 0], stacks[:, 1] * 2)
+    assert which.tolist() == [0] * 5
+    # neighbours are the adjacent slices (index difference = 20 * 30 voxels), never the centre itself
+    assert torch.all((stacks[:, 0] - stacks[:, 1]).abs() == 600)
+
+
+def test_resume_continues_from_the_saved_step_with_the_same_state(tmp_path):
+    image = noisy_volume()
+    config = TrainConfig(stages=("bsn",), bsn_steps=8, batch_size=4, bsn_patch=16, checkpoint_seconds=1e9)
+    straight = train_model([image], tmp_path / "a", "a", network_config=TINY, train_config=config)
+
+    with pytest.raises(Cancelled):
+        train_model([image], tmp_path / "b", "b", network_config=TINY, train_config=config,
+                    cancel=StopAfterChecks(3))
+    saved = torch.load(tmp_path / "b" / "bsn.ckpt.pt", weights_only=True)
+    assert saved["step"] == 3
+
+    events = []
+    resumed = train_model([image], tmp_path / "b", "b", network_config=TINY, train_config=config,
+                          progress=events.append)
+    assert events[0].resumed and events[0].stage == "bsn" and events[0].step == 3
+    assert events[-1].step == 8
+    for key, value in straight.bsn.state_dict().items():
+        assert torch.allclose(value, resumed.bsn.state_dict()[key], atol=1e-6), key
+
+
+def test_three_stages_give_a_complete_card(tmp_path):
+    checkpoints = []
+    model = train_model([noisy_volume(), noisy_volume(1, (3, 36, 36))], tmp_path, "tiny", network_config=TINY,
+                        train_config=TrainConfig(max_steps=3, batch_size=2, bsn_patch=16, diffusion_patch=16,
+                                                 student_patch=16, student_slices=2),
+                        on_checkpoint=lambda stage, step, path: checkpoints.append((stage, step)))
+    assert model.stages() == ["bsn", "diffusion", "student"]
+    assert [c for c in checkpoints if c[1] == 3] == [("bsn", 3), ("diffusion", 3), ("student", 3)]
+    card = model.card
+    assert card["stages"] == ["bsn", "diffusion", "student"]
+    assert card["training_data"]["count"] == 2
+    assert card["training_data"]["images"][1]["shape"] == [3, 36, 36]
+    assert card["architecture"]["bsn_width"] == 8
+    assert card["training"]["stages"]["student"]["steps"] == 3
+
+
+def test_later_stages_need_a_blind_spot_network(tmp_path):
+    with pytest.raises(ValueError, match="bsn"):
+        train_model([noisy_volume()], tmp_path, "x", network_config=TINY,
+                    train_config=TrainConfig(stages=("diffusion",), max_steps=1))
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        train_model([noisy_volume()], tmp_path, "x", train_config=TrainConfig(stages=("bns",)))
