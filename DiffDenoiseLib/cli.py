@@ -208,8 +208,8 @@ def _check_output(path: Path, inputs: Sequence[Path]) -> None:
     if not path.parent.is_dir():
         raise UsageError(f"the output folder {path.parent} does not exist")
     for source in inputs:
-        if source.exists() and path.resolve() == source.resolve():
-            raise UsageError(f"the output {path} would overwrite the input; choose another file name")
+        if path.resolve() == source.resolve():
+            raise UsageError(f"the output {path} would overwrite {source}; choose another file name")
 
 
 def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:

@@ -56,16 +56,17 @@ class Reporter:
         if not self.json_mode:
             return self
         self._saved_stdout = sys.stdout
+        if self._saved_stdout is not None:
+            self._saved_stdout.flush()
         try:
-            fd = sys.stdout.fileno()
-            self._err.fileno()
-        except (AttributeError, OSError, io.UnsupportedOperation):
-            fd = None  # stdout is not a real file (embedded interpreter, capture): redirect Python's only
-        if fd is not None:
-            sys.stdout.flush()
-            self._saved_fd = os.dup(fd)
-            self._out = io.TextIOWrapper(os.fdopen(os.dup(fd), "wb"), encoding="utf-8", line_buffering=True)
-            os.dup2(self._err.fileno(), fd)
+            os.fstat(1)
+            os.fstat(2)
+        except OSError:
+            pass  # no real stdout/stderr descriptors (a windowed interpreter): redirect Python's writes only
+        else:
+            self._saved_fd = os.dup(1)
+            self._out = io.TextIOWrapper(os.fdopen(os.dup(1), "wb"), encoding="utf-8", line_buffering=True)
+            os.dup2(2, 1)
         sys.stdout = self._err
         return self
 
@@ -76,8 +77,8 @@ class Reporter:
         sys.stdout = self._saved_stdout
         if self._saved_fd is not None:
             self._out.close()
-            sys.stdout.flush()
-            os.dup2(self._saved_fd, sys.stdout.fileno())
+            self._err.flush()
+            os.dup2(self._saved_fd, 1)
             os.close(self._saved_fd)
             self._saved_fd = None
         self._out = sys.stdout

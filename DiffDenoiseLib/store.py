@@ -165,15 +165,17 @@ class ModelStore:
     def resolve(self, name_or_path: PathLike) -> Path:
         """The folder of a model given by store name or by path; ValueError listing the names if unknown."""
         text = str(name_or_path)
+        is_path = os.sep in text or bool(os.altsep and os.altsep in text)
+        if not is_path:
+            for _, folder in self._folders():
+                if folder.name == text:
+                    return folder
         path = Path(text).expanduser()
-        if os.sep in text or (os.altsep and os.altsep in text) or path.is_dir():
-            if not path.is_dir():
-                raise ValueError(f"no model folder at {path}")
+        if path.is_dir():
             return path
+        if is_path:
+            raise ValueError(f"no model folder at {path}")
         validate_name(text)
-        for _, folder in self._folders():
-            if folder.name == text:
-                return folder
         names = self.names()
         available = ", ".join(names) if names else f"none (the store {self.user_dir} is empty)"
         raise ValueError(f"unknown model '{text}'; available models: {available}")

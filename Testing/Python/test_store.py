@@ -172,8 +172,10 @@ def test_list_names_every_model_with_its_source_and_flags_broken_ones(two_stores
     assert "not valid JSON" in entries["broken"]["error"]
 
 
-def test_resolve_by_name_or_path_and_unknown_names_list_the_available(two_stores, saved):
-    assert two_stores.resolve("mine") == two_stores.user_dir / "mine"
+def test_resolve_by_name_or_path_and_unknown_names_list_the_available(two_stores, saved, tmp_path, monkeypatch):
+    (tmp_path / "here" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    assert two_stores.resolve("mine") == two_stores.user_dir / "mine", "a store name wins over a local folder"
     assert two_stores.resolve("ct-default") == two_stores.shipped_dir / "ct-default"
     assert two_stores.resolve(str(saved)) == saved
     with pytest.raises(ValueError, match="unknown model 'nope'; available models: .*ct-default.*mine"):

@@ -1,0 +1,374 @@
+"""The `diffdenoise` command line: JSON-lines protocol, exit codes, refusals, cancel and resume, geometry.
+
+Models are tiny and trained for a few steps: these tests check the contract, not quality.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DiffDenoiseLib import cli
+from DiffDenoiseLib import store as store_module
+from DiffDenoiseLib.cli import main
+from DiffDenoiseLib.imageio import Image, read_image, write_image
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {
+    "network": {"bsn_width": 8, "bsn_depth": 2, "unet_base": 8, "unet_mults": [1], "student_width": 8},
+    "training": {"batch_size": 2, "bsn_patch": 24, "diffusion_patch": 24, "student_patch": 24, "student_slices": 2},
+    "sampling": {"steps": 2},
+}
+ROTATION_3D = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+ROTATION_2D = (np.cos(0.5), -np.sin(0.5), np.sin(0.5), np.cos(0.5))
+PROGRESS_FIELDS = {"stage", "step", "total", "loss", "eta_s"}
+
+
+def worker_env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def command(*args):
+    return [sys.executable, "-m", "DiffDenoiseLib"] + [str(a) for a in args]
+
+
+def parse(stdout):
+    """Every stdout line as an event; json.loads fails the test on any line that is not JSON."""
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert all(isinstance(e, dict) and isinstance(e.get("event"), str) for e in events)
+    return events
+
+
+def of_kind(events, kind):
+    return [e for e in events if e["event"] == kind]
+
+
+def run(capfd, *args):
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A noisy 3D MR-like volume and a 2D radiograph-like image with non-trivial geometry, and a tiny config."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[0:6, 0:40, 0:36]
+    disc = 100.0 * ((y - 20) ** 2 + (x - 18) ** 2 < 100) + 20.0
+    write_image(Image(array=(disc + rng.normal(0, 10, disc.shape)).astype(np.float32), spacing=(0.8, 0.9, 2.0),
+                      origin=(1.0, -2.0, 3.5), direction=ROTATION_3D, modality="MR"), folder / "volume.nrrd")
+    yy, xx = np.mgrid[0:48, 0:40]
+    chest = 1500.0 + 20.0 * xx + 800.0 * ((yy - 24) ** 2 / 400 + (xx - 20) ** 2 / 200 < 1)
+    write_image(Image(array=(chest + rng.normal(0, 60, chest.shape)).astype(np.float32), spacing=(0.15, 0.2),
+                      origin=(5.0, -3.0), direction=ROTATION_2D, modality="DX"), folder / "radiograph.nrrd")
+    (folder / "tiny.json").write_text(json.dumps(TINY))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A store holding a tiny three-stage model trained by a real `train --json` process."""
+    store = tmp_path_factory.mktemp("store")
+    proc = subprocess.run(command("train", data / "volume.nrrd", "--name", "tiny", "--store", store, "--config",
+                                  data / "tiny.json", "--max-steps", 3, "--device", "cpu", "--json"),
+                          capture_output=True, text=True, env=worker_env(), cwd=str(data))
+    assert proc.returncode == 0, proc.stderr
+    return {"store": store, "events": parse(proc.stdout)}
+
+
+def test_train_writes_only_json_events_with_the_documented_fields(trained):
+    events, store = trained["events"], trained["store"]
+    progress = of_kind(events, "progress")
+    assert {e["stage"] for e in progress} == {"bsn", "diffusion", "student"}
+    assert all(PROGRESS_FIELDS <= set(e) for e in progress)
+    assert all(e["step"] == e["total"] == 3 for e in progress if e["step"] > 0)
+    assert any(isinstance(e["loss"], float) for e in progress)
+    checkpoints = of_kind(events, "checkpoint")
+    assert [c["stage"] for c in checkpoints] == ["bsn", "diffusion", "student"]
+    assert all(c["step"] == 3 and c["path"].endswith(".pt") for c in checkpoints)
+    assert all(isinstance(e["message"], str) and e["message"] for e in of_kind(events, "log"))
+    assert not of_kind(events, "error")
+    (result,) = of_kind(events, "result")
+    assert events[-1] is result
+    assert result["model"] == "tiny" and result["stages"] == ["bsn", "diffusion", "student"]
+    assert Path(result["path"]) == store / "tiny" and (store / "tiny" / "card.json").is_file()
+    assert not (store / ".training").exists(), "the checkpoints of a finished training are removed"
+
+
+@pytest.mark.parametrize("name", ["volume.nrrd", "radiograph.nrrd"])
+def test_denoise_keeps_shape_and_geometry_of_2d_and_3d_images(capfd, data, trained, tmp_path, name):
+    source = data / name
+    before = source.read_bytes()
+    output = tmp_path / "denoised.nii.gz"
+    code, out, err = run(capfd, "denoise", source, output, "--model", "tiny", "--store", trained["store"], "--json")
+    assert code == 0, err
+    (result,) = of_kind(parse(out), "result")
+    assert result["output"] == str(output) and result["model"] == "tiny" and result["mode"] == "fast"
+    original, denoised = read_image(source), read_image(output)
+    assert denoised.array.shape == original.array.shape and denoised.array.dtype == np.float32
+    np.testing.assert_allclose(denoised.spacing, original.spacing, rtol=1e-6)
+    np.testing.assert_allclose(denoised.origin, original.origin, atol=1e-5)
+    np.testing.assert_allclose(denoised.direction, original.direction, atol=1e-6)
+    assert np.isfinite(denoised.array).all() and not np.allclose(denoised.array, original.array)
+    assert source.read_bytes() == before, "the input is never modified"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["denoised.nii.gz"], "no temporary file is left"
+
+
+def test_full_mode_writes_the_uncertainty_map_and_people_get_a_progress_bar(capfd, data, trained, tmp_path):
+    output, spread = tmp_path / "full.nrrd", tmp_path / "spread.nrrd"
+    code, out, err = run(capfd, "denoise", data / "volume.nrrd", output, "--model", "tiny", "--mode", "full",
+                         "--steps", 2, "--pairs", 2, "--uncertainty", spread, "--store", trained["store"])
+    assert code == 0, err
+    assert out == "", "without --json stdout stays empty"
+    assert "denoise   [" in err and "12/12" in err and f"wrote {output}" in err
+    uncertainty = read_image(spread)
+    assert uncertainty.array.shape == read_image(output).array.shape and (uncertainty.array >= 0).all()
+    assert uncertainty.spacing == read_image(data / "volume.nrrd").spacing
+
+
+def test_json_mode_keeps_stray_prints_off_stdout(capfd, data, trained, tmp_path, monkeypatch):
+    real = cli.denoise_image
+
+    def chatty(*args, **kwargs):
+        print("a library print")
+        os.write(1, b"a C library writing to file descriptor 1\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "denoise_image", chatty)
+    code, out, err = run(capfd, "denoise", data / "volume.nrrd", tmp_path / "o.nrrd", "--model", "tiny",
+                         "--store", trained["store"], "--json")
+    assert code == 0
+    parse(out)
+    assert "a library print" in err and "file descriptor 1" in err
+
+
+def test_without_a_model_the_shipped_default_for_the_modality_is_used_and_named(capfd, data, trained, tmp_path,
+                                                                                monkeypatch):
+    shipped = tmp_path / "shipped"
+    for name, default_for in (("ct-default", ["CT"]), ("mr-default", ["MR", "OT", None])):
+        shutil.copytree(trained["store"] / "tiny", shipped / name)
+        card = json.loads((shipped / name / "card.json").read_text())
+        (shipped / name / "card.json").write_text(json.dumps(dict(card, name=name, default_for=default_for)))
+    monkeypatch.setattr(store_module, "SHIPPED_DIR", shipped)
+    ct = read_image(data / "volume.nrrd")
+    write_image(Image(array=ct.array * 10 - 1000, spacing=ct.spacing, modality="CT"), tmp_path / "ct.nrrd")
+    for source, expected in (("ct.nrrd", "ct-default"), (data / "radiograph.nrrd", "mr-default")):
+        code, out, err = run(capfd, "denoise", tmp_path / source, tmp_path / f"{expected}.nrrd",
+                             "--store", trained["store"], "--json")
+        assert code == 0, err
+        events = parse(out)
+        assert any(f"'{expected}'" in e["message"] for e in of_kind(events, "log"))
+        assert of_kind(events, "result")[0]["model"] == expected
+
+
+def colour_image(path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 9, 3), np.uint8), isVector=True), str(path))
+
+
+def image_with(value):
+    def write(path):
+        array = np.ones((4, 10, 10), np.float32)
+        array[1, 2, 3] = value
+        write_image(Image(array=array), path)
+    return write
+
+
+BAD_INPUTS = {
+    # name: (how to make the input, extra arguments, output name, words the message must contain)
+    "missing file": (None, [], "out.nrrd", "does not exist"),
+    "empty file": (lambda p: p.write_bytes(b""), [], "out.nrrd", "not an image"),
+    "text file": (lambda p: p.write_text("patient notes, not an image\n"), [], "out.nrrd", "not an image"),
+    "NaN voxels": (image_with(np.nan), [], "out.nrrd", "NaN or infinite"),
+    "Inf voxels": (image_with(np.inf), [], "out.nrrd", "NaN or infinite"),
+    "colour image": (colour_image, [], "out.nrrd", "colour or vector"),
+    "unknown model": ("volume", ["--model", "nope"], "out.nrrd", "unknown model 'nope'; available models: tiny"),
+    "missing output folder": ("volume", [], "no/such/folder/out.nrrd", "output folder"),
+    "unknown mode": ("volume", ["--mode", "turbo"], "out.nrrd", "invalid choice: 'turbo'"),
+    "uncertainty in fast mode": ("volume", ["--uncertainty", "u.nrrd"], "out.nrrd", "--uncertainty needs --mode full"),
+    "unwritable format": ("volume", [], "out.png", "cannot write"),
+    "output overwrites the input": ("volume", [], "input.nrrd", "would overwrite"),
+    "bad step count": ("volume", ["--steps", "0"], "out.nrrd", "--steps"),
+    "unknown device": ("volume", ["--device", "tpu"], "out.nrrd", "unknown device 'tpu'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_clear_sentence_and_no_output(capfd, data, trained, tmp_path, case):
+    make, extra, output_name, words = BAD_INPUTS[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    source = work / "input.nrrd"
+    if make == "volume":
+        shutil.copy(data / "volume.nrrd", source)
+    elif make is not None:
+        make(source)
+    inputs_before = sorted(p.name for p in work.iterdir())
+    extra = [str(work / a) if a.endswith(".nrrd") else a for a in extra]
+    if "--model" not in extra:
+        extra += ["--model", "tiny"]
+    code, out, err = run(capfd, "denoise", source, work / output_name, *extra, "--store", trained["store"], "--json")
+    assert code == 2
+    events = parse(out)
+    (error,) = of_kind(events, "error")
+    assert words in error["message"] and "\n" not in error["message"]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in work.iterdir()) == inputs_before, "no output or temporary file appears"
+
+
+def test_bad_input_without_json_is_one_line_on_stderr(capfd, data, trained, tmp_path):
+    code, out, err = run(capfd, "denoise", tmp_path / "missing.nrrd", tmp_path / "o.nrrd", "--model", "tiny",
+                         "--store", trained["store"])
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and "missing.nrrd" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "required"),
+    (["train", "x.nrrd"], "--name"),
+    (["denoise", "only-input.nrrd"], "required"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2_and_are_reported_as_events(capfd, args, words):
+    code, out, err = run(capfd, *args, "--json")
+    assert code == 2
+    (error,) = of_kind(parse(out), "error")
+    assert words in error["message"] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--name", "../escape"], "invalid model name"),
+    (["--name", "ok", "--stages", "bsn,magic"], "unknown stage"),
+    (["--name", "ok", "--stages", "student"], "needs a trained bsn stage"),
+    (["--name", "ok", "--from", "nope"], "unknown model 'nope'"),
+])
+def test_bad_training_requests_exit_2(capfd, data, trained, tmp_path, args, words):
+    code, out, err = run(capfd, "train", data / "volume.nrrd", *args, "--store", trained["store"], "--config",
+                         data / "tiny.json", "--max-steps", 2, "--json")
+    assert code == 2, err
+    assert words in of_kind(parse(out), "error")[0]["message"]
+    assert not (trained["store"] / "ok").exists()
+
+
+def test_a_forged_model_is_refused_and_its_code_never_runs(capfd, data, trained, tmp_path):
+    marker = tmp_path / "code-ran"
+
+    class Forged:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    forged = tmp_path / "gift-model"
+    shutil.copytree(trained["store"] / "tiny", forged)
+    with open(forged / "student.pt", "wb") as handle:
+        pickle.dump({"net.0.weight": Forged()}, handle, protocol=2)
+    code, out, err = run(capfd, "denoise", data / "volume.nrrd", tmp_path / "o.nrrd", "--model", forged, "--json")
+    assert code == 2
+    assert "student.pt was refused" in of_kind(parse(out), "error")[0]["message"]
+    assert not marker.exists() and not (tmp_path / "o.nrrd").exists()
+
+
+def test_an_internal_error_exits_1_and_points_to_a_log_with_the_traceback(capfd, data, trained, tmp_path,
+                                                                         monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure deep inside")
+
+    monkeypatch.setattr(cli, "denoise_image", broken)
+    code, out, err = run(capfd, "denoise", data / "volume.nrrd", tmp_path / "o.nrrd", "--model", "tiny",
+                         "--store", trained["store"], "--json")
+    assert code == 1
+    message = of_kind(parse(out), "error")[0]["message"]
+    assert "internal error" in message and "simulated failure" in message
+    log = Path(message.rsplit("the details are in ", 1)[1])
+    assert log.parent == trained["store"] / "logs"
+    text = log.read_text()
+    assert "Traceback" in text and "simulated failure deep inside" in text and "denoise" in text
+    assert "Traceback" not in err and not (tmp_path / "o.nrrd").exists()
+
+
+def test_a_stop_file_cancels_training_with_a_checkpoint_and_exit_3(capfd, data, tmp_path):
+    stop = tmp_path / "stop"
+    stop.write_text("")
+    code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "stopped", "--store", tmp_path / "store",
+                         "--config", data / "tiny.json", "--max-steps", 50, "--stop-file", stop, "--json")
+    assert code == 3, err
+    events = parse(out)
+    (checkpoint,) = of_kind(events, "checkpoint")
+    assert Path(checkpoint["path"]).is_file() and checkpoint["stage"] == "bsn"
+    assert not of_kind(events, "result") and not (tmp_path / "store" / "stopped").exists()
+
+
+def test_a_stop_file_cancels_denoising_without_output(capfd, data, trained, tmp_path):
+    stop = tmp_path / "stop"
+    stop.write_text("")
+    code, out, err = run(capfd, "denoise", data / "volume.nrrd", tmp_path / "o.nrrd", "--model", "tiny",
+                         "--store", trained["store"], "--stop-file", stop, "--json")
+    assert code == 3 and not (tmp_path / "o.nrrd").exists()
+    assert not of_kind(parse(out), "result")
+
+
+def read_until(proc, predicate):
+    """Events from a running worker up to and including the first one `predicate` accepts."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if predicate(seen[-1]):
+            return seen
+    raise AssertionError(f"the worker ended before the awaited event; events: {seen}")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGTERM is POSIX")
+def test_sigterm_saves_a_checkpoint_exits_3_and_the_same_command_resumes(data, tmp_path):
+    store = tmp_path / "store"
+    args = ["train", data / "volume.nrrd", "--name", "long", "--store", store, "--config", data / "tiny.json",
+            "--device", "cpu", "--json", "--max-steps"]
+    proc = subprocess.Popen(command(*args, 100000), stdout=subprocess.PIPE, text=True, env=worker_env())
+    try:
+        read_until(proc, lambda e: e["event"] == "progress" and e["step"] > 0)
+        proc.send_signal(signal.SIGTERM)
+        rest = parse(proc.stdout.read())
+    finally:
+        proc.stdout.close()
+        code = proc.wait()
+    assert code == 3
+    (checkpoint,) = of_kind(rest, "checkpoint")
+    assert checkpoint["stage"] == "bsn" and checkpoint["step"] > 0 and Path(checkpoint["path"]).is_file()
+    assert not (store / "long").exists()
+
+    finish = subprocess.run(command(*args, checkpoint["step"] + 5), capture_output=True, text=True,
+                            env=worker_env())
+    assert finish.returncode == 0, finish.stderr
+    events = parse(finish.stdout)
+    first = of_kind(events, "progress")[0]
+    assert first["resumed"] is True and first["stage"] == "bsn" and first["step"] == checkpoint["step"]
+    assert not any(e["resumed"] for e in of_kind(events, "progress")[1:])
+    assert (store / "long" / "card.json").is_file() and not (store / ".training").exists()
+
+
+def test_models_lists_the_user_models_with_their_cards(capfd, trained):
+    code, out, err = run(capfd, "models", "--store", trained["store"], "--json")
+    assert code == 0
+    (result,) = of_kind(parse(out), "result")
+    mine = [m for m in result["models"] if m["name"] == "tiny"]
+    assert len(mine) == 1 and mine[0]["source"] == "user" and mine[0]["stages"] == ["bsn", "diffusion", "student"]
+    assert mine[0]["architecture"]["bsn_width"] == 8 and "torch_version" in mine[0]
+    code, out, err = run(capfd, "models", "--store", trained["store"])
+    assert code == 0 and "tiny" in out and "user" in out
+
+
+def test_info_reports_devices_memory_and_versions(capfd):
+    code, out, err = run(capfd, "info", "--json")
+    assert code == 0
+    (info,) = of_kind(parse(out), "result")
+    assert info["devices"][0]["name"] == "cpu" and info["cpu_count"] >= 1
+    assert set(info["versions"]) >= {"diffdenoise", "torch", "numpy", "SimpleITK", "python"}
+    assert info["default_device"] in ("cpu", "cuda", "mps") and info["device_message"]
+    code, out, err = run(capfd, "info")
+    assert code == 0 and "torch" in out and "CPU cores" in out
