@@ -80,13 +80,16 @@ class TorchDependency:
 
     def __init__(self):
         self._asked = False
+        self._ready = False
 
     def ready(self) -> bool:
-        try:
-            import PyTorchUtils
-        except ImportError:
-            return False
-        return PyTorchUtils.PyTorchUtilsLogic().torchInstalled()
+        if not self._ready:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                return False
+            self._ready = bool(PyTorchUtils.PyTorchUtilsLogic().torchInstalled())
+        return self._ready
 
     def ensure(self) -> bool:
         if self.ready():

@@ -16,7 +16,7 @@ One job runs at a time. States: idle -> running -> (cancelling ->) idle; the
 button that started the job is its Cancel button while it runs.
 """
 
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 from DiffDenoiseLib.worker_protocol import format_seconds
 

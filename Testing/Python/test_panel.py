@@ -9,6 +9,7 @@ against the real parameter list.
 import ast
 import os
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -419,3 +420,86 @@ def test_screenshot_of_a_running_panel(panel, tmp_path):
     path = Path(SCREENSHOT) if SCREENSHOT else tmp_path / "panel.png"
     assert image.save(str(path))
     assert path.stat().st_size > 10000
+
+
+SLOW_CLI = """
+import json, os, signal, sys, time
+args = sys.argv[sys.argv.index("DiffDenoiseLib") + 1:]
+if args[0] == "models":
+    print(json.dumps({"event": "result", "models": []}), flush=True)
+    sys.exit(0)
+open(os.environ["PID_FILE"], "w").write(str(os.getpid()))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+for step in range(1, 10000):
+    print(json.dumps({"event": "progress", "stage": "denoise", "step": step, "total": 10000, "eta_s": 99.0}),
+          flush=True)
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="checks the worker pid through /proc")
+def test_real_logic_runs_in_the_background_and_cancel_stops_the_worker(app, tmp_path):
+    """Panel + DenoiseLogic on a real MRML scene + a real worker process, polled by a Qt timer."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("needs the slicer-core wheel")
+    import numpy as np
+    import slicer.util
+
+    from DiffDenoiseLib.slicer_logic import DenoiseLogic, worker_environment
+
+    slicer.mrmlScene = scene = slicer.vtkMRMLScene()
+    node = slicer.util.addVolumeFromArray(np.zeros((3, 16, 16), np.float32), name="phantom")
+    script = tmp_path / "slow_cli.py"
+    script.write_text(SLOW_CLI)
+    env = worker_environment()
+    env["PID_FILE"] = str(tmp_path / "pid")
+    jobs_dir = tmp_path / "jobs"
+    jobs_dir.mkdir()
+
+    def qt_timer(poll):
+        timer = QtCore.QTimer()
+        timer.timeout.connect(lambda: poll() or timer.stop())
+        timer.start(20)
+        return timer
+
+    logic = DenoiseLogic(scene=scene, python=[sys.executable, str(script)], env=env, temp_root=str(jobs_dir),
+                         timer_factory=qt_timer)
+    widget, ui = load_ui(app)
+    ui.inputSelector.addNode(node)
+    params = types.SimpleNamespace(**parameter_fields())
+    params.inputVolume = node
+    errors = []
+    controller = Panel(ui, params, logic, Dependencies(), errors.append)
+    controller.setup()
+
+    def spin_until(condition, seconds=20.0):
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            app.processEvents()
+            time.sleep(0.01)
+        assert condition()
+
+    ui.denoiseButton.click()  # returns at once: the worker runs in the background
+    assert controller.state == RUNNING and ui.denoiseButton.text() == "Cancel"
+    spin_until(lambda: ui.progressBar.format().startswith("%p%  ·  denoise"))
+    pid = int((tmp_path / "pid").read_text())
+    assert len(os.listdir(jobs_dir)) == 1
+
+    ui.denoiseButton.click()
+    spin_until(lambda: controller.state == IDLE)
+    assert ui.progressBar.format() == "Cancelled" and ui.denoiseButton.text() == "Denoise"
+    assert errors == [] and params.denoisedVolume is None
+    assert os.listdir(jobs_dir) == []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if "\nState:\tZ" in Path("/proc/%d/status" % pid).read_text():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the worker outlived cancel")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
