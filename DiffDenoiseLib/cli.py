@@ -135,10 +135,7 @@ def _run(args, argv, reporter: Reporter, cancel: CancelToken) -> int:
     except (Cancelled, KeyboardInterrupt) as stop:
         reporter.log(f"Cancelled: {stop}" if str(stop) else "Cancelled.")
         return EXIT_CANCELLED
-    except UsageError as error:
-        reporter.error(str(error))
-        return EXIT_BAD_INPUT
-    except BAD_INPUT as error:
+    except (UsageError,) + BAD_INPUT as error:
         reporter.error(_sentence(error))
         return EXIT_BAD_INPUT
     except Exception as error:
