@@ -224,10 +224,10 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     if args.model:
         folder = store.resolve(args.model)
     else:
-        name = store.default_for(image.modality)
-        folder = store.resolve(name)
-        reporter.log(f"Using the shipped default model '{name}' for {image.modality or 'unknown-modality'} "
-                     "images; choose another with --model.")
+        folder = store.resolve(store.default_for(image.modality))
+        origin = "shipped" if folder.parent == store.shipped_dir else f"user copy in {folder.parent}"
+        reporter.log(f"Using model '{folder.name}' ({origin}), the default for {image.modality or 'unknown-modality'}"
+                     " images; choose another with --model.")
     model = load_model(folder)
     missing = [s for s in MODE_STAGES[args.mode] if s not in model.stages()]
     if missing:
@@ -308,8 +308,6 @@ def _prepare_training_dir(work_dir: Path, request: dict, reporter: Reporter) -> 
 def _train(args, reporter: Reporter, cancel: CancelToken) -> None:
     store = ModelStore(args.store)
     name = validate_name(args.name)
-    if store.is_shipped(name):
-        raise UsageError(f"'{name}' is the name of a shipped model; choose another name")
     settings = _read_config(args.config)
     stages = _parse_stages(args.stages)
     training = dict(settings.get("training", {}))
@@ -317,9 +315,12 @@ def _train(args, reporter: Reporter, cancel: CancelToken) -> None:
         training["stages"] = stages
     if args.max_steps is not None:
         training["max_steps"] = args.max_steps
-    train_config = TrainConfig.from_dict(training)
-    network = NetworkConfig.from_dict(settings["network"]) if "network" in settings else None
-    sampling = SamplingConfig.from_dict(settings["sampling"]) if "sampling" in settings else None
+    try:
+        train_config = TrainConfig.from_dict(training)
+        network = NetworkConfig.from_dict(settings["network"]) if "network" in settings else None
+        sampling = SamplingConfig.from_dict(settings["sampling"]) if "sampling" in settings else None
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"invalid training settings: {_sentence(error)}") from None
     images = [read_image(path) for path in args.inputs]
     init_from = load_model(store.resolve(args.from_model)) if args.from_model else None
     device, message = select_device(args.device)

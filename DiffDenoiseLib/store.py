@@ -34,9 +34,13 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 PathLike = Union[str, os.PathLike]
 
 
+def _is_name(text: str) -> bool:
+    return bool(_NAME.fullmatch(text)) and text not in (".", "..")
+
+
 def validate_name(name: str) -> str:
     """Return `name` if it is safe as a folder name (letters, digits, `-_.`); else raise ValueError."""
-    if not name or not _NAME.fullmatch(name) or name in (".", ".."):
+    if not _is_name(name):
         raise ValueError(f"invalid model name '{name}': use letters, digits, '-', '_' and '.' only "
                          "(no path separators, not '.' or '..')")
     return name
@@ -157,18 +161,19 @@ class ModelStore:
         return entries
 
     def names(self) -> List[str]:
-        return [folder.name for _, folder in self._folders()]
-
-    def is_shipped(self, name: str) -> bool:
-        return (self.shipped_dir / name / CARD_FILE).is_file()
+        return sorted({folder.name for _, folder in self._folders()})
 
     def resolve(self, name_or_path: PathLike) -> Path:
-        """The folder of a model given by store name or by path; ValueError listing the names if unknown."""
+        """The folder of a model given by store name or by path; ValueError listing the names if unknown.
+
+        A user model with the name of a shipped one takes its place: adapting a default to
+        one's own scans under the same name makes it the default from then on.
+        """
         text = str(name_or_path)
         is_path = os.sep in text or bool(os.altsep and os.altsep in text)
-        if not is_path:
-            for _, folder in self._folders():
-                if folder.name == text:
+        if not is_path and _is_name(text):
+            for folder in (self.user_dir / text, self.shipped_dir / text):
+                if (folder / CARD_FILE).is_file():
                     return folder
         path = Path(text).expanduser()
         if path.is_dir():

@@ -249,10 +249,17 @@ def test_usage_errors_exit_2_and_are_reported_as_events(capfd, args, words):
     (["--name", "ok", "--stages", "bsn,magic"], "unknown stage"),
     (["--name", "ok", "--stages", "student"], "needs a trained bsn stage"),
     (["--name", "ok", "--from", "nope"], "unknown model 'nope'"),
+    (["--name", "ok", "--config", "bad-types.json"], "invalid training settings"),
+    (["--name", "ok", "--config", "unknown-section.json"], "sections among"),
 ])
 def test_bad_training_requests_exit_2(capfd, data, trained, tmp_path, args, words):
-    code, out, err = run(capfd, "train", data / "volume.nrrd", *args, "--store", trained["store"], "--config",
-                         data / "tiny.json", "--max-steps", 2, "--json")
+    (tmp_path / "bad-types.json").write_text(json.dumps({"network": {"bsn_width": "wide"}}))
+    (tmp_path / "unknown-section.json").write_text(json.dumps({"optimiser": {}}))
+    if "--config" not in args:
+        args = args + ["--config", data / "tiny.json"]
+    args = [tmp_path / a if str(a).endswith(".json") and "/" not in str(a) else a for a in args]
+    code, out, err = run(capfd, "train", data / "volume.nrrd", *args, "--store", trained["store"],
+                         "--max-steps", 2, "--json")
     assert code == 2, err
     assert words in of_kind(parse(out), "error")[0]["message"]
     assert not (trained["store"] / "ok").exists()

@@ -184,6 +184,13 @@ def test_resolve_by_name_or_path_and_unknown_names_list_the_available(two_stores
         two_stores.resolve(str(saved.parent / "missing"))
 
 
+def test_a_user_model_named_like_a_shipped_one_takes_its_place(two_stores, saved):
+    shutil.copytree(saved, two_stores.user_dir / "ct-default")
+    assert two_stores.resolve(two_stores.default_for("CT")) == two_stores.user_dir / "ct-default"
+    sources = sorted(e["source"] for e in two_stores.list() if e["name"] == "ct-default")
+    assert sources == ["shipped", "user"]
+
+
 @pytest.mark.parametrize("modality, expected", [
     ("CT", "ct-default"), ("MR", "mr-default"), ("DX", "mr-default"), (None, "mr-default"), ("PT", "mr-default"),
 ])
