@@ -89,15 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     denoise = commands.add_parser("denoise", parents=[json_flag, store_flag, work_flags],
                                   help="denoise an image or volume")
-    denoise.add_argument("input", help="image file (NRRD, NIfTI, MHA, ...) or DICOM series folder")
-    denoise.add_argument("output", help="output image file; written only when complete")
+    denoise.add_argument("input", metavar="INPUT", help="image file (NRRD, NIfTI, MHA, ...) or DICOM series folder")
+    denoise.add_argument("output", metavar="OUTPUT", help="output image file; written only when complete")
     denoise.add_argument("--model", metavar="NAME|PATH", help="model name or folder (default: the shipped "
                                                               "default for the image's modality)")
     denoise.add_argument("--mode", choices=MODES, default="fast",
                          help="fast: student network (default); full: diffusion with symmetric sampling; "
                               "bsn, single: blind-spot network alone or one diffusion sample, for comparison")
-    denoise.add_argument("--steps", type=_positive, help="DDIM steps in full mode (default: the model's)")
-    denoise.add_argument("--pairs", type=_positive, help="symmetric pairs averaged in full mode (default: the model's)")
+    denoise.add_argument("--steps", type=_positive, metavar="N", help="DDIM steps in full mode (default: the model's)")
+    denoise.add_argument("--pairs", type=_positive, metavar="N",
+                         help="symmetric pairs averaged in full mode (default: the model's)")
     denoise.add_argument("--uncertainty", metavar="PATH", help="also write the uncertainty map (full mode)")
 
     train = commands.add_parser("train", parents=[json_flag, store_flag, work_flags],
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", required=True, help="name of the new model in the store")
     train.add_argument("--stages", help="comma-separated stages to train (default: bsn,diffusion,student)")
     train.add_argument("--from", dest="from_model", metavar="MODEL", help="start from this model's networks")
-    train.add_argument("--max-steps", type=_positive, help="cap every stage's optimisation steps")
+    train.add_argument("--max-steps", type=_positive, metavar="N", help="cap every stage's optimisation steps")
     train.add_argument("--config", metavar="JSON", help="settings file with any of the sections "
                                                         + ", ".join(CONFIG_SECTIONS))
 
