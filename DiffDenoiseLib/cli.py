@@ -36,6 +36,7 @@ from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image
+from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
 from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
 from DiffDenoiseLib.training import TrainConfig, train_model
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--pairs", type=_positive, metavar="N",
                          help="symmetric pairs averaged in full mode (default: the model's)")
     denoise.add_argument("--uncertainty", metavar="PATH", help="also write the uncertainty map (full mode)")
+    denoise.add_argument("--preview", metavar="PNG", help="also write a before | after | removed picture of the "
+                                                          "middle slice")
 
     train = commands.add_parser("train", parents=[json_flag, store_flag, work_flags],
                                 help="train or adapt a model on noisy images")
@@ -218,6 +221,11 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     uncertainty_path = Path(args.uncertainty) if args.uncertainty else None
     if uncertainty_path is not None:
         _check_output(uncertainty_path, [source, output])
+    preview_path = Path(args.preview) if args.preview else None
+    if preview_path is not None:
+        _check_output(preview_path, [source, output])
+        if preview_path.suffix.lower() != ".png":
+            raise UsageError(f"the preview {preview_path} must be a .png file")
     image = read_image(source)
     for path in [output] + ([uncertainty_path] if uncertainty_path else []):
         _check_writable(path, image.array.ndim)
@@ -249,6 +257,9 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
             write_image(result.uncertainty, uncertainty_path)
             written.append(uncertainty_path)
         write_image(result.image, output)
+        written.append(output)
+        if preview_path is not None:
+            before_after_png(image, result.image, preview_path, image.modality)
     except BaseException:
         for path in written:
             path.unlink()
@@ -256,6 +267,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     reporter.log(f"Denoised {source.name} with '{folder.name}' ({args.mode} mode, {device.type}) in "
                  f"{_duration(result.seconds)}: wrote {output}.")
     reporter.result({"output": str(output), "uncertainty": str(uncertainty_path) if uncertainty_path else None,
+                     "preview": str(preview_path) if preview_path else None,
                      "model": folder.name, "model_path": str(folder), "mode": args.mode, "device": str(device),
                      "seconds": round(result.seconds, 3), "shape": list(result.image.array.shape),
                      "details": result.details})

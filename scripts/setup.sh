@@ -2,7 +2,8 @@
 # Set up DiffDenoise on a fresh machine: the CPU build of torch first (a bare `torch`
 # requirement would pull several GB of CUDA packages), then the package itself.
 #   bash scripts/setup.sh          the command line and the shipped models
-#   bash scripts/setup.sh --test   also the test dependencies and the offline test images
+#   bash scripts/setup.sh --test   also the test dependencies, the offline test images and the
+#                                  Slicer libraries (slicer-core wheel, PySide6) the module's tests use
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +12,8 @@ with_tests=0
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   packages="mricron-data"
-  [ "$with_tests" = 1 ] && packages="$packages invesalius-examples"
+  # the panel and MRML tests run Qt and VTK offscreen
+  [ "$with_tests" = 1 ] && packages="$packages invesalius-examples libegl1 libgl1 libxkbcommon0 libfontconfig1 fonts-dejavu-core"
   missing=$(for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then
     apt-get update -qq
@@ -22,6 +24,8 @@ fi
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 if [ "$with_tests" = 1 ]; then
   python -m pip install -q --disable-pip-version-check -e ".[test]"
+  # the real MRML libraries and Qt for the Slicer module's tests (Slicer itself bundles both)
+  python -m pip install -q --disable-pip-version-check "slicer-core==5.13.31053.0" "PySide6-Essentials==6.12.0"
 else
   python -m pip install -q --disable-pip-version-check -e .
 fi

@@ -135,6 +135,23 @@ def test_full_mode_writes_the_uncertainty_map_and_people_get_a_progress_bar(capf
     assert uncertainty.spacing == read_image(data / "volume.nrrd").spacing
 
 
+def test_preview_shows_before_after_and_what_was_removed(capfd, data, trained, tmp_path):
+    output, picture = tmp_path / "out.nrrd", tmp_path / "before_after.png"
+    code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", output, "--model", "tiny", "--preview", picture,
+                         "--store", trained["store"], "--json")
+    assert code == 0, err
+    assert of_kind(parse(out), "result")[0]["preview"] == str(picture)
+    png = sitk.GetArrayFromImage(sitk.ReadImage(str(picture)))
+    height, width = read_image(data / "radiograph.nrrd").array.shape
+    scale = png.shape[0] // height
+    assert png.dtype == np.uint8 and png.shape == (height * scale, (3 * width + 8) * scale)
+    before, after = png[:, : width * scale].astype(float), png[:, (width + 4) * scale: (2 * width + 4) * scale]
+    assert before.std() > 20 and not np.array_equal(before, after)
+    code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / "b.nrrd", "--model", "tiny",
+                         "--preview", tmp_path / "p.jpg", "--store", trained["store"])
+    assert code == 2 and ".png" in err and not (tmp_path / "b.nrrd").exists()
+
+
 def test_json_mode_keeps_stray_prints_off_stdout(capfd, data, trained, tmp_path, monkeypatch):
     real = cli.denoise_image
 
