@@ -51,11 +51,16 @@ def invesalius_head_ct() -> Image:
 
 
 def pydicom_file(name: str) -> Image:
-    """A DICOM test file from pydicom (CT_small.dcm, MR_small.dcm) or pydicom-data (693_UNCR.dcm head CT,
-    MR2_UNCR.dcm shoulder MRI, RG1_UNCR.dcm chest X-ray, ...), found in the installed packages, never downloaded.
+    """A DICOM test file from pydicom or pydicom-data, read as an Image (see `pydicom_path`).
 
     RG1_UNCR.dcm records no pixel spacing (0\\0), so it reads with SimpleITK's default of 1 mm.
     """
+    return read_image(pydicom_path(name))
+
+
+def pydicom_path(name: str) -> Path:
+    """Where a DICOM test file from pydicom (CT_small.dcm, MR_small.dcm) or pydicom-data (693_UNCR.dcm head CT,
+    MR2_UNCR.dcm shoulder MRI, RG1_UNCR.dcm chest X-ray, ...) is installed; never downloaded."""
     folders = []
     for package, sub in (("pydicom", ("data", "test_files")), ("data_store", ("data",))):
         spec = importlib.util.find_spec(package)
@@ -63,7 +68,7 @@ def pydicom_file(name: str) -> Image:
             folders.append(Path(spec.origin).parent.joinpath(*sub))
     for folder in folders:
         if (folder / name).is_file():
-            return read_image(folder / name)
+            return folder / name
     wheel = "pydicom" if name in PYDICOM_FILES else "pydicom-data"
     raise FileNotFoundError(f"the DICOM test file {name} is not installed: pip install {wheel} "
                             f"(known files: {', '.join(PYDICOM_FILES + PYDICOM_DATA_FILES)})")
