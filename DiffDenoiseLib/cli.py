@@ -46,6 +46,9 @@ EXIT_INTERNAL = 1
 MODE_STAGES = {"fast": ("student",), "full": ("bsn", "diffusion"), "single": ("bsn", "diffusion"), "bsn": ("bsn",)}
 CONFIG_SECTIONS = ("network", "training", "sampling", "transform")
 REQUEST_FILE = "request.json"
+# numpy axis of each voxel axis (SimpleITK's arrays are indexed z, y, x)
+SLICE_AXES = {"auto": None, "z": 0, "y": 1, "x": 2}
+NOISE_TRANSFORMS = {"gaussian": "none", "poisson": "anscombe", "gamma": "log", "rician": "rician"}
 # Settings a resumed training may change; any other change makes the old checkpoints unusable.
 RESUMABLE_CHANGES = ("stages", "max_steps", "bsn_steps", "diffusion_steps", "student_steps", "checkpoint_seconds")
 # The library reports bad input and settings with these; the command answers them with exit 2.
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--pairs", type=_positive, metavar="N",
                          help="symmetric pairs averaged in full mode (default: the model's)")
     denoise.add_argument("--uncertainty", metavar="PATH", help="also write the uncertainty map (full mode)")
+    denoise.add_argument("--slice-axis", choices=tuple(SLICE_AXES), default="auto",
+                         help="voxel axis the slices are taken across: z (the third index, axial for most "
+                              "scans), y or x; auto takes the coarsest spacing")
     denoise.add_argument("--preview", metavar="PNG", help="also write a before | after | removed picture of the "
                                                           "middle slice")
 
@@ -111,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stages", help="comma-separated stages to train (default: bsn,diffusion,student)")
     train.add_argument("--from", dest="from_model", metavar="MODEL", help="start from this model's networks")
     train.add_argument("--max-steps", type=_positive, metavar="N", help="cap every stage's optimisation steps")
+    train.add_argument("--noise", choices=tuple(NOISE_TRANSFORMS),
+                       help="noise of the images, choosing the variance-stabilising transform: gaussian (none), "
+                            "poisson (Anscombe), gamma (log), rician (MR magnitude); default gaussian")
+    train.add_argument("--context-slices", type=int, metavar="K",
+                       help="neighbouring slices on each side given to the networks (2.5D); default 0")
+    train.add_argument("--blind-spot-radius", type=int, metavar="R",
+                       help="hide a (2R+1)^2 square instead of one pixel, for spatially correlated noise")
     train.add_argument("--config", metavar="JSON", help="settings file with any of the sections "
                                                         + ", ".join(CONFIG_SECTIONS))
 
@@ -248,8 +261,11 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     def on_progress(p: Progress) -> None:
         reporter.progress(p.stage, p.step, p.total, p.loss, p.eta_s, p.resumed)
 
+    slice_axis = SLICE_AXES[args.slice_axis]
+    if slice_axis is not None and image.array.ndim == 2 and slice_axis != 0:
+        raise UsageError(f"--slice-axis {args.slice_axis} needs a volume; {source.name} is a 2D image")
     result = denoise_image(image, model, mode=args.mode, steps=args.steps, pairs=args.pairs, device=device,
-                           progress=on_progress, cancel=cancel)
+                           slice_axis=slice_axis, progress=on_progress, cancel=cancel)
     cancel.raise_if_cancelled()
     written = []
     try:
@@ -322,6 +338,14 @@ def _train(args, reporter: Reporter, cancel: CancelToken) -> None:
     store = ModelStore(args.store)
     name = validate_name(args.name)
     settings = _read_config(args.config)
+    if args.noise is not None:
+        settings["transform"] = NOISE_TRANSFORMS[args.noise]
+    network_flags = {"context_slices": args.context_slices, "blind_spot_radius": args.blind_spot_radius}
+    for key, value in network_flags.items():
+        if value is not None:
+            if value < 0:
+                raise UsageError(f"--{key.replace('_', '-')} must be 0 or more, got {value}")
+            settings.setdefault("network", {})[key] = value
     stages = _parse_stages(args.stages)
     training = dict(settings.get("training", {}))
     if stages is not None:
@@ -353,7 +377,7 @@ def _train(args, reporter: Reporter, cancel: CancelToken) -> None:
         first[0] = False
 
     model = train_model(images, work_dir, name, network_config=network, train_config=train_config,
-                        transform=settings.get("transform", "none"), sampling=sampling, init_from=init_from,
+                        transform=settings.get("transform"), sampling=sampling, init_from=init_from,
                         device=device, progress=on_progress, on_checkpoint=reporter.checkpoint, cancel=cancel,
                         log=reporter.log)
     folder = save_model(model, store.model_dir(name))

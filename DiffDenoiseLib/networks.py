@@ -8,17 +8,21 @@ channel k. Every network accepts any height and width and returns the input's si
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from DiffDenoiseLib.settings import JsonSettings
+
 
 @dataclass
-class NetworkConfig:
+class NetworkConfig(JsonSettings):
     """Architecture hyper-parameters shared by the three networks (stored in the model card)."""
+
+    KIND = "network"
 
     context_slices: int = 0  # k: 2k+1 input slices
     blind_spot_radius: int = 0  # 0 hides one pixel; r hides a (2r+1)^2 square
@@ -38,18 +42,6 @@ class NetworkConfig:
     @property
     def in_slices(self) -> int:
         return 2 * self.context_slices + 1
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["unet_mults"] = list(self.unet_mults)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "NetworkConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown network settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -13,7 +13,7 @@ under-trained model (which predicts r = 0) leaves the BSN result unchanged.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -25,6 +25,7 @@ from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig
 from DiffDenoiseLib.noise import estimate_transform_params, get_transform
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
+from DiffDenoiseLib.settings import JsonSettings
 from DiffDenoiseLib.slicing import as_slice_stack, choose_slice_axis, context_stack, from_slice_stack, map_tiled
 
 STAGES = ("bsn", "diffusion", "student")
@@ -32,8 +33,10 @@ MODES = ("fast", "full", "bsn", "single")
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(JsonSettings):
     """How Full mode samples: the diffusion formulation and the SRDS settings."""
+
+    KIND = "sampling"
 
     prediction: str = "v"  # eps | v | x0
     schedule: str = "cosine"  # cosine | linear
@@ -41,17 +44,6 @@ class SamplingConfig:
     steps: int = 5  # DDIM steps
     pairs: int = 1  # symmetric pairs averaged
     t_start: Optional[int] = 120  # truncated start; None starts from t = T
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SamplingConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown sampling settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 @dataclass

@@ -19,9 +19,9 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from DiffDenoiseLib.pipeline import (
     sample_residual,
 )
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress, ProgressTimer
+from DiffDenoiseLib.settings import JsonSettings
 from DiffDenoiseLib.slicing import as_slice_stack, choose_slice_axis, context_stack
 
 __all__ = ["TrainConfig", "PatchSampler", "train_model", "Progress", "CancelToken", "Cancelled"]
@@ -50,8 +51,10 @@ CARD_FORMAT_VERSION = 1
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonSettings):
     """Optimisation settings; `max_steps` caps every stage (quick runs and tests)."""
+
+    KIND = "training"
 
     stages: Tuple[str, ...] = STAGES
     max_steps: Optional[int] = None
@@ -72,22 +75,6 @@ class TrainConfig:
     def steps_for(self, stage: str) -> int:
         steps = getattr(self, f"{stage}_steps")
         return min(steps, self.max_steps) if self.max_steps else steps
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["stages"] = list(self.stages)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
-        data = dict(data)
-        if "stages" in data:
-            data["stages"] = tuple(data["stages"])
-        return cls(**data)
 
 
 class PatchSampler:
@@ -245,7 +232,7 @@ def train_model(
     name: str,
     network_config: Optional[NetworkConfig] = None,
     train_config: Optional[TrainConfig] = None,
-    transform: str = "none",
+    transform: Optional[str] = None,
     sampling: Optional[SamplingConfig] = None,
     init_from: Optional[DenoisingModel] = None,
     device: Optional[torch.device] = None,
@@ -269,9 +256,14 @@ def train_model(
     torch.manual_seed(config.seed)
 
     if init_from is not None:
-        net_config, sampling, transform = init_from.config, init_from.sampling, init_from.card["transform"]["name"]
+        inherited = init_from.card["transform"]["name"]
+        if (network_config is not None and network_config != init_from.config) or transform not in (None, inherited):
+            raise ValueError(f"a model adapted from '{init_from.card.get('name')}' keeps its architecture and noise "
+                             "transform; leave out the network and noise settings, or train a new model")
+        net_config, sampling, transform = init_from.config, init_from.sampling, inherited
     else:
         net_config, sampling = network_config or NetworkConfig(), sampling or SamplingConfig()
+        transform = transform or "none"
     card = {
         "format": CARD_FORMAT, "format_version": CARD_FORMAT_VERSION, "name": name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

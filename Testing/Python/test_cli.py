@@ -152,6 +152,29 @@ def test_preview_shows_before_after_and_what_was_removed(capfd, data, trained, t
     assert code == 2 and ".png" in err and not (tmp_path / "b.nrrd").exists()
 
 
+def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tmp_path):
+    store = tmp_path / "store"
+    code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "ctx", "--store", store, "--config",
+                         data / "tiny.json", "--max-steps", 2, "--context-slices", 1, "--noise", "poisson",
+                         "--blind-spot-radius", 1, "--json")
+    assert code == 0, err
+    card = json.loads((store / "ctx" / "card.json").read_text())
+    assert card["architecture"]["context_slices"] == 1 and card["architecture"]["blind_spot_radius"] == 1
+    assert card["transform"]["name"] == "anscombe"
+    code, out, err = run(capfd, "denoise", data / "volume.nrrd", tmp_path / "o.nrrd", "--model", "ctx",
+                         "--store", store, "--slice-axis", "x", "--json")
+    assert code == 0, err
+    assert of_kind(parse(out), "result")[0]["details"]["slice_axis"] == 2
+    # a 2.5D model needs neighbouring slices: a 2D radiograph is refused with the reason
+    code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / "r.nrrd", "--model", "ctx",
+                         "--store", store, "--json")
+    assert code == 2 and "2.5D" in of_kind(parse(out), "error")[0]["message"]
+    code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / "r.nrrd", "--model", "ctx",
+                         "--store", store, "--slice-axis", "y", "--json")
+    assert code == 2 and "needs a volume" in of_kind(parse(out), "error")[0]["message"]
+    assert not (tmp_path / "r.nrrd").exists()
+
+
 def test_json_mode_keeps_stray_prints_off_stdout(capfd, data, trained, tmp_path, monkeypatch):
     real = cli.denoise_image
 
@@ -207,7 +230,7 @@ BAD_INPUTS = {
     "NaN voxels": (image_with(np.nan), [], "out.nrrd", "NaN or infinite"),
     "Inf voxels": (image_with(np.inf), [], "out.nrrd", "NaN or infinite"),
     "colour image": (colour_image, [], "out.nrrd", "colour or vector"),
-    "unknown model": ("volume", ["--model", "nope"], "out.nrrd", "unknown model 'nope'; available models: tiny"),
+    "unknown model": ("volume", ["--model", "nope"], "out.nrrd", "unknown model 'nope'; available models: "),
     "missing output folder": ("volume", [], "no/such/folder/out.nrrd", "output folder"),
     "unknown mode": ("volume", ["--mode", "turbo"], "out.nrrd", "invalid choice: 'turbo'"),
     "uncertainty in fast mode": ("volume", ["--uncertainty", "u.nrrd"], "out.nrrd", "--uncertainty needs --mode full"),
@@ -268,6 +291,9 @@ def test_usage_errors_exit_2_and_are_reported_as_events(capfd, args, words):
     (["--name", "ok", "--from", "nope"], "unknown model 'nope'"),
     (["--name", "ok", "--config", "bad-types.json"], "invalid training settings"),
     (["--name", "ok", "--config", "unknown-section.json"], "sections among"),
+    (["--name", "ok", "--from", "tiny", "--context-slices", "1"], "keeps its architecture"),
+    (["--name", "ok", "--from", "tiny", "--noise", "poisson"], "keeps its architecture"),
+    (["--name", "ok", "--context-slices", "-1"], "must be 0 or more"),
 ])
 def test_bad_training_requests_exit_2(capfd, data, trained, tmp_path, args, words):
     (tmp_path / "bad-types.json").write_text(json.dumps({"network": {"bsn_width": "wide"}}))

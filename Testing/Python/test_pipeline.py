@@ -17,7 +17,7 @@ SMALL = NetworkConfig(bsn_width=16, bsn_depth=3, unet_base=16, unet_mults=(1, 2)
 @pytest.fixture(scope="module")
 def ct_slice():
     """pydicom's bundled 128x128 CT slice (HU) with synthetic Gaussian noise of 60 HU."""
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
 
     clean = read_image(get_testdata_file("CT_small.dcm"))
