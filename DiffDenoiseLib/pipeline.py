@@ -29,6 +29,8 @@ from DiffDenoiseLib.settings import JsonSettings
 from DiffDenoiseLib.slicing import as_slice_stack, choose_slice_axis, context_stack, from_slice_stack, map_tiled
 
 STAGES = ("bsn", "diffusion", "student")
+# Working copies of a volume take about 40 bytes a voxel: above this, ask for a crop instead of running out of memory.
+MAX_VOXELS = 400_000_000
 MODES = ("fast", "full", "bsn", "single")
 
 
@@ -110,6 +112,10 @@ class DenoiseResult:
 
 def prepare_array(array: np.ndarray, transform_spec: dict):
     """Normalise and stabilise an image for the networks; returns (z, normalization, transform)."""
+    if np.size(array) > MAX_VOXELS:
+        raise ValueError(f"the image has {np.size(array):,} voxels, more than the {MAX_VOXELS:,} DiffDenoise "
+                         f"processes at once (about {np.size(array) * 40 / 2 ** 30:.0f} GiB of working memory); "
+                         "crop or split it first")
     data = np.asarray(array, dtype=np.float64)
     if not np.all(np.isfinite(data)):
         raise ValueError(f"the image has {int(np.size(data) - np.isfinite(data).sum())} NaN or infinite voxels")

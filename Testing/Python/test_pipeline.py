@@ -117,6 +117,10 @@ def test_bad_images_are_refused_with_a_reason(trained):
                             modality=None), trained)
     with pytest.raises(ValueError, match="unknown mode"):
         denoise_image(flat, trained, mode="fastest")
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(800, 1000, 1000), strides=(0, 0, 0))
+    with pytest.raises(ValueError, match="800,000,000 voxels"):
+        denoise_image(Image(array=huge, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                            direction=tuple(np.eye(3).ravel()), modality=None), trained)
 
 
 def test_a_model_without_the_student_says_so(trained):
