@@ -1,0 +1,142 @@
+"""The benchmark harness (benchmarks/): noise suite, peers, our modes' unit round trip, report, cost. Seconds."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from DiffDenoiseLib.metrics import psnr
+from DiffDenoiseLib.networks import NetworkConfig
+from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig
+
+from benchmarks import ours, report
+from benchmarks.measure import measured
+from benchmarks.oracle import apply_oracle, train_oracle
+from benchmarks.peers import PEERS, Condition, available_peers
+from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, noises_for
+
+
+def toy_image(size=96):
+    """A smooth disc with a bright square: edges and flat regions, values in [0.1, 0.9]."""
+    y, x = np.mgrid[:size, :size] / size
+    image = 0.1 + 0.5 * (((y - 0.5) ** 2 + (x - 0.5) ** 2) < 0.12)
+    image[size // 3:size // 2, size // 3:size // 2] = 0.9
+    return image
+
+
+@pytest.mark.parametrize("noise", NOISES, ids=lambda n: n.label)
+def test_noise_suite_has_the_documented_levels(noise):
+    rng = np.random.default_rng(0)
+    flat = np.full((256, 256), 0.5)
+    noisy = noise.apply(flat, rng)
+    expected = {"gaussian": noise.level, "poisson": np.sqrt(0.5 / noise.level), "gamma": 0.5 / np.sqrt(noise.level),
+                "correlated": 0.1, "rician": noise.level}[noise.kind]
+    assert np.std(noisy) == pytest.approx(expected, rel=0.08)
+    if noise.kind == "correlated":  # neighbours correlate, more for the wider kernel
+        r = np.corrcoef(noisy[:, :-1].ravel(), noisy[:, 1:].ravel())[0, 1]
+        assert r > (0.2 if noise.level < 1 else 0.6)
+
+
+def test_quick_subset_and_rician_only_on_mr():
+    labels = {n.label for n in NOISES}
+    assert set(QUICK_NOISES) <= labels
+    assert "rician 0.05" in {n.label for n in noises_for("MR", quick=True)}
+    assert "rician 0.05" not in {n.label for n in noises_for("CT", quick=False)}
+    assert len(noises_for("CT", quick=False)) == 8
+
+
+def test_correlated_psd_carries_the_noise_variance():
+    psd = correlated_psd((64, 48), 1.2)
+    assert np.mean(psd) / (64 * 48) == pytest.approx(0.1 ** 2, rel=1e-6)
+    assert correlated_psd((4, 64, 48), 1.2).shape == (4, 64, 48)
+
+
+def test_crop_box_is_centred_on_the_foreground_and_inside_the_image():
+    mask = np.zeros((100, 80), bool)
+    mask[70:90, 60:75] = True
+    ys, xs = crop_box(mask, 32)
+    assert (ys.stop - ys.start, xs.stop - xs.start) == (32, 32)
+    assert ys.stop <= 100 and xs.stop == 80 and ys.start <= 70
+
+
+@pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.name)
+def test_every_available_peer_improves_a_noisy_toy_image(peer):
+    if peer.name not in {p.name for p in available_peers()[0]}:
+        pytest.skip(f"optional package {peer.package} is not installed")
+    rng = np.random.default_rng(1)
+    clean = toy_image()
+    noise = NOISES[1]  # gaussian 25/255
+    noisy = noise.apply(clean, rng)
+    slab = np.stack([noise.apply(clean, rng) for _ in range(8)])  # BM4D's blocks need 8 slices
+    slab[4] = noisy
+    pairs = [(clean[:48, :48], noise.apply(clean[:48, :48], rng))]
+    out = peer.run(noisy, Condition(noise, float(np.std(noisy - clean)), slab, pairs))
+    assert psnr(clean, out, data_range=1.0) > psnr(clean, noisy, data_range=1.0) + 3.0
+
+
+def test_missing_optional_peer_is_reported_with_the_reason():
+    ready, missing = available_peers([type(PEERS[0])("imaginary", PEERS[0].run, "no_such_package_xyz")])
+    assert not ready and "no_such_package_xyz" in missing["imaginary"]
+
+
+def tiny_case(clean):
+    return Case("toy", "CT", "HU", offset=-1000.0, scale=2000.0, clean=clean[None], slabs=None)
+
+
+def test_our_modes_go_through_the_scanner_units_and_back():
+    """An untrained student returns its input: Fast must then hand back the noisy slice on the [0, 1] scale."""
+    config = NetworkConfig(bsn_width=8, bsn_depth=1, unet_base=8, unet_mults=(1,), student_width=8)
+    model = DenoisingModel.build(config, SamplingConfig(steps=2, t_start=50), {"name": "toy", "transform": {"name": "none"}})
+    clean = toy_image(48)
+    noisy = NOISES[1].apply(clean, np.random.default_rng(2))
+    out, spread = ours.run_mode("fast", model.eval(), tiny_case(clean), noisy, None)
+    assert spread is None
+    np.testing.assert_allclose(out, noisy, atol=1e-4)
+    full, spread = ours.run_mode("full", model, tiny_case(clean), noisy, None)
+    assert full.shape == noisy.shape and spread is not None and np.all(spread >= 0)
+
+
+def test_oracle_trains_on_the_training_regions_and_denoises_their_size():
+    clean = toy_image(48)
+    net = train_oracle([clean], NOISES[1], steps=3, batch=2, patch=32)
+    out = apply_oracle(net, clean)
+    assert out.shape == clean.shape and np.all(np.isfinite(out))
+
+
+def rows_for(image, noise, values, unit="HU"):
+    return [{"image": image, "noise": noise, "method": m, "unit": unit, "psnr": p, "ssim": 0.9, "psnr_fg": p,
+             "ssim_fg": 0.9, "edge_correlation": e, "flat_bias": b, "seconds": 1.0, "peak_mib": 10.0, "slice": 0,
+             "modality": "CT", "model": None} for m, (p, e, b) in values.items()]
+
+
+def test_report_tables_and_goals_follow_the_numbers():
+    rows = rows_for("ct", "gaussian 6/255", {"noisy": (30, 0.0, 0.0), "bm3d": (35, 0.05, 0.2), "single": (34, 0.1, 2),
+                                             "full": (36, 0.02, 0.5), "fast": (35.8, 0.03, 0.4),
+                                             "oracle": (36.1, 0.01, 0.1)})
+    rows += rows_for("ct", "poisson 200", {"noisy": (25, 0.0, 0.0), "bm3d": (31, 0.05, 0.2), "single": (29, 0.1, 2),
+                                           "full": (30, 0.2, 3.0), "fast": (29, 0.2, 3.0), "oracle": (32, 0.0, 0.1)})
+    table = report.aggregate(rows)
+    assert table[("ct", "gaussian 6/255")]["full"]["psnr"] == 36
+    lines = report.quality_table(table, report.methods_of(table), "psnr", "ssim")
+    assert len(lines) == 4 and "**36.00 / 0.900**" in lines[2]
+    goals = "\n".join(report.goals(table))
+    assert "best peer + 0.5 dB PSNR**: missed: holds on 1 of 2" in goals
+    assert "within 0.3 dB of Full**: missed: holds on 1 of 2" in goals
+    assert "one sample + 1.5 dB**: missed: holds on 1 of 2" in goals
+    assert "below 1 HU**: missed: holds on 1 of 2" in goals
+    assert "worst -1.50 at ct / poisson 200 (vs bm3d)" in goals
+
+
+def test_measured_reports_time_and_the_memory_a_call_holds():
+    result, seconds, mib = measured(lambda: np.ones(8_000_000))
+    assert result.size == 8_000_000 and seconds >= 0
+    if mib is not None:
+        assert mib > 40
+
+
+def test_n2v_note_names_the_reason_when_careamics_cannot_import():
+    from benchmarks.run_benchmark import N2V_NOTE
+
+    if importlib.util.find_spec("careamics") is None:
+        assert "torchvision" in N2V_NOTE
+    assert "download.pytorch.org" in N2V_NOTE

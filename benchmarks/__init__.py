@@ -1,0 +1,1 @@
+"""The DiffDenoise benchmark against its peers (not part of the product package)."""

@@ -1,0 +1,64 @@
+"""DiffDenoise's modes as the benchmark runs them: the shipped default model for the image's modality.
+
+The noisy slice goes through `denoise_image` in the scanner's units (HU for CT), exactly
+as a user's image would, and comes back to the benchmark's [0, 1] scale for scoring.
+"two-samples" averages two independent DDIM samples (seeds 0 and 1): the baseline that
+SRDS's symmetric pair must beat.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from DiffDenoiseLib.imageio import Image
+from DiffDenoiseLib.pipeline import DenoisingModel, denoise_image
+from DiffDenoiseLib.store import ModelStore, load_model
+
+from benchmarks.suite import Case
+
+MODES = ("bsn", "single", "two-samples", "full", "fast")
+
+
+def default_model(modality: str, cache: Dict[str, Tuple[str, DenoisingModel]]) -> Tuple[str, DenoisingModel]:
+    """(name, model) of the shipped default for `modality`, loaded once."""
+    store = ModelStore()
+    name = store.default_for(modality)
+    if name not in cache:
+        cache[name] = (name, load_model(store.resolve(name)))
+    return cache[name]
+
+
+def model_input(case: Case, noisy: np.ndarray, noisy_slab: Optional[np.ndarray], context: int) -> Tuple[Image, int]:
+    """The image handed to the pipeline, and which slice of its output is the test slice.
+
+    A 2.5D model gets the 2k + 1 noisy slices around the test slice; a 2D model the slice alone.
+    """
+    spacing = (1.0, 1.0)
+    if context > 0 and noisy_slab is not None:
+        centre = noisy_slab.shape[0] // 2
+        stack = noisy_slab[centre - context:centre + context + 1]
+        return Image(array=case.to_units(stack).astype(np.float32), spacing=spacing + (1.0,),
+                     modality=case.modality), context
+    return Image(array=case.to_units(noisy).astype(np.float32), spacing=spacing, modality=case.modality), -1
+
+
+def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
+             noisy_slab: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(denoised, uncertainty or None) of the test slice on the [0, 1] scale."""
+    image, index = model_input(case, noisy, noisy_slab, model.config.context_slices)
+    axis = 0 if index >= 0 else None
+
+    def pick(array: np.ndarray) -> np.ndarray:
+        a = np.asarray(array, np.float64)
+        return a[index] if index >= 0 else a
+
+    if mode == "two-samples":
+        runs = [denoise_image(image, model, mode="single", seed=s, slice_axis=axis) for s in (0, 1)]
+        out = np.mean([pick(r.image.array) for r in runs], axis=0)
+        return (out - case.offset) / case.scale, None
+    result = denoise_image(image, model, mode=mode, slice_axis=axis)
+    out = (pick(result.image.array) - case.offset) / case.scale
+    spread = None if result.uncertainty is None else pick(result.uncertainty.array) / case.scale
+    return out, spread

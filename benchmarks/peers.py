@@ -1,0 +1,115 @@
+"""The peers DiffDenoise is measured against, each given what makes it strongest.
+
+BM3D and BM4D get the true noise level (and, for correlated noise, its true power
+spectrum); non-local means, total variation and SimpleITK's curvature anisotropic
+diffusion get the true sigma and have their one or two free parameters tuned on the
+image's training regions with the same noise (never on the test crop). Optional peers
+whose package is missing are reported with the reason instead of a number.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from DiffDenoiseLib.metrics import psnr
+
+from benchmarks.suite import Noise, correlated_psd
+
+
+@dataclass
+class Condition:
+    """What a peer may know about one noisy test slice."""
+
+    noise: Noise
+    sigma: float  # true noise std, measured as std(noisy - clean) over the slice
+    slab: Optional[np.ndarray] = None  # noisy slab, test slice at its centre
+    train_pairs: List[Tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (clean, noisy) regions
+
+
+def psd_or_sigma(noise: Noise, sigma: float, shape) -> object:
+    """bm3d/bm4d's `sigma_psd`: the true spectrum for correlated noise, else the std."""
+    return correlated_psd(shape, noise.level) if noise.kind == "correlated" else sigma
+
+
+def run_bm3d(noisy: np.ndarray, cond: Condition) -> np.ndarray:
+    import bm3d
+
+    return np.asarray(bm3d.bm3d(noisy, sigma_psd=psd_or_sigma(cond.noise, cond.sigma, noisy.shape)), np.float64)
+
+
+def run_bm4d(noisy: np.ndarray, cond: Condition) -> Optional[np.ndarray]:
+    import bm4d
+
+    if cond.slab is None:
+        return None
+    out = bm4d.bm4d(cond.slab, sigma_psd=psd_or_sigma(cond.noise, cond.sigma, cond.slab.shape))
+    return np.asarray(out, np.float64)[cond.slab.shape[0] // 2]
+
+
+def tuned(denoise: Callable[[np.ndarray, float, dict], np.ndarray], grid: Dict[str, Sequence]):
+    """A peer whose parameters are chosen by mean PSNR on the training pairs, then applied to the test slice."""
+
+    def run(noisy: np.ndarray, cond: Condition) -> np.ndarray:
+        settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        if len(settings) > 1 and cond.train_pairs:
+            scores = [np.mean([psnr(c, denoise(n, cond.sigma, s), data_range=1.0) for c, n in cond.train_pairs])
+                      for s in settings]
+            best = settings[int(np.argmax(scores))]
+        else:
+            best = settings[0]
+        return denoise(noisy, cond.sigma, best)
+
+    return run
+
+
+def nl_means(noisy: np.ndarray, sigma: float, p: dict) -> np.ndarray:
+    from skimage.restoration import denoise_nl_means
+
+    return denoise_nl_means(noisy, h=p["h"] * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True)
+
+
+def total_variation(noisy: np.ndarray, sigma: float, p: dict) -> np.ndarray:
+    from skimage.restoration import denoise_tv_chambolle
+
+    return denoise_tv_chambolle(noisy, weight=p["weight"] * sigma)
+
+
+def curvature_diffusion(noisy: np.ndarray, sigma: float, p: dict) -> np.ndarray:
+    """Slicer's Filtering > Denoising > Curvature Anisotropic Diffusion (time step stable in 2D)."""
+    image = sitk.GetImageFromArray(np.asarray(noisy, np.float64))
+    out = sitk.CurvatureAnisotropicDiffusion(image, timeStep=0.0625, conductanceParameter=p["conductance"],
+                                            numberOfIterations=p["iterations"])
+    return sitk.GetArrayFromImage(out)
+
+
+@dataclass
+class Peer:
+    name: str
+    run: Callable[[np.ndarray, Condition], Optional[np.ndarray]]
+    package: Optional[str] = None  # import name of an optional package
+
+
+PEERS = (
+    Peer("bm3d", run_bm3d, "bm3d"),
+    Peer("bm4d", run_bm4d, "bm4d"),
+    Peer("nl-means", tuned(nl_means, {"h": (0.6, 0.8, 1.0, 1.3)}), "skimage"),
+    Peer("tv", tuned(total_variation, {"weight": (0.5, 1.0, 2.0, 4.0)}), "skimage"),
+    Peer("sitk-curvature", tuned(curvature_diffusion, {"iterations": (5, 10, 20), "conductance": (0.5, 1.0, 2.0)})),
+)
+
+
+def available_peers(peers: Sequence[Peer] = PEERS) -> Tuple[List[Peer], Dict[str, str]]:
+    """The peers that can run here, and why the others cannot."""
+    ready, missing = [], {}
+    for peer in peers:
+        if peer.package and importlib.util.find_spec(peer.package) is None:
+            missing[peer.name] = f"the optional package '{peer.package}' is not installed (pip install -e .[benchmark])"
+        else:
+            ready.append(peer)
+    return ready, missing

@@ -1,0 +1,214 @@
+"""The benchmark's report: markdown tables, the goals checked against the numbers, and crop figures."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from DiffDenoiseLib.metrics import psnr
+
+OURS = ("bsn", "single", "two-samples", "full", "fast")
+METRICS = ("psnr", "ssim", "psnr_fg", "ssim_fg", "edge_correlation", "flat_bias", "seconds", "peak_mib")
+
+
+def aggregate(rows: Sequence[dict]) -> "OrderedDict[Tuple[str, str], Dict[str, dict]]":
+    """Mean of every metric over the test slices: {(image, noise): {method: {metric: value}}}."""
+    groups: "OrderedDict[Tuple[str, str], Dict[str, List[dict]]]" = OrderedDict()
+    for row in rows:
+        groups.setdefault((row["image"], row["noise"]), {}).setdefault(row["method"], []).append(row)
+    table: "OrderedDict[Tuple[str, str], Dict[str, dict]]" = OrderedDict()
+    for key, methods in groups.items():
+        table[key] = {}
+        for method, items in methods.items():
+            means = {}
+            for metric in METRICS:
+                values = [r[metric] for r in items if r.get(metric) is not None]
+                means[metric] = float(np.mean(values)) if values else None
+            means["unit"] = items[0]["unit"]
+            table[key][method] = means
+        table[key] = dict(table[key])
+    return table
+
+
+def methods_of(table) -> List[str]:
+    seen: List[str] = []
+    for methods in table.values():
+        seen += [m for m in methods if m not in seen]
+    return seen
+
+
+def peers_of(methods: Sequence[str]) -> List[str]:
+    return [m for m in methods if m not in OURS + ("noisy", "oracle")]
+
+
+def best_peer(methods: Dict[str, dict], peers: Sequence[str], metric: str = "psnr") -> Optional[str]:
+    present = [p for p in peers if p in methods and methods[p][metric] is not None]
+    return max(present, key=lambda p: methods[p][metric]) if present else None
+
+
+def quality_table(table, methods: Sequence[str], psnr_key: str, ssim_key: str) -> List[str]:
+    """Rows image x noise, a PSNR / SSIM cell per method; the best non-oracle PSNR of a row in bold."""
+    lines = ["| image | noise | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for (image, noise), row in table.items():
+        contenders = [m for m in methods if m in row and m not in ("noisy", "oracle")]
+        top = max(contenders, key=lambda m: row[m][psnr_key]) if contenders else None
+        cells = []
+        for m in methods:
+            if m not in row:
+                cells.append("n/a")
+                continue
+            cell = f"{row[m][psnr_key]:.2f} / {row[m][ssim_key]:.3f}"
+            cells.append(f"**{cell}**" if m == top else cell)
+        lines.append(f"| {image} | {noise} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cost_table(table, methods: Sequence[str]) -> List[str]:
+    lines = ["| method | seconds / slice | peak extra memory (MiB) | method-noise edge correlation | "
+             "CT flat-region bias, mean abs (HU) |", "|---|---|---|---|---|"]
+    for m in methods:
+        rows = [r[m] for r in table.values() if m in r]
+        mean = lambda key: np.mean([r[key] for r in rows if r[key] is not None]) if rows else float("nan")  # noqa
+        ct = [abs(r["flat_bias"]) for r in rows if r["unit"] == "HU" and r["flat_bias"] is not None]
+        lines.append(f"| {m} | {mean('seconds'):.2f} | {mean('peak_mib'):.0f} | {mean('edge_correlation'):.3f} | "
+                     + (f"{np.mean(ct):.2f}" if ct else "n/a") + " |")
+    return lines
+
+
+def check(name: str, margins: List[Tuple[str, float]], threshold: float, what: str) -> List[str]:
+    """One goal: met where every margin >= threshold; lists the conditions that miss it."""
+    if not margins:
+        return [f"- **{name}**: not measured ({what})."]
+    misses = [(k, v) for k, v in margins if v < threshold]
+    worst = min(margins, key=lambda kv: kv[1])
+    status = "met" if not misses else "missed"
+    return [f"- **{name}**: {status}: holds on {len(margins) - len(misses)} of {len(margins)} conditions ({what}); "
+            f"worst {worst[1]:+.2f} at {worst[0]}."]
+
+
+def goals(table) -> List[str]:
+    peers = peers_of(methods_of(table))
+    g1, g2a, g2b, g3, g4a, g4b = [], [], [], [], [], []
+    for (image, noise), row in table.items():
+        key = f"{image} / {noise}"
+        if "full" not in row:
+            continue
+        full = row["full"]["psnr"]
+        peer = best_peer(row, peers)
+        if peer:
+            g1.append((f"{key} (vs {peer})", full - row[peer]["psnr"]))
+        if "fast" in row:
+            g2a.append((key, row["fast"]["psnr"] - full))
+            if "oracle" in row:
+                g2b.append((key, row["fast"]["psnr"] - row["oracle"]["psnr"]))
+        if "single" in row:
+            g3.append((key, full - row["single"]["psnr"]))
+        if "bm3d" in row:
+            g4a.append((key, abs(row["bm3d"]["edge_correlation"]) - abs(row["full"]["edge_correlation"])))
+        if row["full"]["unit"] == "HU" and row["full"]["flat_bias"] is not None:
+            g4b.append((key, 1.0 - abs(row["full"]["flat_bias"])))
+    lines = ["## Goals", "",
+             "Each goal is checked on every image x noise condition; a margin >= 0 meets it."]
+    lines += check("Full (SRDS) >= best peer + 0.5 dB PSNR", [(k, v - 0.5) for k, v in g1], 0.0,
+                   "margin = Full - best peer - 0.5 dB")
+    lines += check("Fast (student) within 0.3 dB of Full", [(k, v + 0.3) for k, v in g2a], 0.0,
+                   "margin = Fast - Full + 0.3 dB")
+    lines += check("Fast (student) within 0.5 dB of the supervised oracle", [(k, v + 0.5) for k, v in g2b], 0.0,
+                   "margin = Fast - oracle + 0.5 dB")
+    lines += check("SRDS >= one sample + 1.5 dB", [(k, v - 1.5) for k, v in g3], 0.0,
+                   "margin = Full - single - 1.5 dB")
+    lines += check("Method noise no more structured than BM3D's", g4a, 0.0,
+                   "margin = |BM3D's edge correlation| - |Full's|")
+    lines += check("Flat-region CT bias below 1 HU", g4b, 0.0, "margin = 1 HU - |Full's bias|")
+    return lines
+
+
+def model_summary(model) -> dict:
+    card = model.card
+    training = card.get("training", {})
+    return {"name": card.get("name"), "created": card.get("created"), "stages": card.get("stages"),
+            "transform": card.get("transform"), "architecture": card.get("architecture"),
+            "sampling": card.get("sampling"), "steps": {s: v.get("steps") for s, v in training.get("stages", {}).items()},
+            "training_noise": card.get("training_data", {}).get("noise")}
+
+
+def markdown(results: dict) -> str:
+    table = aggregate(results["rows"])
+    methods = methods_of(table)
+    m = results["machine"]
+    lines = [f"# DiffDenoise benchmark ({results['mode']} mode)", "",
+             f"{results['date']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads"
+             f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}), Python {m['python']}, torch {m['torch']}; "
+             f"{results['wall_seconds'] / 60:.1f} minutes in all. Written by `python benchmarks/run_benchmark.py "
+             f"--{results['mode']}`.", "",
+             "Intensities are mapped to [0, 1] per image (0.5 / 99.5 percentiles, clipped); noise is added on that "
+             "scale and PSNR uses a peak of 1. Cells: PSNR (dB) / SSIM, mean over the test slices; bold: the best "
+             "method of a row other than the oracle. `oracle`: the student network trained supervised on clean "
+             f"images ({results['settings']['oracle_steps']} steps).", "", "## Models", ""]
+    for name, s in results["models"].items():
+        lines.append(f"- `{name}`: stages {', '.join(s['stages'] or [])}, transform {s['transform']['name']}, "
+                     f"training steps {s['steps']}, trained on {s['training_noise']}, sampling {s['sampling']}.")
+    lines += ["", "## Whole image", ""] + quality_table(table, methods, "psnr", "ssim")
+    lines += ["", "## Inside the foreground mask", ""] + quality_table(table, methods, "psnr_fg", "ssim_fg")
+    lines += ["", "## Cost and fidelity (mean over all conditions)", "",
+              "Peak extra memory: resident set size above the level before the call (includes torch's tensors). "
+              "Edge correlation: of |noisy - output| with the clean image's gradient magnitude (0: only noise "
+              "removed)."] + [""] + cost_table(table, methods)
+    lines += [""] + goals(table)
+    lines += ["", "## Not run", ""]
+    lines += [f"- {k}: {v}" for k, v in results["not_run"].items()] or ["- nothing"]
+    lines += [f"- image {v}" for v in results["missing_images"]]
+    lines += ["", "## Images", ""]
+    lines += [f"- `{i['name']}` ({i['modality']}, {i['unit']}): {i['source']}; test crops {i['test_shape']}"
+              + (f", BM4D slab depth {i['slab_depth']}" if i['slab_depth'] else "") for i in results["images"]]
+    return "\n".join(lines) + "\n"
+
+
+def figure_panels(image: str, noise: str, clean: np.ndarray, noisy: np.ndarray,
+                  outputs: Dict[str, tuple], peers: Sequence[str]) -> dict:
+    """The crops one figure shows: clean / noisy / best peer / SRDS / student / method noise / uncertainty."""
+    ranked = [p for p in peers if p in outputs]
+    top = max(ranked, key=lambda p: psnr(clean, outputs[p][0], data_range=1.0)) if ranked else None
+    panels = [("clean", clean), ("noisy", noisy)]
+    if top:
+        panels.append((f"best peer: {top}", outputs[top][0]))
+    for method, title in (("full", "SRDS (full)"), ("fast", "student (fast)")):
+        if method in outputs:
+            panels.append((title, outputs[method][0]))
+    if "full" in outputs:
+        panels.append(("method noise (noisy - SRDS)", noisy - outputs["full"][0]))
+        if outputs["full"][1] is not None:
+            panels.append(("uncertainty (SRDS)", outputs["full"][1]))
+    scored = {title: psnr(clean, a, data_range=1.0) for title, a in panels[1:5]}
+    return {"image": image, "noise": noise, "panels": panels, "psnr": scored}
+
+
+def write_figures(figures: Sequence[dict], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for fig_spec in figures:
+        panels = fig_spec["panels"]
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.8))
+        for ax, (title, array) in zip(np.atleast_1d(axes), panels):
+            if title.startswith("method noise"):
+                limit = float(np.percentile(np.abs(array), 99)) or 1.0
+                ax.imshow(array, cmap="gray", vmin=-limit, vmax=limit)
+            elif title.startswith("uncertainty"):
+                ax.imshow(array, cmap="magma", vmin=0.0)
+            else:
+                ax.imshow(np.clip(array, 0, 1), cmap="gray", vmin=0.0, vmax=1.0)
+            score = fig_spec["psnr"].get(title)
+            ax.set_title(title + (f"\n{score:.2f} dB" if score is not None else "\n"), fontsize=8)
+            ax.axis("off")
+        fig.suptitle(f"{fig_spec['image']}, {fig_spec['noise']}", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 0.92))
+        stem = f"{fig_spec['image']}_{fig_spec['noise']}".replace("/", "-").replace(" ", "_")
+        fig.savefig(folder / f"{stem}.png", dpi=72)
+        plt.close(fig)

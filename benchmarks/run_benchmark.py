@@ -1,0 +1,189 @@
+"""Benchmark DiffDenoise against its peers on real images with synthetic noise; one command writes it all.
+
+    python benchmarks/run_benchmark.py [--quick | --full] [--out benchmarks/results]
+                                       [--images NAME ...] [--noises LABEL ...] [--no-figures]
+
+Writes results.json (every slice, method and metric), results.md (tables and the goals of
+the benchmark, each checked against the numbers) and PNG figures to --out. See
+benchmarks/README.md for the data, the noise suite, the methods and the two modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+from DiffDenoiseLib import datasets  # noqa: E402
+from DiffDenoiseLib.metrics import flat_region_bias, gradient_magnitude, method_noise_stats, psnr, ssim  # noqa: E402
+
+from benchmarks import ours, report  # noqa: E402
+from benchmarks.measure import measured  # noqa: E402
+from benchmarks.oracle import apply_oracle, train_oracle  # noqa: E402
+from benchmarks.peers import Condition, available_peers  # noqa: E402
+from benchmarks.suite import Case, Noise, build_cases, noises_for  # noqa: E402
+
+MODES = {
+    "quick": {"oracle_steps": 200, "tuning_pairs": 2, "tuning_crop": 96},
+    "full": {"oracle_steps": 3000, "tuning_pairs": 4, "tuning_crop": 192},
+}
+FIGURE_NOISES = ("gaussian 25/255", "poisson 200", "correlated 1.2", "rician 0.05")
+N2V_NOTE = ("Noise2Void (careamics 0.3.5) could not run here: careamics imports torchvision when it is imported "
+            "(careamics/models/lvae uses torchvision.transforms), PyPI's torchvision wheels for Linux are CUDA builds "
+            "whose _C.so needs libc10_cuda.so and libtorch_cuda.so, so with the CPU torch 2.13 they fail to load "
+            "('operator torchvision::nms does not exist'), and the CPU build of torchvision is published only on "
+            "download.pytorch.org, which this machine cannot reach. It runs where torch and torchvision come from the "
+            "same index (a CUDA machine, or download.pytorch.org/whl/cpu).")
+
+
+def masks(clean: np.ndarray):
+    """Foreground (body) mask and a flat-tissue mask: the smoothest quarter of the foreground, eroded away from edges."""
+    fg = datasets.foreground_mask(clean)
+    g = gradient_magnitude(clean)
+    flat = fg & (g <= np.percentile(g[fg], 25)) if fg.any() else fg
+    flat = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(flat.astype(np.uint8)), [1, 1])) > 0
+    return fg, (flat if flat.sum() >= 20 else None)
+
+
+def scores(case: Case, clean: np.ndarray, noisy: np.ndarray, out: np.ndarray, fg, flat) -> Dict[str, Optional[float]]:
+    use_fg = fg if fg.sum() >= 100 else None
+    return {
+        "psnr": psnr(clean, out, data_range=1.0),
+        "ssim": ssim(clean, out, data_range=1.0),
+        "psnr_fg": psnr(clean, out, data_range=1.0, mask=use_fg),
+        "ssim_fg": ssim(clean, out, data_range=1.0, mask=use_fg),
+        "edge_correlation": method_noise_stats(noisy, out, clean)["edge_correlation"],
+        "flat_bias": None if flat is None else flat_region_bias(case.to_units(clean), case.to_units(out), flat),
+    }
+
+
+def training_pairs(case: Case, noise: Noise, rng, count: int, crop: int):
+    pairs = []
+    for region in case.train[:count]:
+        clean = region[:crop, :crop]
+        pairs.append((clean, noise.apply(clean, rng)))
+    return pairs
+
+
+def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache: dict, log) -> tuple:
+    """Every method on every test slice of one image; returns (rows, figure panels)."""
+    rows, figures = [], []
+    name, model = ours.default_model(case.modality, model_cache)
+    for n_index, noise in enumerate(noises):
+        rng = np.random.default_rng([2026, sum(map(ord, case.name)), n_index])
+        started = time.perf_counter()
+        oracle, oracle_s, _ = measured(lambda: train_oracle(case.train, noise, settings["oracle_steps"]))
+        pairs = training_pairs(case, noise, rng, settings["tuning_pairs"], settings["tuning_crop"])
+        for s_index, clean in enumerate(case.clean):
+            if case.slabs is not None:
+                noisy_slab = noise.apply(case.slabs[s_index], rng)
+                noisy = noisy_slab[noisy_slab.shape[0] // 2]
+            else:
+                noisy_slab, noisy = None, noise.apply(clean, rng)
+            cond = Condition(noise, float(np.std(noisy - clean)), noisy_slab, pairs)
+            fg, flat = masks(clean)
+            outputs = {}
+
+            def record(method: str, call, model_name: Optional[str] = None) -> None:
+                (out, extra), seconds, mib = measured(call)
+                if out is None:
+                    return
+                outputs[method] = (out, extra)
+                rows.append({"image": case.name, "modality": case.modality, "unit": case.unit, "noise": noise.label,
+                             "slice": s_index, "method": method, "seconds": seconds, "peak_mib": mib,
+                             "model": model_name, **scores(case, clean, noisy, out, fg, flat)})
+
+            record("noisy", lambda: (noisy, None))
+            for peer in peers:
+                record(peer.name, lambda: (peer.run(noisy, cond), None))
+            for mode in ours.MODES:
+                record(mode, lambda: ours.run_mode(mode, model, case, noisy, noisy_slab), name)
+            record("oracle", lambda: (apply_oracle(oracle, noisy), None))
+            if s_index == 0 and noise.label in FIGURE_NOISES:
+                figures.append(report.figure_panels(case.name, noise.label, clean, noisy, outputs,
+                                                    [p.name for p in peers]))
+        log(f"{case.name:20s} {noise.label:16s} {time.perf_counter() - started:6.1f} s "
+            f"(oracle training {oracle_s:.1f} s)")
+    return rows, figures
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="128x128 crops, one test slice, six noise settings "
+                      "(the default)")
+    mode.add_argument("--full", action="store_true", help="192x192 crops, three test slices per volume, the whole "
+                      "noise suite, a longer oracle (meant for a GPU machine)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--images", nargs="*", help="only these images (names as in results.json)")
+    parser.add_argument("--noises", nargs="*", help="only these noise settings (labels, e.g. 'gaussian 25/255')")
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+    quick = not args.full
+    settings = MODES["quick" if quick else "full"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+
+    started = time.perf_counter()
+    cases, missing_images = build_cases(quick)
+    if args.images:
+        cases = [c for c in cases if c.name in args.images]
+    peers, missing_peers = available_peers()
+    missing_peers["n2v"] = N2V_NOTE
+    rows, figures, models = [], [], {}
+    for case in cases:
+        noises = [n for n in noises_for(case.modality, quick) if not args.noises or n.label in args.noises]
+        case_rows, case_figures = run_case(case, noises, peers, settings, models, log)
+        rows += case_rows
+        figures += case_figures
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "quick" if quick else "full", "settings": settings, "machine": machine(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "images": [{"name": c.name, "modality": c.modality, "unit": c.unit, "source": c.source,
+                    "test_shape": list(c.clean.shape), "slab_depth": None if c.slabs is None else c.slabs.shape[1],
+                    "unit_range": [c.offset, c.offset + c.scale]} for c in cases],
+        "missing_images": missing_images, "not_run": missing_peers,
+        "models": {name: report.model_summary(model) for name, model in models.values()},
+        "rows": rows,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False, default=float) + "\n")
+    if not args.no_figures:
+        report.write_figures(figures, out / "figures")
+    (out / "results.md").write_text(report.markdown(results))
+    log(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

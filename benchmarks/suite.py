@@ -1,0 +1,175 @@
+"""Clean reference images and the synthetic noise suite of the benchmark.
+
+Every image is mapped linearly to [0, 1] (0.5 / 99.5 percentiles, clipped) so that the
+noise levels of the paper mean the same on CT, MR and X-ray; `Case.to_units` maps back
+to the scanner's units (HU for CT) for the denoisers that take real images and for the
+flat-region bias. Test crops, the slabs around them (for BM4D and 2.5D models) and the
+training regions (peer tuning and the supervised oracle) never overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+
+from DiffDenoiseLib import datasets
+from DiffDenoiseLib.noise import add_noise, gaussian_kernel
+
+CORRELATED_SIGMA = 0.1  # std of the correlated noise (add_noise's default), so only the correlation varies
+
+
+@dataclass(frozen=True)
+class Noise:
+    """One setting of the suite: `kind` and `level` as `DiffDenoiseLib.noise.add_noise` takes them."""
+
+    kind: str
+    level: float
+    label: str
+    mr_only: bool = False
+
+    def apply(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return add_noise(clean, self.kind, self.level, rng, sigma=CORRELATED_SIGMA)
+
+
+NOISES = (
+    Noise("gaussian", 6 / 255, "gaussian 6/255"),
+    Noise("gaussian", 25 / 255, "gaussian 25/255"),
+    Noise("poisson", 200, "poisson 200"),
+    Noise("poisson", 700, "poisson 700"),
+    Noise("gamma", 100, "gamma 100"),
+    Noise("gamma", 500, "gamma 500"),
+    Noise("correlated", 0.5, "correlated 0.5"),
+    Noise("correlated", 1.2, "correlated 1.2"),
+    Noise("rician", 0.05, "rician 0.05", mr_only=True),
+)
+QUICK_NOISES = ("gaussian 6/255", "gaussian 25/255", "poisson 200", "gamma 100", "correlated 1.2", "rician 0.05")
+
+
+def noises_for(modality: str, quick: bool) -> List[Noise]:
+    chosen = [n for n in NOISES if not quick or n.label in QUICK_NOISES]
+    return [n for n in chosen if modality == "MR" or not n.mr_only]
+
+
+def correlated_psd(shape: Tuple[int, ...], kernel_sigma: float, sigma: float = CORRELATED_SIGMA) -> np.ndarray:
+    """Power spectrum of `add_noise(..., 'correlated')` in the convention of the bm3d/bm4d packages.
+
+    The noise is white noise through the unit-energy kernel outer(g, g) / sum(g^2), per slice;
+    bm3d wants |FFT(kernel)|^2 * (number of voxels) * variance. Slices are independent, so a 3D
+    spectrum is the 2D one repeated along z.
+    """
+    g = gaussian_kernel(kernel_sigma)
+    kernel = np.outer(g, g) / np.sum(g ** 2)
+    psd = np.abs(np.fft.fft2(kernel, s=shape[-2:])) ** 2 * shape[-1] * shape[-2] * sigma ** 2
+    if len(shape) == 3:
+        psd = np.repeat(psd[None], shape[0], axis=0) * shape[0]
+    return psd
+
+
+@dataclass
+class Case:
+    """One reference image: clean test slices, slabs around them, training regions, and its units."""
+
+    name: str
+    modality: str
+    unit: str
+    offset: float
+    scale: float
+    clean: np.ndarray  # (n, H, W) test crops in [0, 1]
+    slabs: Optional[np.ndarray]  # (n, D, H, W) with the test slice at D // 2, or None for a 2D image
+    train: List[np.ndarray] = field(default_factory=list)  # 2D regions in [0, 1], disjoint from the test crops
+    source: str = ""
+
+    def to_units(self, normalised: np.ndarray) -> np.ndarray:
+        return np.asarray(normalised, dtype=np.float64) * self.scale + self.offset
+
+
+def normaliser(array: np.ndarray) -> Tuple[float, float]:
+    low, high = np.percentile(array, [0.5, 99.5])
+    return float(low), float(high - low)
+
+
+def to_unit(array: np.ndarray, offset: float, scale: float) -> np.ndarray:
+    return np.clip((np.asarray(array, dtype=np.float64) - offset) / scale, 0.0, 1.0)
+
+
+def crop_box(mask2d: np.ndarray, size: int) -> Tuple[slice, slice]:
+    """A size x size window centred on the foreground's bounding box, inside the image."""
+    ys, xs = np.nonzero(mask2d) if mask2d.any() else np.indices(mask2d.shape).reshape(2, -1)
+    box = []
+    for centre, length in ((int(ys.min() + ys.max()) // 2, mask2d.shape[0]),
+                           (int(xs.min() + xs.max()) // 2, mask2d.shape[1])):
+        side = min(size, length)
+        start = int(np.clip(centre - side // 2, 0, length - side))
+        box.append(slice(start, start + side))
+    return box[0], box[1]
+
+
+def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Downsample a 2D image by averaging factor x factor blocks (also averages away its own noise)."""
+    if factor <= 1:
+        return np.asarray(image, dtype=np.float64)
+    h, w = (s // factor * factor for s in image.shape)
+    return image[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+
+
+def volume_case(name: str, image, unit: str, crop: int, tests: int, trains: int, slab: int, source: str) -> Case:
+    """Axial test slices from the middle of a clean volume; training slices keep clear of their slabs."""
+    array = np.asarray(image.array, dtype=np.float64)
+    offset, scale = normaliser(array)
+    unit_volume = to_unit(array, offset, scale)
+    n = array.shape[0]
+    middle = np.arange(int(0.3 * n), int(0.7 * n))
+    test_idx = middle[np.linspace(0, len(middle) - 1, tests + 2).round().astype(int)[1:-1]]
+    half = slab // 2
+    clean, slabs, train = [], [], []
+    for i in test_idx:
+        ys, xs = crop_box(datasets.foreground_mask(array[i]), crop)
+        clean.append(unit_volume[i, ys, xs])
+        slabs.append(unit_volume[i - half:i - half + slab, ys, xs])  # test slices lie far from the ends
+    far = [j for j in range(int(0.2 * n), int(0.8 * n)) if all(abs(j - i) > half + 2 for i in test_idx)]
+    for j in np.asarray(far)[np.linspace(0, len(far) - 1, trains).round().astype(int)]:
+        ys, xs = crop_box(datasets.foreground_mask(array[j]), crop)
+        train.append(unit_volume[j, ys, xs])
+    return Case(name, image.modality or "MR", unit, offset, scale, np.stack(clean), np.stack(slabs), train, source)
+
+
+def image_case(name: str, image, unit: str, crop: int, source: str) -> Case:
+    """One 2D image: downsampled so its short side is about twice the crop, a centre crop for the test,
+    the strips around the crop for training."""
+    array = np.asarray(image.array, dtype=np.float64)
+    array = array[0] if array.ndim == 3 else array
+    array = block_mean(array, max(1, min(array.shape) // (2 * crop)))
+    offset, scale = normaliser(array)
+    unit_image = to_unit(array, offset, scale)
+    ys, xs = crop_box(datasets.foreground_mask(array), crop)
+    regions = [unit_image[:ys.start], unit_image[ys.stop:], unit_image[ys, :xs.start], unit_image[ys, xs.stop:]]
+    train = [r for r in regions if min(r.shape) >= 32]
+    return Case(name, image.modality or "OT", unit, offset, scale, unit_image[ys, xs][None], None, train, source)
+
+
+def build_cases(quick: bool) -> Tuple[List[Case], List[str]]:
+    """The benchmark's images; a missing data package is reported, not fatal."""
+    crop = 128 if quick else 192
+    tests = 1 if quick else 3
+    trains = 4 if quick else 12
+    makers: List[Tuple[str, Callable[[], Case]]] = [
+        ("colin27-t1", lambda: volume_case("colin27-t1", datasets.colin27(), "a.u.", crop, tests, trains, 8,
+                                           "Colin27 T1 (Debian mricron-data), axial")),
+        ("invesalius-head-ct", lambda: volume_case("invesalius-head-ct", datasets.invesalius_head_ct(), "HU", crop,
+                                                   tests, trains, 8, "InVesalius head CT (Debian invesalius-examples)")),
+        ("693-head-ct", lambda: image_case("693-head-ct", datasets.pydicom_file("693_UNCR.dcm"), "HU", crop,
+                                           "pydicom-data 693_UNCR.dcm head CT")),
+        ("mr2-shoulder-mr", lambda: image_case("mr2-shoulder-mr", datasets.pydicom_file("MR2_UNCR.dcm"), "a.u.", crop,
+                                               "pydicom-data MR2_UNCR.dcm shoulder MRI")),
+        ("rg1-chest-xray", lambda: image_case("rg1-chest-xray", datasets.pydicom_file("RG1_UNCR.dcm"), "a.u.", crop,
+                                              "pydicom-data RG1_UNCR.dcm chest radiograph")),
+    ]
+    cases, missing = [], []
+    for name, make in makers:
+        try:
+            cases.append(make())
+        except FileNotFoundError as error:
+            missing.append(f"{name}: {error}")
+    return cases, missing
