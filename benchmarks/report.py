@@ -89,6 +89,22 @@ def check(name: str, margins: List[Tuple[str, float]], threshold: float, what: s
             f"worst {worst[1]:+.2f} at {worst[0]}."]
 
 
+def gap_table(table) -> List[str]:
+    """Full (SRDS) minus the best peer, PSNR dB: rows noise, columns image; where the method wins or loses."""
+    peers = peers_of(methods_of(table))
+    images = list(OrderedDict.fromkeys(image for image, _ in table))
+    noises = list(OrderedDict.fromkeys(noise for _, noise in table))
+    lines = ["| noise | " + " | ".join(images) + " |", "|---|" + "---|" * len(images)]
+    for noise in noises:
+        cells = []
+        for image in images:
+            row = table.get((image, noise))
+            peer = best_peer(row, peers) if row and "full" in row else None
+            cells.append(f"{row['full']['psnr'] - row[peer]['psnr']:+.2f} ({peer})" if peer else "n/a")
+        lines.append(f"| {noise} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def goals(table) -> List[str]:
     peers = peers_of(methods_of(table))
     g1, g2a, g2b, g3, g4a, g4b = [], [], [], [], [], []
@@ -153,6 +169,7 @@ def markdown(results: dict) -> str:
                      f"training steps {s['steps']}, trained on {s['training_noise']}, sampling {s['sampling']}.")
     lines += ["", "## Whole image", ""] + quality_table(table, methods, "psnr", "ssim")
     lines += ["", "## Inside the foreground mask", ""] + quality_table(table, methods, "psnr_fg", "ssim_fg")
+    lines += ["", "## Full (SRDS) minus the best peer (PSNR dB, whole image)", ""] + gap_table(table)
     lines += ["", "## Cost and fidelity (mean over all conditions)", "",
               "Peak extra memory: resident set size above the level before the call (includes torch's tensors). "
               "Edge correlation: of |noisy - output| with the clean image's gradient magnitude (0: only noise "

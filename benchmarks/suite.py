@@ -85,6 +85,17 @@ class Case:
         return np.asarray(normalised, dtype=np.float64) * self.scale + self.offset
 
 
+def without_padding(array: np.ndarray) -> np.ndarray:
+    """CT padding outside the field of view (one value far below air, e.g. -3024 HU) raised to the lowest real
+    intensity, as `datasets.foreground_mask` does, so it neither stretches the [0, 1] scale nor smears when
+    downsampled."""
+    a = np.array(array, dtype=np.float64)
+    padding = a == a.min()
+    if not padding.all():
+        a[padding] = a[~padding].min()
+    return a
+
+
 def normaliser(array: np.ndarray) -> Tuple[float, float]:
     low, high = np.percentile(array, [0.5, 99.5])
     return float(low), float(high - low)
@@ -116,7 +127,7 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
 
 def volume_case(name: str, image, unit: str, crop: int, tests: int, trains: int, slab: int, source: str) -> Case:
     """Axial test slices from the middle of a clean volume; training slices keep clear of their slabs."""
-    array = np.asarray(image.array, dtype=np.float64)
+    array = without_padding(image.array)
     offset, scale = normaliser(array)
     unit_volume = to_unit(array, offset, scale)
     n = array.shape[0]
@@ -138,7 +149,7 @@ def volume_case(name: str, image, unit: str, crop: int, tests: int, trains: int,
 def image_case(name: str, image, unit: str, crop: int, source: str) -> Case:
     """One 2D image: downsampled so its short side is about twice the crop, a centre crop for the test,
     the strips around the crop for training."""
-    array = np.asarray(image.array, dtype=np.float64)
+    array = without_padding(image.array)
     array = array[0] if array.ndim == 3 else array
     array = block_mean(array, max(1, min(array.shape) // (2 * crop)))
     offset, scale = normaliser(array)
