@@ -161,26 +161,35 @@ def main(argv=None) -> int:
     peers, missing_peers = available_peers()
     missing_peers["n2v"] = N2V_NOTE
     rows, figures, models = [], [], {}
+
+    def write(done: List[str]) -> dict:
+        """Everything measured so far: a long run leaves usable results after every image."""
+        results = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "mode": "quick" if quick else "full", "settings": settings, "machine": machine(),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "images": [{"name": c.name, "modality": c.modality, "unit": c.unit, "source": c.source,
+                        "test_shape": list(c.clean.shape), "slab_depth": None if c.slabs is None else c.slabs.shape[1],
+                        "unit_range": [c.offset, c.offset + c.scale]} for c in cases if c.name in done],
+            "missing_images": missing_images, "not_run": missing_peers,
+            "models": {name: report.model_summary(model) for name, model in models.values()},
+            "rows": rows,
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False, default=float) + "\n")
+        (out / "results.md").write_text(report.markdown(results))
+        return results
+
+    done: List[str] = []
     for case in cases:
         noises = [n for n in noises_for(case.modality, quick) if not args.noises or n.label in args.noises]
         case_rows, case_figures = run_case(case, noises, peers, settings, models, log)
         rows += case_rows
         figures += case_figures
-    results = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "mode": "quick" if quick else "full", "settings": settings, "machine": machine(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "images": [{"name": c.name, "modality": c.modality, "unit": c.unit, "source": c.source,
-                    "test_shape": list(c.clean.shape), "slab_depth": None if c.slabs is None else c.slabs.shape[1],
-                    "unit_range": [c.offset, c.offset + c.scale]} for c in cases],
-        "missing_images": missing_images, "not_run": missing_peers,
-        "models": {name: report.model_summary(model) for name, model in models.values()},
-        "rows": rows,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False, default=float) + "\n")
+        done.append(case.name)
+        write(done)
     if not args.no_figures:
         report.write_figures(figures, out / "figures")
-    (out / "results.md").write_text(report.markdown(results))
+    results = write(done)
     log(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['wall_seconds']:.0f} s")
     return 0
 
