@@ -39,7 +39,7 @@ from benchmarks.peers import Condition, available_peers  # noqa: E402
 from benchmarks.suite import Case, Noise, build_cases, noises_for  # noqa: E402
 
 MODES = {
-    "quick": {"oracle_steps": 200, "tuning_pairs": 2, "tuning_crop": 96},
+    "quick": {"oracle_steps": 100, "tuning_pairs": 2, "tuning_crop": 96},
     "full": {"oracle_steps": 3000, "tuning_pairs": 4, "tuning_crop": 192},
 }
 FIGURE_NOISES = ("gaussian 25/255", "poisson 200", "correlated 1.2", "rician 0.05")
