@@ -32,6 +32,12 @@ class Condition:
     train_pairs: List[Tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (clean, noisy) regions
 
 
+def numpy_compatible_bm4d():
+    """bm3d 4.0 / bm4d 4.2 call np.trapz for coloured noise, which numpy 2.4 removed; np.trapezoid is the same."""
+    if not hasattr(np, "trapz"):
+        np.trapz = np.trapezoid
+
+
 def psd_or_sigma(noise: Noise, sigma: float, shape) -> object:
     """bm3d/bm4d's `sigma_psd`: the true spectrum for correlated noise, else the std."""
     return correlated_psd(shape, noise.level) if noise.kind == "correlated" else sigma
@@ -40,6 +46,7 @@ def psd_or_sigma(noise: Noise, sigma: float, shape) -> object:
 def run_bm3d(noisy: np.ndarray, cond: Condition) -> np.ndarray:
     import bm3d
 
+    numpy_compatible_bm4d()
     return np.asarray(bm3d.bm3d(noisy, sigma_psd=psd_or_sigma(cond.noise, cond.sigma, noisy.shape)), np.float64)
 
 
@@ -48,6 +55,7 @@ def run_bm4d(noisy: np.ndarray, cond: Condition) -> Optional[np.ndarray]:
 
     if cond.slab is None:
         return None
+    numpy_compatible_bm4d()
     out = bm4d.bm4d(cond.slab, sigma_psd=psd_or_sigma(cond.noise, cond.sigma, cond.slab.shape))
     return np.asarray(out, np.float64)[cond.slab.shape[0] // 2]
 
