@@ -6,6 +6,7 @@
 #                                  Slicer libraries (slicer-core wheel, PySide6) the module's tests use
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PIP_ROOT_USER_ACTION=ignore
 
 with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
