@@ -59,13 +59,13 @@ def test_crop_box_is_centred_on_the_foreground_and_inside_the_image():
     assert ys.stop <= 100 and xs.stop == 80 and ys.start <= 70
 
 
+@pytest.mark.parametrize("noise", [NOISES[1], NOISES[7]], ids=lambda n: n.label)  # white, and coloured (PSD)
 @pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.name)
-def test_every_available_peer_improves_a_noisy_toy_image(peer):
+def test_every_available_peer_improves_a_noisy_toy_image(peer, noise):
     if peer.name not in {p.name for p in available_peers()[0]}:
         pytest.skip(f"optional package {peer.package} is not installed")
     rng = np.random.default_rng(1)
     clean = toy_image()
-    noise = NOISES[1]  # gaussian 25/255
     noisy = noise.apply(clean, rng)
     slab = np.stack([noise.apply(clean, rng) for _ in range(8)])  # BM4D's blocks need 8 slices
     slab[4] = noisy
