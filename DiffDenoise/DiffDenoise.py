@@ -66,12 +66,16 @@ class DiffDenoiseParameterNode:
     steps: Annotated[int, WithinRange(0, 200)] = 0
     pairs: Annotated[int, WithinRange(0, 16)] = 0
     uncertainty: bool = False
+    sliceAxis: Annotated[str, Choice(["auto", "z", "y", "x"])] = "auto"
     trainBsn: bool = True
     trainDiffusion: bool = True
     trainStudent: bool = True
     trainMaxSteps: Annotated[int, WithinRange(0, 1000000)] = 0
     trainFromModel: str = ""
     trainName: str = ""
+    trainNoise: Annotated[str, Choice(["gaussian", "poisson", "gamma", "rician"])] = "gaussian"
+    trainContextSlices: Annotated[int, WithinRange(0, 3)] = 0
+    trainBlindSpotRadius: Annotated[int, WithinRange(0, 3)] = 0
     fade: Annotated[float, WithinRange(0.0, 1.0)] = 1.0
 
 

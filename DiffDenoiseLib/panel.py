@@ -45,6 +45,7 @@ WIDGET_NAMES = (
     "inputSelector", "outputSelector", "fastRadioButton", "fullRadioButton", "modelComboBox", "modelInfoLabel",
     "estimateLabel", "denoiseButton", "progressBar", "logTextEdit",
     "advancedCollapsibleButton", "deviceComboBox", "stepsSpinBox", "pairsSpinBox", "uncertaintyCheckBox",
+    "sliceAxisComboBox", "noiseComboBox", "contextSlicesSpinBox", "blindSpotRadiusSpinBox",
     "trainingCollapsibleButton", "trainVolumesSelector", "bsnCheckBox", "diffusionCheckBox", "studentCheckBox",
     "trainStepsSpinBox", "fromModelComboBox", "modelNameLineEdit", "trainButton", "trainProgressBar", "lossLabel",
     "compareCollapsibleButton", "fadeSlider", "overlayButton", "sideBySideButton", "uncertaintyButton",
@@ -157,6 +158,7 @@ class Panel:
     def _on_from_model_chosen(self, index):
         if not self._updating and 0 <= index < len(self._from_names):
             self.params.trainFromModel = self._from_names[index]
+            self.refresh()
 
     def _on_input_changed(self, *_):
         self.update_estimate()
@@ -171,7 +173,7 @@ class Panel:
 
         p = self.params
         return DenoiseSettings(mode=p.mode, model=p.model, device=p.device, steps=p.steps, pairs=p.pairs,
-                               uncertainty=p.uncertainty)
+                               uncertainty=p.uncertainty, slice_axis=p.sliceAxis)
 
     def train_settings(self):
         from DiffDenoiseLib.slicer_logic import TrainSettings
@@ -179,7 +181,8 @@ class Panel:
         p = self.params
         stages = tuple(s for s, on in zip(STAGES, (p.trainBsn, p.trainDiffusion, p.trainStudent)) if on)
         return TrainSettings(name=p.trainName.strip(), stages=stages, from_model=p.trainFromModel,
-                             max_steps=p.trainMaxSteps, device=p.device)
+                             max_steps=p.trainMaxSteps, device=p.device, noise=p.trainNoise,
+                             context_slices=p.trainContextSlices, blind_spot_radius=p.trainBlindSpotRadius)
 
     def update_estimate(self) -> None:
         node = self.params.inputVolume
@@ -333,8 +336,11 @@ class Panel:
         for widget in (ui.inputSelector, ui.outputSelector, ui.fastRadioButton, ui.fullRadioButton,
                        ui.modelComboBox, ui.deviceComboBox, ui.stepsSpinBox, ui.pairsSpinBox, ui.uncertaintyCheckBox,
                        ui.trainVolumesSelector, ui.bsnCheckBox, ui.diffusionCheckBox, ui.studentCheckBox,
-                       ui.trainStepsSpinBox, ui.fromModelComboBox, ui.modelNameLineEdit):
+                       ui.trainStepsSpinBox, ui.fromModelComboBox, ui.modelNameLineEdit, ui.sliceAxisComboBox):
             widget.setEnabled(idle)
+        # an adapted model keeps its architecture and noise transform
+        for widget in (ui.noiseComboBox, ui.contextSlicesSpinBox, ui.blindSpotRadiusSpinBox):
+            widget.setEnabled(idle and not params.trainFromModel)
         full = params.mode == "full"
         for widget in (ui.stepsSpinBox, ui.pairsSpinBox, ui.uncertaintyCheckBox):
             widget.setEnabled(idle and full)

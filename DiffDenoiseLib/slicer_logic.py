@@ -48,6 +48,7 @@ class DenoiseSettings:
     steps: int = 0
     pairs: int = 0
     uncertainty: bool = False
+    slice_axis: str = "auto"  # auto | z | y | x (voxel axes)
 
 
 @dataclass
@@ -57,6 +58,9 @@ class TrainSettings:
     from_model: str = ""
     max_steps: int = 0
     device: str = "auto"
+    noise: str = "gaussian"  # gaussian | poisson | gamma | rician: chooses the variance-stabilising transform
+    context_slices: int = 0  # neighbouring slices on each side (2.5D)
+    blind_spot_radius: int = 0  # > 0 for spatially correlated noise
 
 
 @dataclass
@@ -268,7 +272,7 @@ class DenoiseLogic:
         stop_file = os.path.join(temp_dir, "stop")
         args = worker_protocol.denoise_command(self.python, input_path, output_path, settings.mode, settings.model,
                                                settings.device, settings.steps, settings.pairs, uncertainty_path,
-                                               stop_file)
+                                               stop_file, settings.slice_axis)
 
         def on_success(result: dict) -> JobOutcome:
             output = self._import_result(output_path, input_node, output_node, "denoised")
@@ -345,7 +349,8 @@ class DenoiseLogic:
                 write_volume(node, path)
             args = worker_protocol.train_command(self.python, paths, settings.name.strip(), settings.stages,
                                                  settings.from_model, settings.max_steps, settings.device,
-                                                 stop_file)
+                                                 stop_file, settings.noise, settings.context_slices,
+                                                 settings.blind_spot_radius)
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise

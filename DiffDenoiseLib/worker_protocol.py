@@ -58,9 +58,10 @@ def _base(python: Sequence[str], command: str) -> List[str]:
 
 def denoise_command(python: Sequence[str], input_path: str, output_path: str, mode: str = "fast",
                    model: str = "", device: str = "auto", steps: int = 0, pairs: int = 0,
-                   uncertainty_path: str = "", stop_file: str = "") -> List[str]:
+                   uncertainty_path: str = "", stop_file: str = "", slice_axis: str = "auto") -> List[str]:
     """`denoise` command line; `model=""` lets the worker choose the shipped default, 0 keeps the model's steps/pairs."""
-    args = _base(python, "denoise") + [input_path, output_path, "--mode", mode, "--device", device]
+    args = _base(python, "denoise") + [input_path, output_path, "--mode", mode, "--device", device,
+                                       "--slice-axis", slice_axis]
     if model:
         args += ["--model", model]
     if steps > 0:
@@ -76,8 +77,13 @@ def denoise_command(python: Sequence[str], input_path: str, output_path: str, mo
 
 def train_command(python: Sequence[str], input_paths: Sequence[str], name: str,
                  stages: Sequence[str] = ("bsn", "diffusion", "student"), from_model: str = "",
-                 max_steps: int = 0, device: str = "auto", stop_file: str = "") -> List[str]:
-    """`train` command line; `max_steps=0` keeps each stage's full default length."""
+                 max_steps: int = 0, device: str = "auto", stop_file: str = "", noise: str = "gaussian",
+                 context_slices: int = 0, blind_spot_radius: int = 0) -> List[str]:
+    """`train` command line; `max_steps=0` keeps each stage's full default length.
+
+    A model adapted `from_model` keeps its architecture and noise transform, so the
+    noise, 2.5D context and blind-spot settings are only sent for a new model.
+    """
     if not input_paths:
         raise ValueError("training needs at least one volume")
     if not stages:
@@ -86,6 +92,9 @@ def train_command(python: Sequence[str], input_paths: Sequence[str], name: str,
                                                          "--device", device]
     if from_model:
         args += ["--from", from_model]
+    else:
+        args += ["--noise", noise, "--context-slices", str(context_slices),
+                 "--blind-spot-radius", str(blind_spot_radius)]
     if max_steps > 0:
         args += ["--max-steps", str(max_steps)]
     if stop_file:

@@ -237,6 +237,8 @@ def panel(app):
         selector.addNode(head)
         selector.addNode(knee)
     ui.deviceComboBox.addItems(["auto", "cpu", "cuda", "mps"])  # what Slicer's Choice connector does
+    ui.sliceAxisComboBox.addItems(["auto", "z", "y", "x"])
+    ui.noiseComboBox.addItems(["gaussian", "poisson", "gamma", "rician"])
     params = types.SimpleNamespace(**parameter_fields())
     params.inputVolume = head
     errors = []
@@ -368,7 +370,14 @@ def test_training_start_stop_and_new_model_in_the_selector(panel):
     params.trainName = "knee-3T"
     params.trainDiffusion = False
     params.trainMaxSteps = 500
+    params.trainNoise, params.trainContextSlices, params.trainBlindSpotRadius = "poisson", 1, 2
+    assert panel.panel.train_settings().noise == "poisson"
+    assert panel.panel.train_settings().context_slices == 1 and panel.panel.train_settings().blind_spot_radius == 2
+    assert ui.noiseComboBox.isEnabled() and ui.contextSlicesSpinBox.isEnabled()
     ui.fromModelComboBox.setCurrentIndex(1)
+    # an adapted model keeps its architecture: those settings are greyed out
+    assert not ui.noiseComboBox.isEnabled() and not ui.contextSlicesSpinBox.isEnabled()
+    assert not ui.blindSpotRadiusSpinBox.isEnabled()
     ui.trainButton.click()
     _, nodes, settings = logic.calls[-1]
     assert nodes == [panel.head, panel.knee]
