@@ -31,6 +31,7 @@ from DiffDenoiseLib import __version__
 from DiffDenoiseLib.diffusion import diffusion_loss
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import NetworkConfig
+from DiffDenoiseLib.normalization import HIGH_PERCENTILE, LOW_PERCENTILE
 from DiffDenoiseLib.pipeline import (
     STAGES,
     DenoisingModel,
@@ -268,7 +269,8 @@ def train_model(
         "format": CARD_FORMAT, "format_version": CARD_FORMAT_VERSION, "name": name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "architecture": net_config.to_dict(), "sampling": sampling.to_dict(), "transform": {"name": transform},
-        "normalization": {"method": "linear", "low_percentile": 0.5, "high_percentile": 99.5, "per_image": True},
+        "normalization": {"method": "linear", "low_percentile": LOW_PERCENTILE, "high_percentile": HIGH_PERCENTILE,
+                          "per_image": True},
         "started_from": init_from.card.get("name") if init_from is not None else None,
         "library_version": __version__, "torch_version": torch.__version__, "metrics": {},
     }
