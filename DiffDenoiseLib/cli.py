@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--pairs", type=_positive, metavar="N",
                          help="symmetric pairs averaged in full mode (default: the model's)")
     denoise.add_argument("--uncertainty", metavar="PATH", help="also write the uncertainty map (full mode)")
+    denoise.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
+                         help="modes bsn, single and full: keep the blind estimate as it is instead of giving "
+                              "each voxel's own noisy value back (for comparison)")
     denoise.add_argument("--slice-axis", choices=tuple(SLICE_AXES), default="auto",
                          help="voxel axis the slices are taken across: z (the third index, axial for most "
                               "scans), y or x; auto takes the coarsest spacing")
@@ -265,7 +268,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     if slice_axis is not None and image.array.ndim == 2 and slice_axis != 0:
         raise UsageError(f"--slice-axis {args.slice_axis} needs a volume; {source.name} is a 2D image")
     result = denoise_image(image, model, mode=args.mode, steps=args.steps, pairs=args.pairs, device=device,
-                           slice_axis=slice_axis, progress=on_progress, cancel=cancel)
+                           slice_axis=slice_axis, progress=on_progress, cancel=cancel, fusion=args.fusion)
     cancel.raise_if_cancelled()
     written = []
     try:

@@ -8,6 +8,9 @@ Full mode diffuses the normalised residual r = (y - c) / s around the blind-spot
 estimate c = BSN(y), with s = std(y - c) over the whole image: the diffusion model
 only has to add back the fine detail the blind-spot network smoothed away, and an
 under-trained model (which predicts r = 0) leaves the BSN result unchanged.
+Both estimates are blind to each voxel's own value; observation fusion (fusion.py)
+gives it back, weighted by how reliable the estimate is around the voxel. The student
+learns the fused Full result, so Fast needs no fusion.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
+from DiffDenoiseLib.fusion import fuse_with_observation
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig, StudentNet
 from DiffDenoiseLib.noise import estimate_transform_params, get_transform
@@ -46,6 +50,7 @@ class SamplingConfig(JsonSettings):
     steps: int = 5  # DDIM steps
     pairs: int = 1  # symmetric pairs averaged
     t_start: Optional[int] = 120  # truncated start; None starts from t = T
+    fusion: bool = True  # give each voxel's own noisy value back to the blind estimate (fusion.py)
 
 
 @dataclass
@@ -182,10 +187,12 @@ def denoise_image(
     cancel: Optional[CancelToken] = None,
     seed: int = 0,
     tile: int = 256,
+    fusion: Optional[bool] = None,
 ) -> DenoiseResult:
     """Denoise a 2D image or a volume; the input image is never modified.
 
     `t_start=-1` keeps the model's calibrated truncated start; None forces a full start.
+    `fusion=None` keeps the model's setting for observation fusion (modes bsn, single, full).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
@@ -216,6 +223,10 @@ def denoise_image(
             denoised, uncertainty, sampling = sample_residual(model, slices, denoised, steps, pairs, t_start,
                                                                mode == "single", seed, run)
             details.update(sampling)
+        details["fusion"] = bool(model.sampling.fusion if fusion is None else fusion)
+        if details["fusion"]:
+            denoised, weight = fuse_with_observation(slices, denoised)
+            uncertainty = None if uncertainty is None else uncertainty * weight
     denoised_z = from_slice_stack(denoised, axis, z.ndim)
     output = normalization.inverse(transform.inverse_denoised(denoised_z.astype(np.float64)))
     result_image = replace(image, array=output.astype(np.float32))

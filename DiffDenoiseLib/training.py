@@ -4,7 +4,8 @@
    cannot see the pixel it predicts, so it cannot learn the identity.
 2. Diffusion: the conditional UNet learns the distribution of the normalised residual
    r = (y - c) / s around the frozen BSN estimate c.
-3. Student: a compact network is fitted to SRDS outputs on the training slices.
+3. Student: a compact network is fitted to Full outputs (SRDS, then observation
+   fusion when the model uses it) on the training slices.
 
 Every stage checkpoints atomically (at least every `checkpoint_seconds` and at its
 end) and resumes from its last checkpoint. The random draws of step `i` depend only on
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 
 from DiffDenoiseLib import __version__
 from DiffDenoiseLib.diffusion import diffusion_loss
+from DiffDenoiseLib.fusion import fuse_with_observation
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import NetworkConfig
+from DiffDenoiseLib.noise import noise_variance_curve
 from DiffDenoiseLib.normalization import HIGH_PERCENTILE, LOW_PERCENTILE
 from DiffDenoiseLib.pipeline import (
     STAGES,
@@ -339,7 +342,7 @@ def train_model(
 
 
 def _distillation_targets(model, volumes, estimates, config, run, log):
-    """SRDS outputs on evenly spaced training slices, cached in the work folder for resume."""
+    """Full-mode outputs on evenly spaced training slices, cached in the work folder for resume."""
     path = run.work_dir / "student_targets.npz"
     per_volume = [np.unique(np.linspace(0, v.shape[0] - 1, min(v.shape[0], config.student_slices)).round().astype(int))
                   for v in volumes]
@@ -347,13 +350,15 @@ def _distillation_targets(model, volumes, estimates, config, run, log):
         with np.load(path, allow_pickle=False) as cached:
             targets = [cached[f"v{i}"] for i in range(len(volumes))]
         return per_volume, targets
-    log("computing SRDS distillation targets on the training slices")
+    log("computing Full-mode distillation targets on the training slices")
     targets = []
     settings = dict(context=model.config.context_slices, device=run.device, cancel=run.cancel)
     for volume, estimate, indices in zip(volumes, estimates, per_volume):
         full = np.zeros_like(volume)
         denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
                                          settings, indices=indices)
+        if model.sampling.fusion:
+            denoised, _ = fuse_with_observation(volume[indices], denoised, curve=noise_variance_curve(volume))
         full[indices] = denoised
         targets.append(full)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")

@@ -7,9 +7,10 @@ figures on slices the training never saw.
 
     python scripts/train_default_models.py [--only mr|ct] [--scale 1.0] [--threads 1]
 
-  mr-brain-default  Colin27 T1 brain MRI (Debian mricron-data), Rician noise at three levels
+  mr-brain-default  Colin27 T1 brain MRI (Debian mricron-data): Rician noise at three levels,
+                    Poisson and Gamma noise, so one model covers the levels users meet
   ct-head-default   InVesalius head CT (Debian invesalius-examples; real scanner noise)
-                    with added Gaussian noise of 20 and 45 HU
+                    with added Gaussian noise of 20 to 300 HU and Poisson noise
 
 The models are written to DiffDenoiseLib/models/<name>/ (card.json + weights).
 `--scale` multiplies every stage's step count (0.05 for a smoke run).
@@ -35,11 +36,12 @@ from DiffDenoiseLib import datasets  # noqa: E402
 from DiffDenoiseLib.imageio import Image, write_image  # noqa: E402
 from DiffDenoiseLib.metrics import psnr, ssim  # noqa: E402
 from DiffDenoiseLib.noise import add_noise  # noqa: E402
+from DiffDenoiseLib.normalization import HIGH_PERCENTILE, LOW_PERCENTILE  # noqa: E402
 from DiffDenoiseLib.pipeline import denoise_image  # noqa: E402
 from DiffDenoiseLib.store import load_model, save_model  # noqa: E402
 
 SHIPPED = ROOT / "DiffDenoiseLib" / "models"
-T_START_CANDIDATES = (40, 70, 100, 140, 200)
+T_START_CANDIDATES = (40, 70, 100, 140, 200, 300, 400)
 
 
 def mr_recipe():
@@ -47,12 +49,13 @@ def mr_recipe():
     top = float(np.percentile(clean.array, 99.5))
     unit = clean.array.astype(np.float64) / top
     rng = np.random.default_rng(27)
-    noisy = [add_noise(unit, "rician", s, rng) * top for s in (0.02, 0.04, 0.07)]
+    levels = [("rician", 0.02), ("rician", 0.05), ("rician", 0.10), ("poisson", 200.0), ("gamma", 100.0)]
+    noisy = [add_noise(unit, kind, level, rng) * top for kind, level in levels]
     return {
-        "name": "mr-brain-default", "clean": clean, "noisy": noisy, "levels": ["rician 0.02", "rician 0.04",
-                                                                               "rician 0.07"],
+        "name": "mr-brain-default", "clean": clean, "noisy": noisy,
+        "levels": [f"{kind} {level:g} (on the 0-1 scale)" for kind, level in levels],
         "default_for": ["MR", "OT", "CR", "DX", "XA", "MG", "PT", "NM", "US", None],
-        "description": "Brain MRI (T1) and other non-CT images; trained on Colin27 with Rician noise.",
+        "description": "Brain MRI (T1) and other non-CT images; trained on Colin27 with Rician, Poisson and Gamma noise.",
     }
 
 
@@ -60,17 +63,22 @@ def ct_recipe():
     clean = datasets.invesalius_head_ct()
     rng = np.random.default_rng(42)
     hu = clean.array.astype(np.float64)
-    noisy = [hu + rng.normal(0, s, hu.shape) for s in (20.0, 45.0)]
+    sigmas = (20.0, 60.0, 150.0, 300.0)
+    noisy = [hu + rng.normal(0, s, hu.shape) for s in sigmas]
+    low, high = np.percentile(hu, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    unit = (hu - low) / (high - low)
+    noisy.append(add_noise(unit, "poisson", 200.0, rng) * (high - low) + low)
     return {
         "name": "ct-head-default", "clean": clean, "noisy": noisy,
-        "levels": ["scanner noise + gaussian 20 HU", "scanner noise + gaussian 45 HU"],
+        "levels": [f"scanner noise + gaussian {s:g} HU" for s in sigmas]
+                  + ["scanner noise + Poisson lambda 200 on the 0.5-99.5 percentile scale"],
         "default_for": ["CT"],
-        "description": "CT; trained on the InVesalius head CT (real scanner noise) with added Gaussian noise.",
+        "description": "CT; trained on the InVesalius head CT (real scanner noise) with added Gaussian and Poisson noise.",
     }
 
 
 def train_config(scale: float) -> dict:
-    steps = {"bsn_steps": 1500, "diffusion_steps": 2500, "student_steps": 900}
+    steps = {"bsn_steps": 2500, "diffusion_steps": 2000, "student_steps": 900}
     return {
         "network": {"bsn_width": 48, "bsn_depth": 5, "unet_base": 32, "unet_mults": [1, 2, 2], "student_width": 32},
         "training": {**{k: max(2, int(v * scale)) for k, v in steps.items()}, "batch_size": 16,

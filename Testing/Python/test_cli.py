@@ -135,6 +135,17 @@ def test_full_mode_writes_the_uncertainty_map_and_people_get_a_progress_bar(capf
     assert uncertainty.spacing == read_image(data / "volume.nrrd").spacing
 
 
+def test_no_fusion_keeps_the_blind_estimate_for_comparison(capfd, data, trained, tmp_path):
+    outputs = {}
+    for flags in ((), ("--no-fusion",)):
+        output = tmp_path / f"bsn{len(flags)}.nrrd"
+        code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", output, "--model", "tiny", "--mode", "bsn",
+                             *flags, "--store", trained["store"])
+        assert code == 0, err
+        outputs[flags] = read_image(output).array
+    assert not np.allclose(outputs[()], outputs[("--no-fusion",)])
+
+
 def test_preview_shows_before_after_and_what_was_removed(capfd, data, trained, tmp_path):
     output, picture = tmp_path / "out.nrrd", tmp_path / "before_after.png"
     code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", output, "--model", "tiny", "--preview", picture,

@@ -65,6 +65,19 @@ def test_full_mode_with_a_barely_trained_diffusion_model_is_not_worse_than_the_b
     assert full >= bsn - 0.05, (full, bsn)
 
 
+def test_observation_fusion_gives_back_detail_the_blind_estimates_lose(ct_slice, trained):
+    clean, noisy = ct_slice
+    data_range = float(clean.max() - clean.min())
+    for mode in ("bsn", "full"):
+        fused = denoise_image(noisy, trained, mode=mode)
+        blind = denoise_image(noisy, trained, mode=mode, fusion=False)
+        assert fused.details["fusion"] and not blind.details["fusion"]
+        gain = psnr(clean, fused.image.array, data_range=data_range) - psnr(clean, blind.image.array,
+                                                                             data_range=data_range)
+        assert gain > 0.3, (mode, gain)
+    assert "fusion" not in denoise_image(noisy, trained, mode="fast").details
+
+
 def test_full_mode_gives_an_uncertainty_map_in_the_input_units(ct_slice, trained):
     _, noisy = ct_slice
     result = denoise_image(noisy, trained, mode="full", pairs=2)

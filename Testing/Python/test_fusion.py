@@ -1,0 +1,79 @@
+"""Observation fusion and the noise variance curve it relies on, checked on statistics."""
+
+import numpy as np
+import pytest
+
+from DiffDenoiseLib.fusion import fuse_with_observation
+from DiffDenoiseLib.noise import add_noise, noise_variance_curve
+
+
+def phantom(size=128):
+    """Smooth ramps with a bright square: flat regions and sharp edges."""
+    x = np.add.outer(np.linspace(0.1, 0.6, size), np.linspace(0.0, 0.3, size))
+    x[size // 4:size // 2, size // 4:size // 2] += 0.3
+    return x
+
+
+def mse(a, b):
+    return float(np.mean((a - b) ** 2))
+
+
+def test_noise_curve_recovers_an_additive_noise_level_at_every_intensity():
+    clean = phantom(192)
+    xs, ys = noise_variance_curve(add_noise(clean, "gaussian", 0.05, np.random.default_rng(0)))
+    assert len(xs) >= 10 and np.all(np.diff(xs) > 0)
+    assert np.sqrt(ys) == pytest.approx(np.full_like(ys, 0.05), rel=0.15)
+
+
+def test_noise_curve_follows_poisson_noise_growing_with_intensity():
+    clean = phantom(192)
+    xs, ys = noise_variance_curve(add_noise(clean, "poisson", 200.0, np.random.default_rng(1)))
+    slope = np.polyfit(xs, ys, 1)[0]
+    assert slope == pytest.approx(1 / 200.0, rel=0.2)
+
+
+def test_fusion_beats_both_the_estimate_and_the_observation_and_nears_the_optimum():
+    rng = np.random.default_rng(2)
+    clean = phantom()
+    noisy = clean + rng.normal(0, 0.05, clean.shape)
+    estimate = clean + rng.normal(0, 0.03, clean.shape)  # errors independent of the noise, as for a blind estimate
+    before = noisy.copy(), estimate.copy()
+    fused, weight = fuse_with_observation(noisy, estimate)
+    assert np.array_equal(noisy, before[0]) and np.array_equal(estimate, before[1]), "inputs must not change"
+    optimum = 0.05 ** 2 * 0.03 ** 2 / (0.05 ** 2 + 0.03 ** 2)
+    assert mse(fused, clean) < 1.15 * optimum < mse(estimate, clean) < mse(noisy, clean)
+    # the estimate is 2.8 times as reliable as the observation: it should get about 0.74 of the weight
+    assert float(np.median(weight)) == pytest.approx(0.05 ** 2 / (0.05 ** 2 + 0.03 ** 2), abs=0.06)
+
+
+def test_fusion_leans_on_the_observation_where_the_estimate_lost_structure():
+    rng = np.random.default_rng(3)
+    clean = phantom()
+    noisy = clean + rng.normal(0, 0.02, clean.shape)
+    estimate = clean.copy()
+    patch = (slice(48, 80), slice(48, 80))  # straddles the bright square's corner
+    estimate[patch] = clean[patch].mean()  # over-smoothed: the edge is gone
+    fused, weight = fuse_with_observation(noisy, estimate)
+    assert np.median(weight[patch]) < 0.3 < 0.9 < np.median(weight[96:, 96:])
+    assert mse(fused[patch], clean[patch]) < 0.1 * mse(estimate[patch], clean[patch])
+
+
+def test_a_noise_free_image_comes_back_unchanged_and_volumes_go_slice_by_slice():
+    clean = phantom(64)
+    fused, weight = fuse_with_observation(clean, clean + 0.01)
+    assert np.allclose(fused, clean, atol=1e-6) and weight.max() < 1e-3
+    noisy = add_noise(np.stack([clean, clean[::-1]]), "gaussian", 0.05, np.random.default_rng(4))
+    curve = noise_variance_curve(noisy)
+    volume, _ = fuse_with_observation(noisy, np.stack([clean, clean[::-1]]), curve=curve)
+    single, _ = fuse_with_observation(noisy[1], clean[::-1], curve=curve)
+    assert np.allclose(volume[1], single)
+
+
+@pytest.mark.parametrize("noisy,estimate,window,message", [
+    (np.zeros((8, 8)), np.zeros((8, 9)), 9, "one 2D or 3D shape"),
+    (np.zeros(8), np.zeros(8), 9, "one 2D or 3D shape"),
+    (np.zeros((8, 8)), np.zeros((8, 8)), 4, "odd and at least 3"),
+])
+def test_bad_arguments_are_refused_with_a_reason(noisy, estimate, window, message):
+    with pytest.raises(ValueError, match=message):
+        fuse_with_observation(noisy, estimate, window=window)
