@@ -38,6 +38,7 @@ from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
+from DiffDenoiseLib.slicing import choose_slice_axis
 from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, format_seconds
@@ -246,13 +247,21 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     for path in [output] + ([uncertainty_path] if uncertainty_path else []):
         _check_writable(path, image.array.ndim)
     store = ModelStore(args.store)
+    slice_axis = SLICE_AXES[args.slice_axis]
+    if slice_axis is not None and image.array.ndim == 2 and slice_axis != 0:
+        raise UsageError(f"--slice-axis {args.slice_axis} needs a volume; {source.name} is a 2D image")
     if args.model:
         folder = store.resolve(args.model)
     else:
-        folder = store.resolve(store.default_for(image.modality))
+        slices = 1
+        if image.array.ndim == 3:
+            slices = image.array.shape[choose_slice_axis(image.spacing, image.array.shape)
+                                       if slice_axis is None else slice_axis]
+        folder = store.resolve(store.default_for(image.modality, slices))
         origin = "shipped" if folder.parent == store.shipped_dir else f"user copy in {folder.parent}"
+        kind = "volumes" if slices > 1 else "single images"
         reporter.log(f"Using model '{folder.name}' ({origin}), the default for {image.modality or 'unknown-modality'}"
-                     " images; choose another with --model.")
+                     f" {kind}; choose another with --model.")
     model = load_model(folder)
     missing = [s for s in MODE_STAGES[args.mode] if s not in model.stages()]
     if missing:
@@ -264,9 +273,6 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     def on_progress(p: Progress) -> None:
         reporter.progress(p.stage, p.step, p.total, p.loss, p.eta_s, p.resumed)
 
-    slice_axis = SLICE_AXES[args.slice_axis]
-    if slice_axis is not None and image.array.ndim == 2 and slice_axis != 0:
-        raise UsageError(f"--slice-axis {args.slice_axis} needs a volume; {source.name} is a 2D image")
     result = denoise_image(image, model, mode=args.mode, steps=args.steps, pairs=args.pairs, device=device,
                            slice_axis=slice_axis, progress=on_progress, cancel=cancel, fusion=args.fusion)
     cancel.raise_if_cancelled()

@@ -185,25 +185,35 @@ class ModelStore:
         available = ", ".join(names) if names else f"none (the store {self.user_dir} is empty)"
         raise ValueError(f"unknown model '{text}'; available models: {available}")
 
-    def default_for(self, modality: Optional[str]) -> str:
-        """Name of the shipped default for `modality`: the CT default for CT, the MR default otherwise."""
+    def default_for(self, modality: Optional[str], slices: int = 1) -> str:
+        """Name of the shipped default for `modality` (the CT default for CT, the MR default otherwise).
+
+        `slices` is how many slices the image has along its slice axis (1 for a 2D image).
+        Among the defaults, the one with the most neighbouring-slice context the image can
+        feed wins: a 2.5D model for volumes, a 2D model for single images.
+        """
         wanted = "CT" if modality == "CT" else "MR"
-        fallback = None
+        exact, fallback = [], []
         for source, folder in self._folders():
             if source != "shipped":
                 continue
             try:
-                defaults = read_card(folder).get("default_for") or []
+                card = read_card(folder)
             except ValueError:
                 continue
+            defaults = card.get("default_for") or []
+            context = int((card.get("architecture") or {}).get("context_slices", 0))
+            if context >= slices:
+                continue
             if modality in defaults:
-                return folder.name
-            if fallback is None and wanted in defaults:
-                fallback = folder.name
-        if fallback is None:
+                exact.append((context, folder.name))
+            elif wanted in defaults:
+                fallback.append((context, folder.name))
+        chosen = exact or fallback
+        if not chosen:
             raise ValueError(f"no shipped default model for {modality or 'unknown-modality'} images is installed; "
                              "pass --model with a trained model")
-        return fallback
+        return max(chosen, key=lambda entry: entry[0])[1]
 
     def model_dir(self, name: str) -> Path:
         return self.user_dir / validate_name(name)

@@ -3,7 +3,9 @@
 The noisy slice goes through `denoise_image` in the scanner's units (HU for CT), exactly
 as a user's image would, and comes back to the benchmark's [0, 1] scale for scoring.
 "two-samples" averages two independent DDIM samples (seeds 0 and 1): the baseline that
-SRDS's symmetric pair must beat.
+SRDS's symmetric pair must beat. "full-unfused" is Full without observation fusion, which
+shows what fusion adds. A volume's test slice goes to the shipped 2.5D default where one
+is installed, with its neighbouring noisy slices.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from DiffDenoiseLib.store import ModelStore, load_model
 
 from benchmarks.suite import Case
 
-MODES = ("bsn", "single", "two-samples", "full", "fast")
+MODES = ("bsn", "single", "two-samples", "full-unfused", "full", "fast")
 
 
-def default_model(modality: str, cache: Dict[str, Tuple[str, DenoisingModel]]) -> Tuple[str, DenoisingModel]:
-    """(name, model) of the shipped default for `modality`, loaded once."""
+def default_model(modality: str, slices: int,
+                  cache: Dict[str, Tuple[str, DenoisingModel]]) -> Tuple[str, DenoisingModel]:
+    """(name, model) of the shipped default for `modality` and an image of `slices` slices, loaded once."""
     store = ModelStore()
-    name = store.default_for(modality)
+    name = store.default_for(modality, slices)
     if name not in cache:
         cache[name] = (name, load_model(store.resolve(name)))
     return cache[name]
@@ -58,6 +61,9 @@ def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
         runs = [denoise_image(image, model, mode="single", seed=s, slice_axis=axis) for s in (0, 1)]
         out = np.mean([pick(r.image.array) for r in runs], axis=0)
         return (out - case.offset) / case.scale, None
+    if mode == "full-unfused":
+        result = denoise_image(image, model, mode="full", slice_axis=axis, fusion=False)
+        return (pick(result.image.array) - case.offset) / case.scale, None
     result = denoise_image(image, model, mode=mode, slice_axis=axis)
     out = (pick(result.image.array) - case.offset) / case.scale
     spread = None if result.uncertainty is None else pick(result.uncertainty.array) / case.scale

@@ -10,7 +10,7 @@ import numpy as np
 
 from DiffDenoiseLib.metrics import psnr
 
-OURS = ("bsn", "single", "two-samples", "full", "fast")
+from benchmarks.ours import MODES as OURS
 METRICS = ("psnr", "ssim", "psnr_fg", "ssim_fg", "edge_correlation", "flat_bias", "seconds", "peak_mib")
 
 

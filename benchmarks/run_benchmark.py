@@ -85,7 +85,7 @@ def training_pairs(case: Case, noise: Noise, rng, count: int, crop: int):
 def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache: dict, log) -> tuple:
     """Every method on every test slice of one image; returns (rows, figure panels)."""
     rows, figures = [], []
-    name, model = ours.default_model(case.modality, model_cache)
+    name, model = ours.default_model(case.modality, 1 if case.slabs is None else case.slabs.shape[1], model_cache)
     for n_index, noise in enumerate(noises):
         rng = np.random.default_rng([2026, sum(map(ord, case.name)), n_index])
         started = time.perf_counter()

@@ -198,6 +198,18 @@ def test_default_for_picks_ct_for_ct_and_the_mr_model_for_everything_else(two_st
     assert two_stores.default_for(modality) == expected
 
 
+def test_volumes_get_the_2_5d_default_and_single_images_the_2d_one(two_stores):
+    folder = shipped_copy(two_stores.shipped_dir / "ct-default", two_stores.shipped_dir, "ct-2.5d", ["CT"])
+    card = json.loads((folder / "card.json").read_text())
+    card["architecture"]["context_slices"] = 2
+    (folder / "card.json").write_text(json.dumps(card))
+    assert two_stores.default_for("CT", slices=40) == "ct-2.5d"
+    assert two_stores.default_for("CT", slices=3) == "ct-2.5d"
+    assert two_stores.default_for("CT", slices=2) == "ct-default", "2 neighbours each side need 3 slices or more"
+    assert two_stores.default_for("CT") == "ct-default"
+    assert two_stores.default_for("MR", slices=40) == "mr-default"
+
+
 def test_default_for_without_shipped_models_says_so(saved, tmp_path):
     with pytest.raises(ValueError, match="no shipped default model for CT"):
         ModelStore(tmp_path / "user", shipped_dir=tmp_path / "none").default_for("CT")
