@@ -5,13 +5,16 @@ images serve twice, outside training: to make realistic noisy training data, and
 calibrate the truncated SRDS start on training slices and measure the card's quality
 figures on slices the training never saw.
 
-    python scripts/train_default_models.py [--only mr|ct] [--scale 1.0] [--threads 1]
+    python scripts/train_default_models.py [--only mr|ct] [--context-slices K] [--scale 1.0] [--threads 1]
 
   mr-brain-default  Colin27 T1 brain MRI (Debian mricron-data): Rician noise at three levels,
                     Poisson and Gamma noise, so one model covers the levels users meet
   ct-head-default   InVesalius head CT (Debian invesalius-examples; real scanner noise)
                     with added Gaussian noise of 20 to 300 HU and Poisson noise
 
+With `--context-slices K` (K > 0) the networks also see K neighbouring slices on each
+side (2.5D) and the models are named mr-brain-2.5d and ct-head-2.5d: the defaults for
+volumes, while the 2D models serve single images.
 The models are written to DiffDenoiseLib/models/<name>/ (card.json + weights).
 `--scale` multiplies every stage's step count (0.05 for a smoke run).
 """
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 
@@ -77,10 +81,11 @@ def ct_recipe():
     }
 
 
-def train_config(scale: float) -> dict:
+def train_config(scale: float, context: int) -> dict:
     steps = {"bsn_steps": 2500, "diffusion_steps": 2000, "student_steps": 900}
     return {
-        "network": {"bsn_width": 48, "bsn_depth": 5, "unet_base": 32, "unet_mults": [1, 2, 2], "student_width": 32},
+        "network": {"context_slices": context, "bsn_width": 48, "bsn_depth": 5, "unet_base": 32,
+                    "unet_mults": [1, 2, 2], "student_width": 32},
         "training": {**{k: max(2, int(v * scale)) for k, v in steps.items()}, "batch_size": 16,
                      "student_slices": 24, "checkpoint_seconds": 60},
         "sampling": {"steps": 5, "pairs": 1, "t_start": 100},
@@ -94,9 +99,14 @@ def split_slices(n: int):
     return middle[1::4][:8], middle[::4][:6]
 
 
-def slab(image: Image, array: np.ndarray, index: int) -> Image:
-    return Image(array=np.ascontiguousarray(array[index]).astype(np.float32), spacing=image.spacing[:2],
-                 origin=image.origin[:2], direction=(1.0, 0.0, 0.0, 1.0), modality=image.modality)
+def slab(image: Image, array: np.ndarray, index: int, context: int) -> Tuple[Image, int]:
+    """The test slice with `context` neighbours on each side (a 2D image when 0), and its index in the result."""
+    if context == 0:
+        return Image(array=np.ascontiguousarray(array[index]).astype(np.float32), spacing=image.spacing[:2],
+                     origin=image.origin[:2], direction=(1.0, 0.0, 0.0, 1.0), modality=image.modality), -1
+    stack = np.ascontiguousarray(array[index - context:index + context + 1]).astype(np.float32)
+    return Image(array=stack, spacing=image.spacing, origin=image.origin, direction=image.direction,
+                 modality=image.modality), context
 
 
 def score(clean: np.ndarray, estimate: np.ndarray, data_range: float) -> dict:
@@ -109,18 +119,20 @@ def evaluate(model, recipe, slices, modes, t_start=-1):
     clean = recipe["clean"].array.astype(np.float64)
     data_range = float(np.percentile(clean, 99.9) - np.percentile(clean, 0.1))
     results = {m: [] for m in ("noisy",) + tuple(modes)}
+    context = model.config.context_slices
     for noisy in recipe["noisy"]:
         for i in slices:
-            image = slab(recipe["clean"], noisy, i)
-            results["noisy"].append(score(clean[i], image.array, data_range))
+            image, index = slab(recipe["clean"], noisy, i, context)
+            pick = (lambda a: a[index]) if index >= 0 else (lambda a: a)
+            results["noisy"].append(score(clean[i], pick(image.array), data_range))
             for mode in modes:
-                out = denoise_image(image, model, mode=mode, t_start=t_start).image.array
-                results[mode].append(score(clean[i], out, data_range))
+                out = denoise_image(image, model, mode=mode, t_start=t_start, slice_axis=0 if index >= 0 else None)
+                results[mode].append(score(clean[i], pick(out.image.array), data_range))
     return {m: {k: round(float(np.mean([r[k] for r in rs])), 3) for k in ("psnr", "ssim")} for m, rs in results.items()}
 
 
-def run_training(recipe, scale, store: Path, work: Path, threads: int, log_path: Path):
-    config = train_config(scale)
+def run_training(recipe, scale, context, store: Path, work: Path, threads: int, log_path: Path):
+    config = train_config(scale, context)
     config_path = work / f"{recipe['name']}.json"
     config_path.write_text(json.dumps(config, indent=2))
     inputs = []
@@ -145,7 +157,7 @@ def build(recipe, args):
     work = Path(args.work) / recipe["name"]
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    config = run_training(recipe, args.scale, store, work, args.threads, work / "train.log")
+    config = run_training(recipe, args.scale, args.context_slices, store, work, args.threads, work / "train.log")
     seconds = time.time() - started
     model = load_model(store / recipe["name"])
     evaluation, calibration = split_slices(recipe["clean"].array.shape[0])
@@ -179,6 +191,7 @@ def build(recipe, args):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("mr", "ct"))
+    parser.add_argument("--context-slices", type=int, default=0, help="neighbouring slices on each side (2.5D)")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "diffdenoise-default-models"))
@@ -186,7 +199,12 @@ def main() -> int:
     args = parser.parse_args()
     recipes = {"mr": mr_recipe, "ct": ct_recipe}
     for key in ([args.only] if args.only else ["mr", "ct"]):
-        build(recipes[key](), args)
+        recipe = recipes[key]()
+        if args.context_slices:
+            recipe["name"] = recipe["name"].replace("-default", "-2.5d")
+            recipe["description"] = recipe["description"].replace("; trained", f", for volumes ({2 * args.context_slices}"
+                                                                  " neighbouring slices seen); trained", 1)
+        build(recipe, args)
     return 0
 
 
