@@ -289,6 +289,10 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         for path in written:
             path.unlink()
         raise
+    if result.details.get("correlated_noise"):
+        reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the blind-spot "
+                     "network cannot separate such noise well; a model adapted with --blind-spot-radius 1 or 2 "
+                     "can (diffdenoise train --help).")
     reporter.log(f"Denoised {source.name} with '{folder.name}' ({args.mode} mode, {device.type}) in "
                  f"{_duration(result.seconds)}: wrote {output}.")
     reporter.result({"output": str(output), "uncertainty": str(uncertainty_path) if uncertainty_path else None,

@@ -324,25 +324,44 @@ def noise_variance_curve(array, bins: int = 20, min_count: int = 50, max_slices:
 
     Voxels are binned by their 3x3 local mean (equal-count bins); in each bin the variance
     is the median of the squared high-pass over the median of chi-square(1), which edges
-    hardly move. Covers additive, Poisson, multiplicative and Rician noise alike; evaluate
-    it with `np.interp` (constant beyond the ends). A volume is sampled at `max_slices`
-    evenly spaced slices. With too few voxels for two bins, one global point is returned.
+    hardly move. Covers additive, Poisson, multiplicative and Rician noise alike, as long as
+    the noise is white (uncorrelated between voxels); evaluate it with `np.interp` (constant
+    beyond the ends). A volume is sampled at `max_slices` evenly spaced slices.
     """
-    a = np.asarray(array, dtype=np.float64)
+    a = sample_slices(np.asarray(array, dtype=np.float64), max_slices)
+    return binned_variance(local_mean(a).ravel(), highpass(a).ravel(), bins, min_count)
+
+
+def sample_slices(a: np.ndarray, max_slices: int) -> np.ndarray:
+    """At most `max_slices` evenly spaced slices of a volume (a 2D image as it is)."""
     if a.ndim == 3 and a.shape[0] > max_slices:
-        a = a[np.linspace(0, a.shape[0] - 1, max_slices).round().astype(int)]
-    means = local_mean(a).ravel()
-    variances = highpass(a).ravel() ** 2
-    edges = np.unique(np.quantile(means, np.linspace(0.0, 1.0, bins + 1)))
-    which = np.clip(np.searchsorted(edges, means, side="right") - 1, 0, max(len(edges) - 2, 0))
+        return a[np.linspace(0, a.shape[0] - 1, max_slices).round().astype(int)]
+    return a
+
+
+def binned_variance(intensities: np.ndarray, samples: np.ndarray, bins: int = 20, min_count: int = 50,
+                    centred: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Variance of Gaussian `samples` against `intensities`, robust to outliers.
+
+    Equal-count bins of `intensities`; in each, the median of the squared samples over the
+    median of chi-square(1). The samples are taken as zero-mean, or, with `centred`, as
+    scattered around the bin's median. With too few samples for two bins, one global point
+    is returned.
+    """
+    def variance(values: np.ndarray) -> float:
+        centre = np.median(values) if centred else 0.0
+        return float(np.median((values - centre) ** 2) / MEDIAN_CHI2_1)
+
+    edges = np.unique(np.quantile(intensities, np.linspace(0.0, 1.0, bins + 1)))
+    which = np.clip(np.searchsorted(edges, intensities, side="right") - 1, 0, max(len(edges) - 2, 0))
     xs, ys = [], []
     for b in range(max(len(edges) - 1, 0)):
         chosen = which == b
         if chosen.sum() >= min_count:
-            xs.append(means[chosen].mean())
-            ys.append(np.median(variances[chosen]) / MEDIAN_CHI2_1)
+            xs.append(intensities[chosen].mean())
+            ys.append(variance(samples[chosen]))
     if not xs:
-        xs, ys = [float(means.mean())], [float(np.median(variances) / MEDIAN_CHI2_1)]
+        xs, ys = [float(intensities.mean())], [variance(samples)]
     return np.asarray(xs), np.asarray(ys)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
-from DiffDenoiseLib.fusion import fuse_with_observation
+from DiffDenoiseLib.fusion import fuse_with_observation, looks_correlated
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig, StudentNet
 from DiffDenoiseLib.noise import estimate_transform_params, get_transform
@@ -224,6 +224,9 @@ def denoise_image(
                                                                mode == "single", seed, run)
             details.update(sampling)
         details["fusion"] = bool(model.sampling.fusion if fusion is None else fusion)
+        if details["fusion"]:
+            details["correlated_noise"] = looks_correlated(slices, denoised)
+            details["fusion"] = not details["correlated_noise"]
         if details["fusion"]:
             denoised, weight = fuse_with_observation(slices, denoised)
             uncertainty = None if uncertainty is None else uncertainty * weight

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from DiffDenoiseLib.fusion import fuse_with_observation
+from DiffDenoiseLib.fusion import fuse_with_observation, looks_correlated
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve
 
 
@@ -67,6 +67,20 @@ def test_a_noise_free_image_comes_back_unchanged_and_volumes_go_slice_by_slice()
     volume, _ = fuse_with_observation(noisy, np.stack([clean, clean[::-1]]), curve=curve)
     single, _ = fuse_with_observation(noisy[1], clean[::-1], curve=curve)
     assert np.allclose(volume[1], single)
+
+
+def test_correlated_noise_is_recognised_and_white_noise_or_a_biased_estimate_is_not():
+    """Smooth noise hides from the high-pass: fused with the white-noise curve, the noise comes back."""
+    clean = phantom(160)
+    noisy = add_noise(clean, "correlated", 1.2, np.random.default_rng(5), sigma=0.05)
+    estimate = clean + np.random.default_rng(6).normal(0, 0.015, clean.shape)
+    assert looks_correlated(noisy, estimate)
+    handed_back, _ = fuse_with_observation(noisy, estimate)
+    assert mse(handed_back, clean) > 3 * mse(estimate, clean), "the reason fusion must be skipped"
+    white = add_noise(clean, "gaussian", 0.05, np.random.default_rng(7))
+    assert not looks_correlated(white, estimate)
+    assert not looks_correlated(white, estimate + 0.1), "a bias of the estimate is not noise"
+    assert not looks_correlated(white, white), "an estimate that removed nothing"
 
 
 @pytest.mark.parametrize("noisy,estimate,window,message", [

@@ -7,6 +7,7 @@ import torch
 
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.metrics import psnr
+from DiffDenoiseLib.noise import add_noise
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig, denoise_image
 from DiffDenoiseLib.training import TrainConfig, train_model
@@ -76,6 +77,18 @@ def test_observation_fusion_gives_back_detail_the_blind_estimates_lose(ct_slice,
                                                                              data_range=data_range)
         assert gain > 0.3, (mode, gain)
     assert "fusion" not in denoise_image(noisy, trained, mode="fast").details
+    assert fused.details["correlated_noise"] is False
+
+
+def test_fusion_is_skipped_when_the_noise_is_spatially_correlated(ct_slice, trained):
+    """Fusing would hand correlated noise back; Full then returns the SRDS estimate as it is."""
+    clean, _ = ct_slice
+    noise = add_noise(np.zeros_like(clean), "correlated", 1.2, np.random.default_rng(1), sigma=60.0)
+    noisy = Image(array=(clean + noise).astype(np.float32), modality="CT")
+    asked = denoise_image(noisy, trained, mode="full")
+    unfused = denoise_image(noisy, trained, mode="full", fusion=False)
+    assert asked.details["correlated_noise"] and not asked.details["fusion"]
+    assert np.array_equal(asked.image.array, unfused.image.array)
 
 
 def test_full_mode_gives_an_uncertainty_map_in_the_input_units(ct_slice, trained):
