@@ -29,7 +29,6 @@ if str(ROOT) not in sys.path:
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from DiffDenoiseLib import datasets  # noqa: E402
 from DiffDenoiseLib.metrics import flat_region_bias, gradient_magnitude, method_noise_stats, psnr, ssim  # noqa: E402
 
 from benchmarks import ours, report  # noqa: E402
@@ -51,13 +50,18 @@ N2V_NOTE = ("Noise2Void (careamics 0.3.5) could not run here: careamics imports 
             "same index (a CUDA machine, or download.pytorch.org/whl/cpu).")
 
 
-def masks(clean: np.ndarray):
-    """Foreground (body) mask and a flat-tissue mask: the smoothest quarter of the foreground, eroded away from edges."""
-    fg = datasets.foreground_mask(clean)
-    g = gradient_magnitude(clean)
+def masks(clean: np.ndarray, body: np.ndarray):
+    """Foreground (body) mask and a flat-tissue mask: the smoothest quarter of the body, eroded away from edges.
+
+    Smoothness is the gradient of the clean image smoothed at 2 pixels, so that texture and the
+    scanner noise a clean CT still carries do not break the flat tissue into specks.
+    """
+    fg = np.asarray(body, dtype=bool)
+    smooth = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(clean), 2.0))
+    g = gradient_magnitude(smooth)
     flat = fg & (g <= np.percentile(g[fg], 25)) if fg.any() else fg
-    flat = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(flat.astype(np.uint8)), [1, 1])) > 0
-    return fg, (flat if flat.sum() >= 20 else None)
+    flat = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.GetImageFromArray(flat.astype(np.uint8)), [2, 2])) > 0
+    return fg, (flat if flat.sum() >= 100 else None)
 
 
 def scores(case: Case, clean: np.ndarray, noisy: np.ndarray, out: np.ndarray, fg, flat) -> Dict[str, Optional[float]]:
@@ -98,7 +102,7 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
             else:
                 noisy_slab, noisy = None, noise.apply(clean, rng)
             cond = Condition(noise, float(np.std(noisy - clean)), noisy_slab, pairs)
-            fg, flat = masks(clean)
+            fg, flat = masks(clean, case.body[s_index])
             outputs = {}
 
             def record(method: str, call, model_name: Optional[str] = None) -> None:

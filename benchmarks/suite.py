@@ -80,6 +80,9 @@ class Case:
     slabs: Optional[np.ndarray]  # (n, D, H, W) with the test slice at D // 2, or None for a 2D image
     train: List[np.ndarray] = field(default_factory=list)  # 2D regions in [0, 1], disjoint from the test crops
     source: str = ""
+    # (n, H, W) body masks of the test crops, cut from the whole slice's mask: inside a crop with no air,
+    # Otsu would split bone from soft tissue instead of the body from the air
+    body: Optional[np.ndarray] = None
 
     def to_units(self, normalised: np.ndarray) -> np.ndarray:
         return np.asarray(normalised, dtype=np.float64) * self.scale + self.offset
@@ -134,16 +137,19 @@ def volume_case(name: str, image, unit: str, crop: int, tests: int, trains: int,
     middle = np.arange(int(0.3 * n), int(0.7 * n))
     test_idx = middle[np.linspace(0, len(middle) - 1, tests + 2).round().astype(int)[1:-1]]
     half = slab // 2
-    clean, slabs, train = [], [], []
+    clean, slabs, train, body = [], [], [], []
     for i in test_idx:
-        ys, xs = crop_box(datasets.foreground_mask(array[i]), crop)
+        mask = datasets.foreground_mask(array[i])
+        ys, xs = crop_box(mask, crop)
+        body.append(mask[ys, xs])
         clean.append(unit_volume[i, ys, xs])
         slabs.append(unit_volume[i - half:i - half + slab, ys, xs])  # test slices lie far from the ends
     far = [j for j in range(int(0.2 * n), int(0.8 * n)) if all(abs(j - i) > half + 2 for i in test_idx)]
     for j in np.asarray(far)[np.linspace(0, len(far) - 1, trains).round().astype(int)]:
         ys, xs = crop_box(datasets.foreground_mask(array[j]), crop)
         train.append(unit_volume[j, ys, xs])
-    return Case(name, image.modality or "MR", unit, offset, scale, np.stack(clean), np.stack(slabs), train, source)
+    return Case(name, image.modality or "MR", unit, offset, scale, np.stack(clean), np.stack(slabs), train, source,
+                np.stack(body))
 
 
 def image_case(name: str, image, unit: str, crop: int, source: str) -> Case:
@@ -154,10 +160,12 @@ def image_case(name: str, image, unit: str, crop: int, source: str) -> Case:
     array = block_mean(array, max(1, min(array.shape) // (2 * crop)))
     offset, scale = normaliser(array)
     unit_image = to_unit(array, offset, scale)
-    ys, xs = crop_box(datasets.foreground_mask(array), crop)
+    mask = datasets.foreground_mask(array)
+    ys, xs = crop_box(mask, crop)
     regions = [unit_image[:ys.start], unit_image[ys.stop:], unit_image[ys, :xs.start], unit_image[ys, xs.stop:]]
     train = [r for r in regions if min(r.shape) >= 32]
-    return Case(name, image.modality or "OT", unit, offset, scale, unit_image[ys, xs][None], None, train, source)
+    return Case(name, image.modality or "OT", unit, offset, scale, unit_image[ys, xs][None], None, train, source,
+                mask[ys, xs][None])
 
 
 def build_cases(quick: bool) -> Tuple[List[Case], List[str]]:

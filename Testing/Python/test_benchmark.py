@@ -5,6 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
+from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.metrics import psnr
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig
@@ -13,7 +14,8 @@ from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import apply_oracle, train_oracle
 from benchmarks.peers import PEERS, Condition, available_peers
-from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, noises_for
+from benchmarks.run_benchmark import masks
+from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
 
 
 def toy_image(size=96):
@@ -94,6 +96,21 @@ def test_our_modes_go_through_the_scanner_units_and_back():
     np.testing.assert_allclose(out, noisy, atol=1e-4)
     full, spread = ours.run_mode("full", model, tiny_case(clean), noisy, None)
     assert full.shape == noisy.shape and spread is not None and np.all(spread >= 0)
+
+
+def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue():
+    """Otsu on a crop with no air would call only the bone foreground; the body comes from the whole slice."""
+    yy, xx = np.mgrid[:256, :256]
+    radius = np.hypot(yy - 128, xx - 128)
+    hu = np.where(radius < 110, 1000.0, -1000.0)  # skull
+    hu[radius < 100] = 30.0  # brain
+    hu[120:136, 100:156] = 1000.0  # a bone inside the crop
+    hu[radius >= 110] += np.random.default_rng(0).normal(0, 3, int(np.sum(radius >= 110)))  # air, not padding
+    case = image_case("head", Image(array=hu.astype(np.float32), modality="CT"), "HU", crop=64, source="")
+    assert case.body.shape == case.clean.shape and case.body[0].all()
+    fg, flat = masks(case.clean[0], case.body[0])
+    assert flat is not None and flat.sum() > 500
+    assert np.abs(case.to_units(case.clean[0][flat]) - 30.0).max() < 20.0, "flat tissue must be brain, not bone"
 
 
 def test_oracle_trains_on_the_training_regions_and_denoises_their_size():
