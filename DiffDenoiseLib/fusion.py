@@ -17,7 +17,8 @@ result keeps it; where it missed structure (edges, fine detail) it leans on y.
 All of this assumes white noise. Spatially correlated noise breaks it twice: y's noise
 is shared with the neighbours the estimate came from, and it is smooth, so the high-pass
 sees little of it and s comes out far too small; fusion would hand the noise back.
-`looks_correlated` notices this from the residual y - m, and then fusion is skipped.
+`looks_correlated` notices this from the residual y - m, and `fuse_unless_correlated`
+then returns the estimate as it is.
 """
 
 from __future__ import annotations
@@ -90,3 +91,17 @@ def fuse_with_observation(
         weight[i] = s / (v + s)
         fused[i] = m2 + (1.0 - weight[i]) * (y2 - m2)
     return fused, weight
+
+
+def fuse_unless_correlated(noisy: np.ndarray, estimate: np.ndarray, white: Optional[Curve] = None
+                           ) -> Tuple[np.ndarray, Optional[np.ndarray], bool]:
+    """(result, weight of the estimate or None, whether the noise looks correlated).
+
+    Fusion with the white-noise curve (of `noisy` when `white` is None), unless the noise looks
+    spatially correlated: then the estimate comes back unchanged and the weight is None.
+    """
+    white = noise_variance_curve(noisy) if white is None else white
+    if looks_correlated(noisy, estimate, white):
+        return np.asarray(estimate), None, True
+    fused, weight = fuse_with_observation(noisy, estimate, curve=white)
+    return fused, weight, False

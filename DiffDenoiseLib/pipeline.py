@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
-from DiffDenoiseLib.fusion import fuse_with_observation, looks_correlated
+from DiffDenoiseLib.fusion import fuse_unless_correlated
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig, StudentNet
 from DiffDenoiseLib.noise import estimate_transform_params, get_transform
@@ -225,11 +225,10 @@ def denoise_image(
             details.update(sampling)
         details["fusion"] = bool(model.sampling.fusion if fusion is None else fusion)
         if details["fusion"]:
-            details["correlated_noise"] = looks_correlated(slices, denoised)
-            details["fusion"] = not details["correlated_noise"]
-        if details["fusion"]:
-            denoised, weight = fuse_with_observation(slices, denoised)
-            uncertainty = None if uncertainty is None else uncertainty * weight
+            denoised, weight, details["correlated_noise"] = fuse_unless_correlated(slices, denoised)
+            details["fusion"] = weight is not None
+            if weight is not None and uncertainty is not None:
+                uncertainty = uncertainty * weight
     denoised_z = from_slice_stack(denoised, axis, z.ndim)
     output = normalization.inverse(transform.inverse_denoised(denoised_z.astype(np.float64)))
     result_image = replace(image, array=output.astype(np.float32))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from DiffDenoiseLib import __version__
 from DiffDenoiseLib.diffusion import diffusion_loss
-from DiffDenoiseLib.fusion import fuse_with_observation, looks_correlated
+from DiffDenoiseLib.fusion import fuse_unless_correlated
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.noise import noise_variance_curve
@@ -357,9 +357,8 @@ def _distillation_targets(model, volumes, estimates, config, run, log):
         full = np.zeros_like(volume)
         denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
                                          settings, indices=indices)
-        white = noise_variance_curve(volume)
-        if model.sampling.fusion and not looks_correlated(volume[indices], denoised, white):
-            denoised, _ = fuse_with_observation(volume[indices], denoised, curve=white)
+        if model.sampling.fusion:
+            denoised, _, _ = fuse_unless_correlated(volume[indices], denoised, white=noise_variance_curve(volume))
         full[indices] = denoised
         targets.append(full)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")

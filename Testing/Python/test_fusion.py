@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from DiffDenoiseLib.fusion import fuse_with_observation, looks_correlated
+from DiffDenoiseLib.fusion import fuse_unless_correlated, fuse_with_observation, looks_correlated
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve
 
 
@@ -81,6 +81,10 @@ def test_correlated_noise_is_recognised_and_white_noise_or_a_biased_estimate_is_
     assert not looks_correlated(white, estimate)
     assert not looks_correlated(white, estimate + 0.1), "a bias of the estimate is not noise"
     assert not looks_correlated(white, white), "an estimate that removed nothing"
+    kept, weight, correlated = fuse_unless_correlated(noisy, estimate)
+    assert correlated and weight is None and np.array_equal(kept, estimate)
+    fused, weight, correlated = fuse_unless_correlated(white, estimate)
+    assert not correlated and np.array_equal(fused, fuse_with_observation(white, estimate)[0])
 
 
 @pytest.mark.parametrize("noisy,estimate,window,message", [
