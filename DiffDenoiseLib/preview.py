@@ -8,12 +8,12 @@ can see at once whether only noise was taken away or also anatomy.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from DiffDenoiseLib.atomic import replaced_when_done
 from DiffDenoiseLib.slicing import as_slice_stack, choose_slice_axis
 
 CT_WINDOW = (-160.0, 240.0)  # level 40 HU, width 400 HU
@@ -46,9 +46,8 @@ def before_after_png(before, after, path, modality=None) -> Path:
     scale = max(1, int(np.ceil(384 / max(height, 1))))
     picture = np.kron(picture, np.ones((scale, scale), dtype=np.uint8))
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    sitk.WriteImage(sitk.GetImageFromArray(picture[::-1] if _flip_rows(before) else picture), str(tmp))
-    os.replace(tmp, path)
+    with replaced_when_done(path) as tmp:
+        sitk.WriteImage(sitk.GetImageFromArray(picture[::-1] if _flip_rows(before) else picture), str(tmp))
     return path
 
 

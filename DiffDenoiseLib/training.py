@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from DiffDenoiseLib import __version__
+from DiffDenoiseLib.atomic import replaced_when_done
 from DiffDenoiseLib.diffusion import diffusion_loss
 from DiffDenoiseLib.fusion import fuse_unless_correlated
 from DiffDenoiseLib.imageio import Image
@@ -135,12 +135,6 @@ class _StageRun:
     cancel: CancelToken
 
 
-def _save_atomically(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _checkpoint_path(work_dir: Path, stage: str) -> Path:
     return work_dir / f"{stage}.ckpt.pt"
 
@@ -171,7 +165,8 @@ def _run_stage(stage: str, net: torch.nn.Module, loss_fn, lr: float, run: _Stage
     def save() -> None:
         state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "losses": losses, "seconds": time.monotonic() - started}
-        _save_atomically(state, path)
+        with replaced_when_done(path) as tmp:
+            torch.save(state, tmp)
         if run.on_checkpoint is not None:
             run.on_checkpoint(stage, step, path)
 
@@ -361,7 +356,6 @@ def _distillation_targets(model, volumes, estimates, config, run, log):
             denoised, _, _ = fuse_unless_correlated(volume[indices], denoised, white=noise_variance_curve(volume))
         full[indices] = denoised
         targets.append(full)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **{f"v{i}": t for i, t in enumerate(targets)})
-    os.replace(tmp, path)
+    with replaced_when_done(path) as tmp:
+        np.savez(tmp, **{f"v{i}": t for i, t in enumerate(targets)})
     return per_volume, targets

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
+from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402
 from DiffDenoiseLib.metrics import flat_region_bias, gradient_magnitude, method_noise_stats, psnr, ssim  # noqa: E402
 
 from benchmarks import ours, report  # noqa: E402
@@ -181,8 +182,10 @@ def main(argv=None) -> int:
             "models": {name: report.model_summary(model) for name, model in models.values()},
             "rows": rows,
         }
-        (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False, default=float) + "\n")
-        (out / "results.md").write_text(report.markdown(results))
+        with replaced_when_done(out / "results.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=1, allow_nan=False, default=float) + "\n")
+        with replaced_when_done(out / "results.md") as tmp:
+            tmp.write_text(report.markdown(results))
         return results
 
     done: List[str] = []
