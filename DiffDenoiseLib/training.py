@@ -21,7 +21,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -302,8 +302,9 @@ def train_model(
 
     estimates = None
     if "diffusion" in config.stages or "student" in config.stages:
-        log("computing the blind-spot estimate of the training images")
-        estimates = [run_network_on_slices(model.bsn, v, k, device, cancel=cancel)[:, 0] for v in volumes]
+        estimates = _cached_per_volume(
+            run.work_dir / "bsn_estimates.npz", len(volumes), "the blind-spot estimate of the training images", log,
+            lambda: [run_network_on_slices(model.bsn, v, k, device, cancel=cancel)[:, 0] for v in volumes])
     if "diffusion" in config.stages:
         scales = torch.tensor([residual_scale(v, c) for v, c in zip(volumes, estimates)], dtype=torch.float32)
         sampler = PatchSampler(volumes, k, config.diffusion_patch, extras=[estimates])
@@ -336,26 +337,41 @@ def train_model(
     return model.eval()
 
 
+def _cached_per_volume(path: Path, count: int, what: str, log, compute) -> List[np.ndarray]:
+    """One array per training volume from `compute()`, kept in the work folder so a resumed training skips the pass.
+
+    The work folder belongs to one training request (the CLI empties it when the
+    settings change), and the pass runs only after the stages it depends on are done.
+    """
+    if path.exists():
+        log(f"reusing {what} from {path.name}")
+        with np.load(path, allow_pickle=False) as cached:
+            return [cached[f"v{i}"] for i in range(count)]
+    log(f"computing {what}")
+    arrays = compute()
+    with replaced_when_done(path) as tmp:
+        np.savez(tmp, **{f"v{i}": a for i, a in enumerate(arrays)})
+    return arrays
+
+
 def _distillation_targets(model, volumes, estimates, config, run, log):
-    """Full-mode outputs on evenly spaced training slices, cached in the work folder for resume."""
-    path = run.work_dir / "student_targets.npz"
+    """Full-mode outputs on evenly spaced training slices (zeros elsewhere), cached for resume."""
     per_volume = [np.unique(np.linspace(0, v.shape[0] - 1, min(v.shape[0], config.student_slices)).round().astype(int))
                   for v in volumes]
-    if path.exists():
-        with np.load(path, allow_pickle=False) as cached:
-            targets = [cached[f"v{i}"] for i in range(len(volumes))]
-        return per_volume, targets
-    log("computing Full-mode distillation targets on the training slices")
-    targets = []
     settings = dict(context=model.config.context_slices, device=run.device, cancel=run.cancel)
-    for volume, estimate, indices in zip(volumes, estimates, per_volume):
-        full = np.zeros_like(volume)
-        denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
-                                         settings, indices=indices)
-        if model.sampling.fusion:
-            denoised, _, _ = fuse_unless_correlated(volume[indices], denoised, white=noise_variance_curve(volume))
-        full[indices] = denoised
-        targets.append(full)
-    with replaced_when_done(path) as tmp:
-        np.savez(tmp, **{f"v{i}": t for i, t in enumerate(targets)})
+
+    def full_mode_outputs() -> List[np.ndarray]:
+        targets = []
+        for volume, estimate, indices in zip(volumes, estimates, per_volume):
+            full = np.zeros_like(volume)
+            denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
+                                             settings, indices=indices)
+            if model.sampling.fusion:
+                denoised, _, _ = fuse_unless_correlated(volume[indices], denoised, white=noise_variance_curve(volume))
+            full[indices] = denoised
+            targets.append(full)
+        return targets
+
+    targets = _cached_per_volume(run.work_dir / "student_targets.npz", len(volumes),
+                                 "Full-mode distillation targets on the training slices", log, full_mode_outputs)
     return per_volume, targets

@@ -6,7 +6,8 @@ import torch
 
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import NetworkConfig
-from DiffDenoiseLib.training import CancelToken, Cancelled, PatchSampler, TrainConfig, train_model
+from DiffDenoiseLib.pipeline import run_network_on_slices
+from DiffDenoiseLib.training import CancelToken, Cancelled, PatchSampler, TrainConfig, _training_slices, train_model
 
 TINY = NetworkConfig(bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1, 2), student_width=8)
 
@@ -88,3 +89,24 @@ def test_later_stages_need_a_blind_spot_network(tmp_path):
 def test_unknown_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         train_model([noisy_volume()], tmp_path, "x", train_config=TrainConfig(stages=("bns",)))
+
+
+def test_a_resumed_training_reuses_the_blind_spot_estimates_of_the_first_run(tmp_path):
+    image = noisy_volume()
+    config = TrainConfig(stages=("bsn", "diffusion"), max_steps=3, batch_size=2, bsn_patch=16, diffusion_patch=16,
+                         checkpoint_seconds=1e9)
+    first = []
+    with pytest.raises(Cancelled):
+        train_model([image], tmp_path, "x", network_config=TINY, train_config=config, cancel=StopAfterChecks(5),
+                    log=first.append)
+    assert "computing the blind-spot estimate of the training images" in first
+    assert torch.load(tmp_path / "bsn.ckpt.pt", weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "diffusion.ckpt.pt", weights_only=True)["step"] < 3
+
+    second = []
+    model = train_model([image], tmp_path, "x", network_config=TINY, train_config=config, log=second.append)
+    assert second == ["reusing the blind-spot estimate of the training images from bsn_estimates.npz"]
+    volumes, _ = _training_slices([image], "none")
+    with np.load(tmp_path / "bsn_estimates.npz", allow_pickle=False) as cached:
+        expected = run_network_on_slices(model.bsn, volumes[0], 0, torch.device("cpu"))[:, 0]
+        np.testing.assert_allclose(cached["v0"], expected, atol=1e-6)
