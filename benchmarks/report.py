@@ -68,7 +68,7 @@ def quality_table(table, methods: Sequence[str], psnr_key: str, ssim_key: str) -
 
 def cost_table(table, methods: Sequence[str]) -> List[str]:
     lines = ["| method | seconds / slice | peak extra memory (MiB) | method-noise edge correlation | "
-             "CT flat-region shift vs input, mean abs (HU) |", "|---|---|---|---|---|"]
+             "CT flat-region shift vs clean, mean abs (HU) |", "|---|---|---|---|---|"]
     for m in methods:
         rows = [r[m] for r in table.values() if m in r]
         mean = lambda key: np.mean([r[key] for r in rows if r[key] is not None]) if rows else float("nan")  # noqa

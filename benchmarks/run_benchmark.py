@@ -73,9 +73,9 @@ def scores(case: Case, clean: np.ndarray, noisy: np.ndarray, out: np.ndarray, fg
         "psnr_fg": psnr(clean, out, data_range=1.0, mask=use_fg),
         "ssim_fg": ssim(clean, out, data_range=1.0, mask=use_fg),
         "edge_correlation": method_noise_stats(noisy, out, clean)["edge_correlation"],
-        # the shift a method puts into a flat tissue patch (output - input): the patch mean of one noise
-        # draw differs from the clean one by several HU at these noise levels, which would hide a 1 HU bias
-        "flat_bias": None if flat is None else flat_region_bias(case.to_units(noisy), case.to_units(out), flat),
+        # the shift of a flat tissue patch against the clean image: measured against the noisy input it
+        # would carry the patch mean of one noise draw (several HU, the same for every method)
+        "flat_bias": None if flat is None else flat_region_bias(case.to_units(clean), case.to_units(out), flat),
     }
 
 

@@ -14,7 +14,7 @@ from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import apply_oracle, train_oracle
 from benchmarks.peers import PEERS, Condition, available_peers
-from benchmarks.run_benchmark import masks
+from benchmarks.run_benchmark import masks, scores
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
 
 
@@ -111,6 +111,17 @@ def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue()
     fg, flat = masks(case.clean[0], case.body[0])
     assert flat is not None and flat.sum() > 500
     assert np.abs(case.to_units(case.clean[0][flat]) - 30.0).max() < 20.0, "flat tissue must be brain, not bone"
+
+
+def test_flat_tissue_shift_is_measured_against_the_clean_image_not_the_noise_draw():
+    """A method that shifts tissue by exactly 3 HU reads 3 HU whatever the patch mean of the noise draw."""
+    clean = np.full((64, 64), (40.0 + 1000.0) / 3000.0)
+    case = Case("flat", "CT", "HU", -1000.0, 3000.0, clean[None], None, [], "", np.ones((1, 64, 64), bool))
+    fg, flat = masks(clean, np.ones_like(clean, dtype=bool))
+    noisy = clean + 12.0 / case.scale  # a draw whose patch mean is 12 HU above the clean tissue
+    shifted = clean + 3.0 / case.scale
+    assert scores(case, clean, noisy, shifted, fg, flat)["flat_bias"] == pytest.approx(3.0, abs=1e-6)
+    assert scores(case, clean, noisy, noisy, fg, flat)["flat_bias"] == pytest.approx(12.0, abs=1e-6)
 
 
 def test_oracle_trains_on_the_training_regions_and_denoises_their_size():
