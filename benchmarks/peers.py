@@ -3,15 +3,20 @@
 BM3D and BM4D get the true noise level (and, for correlated noise, its true power
 spectrum); non-local means, total variation and SimpleITK's curvature anisotropic
 diffusion get the true sigma and have their one or two free parameters tuned on the
-image's training regions with the same noise (never on the test crop). Optional peers
-whose package is missing are reported with the reason instead of a number.
+image's training regions with the same noise (never on the test crop). Noise2Void is
+trained for each condition on the noisy test slice and the noisy training regions, by
+CAREamics in a separate Python environment. Optional peers whose package is missing are
+reported with the reason instead of a number.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -121,3 +126,38 @@ def available_peers(peers: Sequence[Peer] = PEERS) -> Tuple[List[Peer], Dict[str
         else:
             ready.append(peer)
     return ready, missing
+
+
+N2V_WORKER = Path(__file__).with_name("careamics_n2v.py")
+
+
+def noise2void(python: str, steps: int, worker: Path = N2V_WORKER) -> Peer:
+    """Noise2Void trained for `steps` batches on each condition by `worker` run with `python` (CAREamics)."""
+
+    def run(noisy: np.ndarray, cond: Condition) -> np.ndarray:
+        with tempfile.TemporaryDirectory(prefix="n2v-") as folder:
+            inputs, output = Path(folder) / "input.npz", Path(folder) / "output.npy"
+            np.savez(inputs, test=noisy, **{f"train_{i}": n for i, (_, n) in enumerate(cond.train_pairs)})
+            done = subprocess.run([python, str(worker), str(inputs), str(output), "--steps", str(steps)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0 or not output.exists():
+                tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+                raise RuntimeError(f"Noise2Void with {python} failed (exit {done.returncode}): {tail}")
+            return np.load(output, allow_pickle=False)
+
+    return Peer("n2v", run)
+
+
+def noise2void_unavailable(python: Optional[str]) -> Optional[str]:
+    """Why Noise2Void cannot run with `python`, or None when it can."""
+    if not python:
+        return ("not run: Noise2Void needs a Python environment with careamics, given as --n2v-python "
+                "(or DIFFDENOISE_N2V_PYTHON); see benchmarks/README.md")
+    try:
+        check = subprocess.run([python, "-c", "import careamics"], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"not run: {python} could not be started ({error})"
+    if check.returncode != 0:
+        last = (check.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"not run: careamics does not import with {python} ({last})"
+    return None

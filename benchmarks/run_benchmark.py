@@ -2,6 +2,7 @@
 
     python benchmarks/run_benchmark.py [--quick | --full] [--out benchmarks/results]
                                        [--images NAME ...] [--noises LABEL ...] [--no-figures]
+                                       [--n2v-python PYTHON_WITH_CAREAMICS]
 
 Writes results.json (every slice, method and metric), results.md (tables and the goals of
 the benchmark, each checked against the numbers) and PNG figures to --out. See
@@ -35,22 +36,14 @@ from DiffDenoiseLib.metrics import flat_region_bias, gradient_magnitude, method_
 from benchmarks import ours, report  # noqa: E402
 from benchmarks.measure import measured  # noqa: E402
 from benchmarks.oracle import apply_oracle, train_oracle  # noqa: E402
-from benchmarks.peers import Condition, available_peers  # noqa: E402
+from benchmarks.peers import Condition, available_peers, noise2void, noise2void_unavailable  # noqa: E402
 from benchmarks.suite import Case, Noise, build_cases, noises_for  # noqa: E402
 
 MODES = {
-    "quick": {"oracle_steps": 100, "tuning_pairs": 2, "tuning_crop": 96},
-    "full": {"oracle_steps": 3000, "tuning_pairs": 4, "tuning_crop": 192},
+    "quick": {"oracle_steps": 100, "tuning_pairs": 2, "tuning_crop": 96, "n2v_steps": 150},
+    "full": {"oracle_steps": 3000, "tuning_pairs": 4, "tuning_crop": 192, "n2v_steps": 3000},
 }
 FIGURE_NOISES = ("gaussian 25/255", "poisson 200", "correlated 1.2", "rician 0.05")
-N2V_NOTE = ("Noise2Void (careamics 0.3.5) could not run here: careamics imports torchvision when it is imported "
-            "(careamics/models/lvae uses torchvision.transforms), PyPI's torchvision wheels for Linux are CUDA builds "
-            "whose _C.so needs libc10_cuda.so and libtorch_cuda.so, so with the CPU torch 2.13 they fail to load "
-            "('operator torchvision::nms does not exist'), and the CPU build of torchvision is published only on "
-            "download.pytorch.org, which this machine cannot reach. It runs where torch and torchvision come from the "
-            "same index (a CUDA machine, or download.pytorch.org/whl/cpu).")
-
-
 def masks(clean: np.ndarray, body: np.ndarray):
     """Foreground (body) mask and a flat-tissue mask: the smoothest quarter of the body, eroded away from edges.
 
@@ -154,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", nargs="*", help="only these images (names as in results.json)")
     parser.add_argument("--noises", nargs="*", help="only these noise settings (labels, e.g. 'gaussian 25/255')")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--n2v-python", default=os.environ.get("DIFFDENOISE_N2V_PYTHON"),
+                        help="a Python interpreter with careamics, to run Noise2Void (benchmarks/README.md)")
     args = parser.parse_args(argv)
     quick = not args.full
     settings = MODES["quick" if quick else "full"]
@@ -166,7 +161,11 @@ def main(argv=None) -> int:
     if args.images:
         cases = [c for c in cases if c.name in args.images]
     peers, missing_peers = available_peers()
-    missing_peers["n2v"] = N2V_NOTE
+    n2v_missing = noise2void_unavailable(args.n2v_python)
+    if n2v_missing:
+        missing_peers["n2v"] = n2v_missing
+    else:
+        peers.append(noise2void(args.n2v_python, settings["n2v_steps"]))
     rows, figures, models = [], [], {}
 
     def write(done: List[str]) -> dict:

@@ -162,9 +162,38 @@ def test_measured_reports_time_and_the_memory_a_call_holds():
         assert mib > 40
 
 
-def test_n2v_note_names_the_reason_when_careamics_cannot_import():
-    from benchmarks.run_benchmark import N2V_NOTE
+def test_noise2void_patches_come_from_every_image_large_enough_in_proportion_to_area():
+    from benchmarks.careamics_n2v import training_patches
 
+    big, small, tiny = np.zeros((128, 128)), np.ones((64, 64)), np.full((32, 32), 2.0)
+    patches = training_patches([big, small, tiny], 400, np.random.default_rng(0), patch=64)
+    assert patches.shape == (400, 64, 64) and patches.dtype == np.float32
+    share_small = np.mean(patches[:, 0, 0] == 1.0)
+    assert 0.1 < share_small < 0.3  # 64^2 / (128^2 + 64^2) = 0.2
+    assert not np.any(patches == 2.0)
+    with pytest.raises(ValueError, match="at least 64x64"):
+        training_patches([tiny], 4, np.random.default_rng(0), patch=64)
+
+
+def test_noise2void_peer_hands_the_slice_and_noisy_regions_to_its_worker(tmp_path):
+    import sys
+
+    from benchmarks.peers import noise2void, noise2void_unavailable
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys, numpy as np\n"
+        "data = np.load(sys.argv[1])\n"
+        "assert sys.argv[4] == '7' and sorted(data.files) == ['test', 'train_0', 'train_1']\n"
+        "np.save(sys.argv[2], data['test'] * 0.5 + data['train_1'].mean())\n")
+    noisy = np.full((16, 16), 0.4)
+    cond = Condition(NOISES[0], 0.1, None, [(None, np.zeros((8, 8))), (None, np.full((8, 8), 0.1))])
+    out = noise2void(sys.executable, 7, worker=worker).run(noisy, cond)
+    np.testing.assert_allclose(out, 0.3)
+
+    worker.write_text("import sys\nsys.exit('careamics exploded')\n")
+    with pytest.raises(RuntimeError, match="careamics exploded"):
+        noise2void(sys.executable, 7, worker=worker).run(noisy, cond)
+    assert "--n2v-python" in noise2void_unavailable(None)
     if importlib.util.find_spec("careamics") is None:
-        assert "torchvision" in N2V_NOTE
-    assert "download.pytorch.org" in N2V_NOTE
+        assert "careamics does not import" in noise2void_unavailable(sys.executable)
