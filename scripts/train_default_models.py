@@ -16,7 +16,9 @@ With `--context-slices K` (K > 0) the networks also see K neighbouring slices on
 side (2.5D) and the models are named mr-brain-2.5d and ct-head-2.5d: the defaults for
 volumes, while the 2D models serve single images.
 The models are written to DiffDenoiseLib/models/<name>/ (card.json + weights).
-`--scale` multiplies every stage's step count (0.05 for a smoke run).
+`--scale` multiplies every stage's step count (0.05 for a smoke run). `--t-start T` and
+`--no-evaluation` skip the post-training t0 sweep and the card's evaluation, which denoise
+every slice of each evaluation slab and cost tens of CPU-minutes for a 2.5D model.
 """
 
 from __future__ import annotations
@@ -164,11 +166,15 @@ def build(recipe, args):
     model = load_model(store / recipe["name"])
     evaluation, calibration = split_slices(recipe["clean"].array.shape[0])
 
-    scores = {t: evaluate(model, recipe, calibration, ("full",), t_start=t)["full"]["psnr"] for t in T_START_CANDIDATES}
-    best = max(scores, key=scores.get)
+    if args.t_start is None:
+        scores = {t: evaluate(model, recipe, calibration, ("full",), t_start=t)["full"]["psnr"]
+                  for t in T_START_CANDIDATES}
+        best = max(scores, key=scores.get)
+    else:
+        scores, best = {}, args.t_start
     model.sampling.t_start = int(best)
     model.card["sampling"]["t_start"] = int(best)
-    metrics = evaluate(model, recipe, evaluation, ("bsn", "single", "full", "fast"))
+    metrics = None if args.no_evaluation else evaluate(model, recipe, evaluation, ("bsn", "single", "full", "fast"))
 
     card = model.card
     card["description"] = recipe["description"]
@@ -181,8 +187,10 @@ def build(recipe, args):
     card["training"]["recipe"] = config
     card["training"]["script"] = "scripts/train_default_models.py"
     card["metrics"] = {
-        "evaluation": "mean over held-out slices of every training noise level, against the clean image",
-        "t_start_calibration_psnr": {str(t): s for t, s in scores.items()},
+        "evaluation": ("mean over held-out slices of every training noise level, against the clean image"
+                       if metrics else "not evaluated at training time (--no-evaluation); see the benchmark"),
+        "t_start_calibration_psnr": ({str(t): s for t, s in scores.items()} if scores
+                                     else f"not calibrated: --t-start {best} was given"),
         "scores": metrics,
     }
     target = SHIPPED / recipe["name"]
@@ -196,6 +204,9 @@ def main() -> int:
     parser.add_argument("--context-slices", type=int, default=0, help="neighbouring slices on each side (2.5D)")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--t-start", type=int, help="use this truncated SRDS start instead of calibrating it "
+                        "(the sweep costs tens of CPU-minutes for a 2.5D model)")
+    parser.add_argument("--no-evaluation", action="store_true", help="leave the card's quality figures out")
     parser.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "diffdenoise-default-models"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "diffdenoise-default-work"))
     args = parser.parse_args()
