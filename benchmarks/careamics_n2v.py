@@ -4,8 +4,9 @@
 
 CAREamics needs torchvision built against its own torch, which this project's CPU torch
 is not, so the benchmark runs this script with another interpreter (`--n2v-python`).
-It imports numpy, careamics and the standard-library-only DiffDenoiseLib.atomic. INPUT.npz holds `test` (the noisy slice) and
-`train_*` (noisy training regions of the same image and noise). N2V is self-supervised,
+It imports numpy, careamics and the standard-library-only DiffDenoiseLib.atomic.
+INPUT.npz holds `test` (the noisy slice) and `train_*` (noisy training regions of the
+same image and noise). N2V is self-supervised,
 so it trains on the noisy test slice itself and on those regions, as a user would
 train it on the images to denoise, then predicts the test slice. OUTPUT.npy is
 written only when complete.
@@ -25,6 +26,7 @@ from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402  (standard li
 
 PATCH = 64
 BATCH = 16
+BATCHES_PER_EPOCH = 16  # CAREamics trains in epochs over one set of crops: this many batches of them
 
 
 def training_patches(images, count: int, rng: np.random.Generator, patch: int = PATCH) -> np.ndarray:
@@ -47,7 +49,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input")
     parser.add_argument("output")
-    parser.add_argument("--steps", type=int, required=True, help="training batches of 16 patches of 64x64")
+    parser.add_argument("--steps", type=int, required=True,
+                        help=f"training batches of {BATCH} patches of {PATCH}x{PATCH}")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -58,9 +61,8 @@ def main(argv=None) -> int:
         test = np.asarray(data["test"], np.float32)
         regions = [np.asarray(data[k], np.float32) for k in data.files if k.startswith("train_")]
     rng = np.random.default_rng(args.seed)
-    batches_per_epoch = 16
-    patches = training_patches([test] + regions, batches_per_epoch * BATCH, rng)
-    epochs = max(1, int(np.ceil(args.steps / batches_per_epoch)))
+    patches = training_patches([test] + regions, BATCHES_PER_EPOCH * BATCH, rng)
+    epochs = max(1, int(np.ceil(args.steps / BATCHES_PER_EPOCH)))
     config = create_n2v_config(experiment_name="benchmark", data_type="array", axes="SYX", patch_size=[PATCH, PATCH],
                                batch_size=BATCH, num_epochs=epochs, n_val_patches=BATCH)
     with tempfile.TemporaryDirectory(prefix="n2v-") as work:

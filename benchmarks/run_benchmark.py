@@ -44,6 +44,8 @@ MODES = {
     "full": {"oracle_steps": 3000, "tuning_pairs": 4, "tuning_crop": 192, "n2v_steps": 3000},
 }
 FIGURE_NOISES = ("gaussian 25/255", "poisson 200", "correlated 1.2", "rician 0.05")
+
+
 def masks(clean: np.ndarray, body: np.ndarray):
     """Foreground (body) mask and a flat-tissue mask: the smoothest quarter of the body, eroded away from edges.
 
