@@ -35,7 +35,7 @@ from DiffDenoiseLib.device import select_device
 from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.networks import NetworkConfig
-from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image
+from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
 from DiffDenoiseLib.slicing import choose_slice_axis
@@ -77,6 +77,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _slice_range(text: str):
+    """START:STOP (Python's half-open range) or a single slice number."""
+    parts = text.split(":")
+    try:
+        start, stop = (int(parts[0]), int(parts[0]) + 1) if len(parts) == 1 else tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP or one slice number, got '{text}'") from None
+    return start, stop
+
+
 def build_parser() -> argparse.ArgumentParser:
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="write one JSON event a line on stdout")
@@ -111,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--slice-axis", choices=tuple(SLICE_AXES), default="auto",
                          help="voxel axis the slices are taken across: z (the third index, axial for most "
                               "scans), y or x; auto takes the coarsest spacing")
+    denoise.add_argument("--slices", type=_slice_range, metavar="START:STOP",
+                         help="denoise only these slices along the slice axis (0-based, STOP excluded; one number "
+                              "for one slice) and write them as a sub-volume in place: a quick look before a "
+                              "whole-volume run")
     denoise.add_argument("--preview", metavar="PNG", help="also write a before | after | removed picture of the "
                                                           "middle slice")
 
@@ -274,7 +288,8 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         reporter.progress(p.stage, p.step, p.total, p.loss, p.eta_s, p.resumed)
 
     result = denoise_image(image, model, mode=args.mode, steps=args.steps, pairs=args.pairs, device=device,
-                           slice_axis=slice_axis, progress=on_progress, cancel=cancel, fusion=args.fusion)
+                           slice_axis=slice_axis, progress=on_progress, cancel=cancel, fusion=args.fusion,
+                           slice_range=args.slices)
     cancel.raise_if_cancelled()
     written = []
     try:
@@ -284,7 +299,11 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         write_image(result.image, output)
         written.append(output)
         if preview_path is not None:
-            before_after_png(image, result.image, preview_path, image.modality)
+            before = image
+            if args.slices is not None:
+                axis, (start, stop) = result.details["slice_axis"], result.details["slice_range"]
+                before = slice_range_image(image, axis, start, np.take(image.array, range(start, stop), axis=axis))
+            before_after_png(before, result.image, preview_path, image.modality)
     except BaseException:
         for path in written:
             path.unlink()

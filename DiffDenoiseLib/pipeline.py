@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
 from DiffDenoiseLib.fusion import fuse_unless_correlated
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig, StudentNet
-from DiffDenoiseLib.noise import estimate_transform_params, get_transform
+from DiffDenoiseLib.noise import estimate_transform_params, get_transform, noise_variance_curve
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
 from DiffDenoiseLib.settings import JsonSettings
@@ -149,8 +149,9 @@ def run_network_on_slices(
     """Apply `fn(stack[, extra]) -> (B, C, h, w)` to slices of a (n, H, W) array; returns (len(indices), C, H, W).
 
     Slices (all, or those in `indices`) go through in batches and, when large, in
-    blended tiles. `extra`, when given, is a (n, H, W) array whose matching slice is
-    passed as a second (B, 1, H, W) input (Full mode passes the blind-spot estimate).
+    blended tiles; their neighbours come from the whole array. `extra`, when given,
+    holds one (H, W) slice per processed slice, passed as a second (B, 1, H, W) input
+    (Full mode passes the blind-spot estimate).
     """
     outputs = []
     indices = list(range(slices.shape[0])) if indices is None else list(indices)
@@ -161,7 +162,7 @@ def run_network_on_slices(
         batch = torch.from_numpy(np.stack([context_stack(slices, i, context) for i in idx]).astype(np.float32))
         inputs = [batch.to(device)]
         if extra is not None:
-            inputs.append(torch.from_numpy(extra[idx][:, None].astype(np.float32)).to(device))
+            inputs.append(torch.from_numpy(extra[start:start + len(idx), None].astype(np.float32)).to(device))
         with torch.no_grad():
             outputs.append(map_tiled(fn, inputs, tile=tile).float().cpu().numpy())
         if progress is not None:
@@ -188,11 +189,17 @@ def denoise_image(
     seed: int = 0,
     tile: int = 256,
     fusion: Optional[bool] = None,
+    slice_range: Optional[Tuple[int, int]] = None,
 ) -> DenoiseResult:
     """Denoise a 2D image or a volume; the input image is never modified.
 
     `t_start=-1` keeps the model's calibrated truncated start; None forces a full start.
     `fusion=None` keeps the model's setting for observation fusion (modes bsn, single, full).
+    `slice_range=(start, stop)` denoises only those slices along the slice axis (a preview
+    of the slice in view, say) and returns them as a sub-volume in place; their
+    neighbours still feed a 2.5D model. Fast and BSN give exactly those slices of the
+    whole-image result; Full takes its residual scale from these slices alone, so its
+    result differs slightly.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
@@ -204,8 +211,10 @@ def denoise_image(
     axis = choose_slice_axis(image.spacing, z.shape) if slice_axis is None else slice_axis
     slices = as_slice_stack(z, axis)
     n = slices.shape[0]
+    start, stop = (0, n) if slice_range is None else checked_slice_range(slice_range, n)
+    indices = None if slice_range is None else list(range(start, stop))
     passes = {"fast": 1, "bsn": 1, "full": 2, "single": 2}[mode]
-    timer = ProgressTimer(total=n * passes)
+    timer = ProgressTimer(total=(stop - start) * passes)
 
     def advance(count: int) -> None:
         timer.advance(count)
@@ -213,45 +222,70 @@ def denoise_image(
             progress(Progress("denoise", timer.done, timer.total, None, timer.eta_s()))
 
     run = dict(context=k, device=device, tile=tile, progress=advance, cancel=cancel)
-    details: dict = {"mode": mode, "slice_axis": int(axis), "slices": int(n)}
+    details: dict = {"mode": mode, "slice_axis": int(axis), "slices": stop - start}
+    if slice_range is not None:
+        details["slice_range"] = [start, stop]
     uncertainty = None
     if mode == "fast":
-        denoised = run_network_on_slices(model.network("student"), slices, **run)[:, 0]
+        denoised = run_network_on_slices(model.network("student"), slices, indices=indices, **run)[:, 0]
     else:
-        denoised = run_network_on_slices(model.network("bsn"), slices, **run)[:, 0]
+        denoised = run_network_on_slices(model.network("bsn"), slices, indices=indices, **run)[:, 0]
         if mode in ("full", "single"):
             denoised, uncertainty, sampling = sample_residual(model, slices, denoised, steps, pairs, t_start,
-                                                               mode == "single", seed, run)
+                                                               mode == "single", seed, run, indices=indices)
             details.update(sampling)
         details["fusion"] = bool(model.sampling.fusion if fusion is None else fusion)
         if details["fusion"]:
-            denoised, weight, details["correlated_noise"] = fuse_unless_correlated(slices, denoised)
+            denoised, weight, details["correlated_noise"] = fuse_unless_correlated(
+                slices[start:stop], denoised, white=noise_variance_curve(slices))
             details["fusion"] = weight is not None
             if weight is not None and uncertainty is not None:
                 uncertainty = uncertainty * weight
     denoised_z = from_slice_stack(denoised, axis, z.ndim)
     output = normalization.inverse(transform.inverse_denoised(denoised_z.astype(np.float64)))
-    result_image = replace(image, array=output.astype(np.float32))
+    result_image = slice_range_image(image, axis, start, output.astype(np.float32))
     uncertainty_image = None
     if uncertainty is not None:
         spread = from_slice_stack(uncertainty, axis, z.ndim).astype(np.float64)
         upper = normalization.inverse(transform.inverse_denoised(denoised_z + spread))
-        uncertainty_image = replace(image, array=np.abs(upper - output).astype(np.float32))
+        uncertainty_image = slice_range_image(image, axis, start, np.abs(upper - output).astype(np.float32))
     return DenoiseResult(result_image, uncertainty_image, time.monotonic() - started, details)
 
 
-def sample_residual(model, slices, estimate, steps, pairs, t_start, single, seed, run, indices=None):
+def checked_slice_range(slice_range: Tuple[int, int], n: int) -> Tuple[int, int]:
+    """(start, stop) as integers within the image's n slices, with at least one slice."""
+    start, stop = (int(v) for v in slice_range)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"the slice range {start}:{stop} is not within the image's {n} slice(s) "
+                         f"(0:{n} is all of them)")
+    return start, stop
+
+
+def slice_range_image(image: Image, axis: int, start: int, array: np.ndarray) -> Image:
+    """`array`, slices start.. of `image` along numpy `axis`, with the geometry that puts it in place."""
+    if array.shape == image.array.shape:
+        return replace(image, array=array)
+    offset = np.zeros(array.ndim)
+    offset[array.ndim - 1 - axis] = start * image.spacing[array.ndim - 1 - axis]  # numpy axis -> (x, y, z) index
+    direction = np.reshape(image.direction, (array.ndim, array.ndim))
+    origin = np.asarray(image.origin) + direction @ offset
+    return replace(image, array=array, origin=tuple(float(v) for v in origin))
+
+
+def sample_residual(model, slices, estimate, steps, pairs, t_start, single, seed, run, indices=None, scale=None):
     """SRDS (or one DDIM sample) of the residual around the blind-spot estimate of every slice.
 
     Returns (denoised, uncertainty or None, settings used) for the slices in `indices`
-    (all by default); `estimate` is the BSN output of all slices.
+    (all by default); `estimate` is the BSN output of those slices. The residual scale
+    comes from them too, unless `scale` is given.
     """
     sampling = model.sampling
     steps = steps or sampling.steps
     pairs = pairs or sampling.pairs
     t_start = sampling.t_start if t_start == -1 else t_start
     schedule = model.schedule
-    scale = residual_scale(slices, estimate)
+    if scale is None:
+        scale = residual_scale(slices if indices is None else slices[indices], estimate)
     generator = torch.Generator(device=run["device"]).manual_seed(seed)
     diffusion = model.network("diffusion")
     k = run["context"]

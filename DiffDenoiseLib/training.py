@@ -364,8 +364,8 @@ def _distillation_targets(model, volumes, estimates, config, run, log):
         targets = []
         for volume, estimate, indices in zip(volumes, estimates, per_volume):
             full = np.zeros_like(volume)
-            denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
-                                             settings, indices=indices)
+            denoised, _, _ = sample_residual(model, volume, estimate[indices], None, None, -1, False, config.seed,
+                                             settings, indices=indices, scale=residual_scale(volume, estimate))
             if model.sampling.fusion:
                 denoised, _, _ = fuse_unless_correlated(volume[indices], denoised, white=noise_variance_curve(volume))
             full[indices] = denoised

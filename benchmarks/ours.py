@@ -51,20 +51,21 @@ def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
              noisy_slab: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(denoised, uncertainty or None) of the test slice on the [0, 1] scale."""
     image, index = model_input(case, noisy, noisy_slab, model.config.context_slices)
-    axis = 0 if index >= 0 else None
+    # a slab: only its test slice is denoised, its neighbours serve as the 2.5D context
+    where = dict(slice_axis=0, slice_range=(index, index + 1)) if index >= 0 else {}
 
     def pick(array: np.ndarray) -> np.ndarray:
         a = np.asarray(array, np.float64)
-        return a[index] if index >= 0 else a
+        return a[0] if index >= 0 else a
 
     if mode == "two-samples":
-        runs = [denoise_image(image, model, mode="single", seed=s, slice_axis=axis) for s in (0, 1)]
+        runs = [denoise_image(image, model, mode="single", seed=s, **where) for s in (0, 1)]
         out = np.mean([pick(r.image.array) for r in runs], axis=0)
         return (out - case.offset) / case.scale, None
     if mode == "full-unfused":
-        result = denoise_image(image, model, mode="full", slice_axis=axis, fusion=False)
+        result = denoise_image(image, model, mode="full", fusion=False, **where)
         return (pick(result.image.array) - case.offset) / case.scale, None
-    result = denoise_image(image, model, mode=mode, slice_axis=axis)
+    result = denoise_image(image, model, mode=mode, **where)
     out = (pick(result.image.array) - case.offset) / case.scale
     spread = None if result.uncertainty is None else pick(result.uncertainty.array) / case.scale
     return out, spread

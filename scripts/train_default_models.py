@@ -17,8 +17,10 @@ side (2.5D) and the models are named mr-brain-2.5d and ct-head-2.5d: the default
 volumes, while the 2D models serve single images.
 The models are written to DiffDenoiseLib/models/<name>/ (card.json + weights).
 `--scale` multiplies every stage's step count (0.05 for a smoke run). `--t-start T` and
-`--no-evaluation` skip the post-training t0 sweep and the card's evaluation, which denoise
-every slice of each evaluation slab and cost tens of CPU-minutes for a 2.5D model.
+`--no-evaluation` skip the post-training t0 sweep and the card's evaluation (each denoises
+the centre slice of every evaluation slab, in each mode and at each noise level).
+`--student-steps N` sets the student's steps alone; with `--continue-student` the shipped
+model's student trains N more steps while its blind-spot and diffusion networks stay as they are.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -44,7 +46,7 @@ from DiffDenoiseLib.metrics import psnr, ssim  # noqa: E402
 from DiffDenoiseLib.noise import add_noise  # noqa: E402
 from DiffDenoiseLib.normalization import HIGH_PERCENTILE, LOW_PERCENTILE  # noqa: E402
 from DiffDenoiseLib.pipeline import denoise_image  # noqa: E402
-from DiffDenoiseLib.store import load_model, save_model  # noqa: E402
+from DiffDenoiseLib.store import load_model, read_card, save_model  # noqa: E402
 
 SHIPPED = ROOT / "DiffDenoiseLib" / "models"
 # 100-200 bracket the best truncated start of every model trained so far (140 for both 2D defaults);
@@ -85,13 +87,14 @@ def ct_recipe():
     }
 
 
-def train_config(scale: float, context: int) -> dict:
+def train_config(scale: float, context: int, student_steps: Optional[int] = None) -> dict:
     steps = {"bsn_steps": 2500, "diffusion_steps": 2000, "student_steps": 900}
     return {
         "network": {"context_slices": context, "bsn_width": 48, "bsn_depth": 5, "unet_base": 32,
                     "unet_mults": [1, 2, 2], "student_width": 32},
         "training": {**{k: max(2, int(v * scale)) for k, v in steps.items()}, "batch_size": 16,
-                     "student_slices": 24, "checkpoint_seconds": 60},
+                     "student_slices": 24, "checkpoint_seconds": 60,
+                     **({"student_steps": student_steps} if student_steps else {})},
         "sampling": {"steps": 5, "pairs": 1, "t_start": 100},
         "transform": "none",
     }
@@ -129,15 +132,18 @@ def evaluate(model, recipe, slices, modes, t_start=-1):
             image, index = slab(recipe["clean"], noisy, i, context)
             pick = (lambda a: a[index]) if index >= 0 else (lambda a: a)
             results["noisy"].append(score(clean[i], pick(image.array), data_range))
+            where = dict(slice_axis=0, slice_range=(index, index + 1)) if index >= 0 else {}
             for mode in modes:
-                out = denoise_image(image, model, mode=mode, t_start=t_start, slice_axis=0 if index >= 0 else None)
-                results[mode].append(score(clean[i], pick(out.image.array), data_range))
+                out = denoise_image(image, model, mode=mode, t_start=t_start, **where)
+                results[mode].append(score(clean[i], out.image.array.reshape(clean[i].shape), data_range))
     return {m: {k: round(float(np.mean([r[k] for r in rs])), 3) for k in ("psnr", "ssim")} for m, rs in results.items()}
 
 
-def run_training(recipe, scale, context, store: Path, work: Path, threads: int, log_path: Path):
-    config = train_config(scale, context)
+def run_training(recipe, args, store: Path, work: Path, log_path: Path):
+    config = train_config(args.scale, args.context_slices, args.student_steps)
     config_path = work / f"{recipe['name']}.json"
+    if args.continue_student:  # an adapted model keeps its architecture, transform and sampling
+        config = {"training": config["training"]}
     config_path.write_text(json.dumps(config, indent=2))
     inputs = []
     for i, noisy in enumerate(recipe["noisy"]):
@@ -146,9 +152,11 @@ def run_training(recipe, scale, context, store: Path, work: Path, threads: int, 
                           origin=recipe["clean"].origin, direction=recipe["clean"].direction,
                           modality=recipe["clean"].modality), path)
         inputs.append(str(path))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     command = [sys.executable, "-m", "DiffDenoiseLib", "train", *inputs, "--name", recipe["name"],
                "--store", str(store), "--config", str(config_path), "--device", "cpu", "--json"]
+    if args.continue_student:
+        command += ["--from", str(SHIPPED / recipe["name"]), "--stages", "student"]
     with open(log_path, "a") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
@@ -156,12 +164,23 @@ def run_training(recipe, scale, context, store: Path, work: Path, threads: int, 
     return config
 
 
+def continued_stages(before: dict, after: dict) -> dict:
+    """The stage records of a model whose student was trained further: the earlier networks' as they were."""
+    stages = dict(before["training"]["stages"])
+    first, more = stages["student"], after["training"]["stages"]["student"]
+    stages["student"] = {"steps": first["steps"] + more["steps"], "seconds": round(first["seconds"] + more["seconds"], 1),
+                         "final_loss": more["final_loss"],
+                         "history": f"{first['steps']} steps, then {more['steps']} more from that student "
+                                    "on the same training images"}
+    return stages
+
+
 def build(recipe, args):
     store = Path(args.store)
     work = Path(args.work) / recipe["name"]
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    config = run_training(recipe, args.scale, args.context_slices, store, work, args.threads, work / "train.log")
+    config = run_training(recipe, args, store, work, work / "train.log")
     seconds = time.time() - started
     model = load_model(store / recipe["name"])
     evaluation, calibration = split_slices(recipe["clean"].array.shape[0])
@@ -177,6 +196,12 @@ def build(recipe, args):
     metrics = None if args.no_evaluation else evaluate(model, recipe, evaluation, ("bsn", "single", "full", "fast"))
 
     card = model.card
+    if args.continue_student:
+        before = read_card(SHIPPED / recipe["name"])
+        card["training"]["stages"] = continued_stages(before, card)
+        card["started_from"] = None
+        config = {**before["training"]["recipe"], "continued_student": config["training"]}
+        seconds += before["training"]["wall_seconds"]
     card["description"] = recipe["description"]
     card["default_for"] = recipe["default_for"]
     card["training_data"]["source"] = (
@@ -186,6 +211,9 @@ def build(recipe, args):
     card["training"]["wall_seconds"] = round(seconds, 1)
     card["training"]["recipe"] = config
     card["training"]["script"] = "scripts/train_default_models.py"
+    card["training"]["command"] = " ".join(["python scripts/train_default_models.py", *sys.argv[1:]])
+    if args.continue_student:
+        card["training"]["command"] = f"{before['training']['command']}, then {card['training']['command']}"
     card["metrics"] = {
         "evaluation": ("mean over held-out slices of every training noise level, against the clean image"
                        if metrics else "not evaluated at training time (--no-evaluation); see the benchmark"),
@@ -203,13 +231,18 @@ def main() -> int:
     parser.add_argument("--only", choices=("mr", "ct"))
     parser.add_argument("--context-slices", type=int, default=0, help="neighbouring slices on each side (2.5D)")
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--student-steps", type=int, help="the student's steps, instead of 900 times --scale: "
+                        "the student is the cheapest stage and the one Fast mode runs")
+    parser.add_argument("--continue-student", action="store_true", help="train the shipped model's student "
+                        "--student-steps more steps from where it is, keeping its other networks")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--t-start", type=int, help="use this truncated SRDS start instead of calibrating it "
-                        "(the sweep costs tens of CPU-minutes for a 2.5D model)")
+    parser.add_argument("--t-start", type=int, help="use this truncated SRDS start instead of calibrating it")
     parser.add_argument("--no-evaluation", action="store_true", help="leave the card's quality figures out")
     parser.add_argument("--store", default=str(Path(tempfile.gettempdir()) / "diffdenoise-default-models"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "diffdenoise-default-work"))
     args = parser.parse_args()
+    if args.continue_student and not args.student_steps:
+        parser.error("--continue-student needs --student-steps")
     recipes = {"mr": mr_recipe, "ct": ct_recipe}
     for key in ([args.only] if args.only else ["mr", "ct"]):
         recipe = recipes[key]()

@@ -98,6 +98,20 @@ def test_our_modes_go_through_the_scanner_units_and_back():
     assert full.shape == noisy.shape and spread is not None and np.all(spread >= 0)
 
 
+def test_a_2_5d_model_denoises_only_the_test_slice_of_a_slab():
+    """An untrained student returns its input: Fast on a slab must hand back its centre slice, not a neighbour."""
+    config = NetworkConfig(context_slices=1, bsn_width=8, bsn_depth=1, unet_base=8, unet_mults=(1,), student_width=8)
+    model = DenoisingModel.build(config, SamplingConfig(steps=2, t_start=50), {"name": "toy", "transform": {"name": "none"}})
+    clean = toy_image(48)
+    rng = np.random.default_rng(5)
+    slab = np.stack([NOISES[1].apply(clean + 0.05 * i, rng) for i in range(5)])
+    out, _ = ours.run_mode("fast", model.eval(), tiny_case(clean), slab[2], slab)
+    assert out.shape == clean.shape
+    np.testing.assert_allclose(out, slab[2], atol=1e-4)
+    full, spread = ours.run_mode("full", model, tiny_case(clean), slab[2], slab)
+    assert full.shape == spread.shape == clean.shape
+
+
 def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue():
     """Otsu on a crop with no air would call only the bone foreground; the body comes from the whole slice."""
     yy, xx = np.mgrid[:256, :256]

@@ -163,6 +163,22 @@ def test_preview_shows_before_after_and_what_was_removed(capfd, data, trained, t
     assert code == 2 and ".png" in err and not (tmp_path / "b.nrrd").exists()
 
 
+def test_slices_denoises_a_sub_volume_written_in_place_with_its_preview(capfd, data, trained, tmp_path):
+    source = data / "volume.nrrd"
+    whole, part, picture = tmp_path / "whole.nrrd", tmp_path / "part.nrrd", tmp_path / "part.png"
+    assert run(capfd, "denoise", source, whole, "--model", "tiny", "--store", trained["store"])[0] == 0
+    code, out, err = run(capfd, "denoise", source, part, "--model", "tiny", "--slices", "2:4", "--preview", picture,
+                         "--store", trained["store"], "--json")
+    assert code == 0, err
+    (result,) = of_kind(parse(out), "result")
+    assert result["shape"] == [2, 40, 36] and result["details"]["slice_range"] == [2, 4]
+    original, full, sub = read_image(source), read_image(whole), read_image(part)
+    np.testing.assert_allclose(sub.array, full.array[2:4], rtol=1e-5, atol=1e-3)
+    expected = np.asarray(original.origin) + np.reshape(original.direction, (3, 3)) @ [0, 0, 2 * original.spacing[2]]
+    np.testing.assert_allclose(sub.origin, expected, atol=1e-5)
+    assert sitk.ReadImage(str(picture)).GetSize()[1] >= 40
+
+
 def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tmp_path):
     store = tmp_path / "store"
     code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "ctx", "--store", store, "--config",
@@ -249,6 +265,8 @@ BAD_INPUTS = {
     "output overwrites the input": ("volume", [], "input.nrrd", "would overwrite"),
     "bad step count": ("volume", ["--steps", "0"], "out.nrrd", "--steps"),
     "unknown device": ("volume", ["--device", "tpu"], "out.nrrd", "unknown device 'tpu'"),
+    "slices past the end": ("volume", ["--slices", "4:9"], "out.nrrd", "slice range 4:9 is not within the image's 6 slice"),
+    "slices not numbers": ("volume", ["--slices", "mid"], "out.nrrd", "expected START:STOP or one slice number"),
 }
 
 

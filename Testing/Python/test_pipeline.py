@@ -156,3 +156,58 @@ def test_a_model_without_the_student_says_so(trained):
     with pytest.raises(ValueError, match="student"):
         denoise_image(noisy, partial, mode="fast")
     assert torch.is_tensor(next(iter(partial.bsn.state_dict().values())))
+
+
+@pytest.fixture(scope="module")
+def volume_and_model():
+    """A noisy anisotropic volume with a rotated frame, and an untrained 2.5D model (one neighbour each side)."""
+    rng = np.random.default_rng(3)
+    array = (rng.normal(100, 20, (9, 40, 36))).astype(np.float32)
+    c, s = np.cos(0.3), np.sin(0.3)
+    image = Image(array=array, spacing=(0.8, 0.7, 3.0), origin=(-20.0, 5.0, 40.0),
+                  direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0), modality="MR")
+    config = NetworkConfig(context_slices=1, bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1,), student_width=8)
+    model = DenoisingModel.build(config, SamplingConfig(steps=2, t_start=60), {"name": "toy", "transform": {"name": "none"}})
+    return image, model.eval()
+
+
+@pytest.mark.parametrize("mode", ["fast", "bsn"])
+def test_a_slice_range_gives_exactly_those_slices_of_the_whole_result(volume_and_model, mode):
+    image, model = volume_and_model
+    whole = denoise_image(image, model, mode=mode).image.array
+    part = denoise_image(image, model, mode=mode, slice_range=(3, 5))
+    assert part.image.array.shape == (2, 40, 36)
+    np.testing.assert_allclose(part.image.array, whole[3:5], rtol=1e-5, atol=1e-3)
+    assert part.details["slices"] == 2 and part.details["slice_range"] == [3, 5]
+    assert np.array_equal(denoise_image(image, model, mode=mode, slice_range=(0, 9)).image.array, whole)
+
+
+def test_a_slice_range_sits_where_those_slices_are_in_space(volume_and_model):
+    image, model = volume_and_model
+    part = denoise_image(image, model, mode="fast", slice_range=(4, 5)).image
+    assert part.spacing == image.spacing and part.direction == image.direction
+
+    def physical(img, index_xyz):
+        itk = sitk.GetImageFromArray(img.array)
+        itk.SetSpacing(img.spacing), itk.SetOrigin(img.origin), itk.SetDirection(img.direction)
+        return np.array(itk.TransformIndexToPhysicalPoint(index_xyz))
+
+    np.testing.assert_allclose(physical(part, (7, 11, 0)), physical(image, (7, 11, 4)), atol=1e-9)
+    sideways = denoise_image(image, model, mode="fast", slice_axis=2, slice_range=(30, 32)).image  # x slices
+    assert sideways.array.shape == (9, 40, 2)
+    np.testing.assert_allclose(physical(sideways, (1, 11, 4)), physical(image, (31, 11, 4)), atol=1e-9)
+
+
+def test_full_mode_on_a_slice_range_has_an_uncertainty_map_of_that_range(volume_and_model):
+    image, model = volume_and_model
+    part = denoise_image(image, model, mode="full", slice_range=(2, 3))
+    assert part.image.array.shape == part.uncertainty.array.shape == (1, 40, 36)
+    assert part.uncertainty.origin == part.image.origin != image.origin
+    assert np.all(np.isfinite(part.image.array)) and part.details["residual_scale"] > 0
+
+
+@pytest.mark.parametrize("bad", [(5, 5), (-1, 2), (3, 10), (8, 9.0 + 1)])
+def test_a_slice_range_outside_the_image_is_refused(volume_and_model, bad):
+    image, model = volume_and_model
+    with pytest.raises(ValueError, match="slice range .* not within the image's 9 slice"):
+        denoise_image(image, model, mode="fast", slice_range=bad)
