@@ -207,18 +207,43 @@ class DiffDenoiseTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_FastModeOnCPU()
+        self.setUp()
+        self.test_PreviewSlice()
 
-    def test_FastModeOnCPU(self):
+    def _noisyVolume(self):
+        """(clean, noisy, volume node): a bright square in a 12-slice volume with 2 mm slices."""
         import numpy as np
 
-        self.delayDisplay("Denoising a synthetic noisy volume with the Fast mode on the CPU")
         rng = np.random.default_rng(0)
         clean = np.zeros((12, 64, 64), np.float32)
         clean[:, 16:48, 16:48] = 200.0
         clean[:, 28:36, 28:36] = 400.0
         noisy = (clean + rng.normal(0.0, 40.0, clean.shape)).astype(np.float32)
         ijkToRas = np.array([[-0.8, 0, 0, 20.0], [0, -0.8, 0, -15.0], [0, 0, 2.0, 7.5], [0, 0, 0, 1]])
-        inputVolume = slicer.util.addVolumeFromArray(noisy, ijkToRas, name="noisy")
+        return clean, noisy, slicer.util.addVolumeFromArray(noisy, ijkToRas, name="noisy")
+
+    def test_PreviewSlice(self):
+        import numpy as np
+
+        self.delayDisplay("Previewing the slice shown in the Red view")
+        _, _, inputVolume = self._noisyVolume()
+        slicer.util.setSliceViewerLayers(background=inputVolume, fit=True)
+        redNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        redNode.SetSliceOffset(7.5 + 2.0 * 5)  # the centre of slice k = 5
+        logic = DiffDenoiseLogic()
+        outcome = logic.preview_job(inputVolume, DenoiseSettings(device="cpu")).start(wait_for_completion=True).outcome
+        self.assertEqual(outcome.status, "done", outcome.message)
+        preview = slicer.util.arrayFromVolume(outcome.output_volume)
+        self.assertEqual(preview.shape, (1, 64, 64))
+        whole = slicer.util.arrayFromVolume(logic.process(inputVolume, mode="fast", device="cpu").output_volume)
+        np.testing.assert_allclose(preview[0], whole[5], rtol=1e-4, atol=0.05)
+        self.delayDisplay("Test passed: slice 5 previewed in place")
+
+    def test_FastModeOnCPU(self):
+        import numpy as np
+
+        self.delayDisplay("Denoising a synthetic noisy volume with the Fast mode on the CPU")
+        clean, noisy, inputVolume = self._noisyVolume()
 
         outcome = DiffDenoiseLogic().process(inputVolume, mode="fast", device="cpu")
 

@@ -12,8 +12,9 @@ both a PythonQt property and a PySide method. Its collaborators are passed in:
   the user's consent (asked once);
 - `show_error(message)`: how a failure reaches the user (a dialog in Slicer).
 
-One job runs at a time. States: idle -> running -> (cancelling ->) idle; the
-button that started the job is its Cancel button while it runs.
+One job runs at a time (denoise, preview of one slice, or training). States:
+idle -> running -> (cancelling ->) idle; the button that started the job is its
+Cancel button while it runs.
 """
 
 from typing import Callable, List
@@ -32,6 +33,7 @@ _TRANSITIONS = {
 }
 
 DENOISE_TEXT = "Denoise"
+PREVIEW_TEXT = "Preview slice"
 TRAIN_TEXT = "Start training"
 CANCEL_TEXT = "Cancel"
 STOP_TEXT = "Stop training"
@@ -43,7 +45,7 @@ STAGES = ("bsn", "diffusion", "student")
 # Every widget the panel (and so the module) uses; the .ui must define each of them.
 WIDGET_NAMES = (
     "inputSelector", "outputSelector", "fastRadioButton", "fullRadioButton", "modelComboBox", "modelInfoLabel",
-    "estimateLabel", "denoiseButton", "progressBar", "logTextEdit",
+    "estimateLabel", "previewButton", "denoiseButton", "progressBar", "logTextEdit",
     "advancedCollapsibleButton", "deviceComboBox", "stepsSpinBox", "pairsSpinBox", "uncertaintyCheckBox",
     "sliceAxisComboBox", "noiseComboBox", "contextSlicesSpinBox", "blindSpotRadiusSpinBox",
     "trainingCollapsibleButton", "trainVolumesSelector", "bsnCheckBox", "diffusionCheckBox", "studentCheckBox",
@@ -77,6 +79,7 @@ class Panel:
     def setup(self) -> None:
         ui = self.ui
         ui.denoiseButton.clicked.connect(self.on_denoise_clicked)
+        ui.previewButton.clicked.connect(self.on_preview_clicked)
         ui.trainButton.clicked.connect(self.on_train_clicked)
         ui.fastRadioButton.toggled.connect(self._on_mode_toggled)
         ui.fullRadioButton.toggled.connect(self._on_mode_toggled)
@@ -218,6 +221,12 @@ class Panel:
         elif self.job is not None and self.job.kind == "denoise":
             self.cancel()
 
+    def on_preview_clicked(self, *_):
+        if self.state == IDLE:
+            self._start("preview")
+        elif self.job is not None and self.job.kind == "preview":
+            self.cancel()
+
     def on_train_clicked(self, *_):
         if self.state == IDLE:
             self._start("train")
@@ -234,6 +243,8 @@ class Panel:
             if kind == "denoise":
                 job = self.logic.denoise_job(self.params.inputVolume, self.denoise_settings(),
                                              self.params.outputVolume)
+            elif kind == "preview":
+                job = self.logic.preview_job(self.params.inputVolume, self.denoise_settings())
             else:
                 nodes = list(self.ui.trainVolumesSelector.checkedNodes())
                 job = self.logic.training_job(nodes, self.train_settings())
@@ -284,7 +295,7 @@ class Panel:
             bar.setValue(0)
             bar.setFormat("Cancelled" if outcome.status == "cancelled" else "Failed")
         self._transition("finish")
-        if outcome.status == "done" and outcome.kind == "denoise":
+        if outcome.status == "done" and outcome.kind in ("denoise", "preview"):
             self.params.denoisedVolume = outcome.output_volume
             self.params.uncertaintyVolume = outcome.uncertainty_volume
             self.params.fade = 1.0
@@ -324,12 +335,14 @@ class Panel:
         idle = self.state == IDLE
         kind = self.job.kind if (self.job is not None and not idle) else None
         has_input = params.inputVolume is not None
-        ui.denoiseButton.setText(DENOISE_TEXT if kind != "denoise" else
-                                 (CANCEL_TEXT if self.state == RUNNING else CANCELLING_TEXT))
-        ui.denoiseButton.setEnabled((idle and has_input) or (kind == "denoise" and self.state == RUNNING))
-        ui.denoiseButton.setToolTip("Stop the running denoising" if kind == "denoise" else
-                                    "Denoise the input volume in the background" if has_input else
-                                    "Select an input volume first")
+        for button, own, text, tip in (
+                (ui.denoiseButton, "denoise", DENOISE_TEXT, "Denoise the input volume in the background"),
+                (ui.previewButton, "preview", PREVIEW_TEXT, "Denoise only the slice in the Red view, to judge the "
+                                                            "settings in seconds before the whole volume")):
+            button.setText(text if kind != own else (CANCEL_TEXT if self.state == RUNNING else CANCELLING_TEXT))
+            button.setEnabled((idle and has_input) or (kind == own and self.state == RUNNING))
+            button.setToolTip("Stop the running denoising" if kind == own else
+                              tip if has_input else "Select an input volume first")
         ui.trainButton.setText(TRAIN_TEXT if kind != "train" else
                                (STOP_TEXT if self.state == RUNNING else CANCELLING_TEXT))
         ui.trainButton.setEnabled(idle or (kind == "train" and self.state == RUNNING))

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -36,6 +36,8 @@ _STARTUP_SECONDS = 5.0
 ESTIMATE_DEFAULT_STEPS = 5
 ESTIMATE_DEFAULT_PAIRS = 1
 SOURCE_REFERENCE = "DiffDenoiseSource"  # node reference from a result to the volume it was computed from
+PREVIEW_OF = "DiffDenoise.PreviewOf"  # attribute of a one-slice preview volume: the ID of its input
+IJK_AXIS = {"x": 0, "y": 1, "z": 2}  # voxel axis names as the worker's --slice-axis takes them
 
 
 @dataclass
@@ -182,6 +184,13 @@ class Job:
         self.finished.emit(outcome)
 
 
+def _check_denoise_request(input_node, settings: DenoiseSettings) -> None:
+    if input_node is None or input_node.GetImageData() is None:
+        raise ValueError("Select an input volume with image data.")
+    if settings.mode not in ("fast", "full"):
+        raise ValueError("unknown mode %r: use fast or full" % settings.mode)
+
+
 class DenoiseLogic:
     """Denoise and train on scene volumes through the worker; show results for comparison.
 
@@ -242,8 +251,11 @@ class DenoiseLogic:
         advice = ""
         if settings.mode == "full" and device.type == "cpu" and seconds > 120:
             fast = _STARTUP_SECONDS + megapixels * _STUDENT_SECONDS_PER_MEGAPIXEL_CPU
-            advice = ("Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s."
-                      % (worker_protocol.format_seconds(seconds), worker_protocol.format_seconds(fast)))
+            slices = dims[IJK_AXIS[slice_axis_name(input_node, settings.slice_axis)]]
+            one_slice = _STARTUP_SECONDS + (seconds - _STARTUP_SECONDS) / slices
+            advice = ("Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s, and "
+                      "Preview slice shows Full mode on one slice in about %s."
+                      % tuple(worker_protocol.format_seconds(t) for t in (seconds, fast, one_slice)))
         return Estimate(device.type, message, seconds, advice)
 
     # ---- denoising ------------------------------------------------------------------
@@ -255,10 +267,57 @@ class DenoiseLogic:
     def denoise_job(self, input_node, settings: DenoiseSettings, output_node=None) -> Job:
         """A job (connect its signals, then `start()`) that denoises `input_node`; the result fills
         `output_node`, or a new volume named after the input."""
-        if input_node is None or input_node.GetImageData() is None:
-            raise ValueError("Select an input volume with image data.")
-        if settings.mode not in ("fast", "full"):
-            raise ValueError("unknown mode %r: use fast or full" % settings.mode)
+        _check_denoise_request(input_node, settings)
+        return self._denoise_job("denoise", input_node, settings, output_node)
+
+    def preview_job(self, input_node, settings: DenoiseSettings, view: str = "Red") -> Job:
+        """A job that denoises only the slice of `input_node` through the centre of `view`: the
+        settings judged in seconds, even Full mode on a CPU. The one-slice result sits in place
+        in a volume named "<input> preview", reused by the next preview of the same input."""
+        _check_denoise_request(input_node, settings)
+        axis, index = self.slice_in_view(input_node, settings.slice_axis, view)
+        scene = self.scene
+        previews = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+        output_node = next((n for n in previews if n.GetAttribute(PREVIEW_OF) == input_node.GetID()), None)
+        if output_node is None:
+            output_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                                  scene.GenerateUniqueName("%s preview" % input_node.GetName()))
+            output_node.SetAttribute(PREVIEW_OF, input_node.GetID())
+        return self._denoise_job("preview", input_node, replace(settings, slice_axis=axis), output_node,
+                                 (IJK_AXIS[axis], index))
+
+    def slice_in_view(self, input_node, slice_axis: str = "auto", view: str = "Red") -> Tuple[str, int]:
+        """(voxel axis, index) of the slice of `input_node` through the centre of a slice view, taken
+        across the axis the worker slices along (`slice_axis`, or the coarsest spacing for auto)."""
+        import vtk
+
+        dims = input_node.GetImageData().GetDimensions()
+        slice_axis = slice_axis_name(input_node, slice_axis)
+        scene = self.scene
+        slice_node = next((node for node in (scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+                                             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")))
+                           if node.GetLayoutName() == view), None)
+        if slice_node is None:
+            raise ValueError("There is no %s slice view to take the preview slice from." % view)
+        centre = [slice_node.GetSliceToRAS().GetElement(row, 3) for row in range(3)]
+        parent = input_node.GetParentTransformNode()
+        if parent is not None:
+            world_to_volume = vtk.vtkGeneralTransform()
+            parent.GetTransformFromWorld(world_to_volume)
+            centre = list(world_to_volume.TransformPoint(centre))
+        ras_to_ijk = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Invert(ijk_to_ras(input_node), ras_to_ijk)
+        ijk = ras_to_ijk.MultiplyPoint(centre + [1.0])
+        index = int(round(ijk[IJK_AXIS[slice_axis]]))
+        if not 0 <= index < dims[IJK_AXIS[slice_axis]]:
+            raise ValueError("The %s view shows no slice of %s across its %s axis: scroll it onto the volume."
+                             % (view, input_node.GetName(), slice_axis))
+        return slice_axis, index
+
+    def _denoise_job(self, kind: str, input_node, settings: DenoiseSettings, output_node,
+                     one_slice: Optional[Tuple[int, int]] = None) -> Job:
+        """The worker run behind Denoise and Preview; `one_slice` is (IJK axis, index) for a preview."""
         temp_dir = self._make_temp_dir()
         input_path = os.path.join(temp_dir, "input.nrrd")
         output_path = os.path.join(temp_dir, "output.nrrd")
@@ -272,28 +331,33 @@ class DenoiseLogic:
         stop_file = os.path.join(temp_dir, "stop")
         args = worker_protocol.denoise_command(self.python, input_path, output_path, settings.mode, settings.model,
                                                settings.device, settings.steps, settings.pairs, uncertainty_path,
-                                               stop_file, settings.slice_axis)
+                                               stop_file, settings.slice_axis,
+                                               str(one_slice[1]) if one_slice else "")
 
         def on_success(result: dict) -> JobOutcome:
-            output = self._import_result(output_path, input_node, output_node, "denoised")
+            output = self._import_result(output_path, input_node, output_node, "denoised", one_slice)
             output.SetAttribute("DiffDenoise.Mode", settings.mode)
             output.SetAttribute("DiffDenoise.Model", str(result.get("model", settings.model)))
             uncertainty = None
             if uncertainty_path:
-                uncertainty = self._import_result(uncertainty_path, input_node, None, "uncertainty")
+                uncertainty = self._import_result(uncertainty_path, input_node, None, "uncertainty", one_slice)
                 uncertainty.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
                 uncertainty.GetDisplayNode().SetAutoWindowLevel(True)
             self.show_comparison(input_node, output)
             seconds = result.get("seconds")
             took = " in %s" % worker_protocol.format_seconds(seconds) if isinstance(seconds, (int, float)) else ""
-            return JobOutcome("denoise", "done", "Denoised %s%s." % (input_node.GetName(), took), 0, result,
+            what = input_node.GetName() if one_slice is None else "slice %d (%s axis) of %s" % (
+                one_slice[1], settings.slice_axis, input_node.GetName())
+            return JobOutcome(kind, "done", "Denoised %s%s." % (what, took), 0, result,
                               output, uncertainty, str(result.get("model", settings.model)))
 
-        return Job("denoise", WorkerProcess(args, env=self.env, stop_file=stop_file), temp_dir, on_success,
+        return Job(kind, WorkerProcess(args, env=self.env, stop_file=stop_file), temp_dir, on_success,
                    self.timer_factory)
 
-    def _import_result(self, path: str, input_node, output_node, suffix: str):
-        """Read the worker's file into a volume with exactly the input's geometry, window/level and place."""
+    def _import_result(self, path: str, input_node, output_node, suffix: str,
+                       one_slice: Optional[Tuple[int, int]] = None):
+        """Read the worker's file into a volume with exactly the input's geometry (or, for `one_slice`
+        = (IJK axis, index), that slice of it), window/level and place."""
         import slicer
 
         scene = self.scene
@@ -304,9 +368,16 @@ class DenoiseLogic:
         storage.SetFileName(path)
         if not storage.ReadData(output_node):
             raise RuntimeError("could not read %s" % os.path.basename(path))
-        if output_node.GetImageData().GetDimensions() != input_node.GetImageData().GetDimensions():
+        expected = list(input_node.GetImageData().GetDimensions())
+        matrix = ijk_to_ras(input_node)
+        if one_slice is not None:
+            axis, index = one_slice
+            expected[axis] = 1
+            for row in range(3):  # the origin moves to the slice: IJKToRAS applied to index along the axis
+                matrix.SetElement(row, 3, matrix.GetElement(row, 3) + index * matrix.GetElement(row, axis))
+        if list(output_node.GetImageData().GetDimensions()) != expected:
             raise RuntimeError("the worker returned a volume of another size")
-        output_node.SetIJKToRASMatrix(ijk_to_ras(input_node))
+        output_node.SetIJKToRASMatrix(matrix)
         output_node.SetNodeReferenceID(SOURCE_REFERENCE, input_node.GetID())
         output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
         if output_node.GetDisplayNode() is None:
@@ -417,6 +488,17 @@ class DenoiseLogic:
 
     def _make_temp_dir(self) -> str:
         return tempfile.mkdtemp(prefix="DiffDenoise-", dir=self.temp_root)
+
+
+def slice_axis_name(volume_node, slice_axis: str = "auto") -> str:
+    """The voxel axis (x, y or z) the worker slices `volume_node` across: `slice_axis`, or for auto the
+    coarsest spacing, as the worker chooses it."""
+    if slice_axis != "auto":
+        return slice_axis
+    from DiffDenoiseLib.slicing import choose_slice_axis
+
+    dims = volume_node.GetImageData().GetDimensions()
+    return "zyx"[choose_slice_axis(volume_node.GetSpacing(), dims[::-1]) if dims[2] > 1 else 0]
 
 
 def ijk_to_ras(volume_node):

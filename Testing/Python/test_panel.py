@@ -160,6 +160,11 @@ class FakeLogic:
         self.jobs.append(FakeJob("denoise"))
         return self.jobs[-1]
 
+    def preview_job(self, node, settings):
+        self.calls.append(("preview", node, settings))
+        self.jobs.append(FakeJob("preview"))
+        return self.jobs[-1]
+
     def training_job(self, nodes, settings):
         if not settings.name:
             raise ValueError("Give the new model a name.")
@@ -342,6 +347,28 @@ def test_denoise_run_cancel_and_done(panel):
     assert ("side", panel.head, result) in logic.calls
     ui.uncertaintyButton.click()
     assert ("uncertainty", result, uncertainty) in logic.calls
+
+
+def test_preview_of_one_slice_runs_cancels_and_feeds_the_comparison(panel):
+    ui, logic = panel.ui, panel.logic
+    assert ui.previewButton.text() == "Preview slice" and ui.previewButton.isEnabled()
+    ui.fullRadioButton.click()
+    ui.previewButton.click()
+    job = logic.jobs[-1]
+    assert job.kind == "preview" and job.started and logic.calls[-1][:2] == ("preview", panel.head)
+    assert logic.calls[-1][2].mode == "full"
+    assert ui.previewButton.text() == "Cancel" and ui.previewButton.isEnabled()
+    assert not ui.denoiseButton.isEnabled() and ui.denoiseButton.text() == "Denoise" and not ui.trainButton.isEnabled()
+    ui.previewButton.click()
+    assert job.cancelled and ui.previewButton.text() == "Cancelling..."
+    job.finished.emit(JobOutcome("preview", "cancelled", "Cancelled.", 3))
+    assert panel.panel.state == IDLE and ui.previewButton.text() == "Preview slice" and ui.denoiseButton.isEnabled()
+
+    ui.previewButton.click()
+    preview = FakeNode("MRHead preview")
+    logic.jobs[-1].finished.emit(JobOutcome("preview", "done", "Denoised slice 40 (z axis) of MRHead.", 0, {}, preview))
+    assert panel.params.denoisedVolume is preview and ui.fadeSlider.isEnabled()
+    assert ui.progressBar.format() == "Done" and not ui.uncertaintyButton.isEnabled()
 
 
 def test_failure_is_reported_and_the_panel_is_usable_again(panel):

@@ -38,6 +38,11 @@ FAKE_CLI = textwrap.dedent(
             say(event="error", message="unknown model 'missing'")
             sys.exit(2)
         say(event="progress", stage="denoise", step=0, total=1, loss=None, eta_s=1.0)
+        if "--slices" in args:  # one slice, kept in place as the real worker keeps it
+            where = [slice(None)] * 3
+            k = int(args[args.index("--slices") + 1])
+            where["xyz".index(args[args.index("--slice-axis") + 1])] = slice(k, k + 1)
+            image = image[tuple(where)]
         smooth = sitk.Mean(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 1])
         sitk.WriteImage(smooth, target)
         if "--uncertainty" in args:
@@ -226,6 +231,49 @@ def test_side_by_side_shows_original_and_result_in_linked_views(mrml, fake_logic
                                   slicer.util.arrayFromVTKMatrix(red_view.GetSliceToRAS()))
 
 
+def _centre_red_view_on(mrml, source, ijk):
+    red = mrml["slices"]["Red"].GetSliceNode()
+    centre = _matrix(source) @ np.append(np.asarray(ijk, float), 1.0)
+    for row in range(3):
+        red.GetSliceToRAS().SetElement(row, 3, centre[row])
+    red.UpdateMatrices()
+
+
+def test_preview_denoises_the_slice_in_the_red_view_and_puts_it_in_place(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    voxels = _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    _centre_red_view_on(mrml, source, (3, 4, 2))
+    assert fake_logic.slice_in_view(source) == ("z", 2)  # the coarsest spacing (2.5 mm) is across z
+
+    outcome = fake_logic.preview_job(source, DenoiseSettings(mode="full")).start(wait_for_completion=True).outcome
+    assert (outcome.kind, outcome.status) == ("preview", "done"), outcome.message
+    assert "slice 2 (z axis) of head" in outcome.message
+    preview = outcome.output_volume
+    assert preview.GetName() == "head preview" and preview.GetImageData().GetDimensions() == (24, 20, 1)
+    np.testing.assert_allclose(_matrix(preview) @ [5, 6, 0, 1], _matrix(source) @ [5, 6, 2, 1], atol=1e-9)
+    assert fake_logic.source_volume(preview).GetID() == source.GetID()
+    assert mrml["slices"]["Red"].GetSliceCompositeNode().GetBackgroundVolumeID() == preview.GetID()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(source), voxels)
+
+    _centre_red_view_on(mrml, source, (7, 4, 2))
+    again = fake_logic.preview_job(source, DenoiseSettings(slice_axis="x")).start(wait_for_completion=True).outcome
+    assert again.output_volume.GetID() == preview.GetID(), "the next preview of the same input reuses its volume"
+    assert preview.GetImageData().GetDimensions() == (1, 20, 6)
+    np.testing.assert_allclose(_matrix(preview) @ [0, 6, 3, 1], _matrix(source) @ [7, 6, 3, 1], atol=1e-9)
+
+
+def test_preview_needs_the_view_on_the_volume(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    _centre_red_view_on(mrml, source, (3, 4, 9))
+    with pytest.raises(ValueError, match="Red view shows no slice of head across its z axis"):
+        fake_logic.preview_job(source, DenoiseSettings())
+    assert not list((tmp_path / "jobs").iterdir()), "nothing is written for a refused preview"
+    assert mrml["scene"].GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+
+
 def test_training_exports_every_chosen_volume(mrml, fake_logic, tmp_path):
     nodes = []
     for index in range(2):
@@ -252,6 +300,8 @@ def test_estimate_names_the_device_and_warns_about_full_on_cpu(mrml, fake_logic)
     assert fast.device == full.device == "cpu" and "CPU" in full.device_message
     assert full.seconds > 10 * fast.seconds
     assert fast.advice == "" and "Fast mode" in full.advice
+    one_slice = (full.seconds - 5.0) / 200 + 5.0  # the worker's start-up, then one of the 200 axial slices
+    assert "Preview slice shows Full mode on one slice in about %d s" % round(one_slice) in full.advice
 
 
 def test_real_worker_trains_on_scene_volumes_then_denoises_with_the_new_model(mrml, tmp_path):
@@ -282,5 +332,12 @@ def test_real_worker_trains_on_scene_volumes_then_denoises_with_the_new_model(mr
         assert slicer.util.arrayFromVolume(output).shape == before.shape
         assert np.isfinite(slicer.util.arrayFromVolume(output)).all()
         assert (outcome.uncertainty_volume is not None) == (mode == "full")
+    fast = slicer.util.arrayFromVolume(logic.denoise(source, DenoiseSettings(model="tiny-test")).output_volume)
+    _centre_red_view_on(mrml, source, (10, 12, 3))
+    job = logic.preview_job(source, DenoiseSettings(model="tiny-test", device="cpu"))
+    preview = job.start(wait_for_completion=True).outcome
+    assert preview.status == "done", preview.message
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(preview.output_volume)[0], fast[3], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(_matrix(preview.output_volume) @ [1, 2, 0, 1], _matrix(source) @ [1, 2, 3, 1])
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(source), before)
     assert sorted(os.listdir(tmp_path)) == ["head.nrrd", "models"]  # every job's temporary folder is gone
