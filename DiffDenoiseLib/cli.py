@@ -39,7 +39,8 @@ from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
 from DiffDenoiseLib.slicing import choose_slice_axis
-from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
+from DiffDenoiseLib.noise import noise_looks_correlated
+from DiffDenoiseLib.store import ModelStore, load_model, read_card, save_model, validate_name
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, format_seconds
 
@@ -271,11 +272,14 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         if image.array.ndim == 3:
             slices = image.array.shape[choose_slice_axis(image.spacing, image.array.shape)
                                        if slice_axis is None else slice_axis]
-        folder = store.resolve(store.default_for(image.modality, slices))
+        correlated = noise_looks_correlated(image.array)
+        folder = store.resolve(store.default_for(image.modality, slices, correlated_noise=correlated))
         origin = "shipped" if folder.parent == store.shipped_dir else f"user copy in {folder.parent}"
         kind = "volumes" if slices > 1 else "single images"
-        reporter.log(f"Using model '{folder.name}' ({origin}), the default for {image.modality or 'unknown-modality'}"
-                     f" {kind}; choose another with --model.")
+        what = f"the default for {image.modality or 'unknown-modality'} {kind}"
+        if correlated and read_card(folder).get("default_for_noise") == "correlated":
+            what = "the default for spatially correlated noise, which this image's noise looks like"
+        reporter.log(f"Using model '{folder.name}' ({origin}), {what}; choose another with --model.")
     model = load_model(folder)
     missing = [s for s in MODE_STAGES[args.mode] if s not in model.stages()]
     if missing:
@@ -309,9 +313,13 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
             path.unlink()
         raise
     if result.details.get("correlated_noise"):
-        reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the blind-spot "
-                     "network cannot separate such noise well; a model adapted with --blind-spot-radius 1 or 2 "
-                     "can (diffdenoise train --help).")
+        advice = ""
+        if model.config.blind_spot_radius == 0:
+            wider = [card["name"] for card in store.list() if card.get("default_for_noise") == "correlated"]
+            advice = (", and a one-pixel blind spot cannot separate such noise well; "
+                      + (f"--model {wider[0]} can, or " if wider else "")
+                      + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
+        reporter.log(f"The noise looks spatially correlated: observation fusion was skipped{advice}.")
     reporter.log(f"Denoised {source.name} with '{folder.name}' ({args.mode} mode, {device.type}) in "
                  f"{_duration(result.seconds)}: wrote {output}.")
     reporter.result({"output": str(output), "uncertainty": str(uncertainty_path) if uncertainty_path else None,
@@ -430,8 +438,10 @@ def _models(args, reporter: Reporter, cancel: CancelToken) -> None:
         if "error" in card:
             lines.append(f"{card['name']:<24} {card['source']:<8} unusable: {card['error']}")
             continue
-        defaults = card.get("default_for") or []
-        note = f"  default for {', '.join(str(m) for m in defaults if m)}" if defaults else ""
+        defaults = [str(m) for m in card.get("default_for") or [] if m]
+        if card.get("default_for_noise"):
+            defaults.append(f"{card['default_for_noise']} noise")
+        note = f"  default for {', '.join(defaults)}" if defaults else ""
         lines.append(f"{card['name']:<24} {card['source']:<8} {','.join(card['stages']):<24}{note}")
         if card.get("description"):
             lines.append(f"    {card['description']}")

@@ -185,15 +185,17 @@ class ModelStore:
         available = ", ".join(names) if names else f"none (the store {self.user_dir} is empty)"
         raise ValueError(f"unknown model '{text}'; available models: {available}")
 
-    def default_for(self, modality: Optional[str], slices: int = 1) -> str:
+    def default_for(self, modality: Optional[str], slices: int = 1, correlated_noise: bool = False) -> str:
         """Name of the shipped default for `modality` (the CT default for CT, the MR default otherwise).
 
         `slices` is how many slices the image has along its slice axis (1 for a 2D image).
         Among the defaults, the one with the most neighbouring-slice context the image can
-        feed wins: a 2.5D model for volumes, a 2D model for single images.
+        feed wins: a 2.5D model for volumes, a 2D model for single images. With
+        `correlated_noise`, a shipped model whose card names it `default_for_noise:
+        "correlated"` (a wider blind spot) comes first, whatever the modality.
         """
         wanted = "CT" if modality == "CT" else "MR"
-        exact, fallback = [], []
+        noise_matched, exact, fallback = [], [], []
         for source, folder in self._folders():
             if source != "shipped":
                 continue
@@ -205,11 +207,13 @@ class ModelStore:
             context = int((card.get("architecture") or {}).get("context_slices", 0))
             if context >= slices:
                 continue
-            if modality in defaults:
+            if correlated_noise and card.get("default_for_noise") == "correlated":
+                noise_matched.append((context, folder.name))
+            elif modality in defaults:
                 exact.append((context, folder.name))
             elif wanted in defaults:
                 fallback.append((context, folder.name))
-        chosen = exact or fallback
+        chosen = noise_matched or exact or fallback
         if not chosen:
             raise ValueError(f"no shipped default model for {modality or 'unknown-modality'} images is installed; "
                              "pass --model with a trained model")

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from DiffDenoiseLib.imageio import Image
+from DiffDenoiseLib.noise import noise_looks_correlated
 from DiffDenoiseLib.pipeline import DenoisingModel, denoise_image
 from DiffDenoiseLib.store import ModelStore, load_model
 
@@ -23,11 +24,12 @@ from benchmarks.suite import Case
 MODES = ("bsn", "single", "two-samples", "full-unfused", "full", "fast")
 
 
-def default_model(modality: str, slices: int,
+def default_model(modality: str, slices: int, noisy: np.ndarray,
                   cache: Dict[str, Tuple[str, DenoisingModel]]) -> Tuple[str, DenoisingModel]:
-    """(name, model) of the shipped default for `modality` and an image of `slices` slices, loaded once."""
+    """(name, model) of the shipped default for `modality`, an image of `slices` slices and its `noisy`
+    test slice (whose noise may look spatially correlated), chosen as `diffdenoise denoise` does; loaded once."""
     store = ModelStore()
-    name = store.default_for(modality, slices)
+    name = store.default_for(modality, slices, correlated_noise=noise_looks_correlated(noisy))
     if name not in cache:
         cache[name] = (name, load_model(store.resolve(name)))
     return cache[name]

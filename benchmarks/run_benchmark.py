@@ -85,7 +85,6 @@ def training_pairs(case: Case, noise: Noise, rng, count: int, crop: int):
 def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache: dict, log) -> tuple:
     """Every method on every test slice of one image; returns (rows, figure panels)."""
     rows, figures = [], []
-    name, model = ours.default_model(case.modality, 1 if case.slabs is None else case.slabs.shape[1], model_cache)
     for n_index, noise in enumerate(noises):
         rng = np.random.default_rng([2026, sum(map(ord, case.name)), n_index])
         started = time.perf_counter()
@@ -97,6 +96,8 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
                 noisy = noisy_slab[noisy_slab.shape[0] // 2]
             else:
                 noisy_slab, noisy = None, noise.apply(clean, rng)
+            name, model = ours.default_model(case.modality, 1 if noisy_slab is None else noisy_slab.shape[0],
+                                             noisy if noisy_slab is None else noisy_slab, model_cache)
             cond = Condition(noise, float(np.std(noisy - clean)), noisy_slab, pairs)
             fg, flat = masks(clean, case.body[s_index])
             outputs = {}

@@ -1,16 +1,20 @@
 """Train the shipped default models with the project's own `diffdenoise train` command.
 
-Both are trained self-supervised: the networks only ever see noisy images. The clean
+All are trained self-supervised: the networks only ever see noisy images. The clean
 images serve twice, outside training: to make realistic noisy training data, and to
 calibrate the truncated SRDS start on training slices and measure the card's quality
 figures on slices the training never saw.
 
-    python scripts/train_default_models.py [--only mr|ct] [--context-slices K] [--scale 1.0] [--threads 1]
+    python scripts/train_default_models.py [--only mr|ct|correlated] [--context-slices K] [--scale 1.0]
+                                           [--threads 1]
 
   mr-brain-default  Colin27 T1 brain MRI (Debian mricron-data): Rician noise at three levels,
                     Poisson and Gamma noise, so one model covers the levels users meet
   ct-head-default   InVesalius head CT (Debian invesalius-examples; real scanner noise)
                     with added Gaussian noise of 20 to 300 HU and Poisson noise
+  correlated-noise-default  both volumes with spatially correlated noise (Gaussian kernels of
+                    0.5 to 1.6 pixels) and a blind spot of radius 3: for any modality when
+                    Full mode reports correlated noise, which the other models leave in
 
 With `--context-slices K` (K > 0) the networks also see K neighbouring slices on each
 side (2.5D) and the models are named mr-brain-2.5d and ct-head-2.5d: the defaults for
@@ -26,6 +30,7 @@ model's student trains N more steps while its blind-spot and diffusion networks 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -49,6 +54,9 @@ from DiffDenoiseLib.pipeline import denoise_image  # noqa: E402
 from DiffDenoiseLib.store import load_model, read_card, save_model  # noqa: E402
 
 SHIPPED = ROOT / "DiffDenoiseLib" / "models"
+COLIN27 = "Colin27 T1 template (Debian mricron-data)"
+INVESALIUS = "InVesalius example head CT (Debian invesalius-examples)"
+CORRELATED_BLIND_SPOT_RADIUS = 3
 # 100-200 bracket the best truncated start of every model trained so far (140 for both 2D defaults);
 # the wider sweep cost over 10 min of CPU per 2.5D model for differences of a few hundredths of a dB.
 T_START_CANDIDATES = (100, 140, 200)
@@ -62,7 +70,7 @@ def mr_recipe():
     levels = [("rician", 0.02), ("rician", 0.05), ("rician", 0.10), ("poisson", 200.0), ("gamma", 100.0)]
     noisy = [add_noise(unit, kind, level, rng) * top for kind, level in levels]
     return {
-        "name": "mr-brain-default", "clean": clean, "noisy": noisy,
+        "name": "mr-brain-default", "sources": [(clean, noisy)], "source": COLIN27,
         "levels": [f"{kind} {level:g} (on the 0-1 scale)" for kind, level in levels],
         "default_for": ["MR", "OT", "CR", "DX", "XA", "MG", "PT", "NM", "US", None],
         "description": "Brain MRI (T1) and other non-CT images; trained on Colin27 with Rician, Poisson and Gamma noise.",
@@ -79,11 +87,34 @@ def ct_recipe():
     unit = (hu - low) / (high - low)
     noisy.append(add_noise(unit, "poisson", 200.0, rng) * (high - low) + low)
     return {
-        "name": "ct-head-default", "clean": clean, "noisy": noisy,
+        "name": "ct-head-default", "sources": [(clean, noisy)], "source": INVESALIUS,
         "levels": [f"scanner noise + gaussian {s:g} HU" for s in sigmas]
                   + ["scanner noise + Poisson lambda 200 on the 0.5-99.5 percentile scale"],
         "default_for": ["CT"],
         "description": "CT; trained on the InVesalius head CT (real scanner noise) with added Gaussian and Poisson noise.",
+    }
+
+
+def correlated_recipe():
+    """Both volumes with spatially correlated Gaussian noise (kernels of 0.5 to 1.6 pixels), for a
+    wider blind spot: the noise of CT reconstruction kernels and of denoised or resampled scans."""
+    kernels = ((0.5, 0.05), (0.8, 0.08), (1.2, 0.1), (1.6, 0.06))
+    rng = np.random.default_rng(7)
+    sources = []
+    for clean in (datasets.colin27(), datasets.invesalius_head_ct()):
+        values = clean.array.astype(np.float64)
+        low, high = np.percentile(values, [LOW_PERCENTILE, HIGH_PERCENTILE])
+        unit = (values - low) / (high - low)
+        sources.append((clean, [add_noise(unit, "correlated", k, rng, sigma=s) * (high - low) + low
+                                for k, s in kernels]))
+    return {
+        "name": "correlated-noise-default", "sources": sources, "source": f"{COLIN27} and {INVESALIUS}",
+        "levels": [f"correlated gaussian, kernel {k:g} px, std {s:g} (on the 0.5-99.5 percentile scale)"
+                   for k, s in kernels],
+        "default_for": [], "default_for_noise": "correlated",
+        "network": {"blind_spot_radius": CORRELATED_BLIND_SPOT_RADIUS},
+        "description": "Any modality with spatially correlated noise (the log of Full mode says when it sees "
+                       "such noise); a blind spot of 7x7 pixels. Trained on Colin27 and the InVesalius head CT.",
     }
 
 
@@ -121,15 +152,15 @@ def score(clean: np.ndarray, estimate: np.ndarray, data_range: float) -> dict:
             "ssim": round(ssim(clean, estimate, data_range=data_range), 4)}
 
 
-def evaluate(model, recipe, slices, modes, t_start=-1):
-    """Mean PSNR/SSIM per mode over the given slices of every noise level."""
-    clean = recipe["clean"].array.astype(np.float64)
-    data_range = float(np.percentile(clean, 99.9) - np.percentile(clean, 0.1))
+def evaluate(model, recipe, part, modes, t_start=-1):
+    """Mean PSNR/SSIM per mode over the evaluation (part 0) or calibration (part 1) slices of every noise level."""
     results = {m: [] for m in ("noisy",) + tuple(modes)}
     context = model.config.context_slices
-    for noisy in recipe["noisy"]:
-        for i in slices:
-            image, index = slab(recipe["clean"], noisy, i, context)
+    for source, noisy_arrays in recipe["sources"]:
+        clean = source.array.astype(np.float64)
+        data_range = float(np.percentile(clean, 99.9) - np.percentile(clean, 0.1))
+        for noisy, i in itertools.product(noisy_arrays, split_slices(clean.shape[0])[part]):
+            image, index = slab(source, noisy, i, context)
             pick = (lambda a: a[index]) if index >= 0 else (lambda a: a)
             results["noisy"].append(score(clean[i], pick(image.array), data_range))
             where = dict(slice_axis=0, slice_range=(index, index + 1)) if index >= 0 else {}
@@ -141,16 +172,17 @@ def evaluate(model, recipe, slices, modes, t_start=-1):
 
 def run_training(recipe, args, store: Path, work: Path, log_path: Path):
     config = train_config(args.scale, args.context_slices, args.student_steps)
+    config["network"].update(recipe.get("network", {}))
     config_path = work / f"{recipe['name']}.json"
     if args.continue_student:  # an adapted model keeps its architecture, transform and sampling
         config = {"training": config["training"]}
     config_path.write_text(json.dumps(config, indent=2))
     inputs = []
-    for i, noisy in enumerate(recipe["noisy"]):
+    noisy_images = [(source, noisy) for source, arrays in recipe["sources"] for noisy in arrays]
+    for i, (source, noisy) in enumerate(noisy_images):
         path = work / f"{recipe['name']}-{i}.nrrd"
-        write_image(Image(array=noisy.astype(np.float32), spacing=recipe["clean"].spacing,
-                          origin=recipe["clean"].origin, direction=recipe["clean"].direction,
-                          modality=recipe["clean"].modality), path)
+        write_image(Image(array=noisy.astype(np.float32), spacing=source.spacing, origin=source.origin,
+                          direction=source.direction, modality=source.modality), path)
         inputs.append(str(path))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     command = [sys.executable, "-m", "DiffDenoiseLib", "train", *inputs, "--name", recipe["name"],
@@ -183,17 +215,16 @@ def build(recipe, args):
     config = run_training(recipe, args, store, work, work / "train.log")
     seconds = time.time() - started
     model = load_model(store / recipe["name"])
-    evaluation, calibration = split_slices(recipe["clean"].array.shape[0])
 
     if args.t_start is None:
-        scores = {t: evaluate(model, recipe, calibration, ("full",), t_start=t)["full"]["psnr"]
+        scores = {t: evaluate(model, recipe, 1, ("full",), t_start=t)["full"]["psnr"]
                   for t in T_START_CANDIDATES}
         best = max(scores, key=scores.get)
     else:
         scores, best = {}, args.t_start
     model.sampling.t_start = int(best)
     model.card["sampling"]["t_start"] = int(best)
-    metrics = None if args.no_evaluation else evaluate(model, recipe, evaluation, ("bsn", "single", "full", "fast"))
+    metrics = None if args.no_evaluation else evaluate(model, recipe, 0, ("bsn", "single", "full", "fast"))
 
     card = model.card
     if args.continue_student:
@@ -204,9 +235,9 @@ def build(recipe, args):
         seconds += before["training"]["wall_seconds"]
     card["description"] = recipe["description"]
     card["default_for"] = recipe["default_for"]
-    card["training_data"]["source"] = (
-        "Colin27 T1 template (Debian mricron-data)" if recipe["name"].startswith("mr")
-        else "InVesalius example head CT (Debian invesalius-examples)")
+    if "default_for_noise" in recipe:
+        card["default_for_noise"] = recipe["default_for_noise"]
+    card["training_data"]["source"] = recipe["source"]
     card["training_data"]["noise"] = recipe["levels"]
     card["training"]["wall_seconds"] = round(seconds, 1)
     card["training"]["recipe"] = config
@@ -228,7 +259,7 @@ def build(recipe, args):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("mr", "ct"))
+    parser.add_argument("--only", choices=("mr", "ct", "correlated"))
     parser.add_argument("--context-slices", type=int, default=0, help="neighbouring slices on each side (2.5D)")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--student-steps", type=int, help="the student's steps, instead of 900 times --scale: "
@@ -243,8 +274,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.continue_student and not args.student_steps:
         parser.error("--continue-student needs --student-steps")
-    recipes = {"mr": mr_recipe, "ct": ct_recipe}
-    for key in ([args.only] if args.only else ["mr", "ct"]):
+    recipes = {"mr": mr_recipe, "ct": ct_recipe, "correlated": correlated_recipe}
+    for key in ([args.only] if args.only else list(recipes)):
         recipe = recipes[key]()
         if args.context_slices:
             recipe["name"] = recipe["name"].replace("-default", "-2.5d")

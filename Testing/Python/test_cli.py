@@ -20,6 +20,7 @@ from DiffDenoiseLib import cli
 from DiffDenoiseLib import store as store_module
 from DiffDenoiseLib.cli import main
 from DiffDenoiseLib.imageio import Image, read_image, write_image
+from DiffDenoiseLib.noise import add_noise
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -235,6 +236,29 @@ def test_without_a_model_the_shipped_default_for_the_modality_is_used_and_named(
         events = parse(out)
         assert any(f"'{expected}'" in e["message"] for e in of_kind(events, "log"))
         assert of_kind(events, "result")[0]["model"] == expected
+
+
+def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data, trained, tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    for name, card_fields in (("mr-default", {"default_for": ["MR", None]}),
+                              ("wide-spot", {"default_for": [], "default_for_noise": "correlated"})):
+        shutil.copytree(trained["store"] / "tiny", shipped / name)
+        card = json.loads((shipped / name / "card.json").read_text())
+        (shipped / name / "card.json").write_text(json.dumps(dict(card, name=name, **card_fields)))
+    monkeypatch.setattr(store_module, "SHIPPED_DIR", shipped)
+    yy, xx = np.mgrid[0:48, 0:40]
+    clean = 1500.0 + 20.0 * xx + 800.0 * ((yy - 24) ** 2 / 400 + (xx - 20) ** 2 / 200 < 1)
+    rng = np.random.default_rng(4)
+    for kind, expected in (("gaussian", "mr-default"), ("correlated", "wide-spot")):
+        noisy = add_noise(np.zeros_like(clean), kind, 1.2 if kind == "correlated" else 0.1, rng) * 600 + clean
+        write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / f"{kind}.nrrd")
+        code, out, err = run(capfd, "denoise", tmp_path / f"{kind}.nrrd", tmp_path / f"{kind}-out.nrrd",
+                             "--store", trained["store"], "--json")
+        assert code == 0, err
+        events = parse(out)
+        assert of_kind(events, "result")[0]["model"] == expected
+        if kind == "correlated":
+            assert any("the default for spatially correlated noise" in e["message"] for e in of_kind(events, "log"))
 
 
 def colour_image(path):

@@ -128,3 +128,27 @@ def test_normalization_maps_percentiles_to_unit_range_and_inverts_exactly():
     assert Normalization.fit(sparse).scale == 5.0
     with pytest.raises(ValueError, match="constant .every voxel is 7.*no noise to remove"):
         Normalization.fit(np.full((5, 5), 7.0))
+
+
+def test_binning_tells_correlated_noise_from_white_noise_of_every_kind():
+    """On a real CT slice: white noise reads about 1 to 4, noise correlated over a pixel or more far above 10."""
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from DiffDenoiseLib.imageio import read_image
+    from DiffDenoiseLib.noise import CORRELATED_BINNING_RATIO, binning_noise_ratio, noise_looks_correlated
+
+    hu = read_image(get_testdata_file("CT_small.dcm")).array.reshape(128, 128).astype(np.float64)
+    low, high = np.percentile(hu, [0.5, 99.5])
+    unit = np.clip((hu - low) / (high - low), 0, 1)
+    rng = np.random.default_rng(11)
+    for kind, level in (("gaussian", 25 / 255), ("gaussian", 6 / 255), ("poisson", 200), ("rician", 0.05)):
+        noisy = add_noise(unit, kind, level, rng)
+        assert binning_noise_ratio(noisy) < 5 and not noise_looks_correlated(noisy), (kind, level)
+    for kernel in (0.8, 1.2):
+        noisy = add_noise(unit, "correlated", kernel, rng)
+        assert binning_noise_ratio(noisy) > 2 * CORRELATED_BINNING_RATIO and noise_looks_correlated(noisy)
+    volume = np.stack([add_noise(unit, "correlated", 1.2, rng) for _ in range(3)])
+    assert noise_looks_correlated(volume)
+    with pytest.raises(ValueError, match="too small to judge its noise"):
+        binning_noise_ratio(unit[:10, :40])

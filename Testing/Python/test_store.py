@@ -210,6 +210,19 @@ def test_volumes_get_the_2_5d_default_and_single_images_the_2d_one(two_stores):
     assert two_stores.default_for("MR", slices=40) == "mr-default"
 
 
+def test_correlated_noise_gets_the_shipped_model_made_for_it_whatever_the_modality(two_stores):
+    folder = shipped_copy(two_stores.shipped_dir / "ct-default", two_stores.shipped_dir, "correlated", [])
+    edit_card(folder, default_for_noise="correlated")
+    for modality, usual in (("CT", "ct-default"), ("MR", "mr-default"), (None, "mr-default")):
+        assert two_stores.default_for(modality, correlated_noise=True) == "correlated"
+        assert two_stores.default_for(modality, slices=40, correlated_noise=True) == "correlated"
+        assert two_stores.default_for(modality) == usual, "white noise keeps the modality's default"
+
+
+def test_without_a_model_for_correlated_noise_the_modality_default_serves(two_stores):
+    assert two_stores.default_for("CT", correlated_noise=True) == "ct-default"
+
+
 def test_default_for_without_shipped_models_says_so(saved, tmp_path):
     with pytest.raises(ValueError, match="no shipped default model for CT"):
         ModelStore(tmp_path / "user", shipped_dir=tmp_path / "none").default_for("CT")
