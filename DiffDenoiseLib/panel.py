@@ -38,7 +38,7 @@ TRAIN_TEXT = "Start training"
 CANCEL_TEXT = "Cancel"
 STOP_TEXT = "Stop training"
 CANCELLING_TEXT = "Cancelling..."
-AUTOMATIC_MODEL = "Automatic (shipped model for the modality)"
+AUTOMATIC_MODEL = "Automatic (shipped model for the modality and noise)"
 NEW_MODEL = "None (train a new model)"
 STAGES = ("bsn", "diffusion", "student")
 
@@ -169,7 +169,8 @@ class Panel:
 
     def _show_model_card(self) -> None:
         self.ui.modelInfoLabel.setText(describe_card(self._card(self.params.model)) if self.params.model else
-                                       "The shipped model that matches the volume's modality (CT or MR).")
+                                       "The shipped model that matches the volume's modality (CT or MR), "
+                                       "or the one for spatially correlated noise when the noise looks so.")
 
     def denoise_settings(self):
         from DiffDenoiseLib.slicer_logic import DenoiseSettings
