@@ -192,7 +192,10 @@ class ModelStore:
         Among the defaults, the one with the most neighbouring-slice context the image can
         feed wins: a 2.5D model for volumes, a 2D model for single images. With
         `correlated_noise`, a shipped model whose card names it `default_for_noise:
-        "correlated"` (a wider blind spot) comes first, whatever the modality.
+        "correlated"` (a wider blind spot) comes first, whatever the modality, unless the
+        modality's default sees more neighbouring slices: in-plane correlated noise is
+        independent between slices, and on the Colin27 volume the 2.5D MR model's Full beat
+        the 2D correlated-noise model's by 3.5 dB.
         """
         wanted = "CT" if modality == "CT" else "MR"
         noise_matched, exact, fallback = [], [], []
@@ -213,7 +216,9 @@ class ModelStore:
                 exact.append((context, folder.name))
             elif wanted in defaults:
                 fallback.append((context, folder.name))
-        chosen = noise_matched or exact or fallback
+        chosen = exact or fallback
+        if noise_matched and max(noise_matched)[0] >= max(chosen, default=(-1, ""))[0]:
+            chosen = noise_matched
         if not chosen:
             raise ValueError(f"no shipped default model for {modality or 'unknown-modality'} images is installed; "
                              "pass --model with a trained model")

@@ -13,8 +13,9 @@ figures on slices the training never saw.
   ct-head-default   InVesalius head CT (Debian invesalius-examples; real scanner noise)
                     with added Gaussian noise of 20 to 300 HU and Poisson noise
   correlated-noise-default  both volumes with spatially correlated noise (Gaussian kernels of
-                    0.5 to 1.6 pixels) and a blind spot of radius 3: for any modality when
-                    Full mode reports correlated noise, which the other models leave in
+                    0.5 to 1.6 pixels) and a blind spot of radius 3: for any modality whose
+                    noise looks correlated (noise.noise_looks_correlated), which the other
+                    models leave in
 
 With `--context-slices K` (K > 0) the networks also see K neighbouring slices on each
 side (2.5D) and the models are named mr-brain-2.5d and ct-head-2.5d: the defaults for
@@ -113,8 +114,8 @@ def correlated_recipe():
                    for k, s in kernels],
         "default_for": [], "default_for_noise": "correlated",
         "network": {"blind_spot_radius": CORRELATED_BLIND_SPOT_RADIUS},
-        "description": "Any modality with spatially correlated noise (the log of Full mode says when it sees "
-                       "such noise); a blind spot of 7x7 pixels. Trained on Colin27 and the InVesalius head CT.",
+        "description": "Any modality with spatially correlated noise, picked without --model when the noise looks "
+                       "so; a blind spot of 7x7 pixels. Trained on Colin27 and the InVesalius head CT.",
     }
 
 

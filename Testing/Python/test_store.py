@@ -217,6 +217,13 @@ def test_correlated_noise_gets_the_shipped_model_made_for_it_whatever_the_modali
         assert two_stores.default_for(modality, correlated_noise=True) == "correlated"
         assert two_stores.default_for(modality, slices=40, correlated_noise=True) == "correlated"
         assert two_stores.default_for(modality) == usual, "white noise keeps the modality's default"
+    volume_model = shipped_copy(two_stores.shipped_dir / "ct-default", two_stores.shipped_dir, "ct-2.5d", ["CT"])
+    edit_card(volume_model, architecture=dict(json.loads((volume_model / "card.json").read_text())["architecture"],
+                                              context_slices=2))
+    assert two_stores.default_for("CT", slices=40, correlated_noise=True) == "ct-2.5d", \
+        "neighbouring slices, whose noise is independent, beat a wider blind spot"
+    assert two_stores.default_for("CT", slices=1, correlated_noise=True) == "correlated"
+    assert two_stores.default_for("MR", slices=40, correlated_noise=True) == "correlated"
 
 
 def test_without_a_model_for_correlated_noise_the_modality_default_serves(two_stores):
