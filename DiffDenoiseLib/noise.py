@@ -17,10 +17,14 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from DiffDenoiseLib.normalization import HIGH_PERCENTILE, LOW_PERCENTILE
+
 NOISE_KINDS = ("gaussian", "poisson", "gamma", "correlated", "rician")
-# `binning_noise_ratio` above which the noise counts as spatially correlated: between the
-# white-noise readings (up to 4) and those of noise correlated over 0.8 pixels or more (24 up).
+# `binning_noise_reading` thresholds: the ratio lies between white noise (up to 4) and correlated
+# noise (14 up); the strength (noise std / intensity range) lies above what nearly clean images
+# read (up to 0.040) and below the benchmark's correlated noise (0.050 up).
 CORRELATED_BINNING_RATIO = 10.0
+CORRELATED_MIN_STRENGTH = 0.045
 TRANSFORMS = ("none", "anscombe", "log", "rician")
 
 
@@ -335,29 +339,38 @@ def noise_variance_curve(array, bins: int = 20, min_count: int = 50, max_slices:
     return binned_variance(local_mean(a).ravel(), highpass(a).ravel(), bins, min_count)
 
 
-def binning_noise_ratio(array, max_slices: int = 32) -> float:
-    """4 x the noise variance of the 2x2-binned image over the image's own, both from the noise curve.
+def binning_noise_reading(array, max_slices: int = 32) -> Tuple[float, float]:
+    """(ratio, strength) of the noise under 2x2 binning, from the noise curves of the image and its binned copy.
 
-    Binning averages white noise of any kind down by 4 (ratio about 1), but hardly averages
-    spatially correlated noise, which the 3x3 high-pass of the unbinned image also misses.
-    Measured on the benchmark images: 0.9 to 4 under white Gaussian, Poisson, Gamma and
-    Rician noise; 2.7 for a Gaussian kernel of 0.5 pixels (correlation 0.37 between
-    neighbours); 24 to 130 for kernels of 0.8 and 1.2 pixels. A nearly noise-free image also
-    reads high (8 to 23): there the high-pass sees anatomy, not noise. White noise as strong as
-    the correlated noise brings the ratio down to about 2: such an image reads as white.
+    ratio: 4 x the binned image's noise variance over the image's own. Binning averages white
+    noise of any kind down by 4 (ratio about 1), but hardly averages spatially correlated
+    noise, which the 3x3 high-pass of the unbinned image also misses. strength: the noise std
+    the binned curve implies, as a fraction of the 0.5-99.5 percentile range. Measured on the
+    benchmark images: ratio 1 to 2 under white Gaussian, Poisson, Gamma and Rician noise, 14 to
+    133 under correlated noise (kernel 1.2 px, std 0.1 of the range), strength 0.050 to 0.065.
+    Nearly noise-free images also read a high ratio (up to 30 on the Colin27 template): there
+    the high-pass sees anatomy, whose strength stays low (0.0005 to 0.040 on those and on the
+    real pydicom CT, MR and X-ray images).
     """
     a = sample_slices(np.asarray(array, dtype=np.float64), max_slices)
     if min(a.shape[-2:]) < 16:
         raise ValueError(f"the image ({' x '.join(map(str, a.shape))}) is too small to judge its noise")
-    a = a[..., : a.shape[-2] // 2 * 2, : a.shape[-1] // 2 * 2]
+    low, high = np.percentile(a, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    a = (a[..., : a.shape[-2] // 2 * 2, : a.shape[-1] // 2 * 2] - low) / max(high - low, 1e-12)
     binned = 0.25 * (a[..., ::2, ::2] + a[..., 1::2, ::2] + a[..., ::2, 1::2] + a[..., 1::2, 1::2])
     fine, coarse = noise_variance_curve(a), noise_variance_curve(binned)
-    return float(np.median(4.0 * np.interp(fine[0], *coarse) / np.maximum(fine[1], 1e-20)))
+    ratio = float(np.median(4.0 * np.interp(fine[0], *coarse) / np.maximum(fine[1], 1e-20)))
+    return ratio, float(np.sqrt(np.median(4.0 * coarse[1])))
 
 
 def noise_looks_correlated(array) -> bool:
-    """Whether the image's noise is spatially correlated enough to need a wider blind spot."""
-    return binning_noise_ratio(array) > CORRELATED_BINNING_RATIO
+    """Whether the image's noise is spatially correlated and strong enough to need a wider blind spot.
+
+    Conservative on purpose: a miss keeps the modality's model, while a false alarm would hand
+    a clean image to a network that blurs fine anatomy.
+    """
+    ratio, strength = binning_noise_reading(array)
+    return ratio > CORRELATED_BINNING_RATIO and strength > CORRELATED_MIN_STRENGTH
 
 
 def sample_slices(a: np.ndarray, max_slices: int) -> np.ndarray:

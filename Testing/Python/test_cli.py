@@ -250,7 +250,7 @@ def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data
     clean = 1500.0 + 20.0 * xx + 800.0 * ((yy - 24) ** 2 / 400 + (xx - 20) ** 2 / 200 < 1)
     rng = np.random.default_rng(4)
     for kind, expected in (("gaussian", "mr-default"), ("correlated", "wide-spot")):
-        noisy = add_noise(np.zeros_like(clean), kind, 1.2 if kind == "correlated" else 0.1, rng) * 600 + clean
+        noisy = add_noise(np.zeros_like(clean), kind, 1.2 if kind == "correlated" else 0.1, rng) * 1600 + clean
         write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / f"{kind}.nrrd")
         code, out, err = run(capfd, "denoise", tmp_path / f"{kind}.nrrd", tmp_path / f"{kind}-out.nrrd",
                              "--store", trained["store"], "--json")
