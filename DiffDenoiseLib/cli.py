@@ -35,12 +35,12 @@ from DiffDenoiseLib.device import select_device
 from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.networks import NetworkConfig
+from DiffDenoiseLib.noise import noise_looks_correlated
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
 from DiffDenoiseLib.slicing import choose_slice_axis
-from DiffDenoiseLib.noise import noise_looks_correlated
-from DiffDenoiseLib.store import ModelStore, load_model, read_card, save_model, validate_name
+from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, format_seconds
 
@@ -274,13 +274,14 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                                        if slice_axis is None else slice_axis]
         correlated = noise_looks_correlated(image.array)
         folder = store.resolve(store.default_for(image.modality, slices, correlated_noise=correlated))
+    model = load_model(folder)
+    if not args.model:
         origin = "shipped" if folder.parent == store.shipped_dir else f"user copy in {folder.parent}"
         kind = "volumes" if slices > 1 else "single images"
         what = f"the default for {image.modality or 'unknown-modality'} {kind}"
-        if correlated and read_card(folder).get("default_for_noise") == "correlated":
+        if correlated and model.card.get("default_for_noise") == "correlated":
             what = "the default for spatially correlated noise, which this image's noise looks like"
         reporter.log(f"Using model '{folder.name}' ({origin}), {what}; choose another with --model.")
-    model = load_model(folder)
     missing = [s for s in MODE_STAGES[args.mode] if s not in model.stages()]
     if missing:
         raise UsageError(f"the model '{folder.name}' has no trained {' or '.join(missing)} stage, which "

@@ -277,9 +277,8 @@ class DenoiseLogic:
         _check_denoise_request(input_node, settings)
         axis, index = self.slice_in_view(input_node, settings.slice_axis, view)
         scene = self.scene
-        previews = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-                    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
-        output_node = next((n for n in previews if n.GetAttribute(PREVIEW_OF) == input_node.GetID()), None)
+        output_node = next((node for node in self.nodes_of_class("vtkMRMLScalarVolumeNode")
+                            if node.GetAttribute(PREVIEW_OF) == input_node.GetID()), None)
         if output_node is None:
             output_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
                                                   scene.GenerateUniqueName("%s preview" % input_node.GetName()))
@@ -294,9 +293,7 @@ class DenoiseLogic:
 
         dims = input_node.GetImageData().GetDimensions()
         slice_axis = slice_axis_name(input_node, slice_axis)
-        scene = self.scene
-        slice_node = next((node for node in (scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
-                                             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")))
+        slice_node = next((node for node in self.nodes_of_class("vtkMRMLSliceNode")
                            if node.GetLayoutName() == view), None)
         if slice_node is None:
             raise ValueError("There is no %s slice view to take the preview slice from." % view)
@@ -435,10 +432,12 @@ class DenoiseLogic:
 
     # ---- comparison in the slice views ------------------------------------------------
 
-    def composite_nodes(self) -> list:
+    def nodes_of_class(self, class_name: str) -> list:
         scene = self.scene
-        return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+        return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
+
+    def composite_nodes(self) -> list:
+        return self.nodes_of_class("vtkMRMLSliceCompositeNode")
 
     def source_volume(self, result_node):
         """The volume a result was computed from (kept as a node reference, so it survives scene save/load)."""
@@ -464,9 +463,7 @@ class DenoiseLogic:
         layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
         if layout is not None:
             layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        slice_nodes = {node.GetLayoutName(): node for node in (
-            scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
-            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")))}
+        slice_nodes = {node.GetLayoutName(): node for node in self.nodes_of_class("vtkMRMLSliceNode")}
         if "Red" in slice_nodes and "Yellow" in slice_nodes:
             slice_nodes["Yellow"].GetSliceToRAS().DeepCopy(slice_nodes["Red"].GetSliceToRAS())
             slice_nodes["Yellow"].UpdateMatrices()
