@@ -229,7 +229,7 @@ def denoise_image(
     if mode == "fast":
         denoised = run_network_on_slices(model.network("student"), slices, indices=indices, **run)[:, 0]
     else:
-        denoised = run_network_on_slices(model.network("bsn"), slices, indices=indices, **run)[:, 0]
+        denoised = run_network_on_slices(model.network("bsn").estimate, slices, indices=indices, **run)[:, 0]
         if mode in ("full", "single"):
             denoised, uncertainty, sampling = sample_residual(model, slices, denoised, steps, pairs, t_start,
                                                                mode == "single", seed, run, indices=indices)

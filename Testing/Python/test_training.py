@@ -108,5 +108,5 @@ def test_a_resumed_training_reuses_the_blind_spot_estimates_of_the_first_run(tmp
     assert second == ["reusing the blind-spot estimate of the training images from bsn_estimates.npz"]
     volumes, _ = _training_slices([image], "none")
     with np.load(tmp_path / "bsn_estimates.npz", allow_pickle=False) as cached:
-        expected = run_network_on_slices(model.bsn, volumes[0], 0, torch.device("cpu"))[:, 0]
+        expected = run_network_on_slices(model.bsn.estimate, volumes[0], 0, torch.device("cpu"))[:, 0]
         np.testing.assert_allclose(cached["v0"], expected, atol=1e-6)
