@@ -300,8 +300,8 @@ def train_model(
 
         report["bsn"] = _run_stage("bsn", bsn, bsn_loss, config.bsn_lr, run)
 
-    estimates = None
-    if "diffusion" in config.stages or "student" in config.stages:
+    estimates = None  # of every slice for the diffusion stage; a student alone needs only its slices'
+    if "diffusion" in config.stages:
         estimates = _cached_per_volume(
             run.work_dir / "bsn_estimates.npz", len(volumes), "the blind-spot estimate of the training images", log,
             lambda: [run_network_on_slices(model.bsn.estimate, v, k, device, cancel=cancel)[:, 0] for v in volumes])
@@ -355,17 +355,27 @@ def _cached_per_volume(path: Path, count: int, what: str, log, compute) -> List[
 
 
 def _distillation_targets(model, volumes, estimates, config, run, log):
-    """Full-mode outputs on evenly spaced training slices (zeros elsewhere), cached for resume."""
+    """Full-mode outputs on evenly spaced training slices (zeros elsewhere), cached for resume.
+
+    Without `estimates` (the student is trained alone) the blind-spot estimate is computed on
+    those slices only, and the residual scale comes from them, as for a slice range in the
+    pipeline: a wide blind spot's estimate costs six network passes per slice.
+    """
     per_volume = [np.unique(np.linspace(0, v.shape[0] - 1, min(v.shape[0], config.student_slices)).round().astype(int))
                   for v in volumes]
     settings = dict(context=model.config.context_slices, device=run.device, cancel=run.cancel)
 
     def full_mode_outputs() -> List[np.ndarray]:
         targets = []
-        for volume, estimate, indices in zip(volumes, estimates, per_volume):
+        for i, (volume, indices) in enumerate(zip(volumes, per_volume)):
+            if estimates is None:
+                estimate = run_network_on_slices(model.bsn.estimate, volume, indices=indices, **settings)[:, 0]
+                scale = residual_scale(volume[indices], estimate)
+            else:
+                estimate, scale = estimates[i][indices], residual_scale(volume, estimates[i])
             full = np.zeros_like(volume)
-            denoised, _, _ = sample_residual(model, volume, estimate[indices], None, None, -1, False, config.seed,
-                                             settings, indices=indices, scale=residual_scale(volume, estimate))
+            denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
+                                             settings, indices=indices, scale=scale)
             if model.sampling.fusion:
                 denoised, _, _ = fuse_unless_correlated(volume[indices], denoised, white=noise_variance_curve(volume))
             full[indices] = denoised

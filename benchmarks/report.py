@@ -134,6 +134,10 @@ def goals(table) -> List[str]:
                    "margin = Fast - Full + 0.3 dB")
     lines += check("Fast (student) within 0.5 dB of the supervised oracle", [(k, v + 0.5) for k, v in g2b], 0.0,
                    "margin = Fast - oracle + 0.5 dB")
+    below = [k for k, v in g2b if v > 0]
+    if below:
+        lines.append(f"  The oracle falls below Fast on {len(below)} of {len(g2b)} conditions: at this training "
+                     "budget it is no upper bound there, and the goal's count flatters us.")
     lines += check("SRDS >= one sample + 1.5 dB", [(k, v - 1.5) for k, v in g3], 0.0,
                    "margin = Full - single - 1.5 dB")
     lines += check("Method noise no more structured than BM3D's", g4a, 0.0,

@@ -167,6 +167,10 @@ def test_report_tables_and_goals_follow_the_numbers():
     assert "one sample + 1.5 dB**: missed: holds on 1 of 2" in goals
     assert "below 1 HU**: missed: holds on 1 of 2" in goals
     assert "worst -1.50 at ct / poisson 200 (vs bm3d)" in goals
+    assert "oracle falls below" not in goals
+    rows += rows_for("mr", "gaussian 6/255", {"noisy": (30, 0.0, 0.0), "full": (33, 0.0, 0.0), "fast": (33, 0.0, 0.0),
+                                              "oracle": (31, 0.0, 0.0)}, unit="a.u.")
+    assert "oracle falls below Fast on 1 of 3 conditions" in "\n".join(report.goals(report.aggregate(rows)))
 
 
 def test_measured_reports_time_and_the_memory_a_call_holds():

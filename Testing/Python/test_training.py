@@ -110,3 +110,23 @@ def test_a_resumed_training_reuses_the_blind_spot_estimates_of_the_first_run(tmp
     with np.load(tmp_path / "bsn_estimates.npz", allow_pickle=False) as cached:
         expected = run_network_on_slices(model.bsn.estimate, volumes[0], 0, torch.device("cpu"))[:, 0]
         np.testing.assert_allclose(cached["v0"], expected, atol=1e-6)
+
+
+def test_a_student_trained_alone_estimates_only_its_own_slices(tmp_path):
+    """Adapting only the student skips the whole-volume blind-spot pass; the distillation targets
+    are the Full-mode outputs of the chosen slices, and nothing elsewhere."""
+    image = noisy_volume(shape=(10, 40, 48))
+    base = train_model([image], tmp_path / "base", "base", network_config=TINY,
+                       train_config=TrainConfig(stages=("bsn", "diffusion"), max_steps=2, batch_size=2, bsn_patch=16,
+                                                diffusion_patch=16, checkpoint_seconds=1e9))
+    log = []
+    config = TrainConfig(stages=("student",), max_steps=2, batch_size=2, student_patch=16, student_slices=4,
+                         checkpoint_seconds=1e9)
+    student = train_model([image], tmp_path / "student", "student", train_config=config, init_from=base,
+                          log=log.append)
+    assert student.student is not None and not (tmp_path / "student" / "bsn_estimates.npz").exists()
+    assert not any("blind-spot estimate" in line for line in log)
+    with np.load(tmp_path / "student" / "student_targets.npz", allow_pickle=False) as cached:
+        targets = cached["v0"]
+    chosen = [i for i in range(10) if np.any(targets[i])]
+    assert chosen == [0, 3, 6, 9]
