@@ -128,8 +128,9 @@ class BlindSpotNet(nn.Module):
         Shuffling by the trained factor cuts the image into coarse sub-images and loses fine
         structure. Following Lee et al. 2022 (AP-BSN), the estimate averages the shuffles by 2 up
         to one less than the trained factor (by 2 alone for a radius of 1), which let a little
-        correlated noise through but keep the structure, then refines: each pass gives a random REFINE_NOISY_FRACTION of the centre
-        slice's pixels back their noisy values, the rest the first estimate, and shuffles by 2.
+        correlated noise through but keep the structure, then refines: each of REFINE_PASSES
+        passes gives a random REFINE_NOISY_FRACTION of the centre slice's pixels back their
+        noisy values, the rest the first estimate, and shuffles by 2.
         On the benchmark's correlated noise this gains 1.4 to 2.8 dB over `forward`. The masks
         come from a fixed seed, so the same input gives the same estimate.
         """

@@ -305,7 +305,6 @@ def train_model(
         estimates = _cached_per_volume(
             run.work_dir / "bsn_estimates.npz", len(volumes), "the blind-spot estimate of the training images", log,
             lambda: [run_network_on_slices(model.bsn.estimate, v, k, device, cancel=cancel)[:, 0] for v in volumes])
-    if "diffusion" in config.stages:
         scales = torch.tensor([residual_scale(v, c) for v, c in zip(volumes, estimates)], dtype=torch.float32)
         sampler = PatchSampler(volumes, k, config.diffusion_patch, extras=[estimates])
         unet, schedule = model.diffusion, model.schedule
