@@ -73,6 +73,9 @@ class TrainConfig(JsonSettings):
     diffusion_lr: float = 5e-4
     student_lr: float = 1e-3
     student_slices: int = 48  # slices per volume that get SRDS targets for distillation
+    # slices per volume the diffusion stage trains on (None: all); each needs a blind-spot estimate
+    # first, and a wide blind spot's costs six network passes, the longest step of a CPU training
+    diffusion_slices: Optional[int] = None
     seed: int = 0
     checkpoint_seconds: float = 60.0
 
@@ -300,13 +303,17 @@ def train_model(
 
         report["bsn"] = _run_stage("bsn", bsn, bsn_loss, config.bsn_lr, run)
 
-    estimates = None  # of every slice for the diffusion stage; a student alone needs only its slices'
+    # the diffusion stage's slices of each volume and their blind-spot estimates (zeros elsewhere);
+    # a student trained alone estimates only its own slices
+    estimated = [evenly_spaced(v.shape[0], config.diffusion_slices) for v in volumes]
+    estimates = None
     if "diffusion" in config.stages:
         estimates = _cached_per_volume(
             run.work_dir / "bsn_estimates.npz", len(volumes), "the blind-spot estimate of the training images", log,
-            lambda: [run_network_on_slices(model.bsn.estimate, v, k, device, cancel=cancel)[:, 0] for v in volumes])
-        scales = torch.tensor([residual_scale(v, c) for v, c in zip(volumes, estimates)], dtype=torch.float32)
-        sampler = PatchSampler(volumes, k, config.diffusion_patch, extras=[estimates])
+            lambda: [_estimate_slices(model, v, indices, device, cancel) for v, indices in zip(volumes, estimated)])
+        scales = torch.tensor([residual_scale(v[indices], c[indices]) for v, c, indices in
+                               zip(volumes, estimates, estimated)], dtype=torch.float32)
+        sampler = PatchSampler(volumes, k, config.diffusion_patch, extras=[estimates], slice_indices=estimated)
         unet, schedule = model.diffusion, model.schedule
 
         def diffusion_stage_loss(rng, generator):
@@ -319,7 +326,7 @@ def train_model(
         report["diffusion"] = _run_stage("diffusion", unet, diffusion_stage_loss, config.diffusion_lr, run)
 
     if "student" in config.stages:
-        indices, targets = _distillation_targets(model, volumes, estimates, config, run, log)
+        indices, targets = _distillation_targets(model, volumes, estimated, estimates, config, run, log)
         sampler = PatchSampler(volumes, k, config.student_patch, extras=[targets], slice_indices=indices)
         student = model.student
 
@@ -353,25 +360,40 @@ def _cached_per_volume(path: Path, count: int, what: str, log, compute) -> List[
     return arrays
 
 
-def _distillation_targets(model, volumes, estimates, config, run, log):
+def evenly_spaced(n: int, count: Optional[int]) -> np.ndarray:
+    """`count` evenly spaced indices of range(n), ends included (all of them when count is None or >= n)."""
+    count = n if count is None else min(n, count)
+    return np.unique(np.linspace(0, n - 1, count).round().astype(int))
+
+
+def _estimate_slices(model, volume: np.ndarray, indices: np.ndarray, device, cancel) -> np.ndarray:
+    """The blind-spot estimate of `indices`' slices of `volume`, zeros elsewhere."""
+    estimate = np.zeros_like(volume)
+    estimate[indices] = run_network_on_slices(model.bsn.estimate, volume, model.config.context_slices, device,
+                                              cancel=cancel, indices=indices)[:, 0]
+    return estimate
+
+
+def _distillation_targets(model, volumes, estimated, estimates, config, run, log):
     """Full-mode outputs on evenly spaced training slices (zeros elsewhere), cached for resume.
 
-    Without `estimates` (the student is trained alone) the blind-spot estimate is computed on
-    those slices only, and the residual scale comes from them, as for a slice range in the
-    pipeline: a wide blind spot's estimate costs six network passes per slice.
+    The slices are chosen among the diffusion stage's (`estimated`), whose blind-spot
+    estimates and residual scale they reuse. Without `estimates` (the student is trained
+    alone) the estimate is computed on the chosen slices only, and the residual scale comes
+    from them, as for a slice range in the pipeline.
     """
-    per_volume = [np.unique(np.linspace(0, v.shape[0] - 1, min(v.shape[0], config.student_slices)).round().astype(int))
-                  for v in volumes]
+    per_volume = [indices[evenly_spaced(len(indices), config.student_slices)] for indices in estimated]
     settings = dict(context=model.config.context_slices, device=run.device, cancel=run.cancel)
 
     def full_mode_outputs() -> List[np.ndarray]:
         targets = []
         for i, (volume, indices) in enumerate(zip(volumes, per_volume)):
             if estimates is None:
-                estimate = run_network_on_slices(model.bsn.estimate, volume, indices=indices, **settings)[:, 0]
+                estimate = _estimate_slices(model, volume, indices, run.device, run.cancel)[indices]
                 scale = residual_scale(volume[indices], estimate)
             else:
-                estimate, scale = estimates[i][indices], residual_scale(volume, estimates[i])
+                own = estimated[i]
+                estimate, scale = estimates[i][indices], residual_scale(volume[own], estimates[i][own])
             full = np.zeros_like(volume)
             denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
                                              settings, indices=indices, scale=scale)

@@ -112,6 +112,24 @@ def test_a_resumed_training_reuses_the_blind_spot_estimates_of_the_first_run(tmp
         np.testing.assert_allclose(cached["v0"], expected, atol=1e-6)
 
 
+def test_diffusion_slices_limit_the_blind_spot_pass_and_the_student_picks_among_them(tmp_path):
+    """With `diffusion_slices` only those evenly spaced slices get a blind-spot estimate (the
+    rest stay zero and are never drawn), and the distillation slices are chosen among them."""
+    image = noisy_volume(shape=(13, 40, 48))
+    config = TrainConfig(max_steps=2, batch_size=2, bsn_patch=16, diffusion_patch=16, student_patch=16,
+                         diffusion_slices=5, student_slices=3, checkpoint_seconds=1e9)
+    model = train_model([image], tmp_path, "x", network_config=TINY, train_config=config)
+    volumes, _ = _training_slices([image], "none")
+    with np.load(tmp_path / "bsn_estimates.npz", allow_pickle=False) as cached:
+        estimates = cached["v0"]
+    assert [i for i in range(13) if np.any(estimates[i])] == [0, 3, 6, 9, 12]
+    expected = run_network_on_slices(model.bsn.estimate, volumes[0], 0, torch.device("cpu"), indices=[3, 9])[:, 0]
+    np.testing.assert_allclose(estimates[[3, 9]], expected, atol=1e-6)
+    with np.load(tmp_path / "student_targets.npz", allow_pickle=False) as cached:
+        targets = cached["v0"]
+    assert [i for i in range(13) if np.any(targets[i])] == [0, 6, 12]
+
+
 def test_a_student_trained_alone_estimates_only_its_own_slices(tmp_path):
     """Adapting only the student skips the whole-volume blind-spot pass; the distillation targets
     are the Full-mode outputs of the chosen slices, and nothing elsewhere."""
