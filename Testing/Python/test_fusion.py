@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from DiffDenoiseLib.fusion import fuse_unless_correlated, fuse_with_observation, looks_correlated
+from DiffDenoiseLib.fusion import (
+    FUSION_MARGINS,
+    choose_margin,
+    fuse_unless_correlated,
+    fuse_with_observation,
+    looks_correlated,
+)
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve
 
 
@@ -64,9 +70,31 @@ def test_a_noise_free_image_comes_back_unchanged_and_volumes_go_slice_by_slice()
     assert np.allclose(fused, clean, atol=1e-6) and weight.max() < 1e-3
     noisy = add_noise(np.stack([clean, clean[::-1]]), "gaussian", 0.05, np.random.default_rng(4))
     curve = noise_variance_curve(noisy)
-    volume, _ = fuse_with_observation(noisy, np.stack([clean, clean[::-1]]), curve=curve)
-    single, _ = fuse_with_observation(noisy[1], clean[::-1], curve=curve)
+    volume, _ = fuse_with_observation(noisy, np.stack([clean, clean[::-1]]), curve=curve, margin=1.0)
+    single, _ = fuse_with_observation(noisy[1], clean[::-1], curve=curve, margin=1.0)
     assert np.allclose(volume[1], single)
+
+
+@pytest.mark.parametrize("estimate_error,noise", [(0.005, 0.1), (0.03, 0.05), (0.02, 0.02)])
+def test_the_margin_stein_chooses_is_within_a_few_percent_of_the_best_one(estimate_error, noise):
+    """Without a clean image, Stein's risk estimate picks a margin whose true error is close to the
+    best candidate's. When the estimate is far better than the observation (strong noise) the
+    candidates differ by less than the noise curve's own error, so the pick is rougher; but it is
+    a wide margin, which more than halves the error the zero margin leaves by handing noise back."""
+    rng = np.random.default_rng(8)
+    clean = phantom(160)
+    noisy = clean + rng.normal(0, noise, clean.shape)
+    estimate = clean + rng.normal(0, estimate_error, clean.shape)
+    curve = noise_variance_curve(noisy)
+    errors = {margin: mse(fuse_with_observation(noisy, estimate, curve=curve, margin=margin)[0], clean)
+              for margin in FUSION_MARGINS}
+    chosen = choose_margin(noisy, estimate, curve)
+    assert np.array_equal(fuse_with_observation(noisy, estimate, curve=curve)[0],
+                          fuse_with_observation(noisy, estimate, curve=curve, margin=chosen)[0])
+    if estimate_error / noise < 0.1:
+        assert chosen >= 1.0 and errors[chosen] < 0.5 * errors[0.0]
+    else:
+        assert errors[chosen] < 1.05 * min(errors.values())
 
 
 def test_correlated_noise_is_recognised_and_white_noise_or_a_biased_estimate_is_not():
