@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--steps", type=_positive, metavar="N", help="DDIM steps in full mode (default: the model's)")
     denoise.add_argument("--pairs", type=_positive, metavar="N",
                          help="symmetric pairs averaged in full mode (default: the model's)")
+    denoise.add_argument("--self-ensemble", type=int, choices=(1, 2, 4, 8), metavar="VIEWS",
+                         help="modes bsn, single and full: flips and turns of the image (1, 2, 4 or 8) whose "
+                              "blind-spot estimates are averaged; fewer are faster (default: the model's)")
     denoise.add_argument("--uncertainty", metavar="PATH", help="also write the uncertainty map (full mode)")
     denoise.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
                          help="modes bsn, single and full: keep the blind estimate as it is instead of giving "
@@ -294,7 +297,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
 
     result = denoise_image(image, model, mode=args.mode, steps=args.steps, pairs=args.pairs, device=device,
                            slice_axis=slice_axis, progress=on_progress, cancel=cancel, fusion=args.fusion,
-                           slice_range=args.slices)
+                           slice_range=args.slices, self_ensemble=args.self_ensemble)
     cancel.raise_if_cancelled()
     written = []
     try:

@@ -25,7 +25,7 @@ import torch
 from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
 from DiffDenoiseLib.fusion import fuse_unless_correlated
 from DiffDenoiseLib.imageio import Image
-from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig, StudentNet
+from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig, StudentNet, dihedral_mean
 from DiffDenoiseLib.noise import estimate_transform_params, get_transform, noise_variance_curve
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
@@ -51,6 +51,12 @@ class SamplingConfig(JsonSettings):
     pairs: int = 1  # symmetric pairs averaged
     t_start: Optional[int] = 120  # truncated start; None starts from t = T
     fusion: bool = True  # give each voxel's own noisy value back to the blind estimate (fusion.py)
+    # flips and turns of the image (1, 2, 4 or 8) whose blind-spot estimates are averaged (networks.dihedral_mean)
+    self_ensemble: int = 4
+
+    def __post_init__(self):
+        if self.self_ensemble not in (1, 2, 4, 8):
+            raise ValueError(f"self_ensemble must be 1, 2, 4 or 8 views, not {self.self_ensemble}")
 
 
 @dataclass
@@ -101,6 +107,11 @@ class DenoisingModel:
         for stage in self.stages():
             getattr(self, stage).eval()
         return self
+
+    def blind_spot_estimate(self, views: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The blind-spot estimate as denoising and training use it: averaged over `views` flips and
+        turns of the image (None: the model's `sampling.self_ensemble`)."""
+        return dihedral_mean(self.network("bsn").estimate, views or self.sampling.self_ensemble)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -190,11 +201,13 @@ def denoise_image(
     tile: int = 256,
     fusion: Optional[bool] = None,
     slice_range: Optional[Tuple[int, int]] = None,
+    self_ensemble: Optional[int] = None,
 ) -> DenoiseResult:
     """Denoise a 2D image or a volume; the input image is never modified.
 
     `t_start=-1` keeps the model's calibrated truncated start; None forces a full start.
-    `fusion=None` keeps the model's setting for observation fusion (modes bsn, single, full).
+    `fusion=None` keeps the model's setting for observation fusion (modes bsn, single, full);
+    `self_ensemble=None` the model's number of views averaged in the blind-spot estimate.
     `slice_range=(start, stop)` denoises only those slices along the slice axis (a preview
     of the slice in view, say) and returns them as a sub-volume in place; their
     neighbours still feed a 2.5D model. Fast and BSN give exactly those slices of the
@@ -229,7 +242,9 @@ def denoise_image(
     if mode == "fast":
         denoised = run_network_on_slices(model.network("student"), slices, indices=indices, **run)[:, 0]
     else:
-        denoised = run_network_on_slices(model.network("bsn").estimate, slices, indices=indices, **run)[:, 0]
+        details["self_ensemble"] = int(self_ensemble or model.sampling.self_ensemble)
+        denoised = run_network_on_slices(model.blind_spot_estimate(details["self_ensemble"]), slices,
+                                         indices=indices, **run)[:, 0]
         if mode in ("full", "single"):
             denoised, uncertainty, sampling = sample_residual(model, slices, denoised, steps, pairs, t_start,
                                                                mode == "single", seed, run, indices=indices)

@@ -35,6 +35,7 @@ _GPU_SPEED_UP = 30.0
 _STARTUP_SECONDS = 5.0
 ESTIMATE_DEFAULT_STEPS = 5
 ESTIMATE_DEFAULT_PAIRS = 1
+ESTIMATE_DEFAULT_VIEWS = 4  # the white-noise models' self-ensemble; a blind-spot pass costs about one UNet pass
 SOURCE_REFERENCE = "DiffDenoiseSource"  # node reference from a result to the volume it was computed from
 PREVIEW_OF = "DiffDenoise.PreviewOf"  # attribute of a one-slice preview volume: the ID of its input
 IJK_AXIS = {"x": 0, "y": 1, "z": 2}  # voxel axis names as the worker's --slice-axis takes them
@@ -244,7 +245,7 @@ class DenoiseLogic:
         if settings.mode == "full":
             steps = settings.steps or ESTIMATE_DEFAULT_STEPS
             pairs = settings.pairs or ESTIMATE_DEFAULT_PAIRS
-            per_megapixel = _UNET_SECONDS_PER_MEGAPIXEL_CPU * (1 + 2 * pairs * steps)
+            per_megapixel = _UNET_SECONDS_PER_MEGAPIXEL_CPU * (ESTIMATE_DEFAULT_VIEWS + 2 * pairs * steps)
         if device.type != "cpu":
             per_megapixel /= _GPU_SPEED_UP
         seconds = _STARTUP_SECONDS + megapixels * per_megapixel

@@ -369,8 +369,8 @@ def evenly_spaced(n: int, count: Optional[int]) -> np.ndarray:
 def _estimate_slices(model, volume: np.ndarray, indices: np.ndarray, device, cancel) -> np.ndarray:
     """The blind-spot estimate of `indices`' slices of `volume`, zeros elsewhere."""
     estimate = np.zeros_like(volume)
-    estimate[indices] = run_network_on_slices(model.bsn.estimate, volume, model.config.context_slices, device,
-                                              cancel=cancel, indices=indices)[:, 0]
+    estimate[indices] = run_network_on_slices(model.blind_spot_estimate(), volume, model.config.context_slices,
+                                              device, cancel=cancel, indices=indices)[:, 0]
     return estimate
 
 

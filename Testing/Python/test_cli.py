@@ -147,6 +147,21 @@ def test_no_fusion_keeps_the_blind_estimate_for_comparison(capfd, data, trained,
     assert not np.allclose(outputs[()], outputs[("--no-fusion",)])
 
 
+def test_self_ensemble_views_are_chosen_on_the_command_line(capfd, data, trained, tmp_path):
+    outputs = {}
+    for views in (1, 8):
+        output = tmp_path / f"bsn{views}.nrrd"
+        code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", output, "--model", "tiny", "--mode", "bsn",
+                             "--self-ensemble", views, "--store", trained["store"], "--json")
+        assert code == 0, err
+        assert f'"self_ensemble": {views}' in out
+        outputs[views] = read_image(output).array
+    assert not np.allclose(outputs[1], outputs[8])
+    code, _, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / "x.nrrd", "--model", "tiny",
+                       "--self-ensemble", 3, "--store", trained["store"])
+    assert code == 2 and "--self-ensemble" in err
+
+
 def test_preview_shows_before_after_and_what_was_removed(capfd, data, trained, tmp_path):
     output, picture = tmp_path / "out.nrrd", tmp_path / "before_after.png"
     code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", output, "--model", "tiny", "--preview", picture,

@@ -54,6 +54,21 @@ def test_every_mode_beats_the_noisy_input_on_a_real_ct_slice(ct_slice, trained):
     assert abs(float(denoise_image(noisy, trained, mode="fast").image.array.mean()) - clean.mean()) < 15
 
 
+def test_the_self_ensemble_is_the_models_unless_asked_and_is_checked(ct_slice, trained):
+    _, noisy = ct_slice
+    assert trained.sampling.self_ensemble == 4
+    default = denoise_image(noisy, trained, mode="bsn")
+    assert default.details["self_ensemble"] == 4
+    one = denoise_image(noisy, trained, mode="bsn", self_ensemble=1)
+    assert one.details["self_ensemble"] == 1
+    assert np.abs(one.image.array - default.image.array).max() > 0.1  # HU
+    assert "self_ensemble" not in denoise_image(noisy, trained, mode="fast").details
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        SamplingConfig(self_ensemble=3)
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        denoise_image(noisy, trained, mode="bsn", self_ensemble=6)
+
+
 def test_full_mode_with_a_barely_trained_diffusion_model_is_not_worse_than_the_bsn(ct_slice, trained, tmp_path):
     clean, noisy = ct_slice
     bsn_only = DenoisingModel.from_card(trained.card, {"bsn": trained.bsn.state_dict()})
