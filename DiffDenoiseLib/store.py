@@ -195,7 +195,7 @@ class ModelStore:
         "correlated"` (a wider blind spot) comes first, whatever the modality, unless the
         modality's default sees more neighbouring slices: in-plane correlated noise is
         independent between slices, and on the Colin27 volume the 2.5D MR model's Full beat
-        the 2D correlated-noise model's by 3.5 dB.
+        the 2D correlated-noise model's by 3.5 dB. A 2.5D correlated-noise model has both.
         """
         wanted = "CT" if modality == "CT" else "MR"
         noise_matched, exact, fallback = [], [], []

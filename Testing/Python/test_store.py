@@ -224,6 +224,12 @@ def test_correlated_noise_gets_the_shipped_model_made_for_it_whatever_the_modali
         "neighbouring slices, whose noise is independent, beat a wider blind spot"
     assert two_stores.default_for("CT", slices=1, correlated_noise=True) == "correlated"
     assert two_stores.default_for("MR", slices=40, correlated_noise=True) == "correlated"
+    wide_volume = shipped_copy(two_stores.shipped_dir / "ct-default", two_stores.shipped_dir, "correlated-2.5d", [])
+    edit_card(wide_volume, default_for_noise="correlated",
+              architecture=dict(json.loads((wide_volume / "card.json").read_text())["architecture"], context_slices=2))
+    for modality in ("CT", "MR"):
+        assert two_stores.default_for(modality, slices=40, correlated_noise=True) == "correlated-2.5d"
+        assert two_stores.default_for(modality, slices=1, correlated_noise=True) == "correlated"
 
 
 def test_without_a_model_for_correlated_noise_the_modality_default_serves(two_stores):
