@@ -108,7 +108,7 @@ def test_a_resumed_training_reuses_the_blind_spot_estimates_of_the_first_run(tmp
     assert second == ["reusing the blind-spot estimate of the training images from bsn_estimates.npz"]
     volumes, _ = _training_slices([image], "none")
     with np.load(tmp_path / "bsn_estimates.npz", allow_pickle=False) as cached:
-        expected = run_network_on_slices(model.bsn.estimate, volumes[0], 0, torch.device("cpu"))[:, 0]
+        expected = run_network_on_slices(model.blind_spot_estimate(), volumes[0], 0, torch.device("cpu"))[:, 0]
         np.testing.assert_allclose(cached["v0"], expected, atol=1e-6)
 
 
@@ -123,7 +123,7 @@ def test_diffusion_slices_limit_the_blind_spot_pass_and_the_student_picks_among_
     with np.load(tmp_path / "bsn_estimates.npz", allow_pickle=False) as cached:
         estimates = cached["v0"]
     assert [i for i in range(13) if np.any(estimates[i])] == [0, 3, 6, 9, 12]
-    expected = run_network_on_slices(model.bsn.estimate, volumes[0], 0, torch.device("cpu"), indices=[3, 9])[:, 0]
+    expected = run_network_on_slices(model.blind_spot_estimate(), volumes[0], 0, torch.device("cpu"), indices=[3, 9])[:, 0]
     np.testing.assert_allclose(estimates[[3, 9]], expected, atol=1e-6)
     with np.load(tmp_path / "student_targets.npz", allow_pickle=False) as cached:
         targets = cached["v0"]
