@@ -287,8 +287,10 @@ def main() -> int:
         recipe = recipes[key]()
         if args.context_slices:
             recipe["name"] = recipe["name"].replace("-default", "-2.5d")
-            recipe["description"] = recipe["description"].replace("; trained", f", for volumes ({2 * args.context_slices}"
-                                                                  " neighbouring slices seen); trained", 1)
+            seen = f"for volumes ({2 * args.context_slices} neighbouring slices seen)"
+            description = recipe["description"]
+            recipe["description"] = (description.replace("; trained", f", {seen}; trained", 1) if "; trained" in description
+                                     else f"{description} {seen[0].upper()}{seen[1:]}.")
         build(recipe, args)
     return 0
 
