@@ -34,7 +34,7 @@ from DiffDenoiseLib import __version__
 from DiffDenoiseLib.device import select_device
 from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
-from DiffDenoiseLib.networks import NetworkConfig
+from DiffDenoiseLib.networks import VIEW_COUNTS, NetworkConfig
 from DiffDenoiseLib.noise import noise_looks_correlated
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
 from DiffDenoiseLib.preview import before_after_png
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--steps", type=_positive, metavar="N", help="DDIM steps in full mode (default: the model's)")
     denoise.add_argument("--pairs", type=_positive, metavar="N",
                          help="symmetric pairs averaged in full mode (default: the model's)")
-    denoise.add_argument("--self-ensemble", type=int, choices=(1, 2, 4, 8), metavar="VIEWS",
+    denoise.add_argument("--self-ensemble", type=int, choices=VIEW_COUNTS, metavar="VIEWS",
                          help="modes bsn, single and full: flips and turns of the image (1, 2, 4 or 8) whose "
                               "blind-spot estimates are averaged; fewer are faster (default: the model's)")
     denoise.add_argument("--uncertainty", metavar="PATH", help="also write the uncertainty map (full mode)")

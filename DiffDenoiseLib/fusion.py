@@ -84,6 +84,11 @@ def _slices_with_noise(y: np.ndarray, m: np.ndarray, curve: Curve, window: int):
         yield i, y2, m2, np.interp(m2, xs, ys), _window_mean_without_centre((y2 - m2) ** 2, window)
 
 
+def _variance_floor(curve: Curve) -> float:
+    """The least error variance an estimate is given, so its weight s / (v + s) stays below 1 by a hair."""
+    return 1e-3 * float(np.mean(curve[1])) + 1e-12
+
+
 def _estimate_weight(s: np.ndarray, power: np.ndarray, margin: float, window: int, floor: float) -> np.ndarray:
     """s / (v + s), v the window's residual power beyond the noise and `margin` standard errors of it."""
     v = np.maximum(power - (1.0 + margin * np.sqrt(2.0 / (window * window - 1))) * s, floor)
@@ -98,7 +103,7 @@ def choose_margin(noisy: np.ndarray, estimate: np.ndarray, curve: Curve, window:
     estimate, close for SRDS built on it.
     """
     y, m = np.asarray(noisy), np.asarray(estimate)
-    floor = 1e-3 * float(np.mean(curve[1])) + 1e-12
+    floor = _variance_floor(curve)
     risks = np.zeros(len(margins))
     for _, y2, m2, s, power in _slices_with_noise(y, m, curve, window):
         for j, margin in enumerate(margins):
@@ -128,7 +133,7 @@ def fuse_with_observation(
         raise ValueError(f"the fusion window must be odd and at least 3, got {window}")
     curve = curve if curve is not None else noise_variance_curve(y)
     margin = choose_margin(y, m, curve, window) if margin is None else float(margin)
-    floor = 1e-3 * float(np.mean(curve[1])) + 1e-12
+    floor = _variance_floor(curve)
     fused, weight = np.empty(y.shape), np.empty(y.shape)
     for i, y2, m2, s, power in _slices_with_noise(y, m, curve, window):
         weight[i] = _estimate_weight(s, power, margin, window, floor)

@@ -25,7 +25,14 @@ import torch
 from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
 from DiffDenoiseLib.fusion import fuse_unless_correlated
 from DiffDenoiseLib.imageio import Image
-from DiffDenoiseLib.networks import BlindSpotNet, ConditionalUNet, NetworkConfig, StudentNet, dihedral_mean
+from DiffDenoiseLib.networks import (
+    VIEW_COUNTS,
+    BlindSpotNet,
+    ConditionalUNet,
+    NetworkConfig,
+    StudentNet,
+    dihedral_mean,
+)
 from DiffDenoiseLib.noise import estimate_transform_params, get_transform, noise_variance_curve
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
@@ -55,7 +62,7 @@ class SamplingConfig(JsonSettings):
     self_ensemble: int = 4
 
     def __post_init__(self):
-        if self.self_ensemble not in (1, 2, 4, 8):
+        if self.self_ensemble not in VIEW_COUNTS:
             raise ValueError(f"self_ensemble must be 1, 2, 4 or 8 views, not {self.self_ensemble}")
 
 

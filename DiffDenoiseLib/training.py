@@ -306,27 +306,32 @@ def train_model(
     # the diffusion stage's slices of each volume and their blind-spot estimates (zeros elsewhere);
     # a student trained alone estimates only its own slices
     estimated = [evenly_spaced(v.shape[0], config.diffusion_slices) for v in volumes]
-    estimates = None
+    estimates, scales = None, None
     if "diffusion" in config.stages:
-        estimates = _cached_per_volume(
-            run.work_dir / "bsn_estimates.npz", len(volumes), "the blind-spot estimate of the training images", log,
-            lambda: [_estimate_slices(model, v, indices, device, cancel) for v, indices in zip(volumes, estimated)])
-        scales = torch.tensor([residual_scale(v[indices], c[indices]) for v, c, indices in
-                               zip(volumes, estimates, estimated)], dtype=torch.float32)
+        def estimate_volumes() -> List[np.ndarray]:
+            full = [np.zeros_like(v) for v in volumes]
+            for v, indices, out in zip(volumes, estimated, full):
+                out[indices] = _estimate_slices(model, v, indices, device, cancel)
+            return full
+
+        estimates = _cached_per_volume(run.work_dir / "bsn_estimates.npz", len(volumes),
+                                       "the blind-spot estimate of the training images", log, estimate_volumes)
+        scales = [residual_scale(v[indices], c[indices]) for v, c, indices in zip(volumes, estimates, estimated)]
+        scale_tensor = torch.tensor(scales, dtype=torch.float32)
         sampler = PatchSampler(volumes, k, config.diffusion_patch, extras=[estimates], slice_indices=estimated)
         unet, schedule = model.diffusion, model.schedule
 
         def diffusion_stage_loss(rng, generator):
             stacks, (c,), which = sampler.batch(rng, config.batch_size)
             stacks, c = stacks.to(device), c.to(device)
-            x0 = (stacks[:, k:k + 1] - c) / scales[which].view(-1, 1, 1, 1).to(device)
+            x0 = (stacks[:, k:k + 1] - c) / scale_tensor[which].view(-1, 1, 1, 1).to(device)
             cond = torch.cat([c, stacks[:, :k], stacks[:, k + 1:]], dim=1)
             return diffusion_loss(unet, x0, cond, schedule, prediction=sampling.prediction, generator=generator)
 
         report["diffusion"] = _run_stage("diffusion", unet, diffusion_stage_loss, config.diffusion_lr, run)
 
     if "student" in config.stages:
-        indices, targets = _distillation_targets(model, volumes, estimated, estimates, config, run, log)
+        indices, targets = _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log)
         sampler = PatchSampler(volumes, k, config.student_patch, extras=[targets], slice_indices=indices)
         student = model.student
 
@@ -367,18 +372,16 @@ def evenly_spaced(n: int, count: Optional[int]) -> np.ndarray:
 
 
 def _estimate_slices(model, volume: np.ndarray, indices: np.ndarray, device, cancel) -> np.ndarray:
-    """The blind-spot estimate of `indices`' slices of `volume`, zeros elsewhere."""
-    estimate = np.zeros_like(volume)
-    estimate[indices] = run_network_on_slices(model.blind_spot_estimate(), volume, model.config.context_slices,
-                                              device, cancel=cancel, indices=indices)[:, 0]
-    return estimate
+    """The blind-spot estimate of `indices`' slices of `volume`: (len(indices), H, W)."""
+    return run_network_on_slices(model.blind_spot_estimate(), volume, model.config.context_slices, device,
+                                 cancel=cancel, indices=indices)[:, 0]
 
 
-def _distillation_targets(model, volumes, estimated, estimates, config, run, log):
+def _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log):
     """Full-mode outputs on evenly spaced training slices (zeros elsewhere), cached for resume.
 
     The slices are chosen among the diffusion stage's (`estimated`), whose blind-spot
-    estimates and residual scale they reuse. Without `estimates` (the student is trained
+    estimates and residual `scales` they reuse. Without `estimates` (the student is trained
     alone) the estimate is computed on the chosen slices only, and the residual scale comes
     from them, as for a slice range in the pipeline.
     """
@@ -389,11 +392,10 @@ def _distillation_targets(model, volumes, estimated, estimates, config, run, log
         targets = []
         for i, (volume, indices) in enumerate(zip(volumes, per_volume)):
             if estimates is None:
-                estimate = _estimate_slices(model, volume, indices, run.device, run.cancel)[indices]
+                estimate = _estimate_slices(model, volume, indices, run.device, run.cancel)
                 scale = residual_scale(volume[indices], estimate)
             else:
-                own = estimated[i]
-                estimate, scale = estimates[i][indices], residual_scale(volume[own], estimates[i][own])
+                estimate, scale = estimates[i][indices], scales[i]
             full = np.zeros_like(volume)
             denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
                                              settings, indices=indices, scale=scale)
