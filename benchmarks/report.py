@@ -137,7 +137,8 @@ def goals(table) -> List[str]:
     below = [k for k, v in g2b if v > 0]
     if below:
         lines.append(f"  The oracle falls below Fast on {len(below)} of {len(g2b)} conditions: at this training "
-                     "budget it is no upper bound there, and the goal's count flatters us.")
+                     "budget its supervised steps did not improve on the student there, so it bounds nothing and the "
+                     "goal's count flatters us.")
     lines += check("SRDS >= one sample + 1.5 dB", [(k, v - 1.5) for k, v in g3], 0.0,
                    "margin = Full - single - 1.5 dB")
     lines += check("Method noise no more structured than BM3D's", g4a, 0.0,
@@ -166,8 +167,9 @@ def markdown(results: dict) -> str:
              f"--{results['mode']}`.", "",
              "Intensities are mapped to [0, 1] per image (0.5 / 99.5 percentiles, clipped); noise is added on that "
              "scale and PSNR uses a peak of 1. Cells: PSNR (dB) / SSIM, mean over the test slices; bold: the best "
-             "method of a row other than the oracle. `oracle`: the student network trained supervised on clean "
-             f"images ({results['settings']['oracle_steps']} steps).", "", "## Models", ""]
+             "method of a row other than the oracle. `oracle`: Fast mode's student trained "
+             f"{results['settings']['oracle_steps']} steps further, supervised, on clean training regions of the "
+             "image with the row's noise (benchmarks/oracle.py).", "", "## Models", ""]
     for name, s in results["models"].items():
         lines.append(f"- `{name}`: stages {', '.join(s['stages'] or [])}, transform {s['transform']['name']}, "
                      f"training steps {s['steps']}, trained on {s['training_noise']}, sampling {s['sampling']}.")

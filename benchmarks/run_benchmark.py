@@ -35,13 +35,13 @@ from DiffDenoiseLib.metrics import flat_region_bias, gradient_magnitude, method_
 
 from benchmarks import ours, report  # noqa: E402
 from benchmarks.measure import measured  # noqa: E402
-from benchmarks.oracle import apply_oracle, train_oracle  # noqa: E402
+from benchmarks.oracle import train_oracle  # noqa: E402
 from benchmarks.peers import Condition, available_peers, noise2void, noise2void_unavailable  # noqa: E402
 from benchmarks.suite import Case, Noise, build_cases, noises_for  # noqa: E402
 
 MODES = {
-    "quick": {"oracle_steps": 100, "tuning_pairs": 2, "tuning_crop": 96, "n2v_steps": 150},
-    "full": {"oracle_steps": 3000, "tuning_pairs": 4, "tuning_crop": 192, "n2v_steps": 3000},
+    "quick": {"oracle_steps": 100, "oracle_patch": 48, "tuning_pairs": 2, "tuning_crop": 96, "n2v_steps": 150},
+    "full": {"oracle_steps": 3000, "oracle_patch": 64, "tuning_pairs": 4, "tuning_crop": 192, "n2v_steps": 3000},
 }
 FIGURE_NOISES = ("gaussian 25/255", "poisson 200", "correlated 1.2", "rician 0.05")
 
@@ -88,7 +88,7 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
     for n_index, noise in enumerate(noises):
         rng = np.random.default_rng([2026, sum(map(ord, case.name)), n_index])
         started = time.perf_counter()
-        oracle, oracle_s, _ = measured(lambda: train_oracle(case.train, noise, settings["oracle_steps"]))
+        oracles, oracle_s = {}, 0.0  # per model: the noise picks the model, and the model the oracle's start
         pairs = training_pairs(case, noise, rng, settings["tuning_pairs"], settings["tuning_crop"])
         for s_index, clean in enumerate(case.clean):
             if case.slabs is not None:
@@ -116,7 +116,11 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
                 record(peer.name, lambda: (peer.run(noisy, cond), None))
             for mode in ours.MODES:
                 record(mode, lambda: ours.run_mode(mode, model, case, noisy, noisy_slab), name)
-            record("oracle", lambda: (apply_oracle(oracle, noisy), None))
+            if name not in oracles:
+                oracles[name], seconds, _ = measured(lambda: train_oracle(model, case, noise, settings["oracle_steps"],
+                                                                              patch=settings["oracle_patch"]))
+                oracle_s += seconds
+            record("oracle", lambda: ours.run_mode("fast", oracles[name], case, noisy, noisy_slab), name)
             if s_index == 0 and noise.label in FIGURE_NOISES:
                 figures.append(report.figure_panels(case.name, noise.label, clean, noisy, outputs,
                                                     [p.name for p in peers]))

@@ -79,6 +79,8 @@ class Case:
     clean: np.ndarray  # (n, H, W) test crops in [0, 1]
     slabs: Optional[np.ndarray]  # (n, D, H, W) with the test slice at D // 2, or None for a 2D image
     train: List[np.ndarray] = field(default_factory=list)  # 2D regions in [0, 1], disjoint from the test crops
+    # (D, H, W) slabs around a volume's training regions, laid out as `slabs`; None for a 2D image
+    train_slabs: Optional[List[np.ndarray]] = None
     source: str = ""
     # (n, H, W) body masks of the test crops, cut from the whole slice's mask: inside a crop with no air,
     # Otsu would split bone from soft tissue instead of the body from the air
@@ -137,7 +139,7 @@ def volume_case(name: str, image, unit: str, crop: int, tests: int, trains: int,
     middle = np.arange(int(0.3 * n), int(0.7 * n))
     test_idx = middle[np.linspace(0, len(middle) - 1, tests + 2).round().astype(int)[1:-1]]
     half = slab // 2
-    clean, slabs, train, body = [], [], [], []
+    clean, slabs, train, train_slabs, body = [], [], [], [], []
     for i in test_idx:
         mask = datasets.foreground_mask(array[i])
         ys, xs = crop_box(mask, crop)
@@ -148,8 +150,9 @@ def volume_case(name: str, image, unit: str, crop: int, tests: int, trains: int,
     for j in np.asarray(far)[np.linspace(0, len(far) - 1, trains).round().astype(int)]:
         ys, xs = crop_box(datasets.foreground_mask(array[j]), crop)
         train.append(unit_volume[j, ys, xs])
-    return Case(name, image.modality or "MR", unit, offset, scale, np.stack(clean), np.stack(slabs), train, source,
-                np.stack(body))
+        train_slabs.append(unit_volume[j - half:j - half + slab, ys, xs])
+    return Case(name, image.modality or "MR", unit, offset, scale, np.stack(clean), np.stack(slabs), train,
+                train_slabs, source, np.stack(body))
 
 
 def image_case(name: str, image, unit: str, crop: int, source: str) -> Case:
@@ -164,8 +167,8 @@ def image_case(name: str, image, unit: str, crop: int, source: str) -> Case:
     ys, xs = crop_box(mask, crop)
     regions = [unit_image[:ys.start], unit_image[ys.stop:], unit_image[ys, :xs.start], unit_image[ys, xs.stop:]]
     train = [r for r in regions if min(r.shape) >= 32]
-    return Case(name, image.modality or "OT", unit, offset, scale, unit_image[ys, xs][None], None, train, source,
-                mask[ys, xs][None])
+    return Case(name, image.modality or "OT", unit, offset, scale, unit_image[ys, xs][None], None, train, None,
+                source, mask[ys, xs][None])
 
 
 def build_cases(quick: bool) -> Tuple[List[Case], List[str]]:

@@ -12,7 +12,7 @@ from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig
 
 from benchmarks import ours, report
 from benchmarks.measure import measured
-from benchmarks.oracle import apply_oracle, train_oracle
+from benchmarks.oracle import train_oracle
 from benchmarks.peers import PEERS, Condition, available_peers
 from benchmarks.run_benchmark import masks, scores
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
@@ -130,7 +130,7 @@ def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue()
 def test_flat_tissue_shift_is_measured_against_the_clean_image_not_the_noise_draw():
     """A method that shifts tissue by exactly 3 HU reads 3 HU whatever the patch mean of the noise draw."""
     clean = np.full((64, 64), (40.0 + 1000.0) / 3000.0)
-    case = Case("flat", "CT", "HU", -1000.0, 3000.0, clean[None], None, [], "", np.ones((1, 64, 64), bool))
+    case = Case("flat", "CT", "HU", -1000.0, 3000.0, clean[None], None, body=np.ones((1, 64, 64), bool))
     fg, flat = masks(clean, np.ones_like(clean, dtype=bool))
     noisy = clean + 12.0 / case.scale  # a draw whose patch mean is 12 HU above the clean tissue
     shifted = clean + 3.0 / case.scale
@@ -138,11 +138,40 @@ def test_flat_tissue_shift_is_measured_against_the_clean_image_not_the_noise_dra
     assert scores(case, clean, noisy, noisy, fg, flat)["flat_bias"] == pytest.approx(12.0, abs=1e-6)
 
 
-def test_oracle_trains_on_the_training_regions_and_denoises_their_size():
+def toy_model(context=0):
+    config = NetworkConfig(bsn_width=8, bsn_depth=1, unet_base=8, unet_mults=(1,), student_width=8,
+                           context_slices=context)
+    return DenoisingModel.build(config, SamplingConfig(steps=2, t_start=50),
+                                {"name": "toy", "transform": {"name": "none"}}).eval()
+
+
+def test_oracle_is_the_student_trained_on_clean_targets_and_runs_as_fast_mode():
+    """From an untrained student (which hands back its input) the oracle learns to denoise; the model is untouched."""
+    rng = np.random.default_rng(3)
+    clean = toy_image(64)
+    case = Case("toy", "CT", "HU", offset=-1000.0, scale=2000.0, clean=clean[None], slabs=None,
+                train=[toy_image(96)[::-1], toy_image(80).T])
+    model = toy_model()
+    before = {k: v.clone() for k, v in model.student.state_dict().items()}
+    oracle = train_oracle(model, case, NOISES[1], steps=60, batch=4, patch=32, lr=3e-3)
+    noisy = NOISES[1].apply(clean, rng)
+    out, _ = ours.run_mode("fast", oracle, case, noisy, None)
+    assert psnr(clean, out, data_range=1.0) > psnr(clean, noisy, data_range=1.0) + 3.0
+    assert all(np.array_equal(v, model.student.state_dict()[k]) for k, v in before.items())
+    assert oracle.bsn is model.bsn and oracle.student is not model.student
+
+
+def test_a_2_5d_oracle_trains_on_slabs_and_refuses_single_slices():
     clean = toy_image(48)
-    net = train_oracle([clean], NOISES[1], steps=3, batch=2, patch=32)
-    out = apply_oracle(net, clean)
+    slab = np.stack([clean] * 5)
+    case = Case("toy", "CT", "HU", offset=-1000.0, scale=2000.0, clean=clean[None], slabs=slab[None],
+                train=[clean], train_slabs=[slab])
+    oracle = train_oracle(toy_model(context=2), case, NOISES[1], steps=2, batch=2, patch=32)
+    out, _ = ours.run_mode("fast", oracle, case, clean, NOISES[1].apply(slab, np.random.default_rng(4)))
     assert out.shape == clean.shape and np.all(np.isfinite(out))
+    with pytest.raises(ValueError, match="training slabs of 5 slices"):
+        train_oracle(toy_model(context=2), Case("toy", "CT", "HU", -1000.0, 2000.0, clean[None], None,
+                                                 train=[clean]), NOISES[1], steps=1)
 
 
 def rows_for(image, noise, values, unit="HU"):
