@@ -238,6 +238,9 @@ def build(recipe, args):
     if args.continue_student:
         before = read_card(SHIPPED / recipe["name"])
         card["training"]["stages"] = continued_stages(before, card)
+        card["training"]["config"] = before["training"]["config"]  # the networks' own; the student's run is in the recipe
+        if "history" in before["training"]:
+            card["training"]["history"] = before["training"]["history"]
         card["started_from"] = None
         config = {**before["training"]["recipe"], "continued_student": config["training"]}
         seconds += before["training"]["wall_seconds"]

@@ -256,3 +256,16 @@ def test_training_and_model_folders_live_in_the_user_store(tmp_path):
     assert store.model_dir("m1") == tmp_path / "m1"
     with pytest.raises(ValueError):
         store.model_dir("../m1")
+
+
+@pytest.mark.parametrize("folder", sorted(p for p in ModelStore().shipped_dir.iterdir() if (p / "card.json").is_file()),
+                         ids=lambda p: p.name)
+def test_each_shipped_card_records_how_its_networks_were_trained(folder):
+    """The card's training config covers every stage it ships and matches the steps each stage took; only a
+    student trained further from where it was may have taken more, and its history says so."""
+    card = json.loads((folder / "card.json").read_text())
+    training = card["training"]
+    assert set(training["config"]["stages"]) == set(card["stages"])
+    for stage in card["stages"]:
+        taken, asked = training["stages"][stage]["steps"], training["config"][f"{stage}_steps"]
+        assert taken == asked or (stage == "student" and taken > asked and "then" in training["stages"][stage]["history"])
