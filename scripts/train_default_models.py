@@ -255,7 +255,8 @@ def build(recipe, args):
     card["training"]["script"] = "scripts/train_default_models.py"
     card["training"]["command"] = " ".join(["python scripts/train_default_models.py", *sys.argv[1:]])
     if args.continue_student:
-        card["training"]["command"] = f"{before['training']['command']}, then {card['training']['command']}"
+        earlier = before["training"].get("command", "an earlier run of this script (its command was not recorded)")
+        card["training"]["command"] = f"{earlier}, then {card['training']['command']}"
     card["metrics"] = {
         "evaluation": ("mean over held-out slices of every training noise level, against the clean image"
                        if metrics else "not evaluated at training time (--no-evaluation); see the benchmark"),
@@ -263,6 +264,9 @@ def build(recipe, args):
                                      else f"not calibrated: --t-start {best} was given"),
         "scores": metrics,
     }
+    calibrated = before["metrics"]["t_start_calibration_psnr"] if args.continue_student else None
+    if isinstance(calibrated, dict) and not scores and best == before["sampling"]["t_start"]:
+        card["metrics"]["t_start_calibration_psnr"] = calibrated  # its networks are the ones calibrated
     target = SHIPPED / recipe["name"]
     save_model(model, target)
     print(json.dumps({"model": recipe["name"], "seconds": round(seconds), "t_start": best, "metrics": metrics}))
