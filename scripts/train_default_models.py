@@ -210,8 +210,8 @@ def continued_stages(before: dict, after: dict) -> dict:
     first, more = stages["student"], after["training"]["stages"]["student"]
     stages["student"] = {"steps": first["steps"] + more["steps"], "seconds": round(first["seconds"] + more["seconds"], 1),
                          "final_loss": more["final_loss"],
-                         "history": f"{first['steps']} steps, then {more['steps']} more from that student "
-                                    "on the same training images"}
+                         "history": f"{first.get('history', str(first['steps']) + ' steps')}, then {more['steps']} "
+                                    "more from that student on the same training images"}
     return stages
 
 
