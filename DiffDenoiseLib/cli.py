@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "blind-spot estimates are averaged; fewer are faster (default: the model's)")
     denoise.add_argument("--uncertainty", metavar="PATH", help="also write the uncertainty map (full mode)")
     denoise.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
-                         help="modes bsn, single and full: keep the blind estimate as it is instead of giving "
-                              "each voxel's own noisy value back (for comparison)")
+                         help="keep the networks' estimate as it is instead of giving each voxel's own noisy "
+                              "value back (in fast mode: the share Stein's risk estimate prefers; for comparison)")
     denoise.add_argument("--slice-axis", choices=tuple(SLICE_AXES), default="auto",
                          help="voxel axis the slices are taken across: z (the third index, axial for most "
                               "scans), y or x; auto takes the coarsest spacing")

@@ -10,7 +10,8 @@ only has to add back the fine detail the blind-spot network smoothed away, and a
 under-trained model (which predicts r = 0) leaves the BSN result unchanged.
 Both estimates are blind to each voxel's own value; observation fusion (fusion.py)
 gives it back, weighted by how reliable the estimate is around the voxel. The student
-learns the fused Full result, so Fast needs no fusion.
+learns the fused Full result; on images unlike its training data it can still smooth too
+much, so Fast gives back the share of each voxel's own value that Stein's estimate prefers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ import numpy as np
 import torch
 
 from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
-from DiffDenoiseLib.fusion import fuse_unless_correlated
+from DiffDenoiseLib.fusion import (
+    choose_observation_share,
+    fuse_unless_correlated,
+    noise_is_white_enough_for_the_share,
+    probe_step,
+)
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import (
     VIEW_COUNTS,
@@ -213,13 +219,14 @@ def denoise_image(
     """Denoise a 2D image or a volume; the input image is never modified.
 
     `t_start=-1` keeps the model's calibrated truncated start; None forces a full start.
-    `fusion=None` keeps the model's setting for observation fusion (modes bsn, single, full);
+    `fusion=None` keeps the model's setting for observation fusion (in Fast mode: the share of each
+    voxel's own value that Stein's estimate gives back, `keep_observation_share`);
     `self_ensemble=None` the model's number of views averaged in the blind-spot estimate.
     `slice_range=(start, stop)` denoises only those slices along the slice axis (a preview
     of the slice in view, say) and returns them as a sub-volume in place; their
-    neighbours still feed a 2.5D model. Fast and BSN give exactly those slices of the
-    whole-image result; Full takes its residual scale from these slices alone, so its
-    result differs slightly.
+    neighbours still feed a 2.5D model. The networks' outputs are exactly those slices of
+    the whole-image run; fusion's margin or share and Full's residual scale come from these
+    slices alone, so the result can differ slightly.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
@@ -233,7 +240,8 @@ def denoise_image(
     n = slices.shape[0]
     start, stop = (0, n) if slice_range is None else checked_slice_range(slice_range, n)
     indices = None if slice_range is None else list(range(start, stop))
-    passes = {"fast": 1, "bsn": 1, "full": 2, "single": 2}[mode]
+    fuse = bool(model.sampling.fusion if fusion is None else fusion)
+    passes = {"fast": 1 + fuse, "bsn": 1, "full": 2, "single": 2}[mode]
     timer = ProgressTimer(total=(stop - start) * passes)
 
     def advance(count: int) -> None:
@@ -248,6 +256,10 @@ def denoise_image(
     uncertainty = None
     if mode == "fast":
         denoised = run_network_on_slices(model.network("student"), slices, indices=indices, **run)[:, 0]
+        details["fusion"] = fuse
+        if fuse:
+            denoised, details["observation_share"], details["correlated_noise"] = keep_observation_share(
+                model, slices, denoised, start, stop, indices, run, seed)
     else:
         details["self_ensemble"] = int(self_ensemble or model.sampling.self_ensemble)
         denoised = run_network_on_slices(model.blind_spot_estimate(details["self_ensemble"]), slices,
@@ -256,8 +268,8 @@ def denoise_image(
             denoised, uncertainty, sampling = sample_residual(model, slices, denoised, steps, pairs, t_start,
                                                                mode == "single", seed, run, indices=indices)
             details.update(sampling)
-        details["fusion"] = bool(model.sampling.fusion if fusion is None else fusion)
-        if details["fusion"]:
+        details["fusion"] = fuse
+        if fuse:
             denoised, weight, details["correlated_noise"] = fuse_unless_correlated(
                 slices[start:stop], denoised, white=noise_variance_curve(slices))
             details["fusion"] = weight is not None
@@ -272,6 +284,27 @@ def denoise_image(
         upper = normalization.inverse(transform.inverse_denoised(denoised_z + spread))
         uncertainty_image = slice_range_image(image, axis, start, np.abs(upper - output).astype(np.float32))
     return DenoiseResult(result_image, uncertainty_image, time.monotonic() - started, details)
+
+
+def keep_observation_share(model, slices, denoised, start, stop, indices, run, seed):
+    """(Fast's result with the share of y - m that Stein's estimate prefers given back, that share or None,
+    whether the noise looks correlated); `denoised` holds the student's output m on slices start..stop.
+
+    The student runs once more on the image plus a small random-sign probe, which measures how
+    much of each voxel's own noise m kept (fusion.choose_observation_share). Unless the noise
+    looks white (fusion.noise_is_white_enough_for_the_share), m is returned as it is.
+    """
+    noisy = slices[start:stop]
+    if min(slices.shape[-2:]) < 16:  # too small to judge the noise (noise.binning_noise_reading)
+        return denoised, None, False
+    if not noise_is_white_enough_for_the_share(slices):
+        return denoised, None, True
+    white = noise_variance_curve(slices)
+    step = probe_step(white)
+    probe = np.random.default_rng(seed).choice(np.array([-1.0, 1.0], dtype=np.float32), size=slices.shape)
+    probed = run_network_on_slices(model.network("student"), slices + step * probe, indices=indices, **run)[:, 0]
+    share = choose_observation_share(noisy, denoised, probed, probe[start:stop], step, white)
+    return denoised + share * (noisy - denoised), share, False
 
 
 def checked_slice_range(slice_range: Tuple[int, int], n: int) -> Tuple[int, int]:

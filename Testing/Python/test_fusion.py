@@ -5,10 +5,13 @@ import pytest
 
 from DiffDenoiseLib.fusion import (
     FUSION_MARGINS,
+    OBSERVATION_SHARES,
     choose_margin,
+    choose_observation_share,
     fuse_unless_correlated,
     fuse_with_observation,
     looks_correlated,
+    probe_step,
 )
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve
 
@@ -123,3 +126,63 @@ def test_correlated_noise_is_recognised_and_white_noise_or_a_biased_estimate_is_
 def test_bad_arguments_are_refused_with_a_reason(noisy, estimate, window, message):
     with pytest.raises(ValueError, match=message):
         fuse_with_observation(noisy, estimate, window=window)
+
+
+def box_blur(a, r):
+    """Mean over the (2r + 1)^2 window, wrapping around: a linear estimator whose dm_i/dy_i is 1 / (2r + 1)^2."""
+    out = np.zeros_like(a)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out += np.roll(a, (dy, dx), axis=(0, 1))
+    return out / (2 * r + 1) ** 2
+
+
+def textured(size=128):
+    y, x = np.mgrid[:size, :size]
+    return phantom(size) + 0.08 * np.sin(x / 1.7) * np.cos(y / 2.3)
+
+
+@pytest.mark.parametrize("image, sigma, radius, shares", [(textured, 0.01, 2, (0.3, 0.6)), (textured, 0.02, 1, (0.0, 0.6)),
+                                                          (phantom, 0.1, 2, (0.0, 0.1))],
+                         ids=["weak noise, fine texture", "moderate", "strong noise, smooth"])
+def test_the_observation_share_stein_chooses_is_near_the_best_one(image, sigma, radius, shares):
+    """An estimator that saw y (a box blur): Stein with a probed divergence picks a share whose error is within
+    10 % of the best share's, keeping y where the blur wipes texture out and leaving it out under strong noise."""
+    rng = np.random.default_rng(5)
+    clean = image()
+    noisy = clean + rng.normal(0, sigma, clean.shape)
+    curve = noise_variance_curve(noisy)
+    m = box_blur(noisy, radius)
+    probe = rng.choice([-1.0, 1.0], size=noisy.shape)
+    step = probe_step(curve)
+    share = choose_observation_share(noisy, m, box_blur(noisy + step * probe, radius), probe, step, curve)
+    errors = {a: mse(m + a * (noisy - m), clean) for a in OBSERVATION_SHARES}
+    best = min(errors, key=errors.get)
+    assert errors[share] <= 1.1 * errors[best], (share, best)
+    assert shares[0] <= share <= shares[1]
+
+
+@pytest.mark.parametrize("kept", [0.0, 0.5])
+def test_the_probed_divergence_gives_the_choice_the_true_one_gives(kept):
+    """For m = kept * y + (1 - kept) * box blur, dm_i/dy_i = kept + (1 - kept) / 9 exactly: the share chosen with
+    the probe is the one the exact divergence gives, and an estimate that ignores y (a constant) takes the
+    largest share."""
+    rng = np.random.default_rng(6)
+    estimator = lambda y: kept * y + (1 - kept) * box_blur(y, 1)  # noqa: E731
+    chosen_shares = set()
+    for sigma in (0.005, 0.01, 0.02, 0.05):
+        noisy = textured() + rng.normal(0, sigma, (128, 128))
+        curve = noise_variance_curve(noisy)
+        m = estimator(noisy)
+        probe = rng.choice([-1.0, 1.0], size=noisy.shape)
+        step = probe_step(curve)
+        chosen = choose_observation_share(noisy, m, estimator(noisy + step * probe), probe, step, curve)
+        s = np.interp(m, *curve)
+        residual, variance = np.sum((m - noisy) ** 2), np.sum(s)
+        exact = [(1 - a) ** 2 * residual - variance + 2 * (a * variance + (1 - a) * variance * (kept + (1 - kept) / 9))
+                 for a in OBSERVATION_SHARES]
+        assert chosen == OBSERVATION_SHARES[int(np.argmin(exact))], sigma
+        chosen_shares.add(chosen)
+    assert len(chosen_shares) > 1  # the noise level moves the choice
+    flat = np.full_like(noisy, noisy.mean())
+    assert choose_observation_share(noisy, flat, flat, probe, step, curve) == max(OBSERVATION_SHARES)

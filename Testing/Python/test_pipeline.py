@@ -91,8 +91,37 @@ def test_observation_fusion_gives_back_detail_the_blind_estimates_lose(ct_slice,
         gain = psnr(clean, fused.image.array, data_range=data_range) - psnr(clean, blind.image.array,
                                                                              data_range=data_range)
         assert gain > 0.3, (mode, gain)
-    assert "fusion" not in denoise_image(noisy, trained, mode="fast").details
     assert fused.details["correlated_noise"] is False
+
+
+class OversmoothingStudent(torch.nn.Module):
+    """A student that blurs the centre slice (5x5 mean): too much for weak noise on fine texture."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, y):
+        k = self.config.context_slices
+        return torch.nn.functional.avg_pool2d(y[:, k:k + 1], 5, stride=1, padding=2, count_include_pad=False)
+
+
+def test_fast_mode_gives_back_the_share_of_the_observation_stein_prefers():
+    """Weak noise on fine texture: the blurring student's result gains by taking part of each voxel's own
+    value back; the share comes out in details, and fusion=False keeps the student's output as it is."""
+    y, x = np.mgrid[:96, :96]
+    clean = 100.0 + 40.0 * np.sin(x / 3.0) * np.cos(y / 3.6) + 0.5 * x
+    image = Image(array=(clean + np.random.default_rng(2).normal(0, 3.0, clean.shape)).astype(np.float32))
+    model = DenoisingModel.build(SMALL, SamplingConfig(), {"name": "toy", "transform": {"name": "none"}}, stages=())
+    model.student = OversmoothingStudent(SMALL)
+    fused = denoise_image(image, model, mode="fast")
+    plain = denoise_image(image, model, mode="fast", fusion=False)
+    assert fused.details["fusion"] and fused.details["observation_share"] >= 0.3
+    assert not plain.details["fusion"] and "observation_share" not in plain.details
+    data_range = float(clean.max() - clean.min())
+    assert psnr(clean, fused.image.array, data_range=data_range) > psnr(clean, plain.image.array,
+                                                                        data_range=data_range) + 3.0
+    assert np.array_equal(image.array, (clean + np.random.default_rng(2).normal(0, 3.0, clean.shape)).astype(np.float32))
 
 
 def test_fusion_is_skipped_when_the_noise_is_spatially_correlated(ct_slice, trained):
@@ -100,10 +129,12 @@ def test_fusion_is_skipped_when_the_noise_is_spatially_correlated(ct_slice, trai
     clean, _ = ct_slice
     noise = add_noise(np.zeros_like(clean), "correlated", 1.2, np.random.default_rng(1), sigma=60.0)
     noisy = Image(array=(clean + noise).astype(np.float32), modality="CT")
-    asked = denoise_image(noisy, trained, mode="full")
-    unfused = denoise_image(noisy, trained, mode="full", fusion=False)
-    assert asked.details["correlated_noise"] and not asked.details["fusion"]
-    assert np.array_equal(asked.image.array, unfused.image.array)
+    for mode in ("full", "fast"):
+        asked = denoise_image(noisy, trained, mode=mode)
+        unfused = denoise_image(noisy, trained, mode=mode, fusion=False)
+        assert asked.details["correlated_noise"], mode
+        assert np.array_equal(asked.image.array, unfused.image.array)
+    assert asked.details["observation_share"] is None
 
 
 def test_full_mode_gives_an_uncertainty_map_in_the_input_units(ct_slice, trained):
