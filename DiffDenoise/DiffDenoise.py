@@ -45,7 +45,8 @@ class DiffDenoise(ScriptedLoadableModule):
         self.parent.contributors = ["DiffDenoise developers"]
         self.parent.helpText = (
             "Removes noise from CT, MRI and X-ray volumes with networks trained on noisy images only. "
-            "<b>Fast</b> runs a distilled student network in one pass; <b>Full</b> runs conditional diffusion "
+            "<b>Fast</b> runs a distilled student network (one pass, and a second to choose how much of the "
+            "input to keep); <b>Full</b> runs conditional diffusion "
             "with stabilized symmetric sampling (best quality, slow without a GPU) and can give a per-voxel "
             "uncertainty map. Models can be trained or adapted on the volumes loaded in Slicer. "
             'See the <a href="%s">documentation</a>.' % DOCUMENTATION_URL)

@@ -324,6 +324,10 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                       + (f"--model {wider[0]} can, or " if wider else "")
                       + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
         reporter.log(f"The noise looks spatially correlated: observation fusion was skipped{advice}.")
+    if result.details.get("observation_share"):
+        reporter.log(f"Fast mode gave back {result.details['observation_share']:.0%} of the difference between the "
+                     "input and the student's estimate (the share Stein's risk estimate preferred; --no-fusion "
+                     "keeps the estimate as it is).")
     reporter.log(f"Denoised {source.name} with '{folder.name}' ({args.mode} mode, {device.type}) in "
                  f"{_duration(result.seconds)}: wrote {output}.")
     reporter.result({"output": str(output), "uncertainty": str(uncertainty_path) if uncertainty_path else None,

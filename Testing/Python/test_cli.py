@@ -147,6 +147,21 @@ def test_no_fusion_keeps_the_blind_estimate_for_comparison(capfd, data, trained,
     assert not np.allclose(outputs[()], outputs[("--no-fusion",)])
 
 
+def test_fast_mode_says_what_share_of_the_input_it_gave_back(capfd, data, trained, tmp_path, monkeypatch):
+    monkeypatch.setattr("DiffDenoiseLib.pipeline.choose_observation_share", lambda *args: 0.2)
+    for flags in ((), ("--no-fusion",)):
+        code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / f"fast{len(flags)}.nrrd",
+                             "--model", "tiny", *flags, "--store", trained["store"], "--json")
+        assert code == 0, err
+        events = parse(out)
+        messages = " ".join(e["message"] for e in of_kind(events, "log"))
+        (result,) = of_kind(events, "result")
+        if flags:
+            assert "gave back" not in messages and "observation_share" not in result["details"]
+        else:
+            assert "gave back 20% of the difference" in messages and result["details"]["observation_share"] == 0.2
+
+
 def test_self_ensemble_views_are_chosen_on_the_command_line(capfd, data, trained, tmp_path):
     outputs = {}
     for views in (1, 8):
