@@ -25,6 +25,7 @@ NOISE_KINDS = ("gaussian", "poisson", "gamma", "correlated", "rician")
 # read (up to 0.040) and below the benchmark's correlated noise (0.050 up).
 CORRELATED_BINNING_RATIO = 10.0
 CORRELATED_MIN_STRENGTH = 0.045
+MIN_SIDE_TO_JUDGE_NOISE = 16  # pixels: smaller slices hold too few 2x2 blocks for binning_noise_reading
 TRANSFORMS = ("none", "anscombe", "log", "rician")
 
 
@@ -353,7 +354,7 @@ def binning_noise_reading(array, max_slices: int = 32) -> Tuple[float, float]:
     real pydicom CT, MR and X-ray images).
     """
     a = sample_slices(np.asarray(array, dtype=np.float64), max_slices)
-    if min(a.shape[-2:]) < 16:
+    if min(a.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         raise ValueError(f"the image ({' x '.join(map(str, a.shape))}) is too small to judge its noise")
     low, high = np.percentile(a, [LOW_PERCENTILE, HIGH_PERCENTILE])
     a = (a[..., : a.shape[-2] // 2 * 2, : a.shape[-1] // 2 * 2] - low) / max(high - low, 1e-12)

@@ -39,7 +39,7 @@ from DiffDenoiseLib.networks import (
     StudentNet,
     dihedral_mean,
 )
-from DiffDenoiseLib.noise import estimate_transform_params, get_transform, noise_variance_curve
+from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE, estimate_transform_params, get_transform, noise_variance_curve
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
 from DiffDenoiseLib.settings import JsonSettings
@@ -295,7 +295,7 @@ def keep_observation_share(model, slices, denoised, start, stop, indices, run, s
     looks white (fusion.noise_is_white_enough_for_the_share), m is returned as it is.
     """
     noisy = slices[start:stop]
-    if min(slices.shape[-2:]) < 16:  # too small to judge the noise (noise.binning_noise_reading)
+    if min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:  # too small to judge the noise
         return denoised, None, False
     if not noise_is_white_enough_for_the_share(slices):
         return denoised, None, True
