@@ -29,6 +29,7 @@ from DiffDenoiseLib.fusion import (
     fuse_unless_correlated,
     noise_is_white_enough_for_the_share,
     probe_step,
+    wiener_with_pilot,
 )
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import (
@@ -260,6 +261,8 @@ def denoise_image(
         if fuse:
             denoised, details["observation_share"], details["correlated_noise"] = keep_observation_share(
                 model, slices, denoised, start, stop, indices, run, seed)
+            if details["observation_share"] is not None:
+                denoised, details["wiener"] = wiener_unless_2_5d(model, slices, start, stop, denoised)
     else:
         details["self_ensemble"] = int(self_ensemble or model.sampling.self_ensemble)
         denoised = run_network_on_slices(model.blind_spot_estimate(details["self_ensemble"]), slices,
@@ -275,6 +278,8 @@ def denoise_image(
             details["fusion"] = weight is not None
             if weight is not None and uncertainty is not None:
                 uncertainty = uncertainty * weight
+            if weight is not None:
+                denoised, details["wiener"] = wiener_unless_2_5d(model, slices, start, stop, denoised)
     denoised_z = from_slice_stack(denoised, axis, z.ndim)
     output = normalization.inverse(transform.inverse_denoised(denoised_z.astype(np.float64)))
     result_image = slice_range_image(image, axis, start, output.astype(np.float32))
@@ -305,6 +310,17 @@ def keep_observation_share(model, slices, denoised, start, stop, indices, run, s
     probed = run_network_on_slices(model.network("student"), slices + step * probe, indices=indices, **run)[:, 0]
     share = choose_observation_share(noisy, denoised, probed, probe[start:stop], step, white)
     return denoised + share * (noisy - denoised), share, False
+
+
+def wiener_unless_2_5d(model: DenoisingModel, slices: np.ndarray, start: int, stop: int, estimate: np.ndarray
+                       ) -> Tuple[np.ndarray, bool]:
+    """(the Wiener filter of slices start..stop with `estimate` as its pilot, True) for a 2D model whose noise was
+    found white (the caller's test);
+    (`estimate`, False) for a 2.5D model, whose estimate a filter of each slice alone makes worse under strong noise
+    (fusion.wiener_with_pilot), and for slices too small for the filter's patches."""
+    if model.config.context_slices > 0 or min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
+        return estimate, False
+    return wiener_with_pilot(slices[start:stop], estimate, noise_variance_curve(slices)), True
 
 
 def checked_slice_range(slice_range: Tuple[int, int], n: int) -> Tuple[int, int]:

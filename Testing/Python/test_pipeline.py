@@ -94,6 +94,17 @@ def test_observation_fusion_gives_back_detail_the_blind_estimates_lose(ct_slice,
     assert fused.details["correlated_noise"] is False
 
 
+def test_a_2d_models_fused_result_goes_through_the_wiener_filter_and_a_2_5d_models_does_not(
+        ct_slice, trained, volume_and_model):
+    _, noisy = ct_slice
+    for mode in ("full", "fast", "bsn"):
+        assert denoise_image(noisy, trained, mode=mode).details["wiener"] is True, mode
+        assert "wiener" not in denoise_image(noisy, trained, mode=mode, fusion=False).details
+    image, model = volume_and_model
+    for mode in ("full", "fast", "bsn"):
+        assert denoise_image(image, model, mode=mode).details.get("wiener", False) is False, mode
+
+
 class OversmoothingStudent(torch.nn.Module):
     """A student that blurs the centre slice (5x5 mean): too much for weak noise on fine texture."""
 
