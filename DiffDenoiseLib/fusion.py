@@ -30,17 +30,7 @@ x = m + a (y - m), that minimises Stein's estimate for an estimate that saw y:
 sum (x - y)^2 - s + 2 s dx/dy, its divergence dm/dy measured by a Monte-Carlo probe
 (Ramani, Blu and Unser 2008): m once more on y + eps b, b random signs.
 
-A 2D model's result then goes through a Wiener filter in a local DCT domain, with that
-result as its pilot (the second step of Dabov et al. 2007, "Image denoising by sparse 3D
-transform-domain collaborative filtering", without the block matching): in every 8x8 patch
-each DCT coefficient of y is kept in the share p^2 / (p^2 + s) of the pilot's coefficient
-p, the patch's mean is the pilot's, and the overlapping patches are averaged. The pixel-wise fusion above can only choose
-between y and m voxel by voxel; the filter keeps y's fine structure where the pilot says
-there is signal and removes its noise in the other frequencies of the same patch. Measured on
-the benchmark's three 2D images: +0.5 to +1.8 dB for Full and Fast under every kind of white
-noise. A 2.5D model's pilot already knows the neighbouring slices, which a filter of the one
-slice does not: on the two volumes it gained 0.5 to 2.0 dB under weak noise and lost 0.1 to
-0.7 dB under strong noise, so it is used for 2D models only (`wiener_with_pilot`).
+The fused result is then the pilot of the collaborative Wiener filter (wiener.py).
 
 All of this assumes white noise. Spatially correlated noise breaks it twice: y's noise
 is shared with the neighbours the estimate came from, and it is smooth, so the high-pass
@@ -54,7 +44,6 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from DiffDenoiseLib.noise import binned_variance, binning_noise_reading, noise_variance_curve, sample_slices
 
@@ -78,9 +67,6 @@ PROBE_STEP = 0.01
 # (The student's residual, unlike a blind estimate's, holds the structure it smoothed away, so
 # `looks_correlated` would read it as correlated noise.)
 WHITE_NOISE_MAX_BINNING_RATIO = 2.5
-# Side of the Wiener filter's DCT patches, as in BM3D's second step; 12 and 16 measured 0.04 to 0.08 dB lower.
-WIENER_PATCH = 8
-WIENER_ROWS = 64  # rows of patch positions filtered at once, which bounds the working memory
 
 Curve = Tuple[np.ndarray, np.ndarray]
 
@@ -214,59 +200,3 @@ def choose_observation_share(noisy: np.ndarray, estimate: np.ndarray, probed: np
 def noise_is_white_enough_for_the_share(noisy: np.ndarray) -> bool:
     """Whether `noisy`'s noise is white enough for `choose_observation_share` (see WHITE_NOISE_MAX_BINNING_RATIO)."""
     return binning_noise_reading(noisy)[0] <= WHITE_NOISE_MAX_BINNING_RATIO
-
-
-def dct_basis(size: int) -> np.ndarray:
-    """The orthonormal 2D DCT-II of size x size patches as a (size^2, size^2) matrix acting on flattened patches."""
-    k, n = np.arange(size)[:, None], np.arange(size)[None]
-    d = np.cos(np.pi * (2 * n + 1) * k / (2 * size)) * np.sqrt(2.0 / size)
-    d[0] /= np.sqrt(2.0)
-    return np.kron(d, d)
-
-
-def wiener_with_pilot(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, patch: int = WIENER_PATCH) -> np.ndarray:
-    """Empirical Wiener filter of `noisy` in the DCT of every patch x patch patch, shrunk by `pilot`'s spectrum.
-
-    (n, H, W) or (H, W); the inputs are not modified. Each patch's noise variance is the mean of
-    `curve` at the pilot's intensities, so signal-dependent noise is covered; every voxel is the
-    average of the patches around it, each weighted by a Kaiser window and by the inverse of its
-    estimated error (1 / (s * (1 + sum of squared gains))), as in BM3D's aggregation. The patch mean
-    is the pilot's, so the result keeps the pilot's intensity level wherever the noise is strong.
-    """
-    y, m = np.asarray(noisy, dtype=np.float64), np.asarray(pilot, dtype=np.float64)
-    if y.shape != m.shape or y.ndim not in (2, 3):
-        raise ValueError(f"the Wiener filter needs a noisy image and a pilot of one 2D or 3D shape, got {y.shape} "
-                         f"and {m.shape}")
-    if min(y.shape[-2:]) < patch:
-        raise ValueError(f"the Wiener filter needs slices of at least {patch} x {patch} voxels, got {y.shape}")
-    out = np.empty(y.shape)
-    for i in np.ndindex(y.shape[:-2]):
-        out[i] = _wiener_slice(y[i], m[i], np.interp(m[i], *curve), patch)
-    return out
-
-
-def _wiener_slice(y: np.ndarray, m: np.ndarray, s: np.ndarray, patch: int) -> np.ndarray:
-    """`wiener_with_pilot` of one 2D slice, s the noise variance at each voxel."""
-    basis = dct_basis(patch)
-    window = np.outer(np.kaiser(patch, 2.0), np.kaiser(patch, 2.0)).ravel()
-    pad = patch - 1  # so that every voxel lies in patch^2 patches
-    padded = [np.pad(a, pad, mode="reflect" if min(a.shape) > pad else "symmetric") for a in (y, m, s)]
-    total, weights = np.zeros(padded[0].shape), np.zeros(padded[0].shape)
-    rows, cols = (side - patch + 1 for side in padded[0].shape)
-    for r0 in range(0, rows, WIENER_ROWS):
-        r1 = min(rows, r0 + WIENER_ROWS)
-        py, pm, ps = (sliding_window_view(a[r0:r1 + patch - 1], (patch, patch)) for a in padded)
-        variance = ps.mean(axis=(-2, -1)).reshape(-1, 1)
-        cy, cm = py.reshape(-1, patch * patch) @ basis.T, pm.reshape(-1, patch * patch) @ basis.T
-        gain = cm ** 2 / (cm ** 2 + variance + 1e-20)
-        mixed = gain * cy
-        mixed[:, 0] = cm[:, 0]  # the patch mean is the pilot's: shrinking y's towards zero would bias the intensity
-        # the error of the pilot's mean is not known: it counts as one coefficient of noise
-        weight = window / (variance * (1.0 + np.sum(gain[:, 1:] ** 2, axis=1, keepdims=True)) + 1e-20)
-        filtered = ((mixed @ basis) * weight).reshape(r1 - r0, cols, patch, patch)
-        weight = np.broadcast_to(weight, (weight.shape[0], patch * patch)).reshape(r1 - r0, cols, patch, patch)
-        for a in range(patch):
-            for b in range(patch):
-                total[r0 + a:r1 + a, b:b + cols] += filtered[:, :, a, b]
-                weights[r0 + a:r1 + a, b:b + cols] += weight[:, :, a, b]
-    return (total / weights)[pad:pad + y.shape[0], pad:pad + y.shape[1]]

@@ -38,14 +38,14 @@ def default_model(modality: str, slices: int, noisy: np.ndarray,
 def model_input(case: Case, noisy: np.ndarray, noisy_slab: Optional[np.ndarray], context: int) -> Tuple[Image, int]:
     """The image handed to the pipeline, and which slice of its output is the test slice.
 
-    A 2.5D model gets the 2k + 1 noisy slices around the test slice; a 2D model the slice alone.
+    A 2.5D model gets the whole noisy slab, of which only the test slice (its centre) is denoised:
+    the networks also run on the slices around it that the Wiener filter groups patches from, each
+    with its own neighbours from the slab. A 2D model gets the slice alone.
     """
     spacing = (1.0, 1.0)
     if context > 0 and noisy_slab is not None:
-        centre = noisy_slab.shape[0] // 2
-        stack = noisy_slab[centre - context:centre + context + 1]
-        return Image(array=case.to_units(stack).astype(np.float32), spacing=spacing + (1.0,),
-                     modality=case.modality), context
+        return Image(array=case.to_units(noisy_slab).astype(np.float32), spacing=spacing + (1.0,),
+                     modality=case.modality), noisy_slab.shape[0] // 2
     return Image(array=case.to_units(noisy).astype(np.float32), spacing=spacing, modality=case.modality), -1
 
 

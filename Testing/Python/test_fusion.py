@@ -12,7 +12,6 @@ from DiffDenoiseLib.fusion import (
     fuse_with_observation,
     looks_correlated,
     probe_step,
-    wiener_with_pilot,
 )
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve
 
@@ -187,51 +186,3 @@ def test_the_probed_divergence_gives_the_choice_the_true_one_gives(kept):
     assert len(chosen_shares) > 1  # the noise level moves the choice
     flat = np.full_like(noisy, noisy.mean())
     assert choose_observation_share(noisy, flat, flat, probe, step, curve) == max(OBSERVATION_SHARES)
-
-
-def gaussian_blur(a, sigma):
-    """Separable Gaussian blur with edge padding: a pilot that kept the anatomy and lost the fine texture."""
-    r = int(3 * sigma)
-    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    g /= g.sum()
-    padded = np.pad(a, r, mode="edge")
-    rows = sum(g[i] * padded[i:i + a.shape[0]] for i in range(2 * r + 1))
-    return sum(g[i] * rows[:, i:i + a.shape[1]] for i in range(2 * r + 1))
-
-
-def test_the_wiener_filter_gives_back_the_texture_a_smooth_pilot_lost_and_beats_pixel_fusion():
-    """The pilot lost the fine texture; the pixel-wise fusion can only trade it against noise voxel by voxel,
-    the DCT-domain filter keeps the texture's frequencies of y and removes the noise of the others. (Under much
-    stronger noise, 0.08, the filter falls behind the pixel-wise fusion: it keeps nothing of the pilot itself.)"""
-    clean = textured()
-    noisy = add_noise(clean, "gaussian", 0.03, np.random.default_rng(7))
-    pilot = gaussian_blur(clean, 1.5)
-    before = noisy.copy(), pilot.copy()
-    curve = (np.array([0.0, 1.0]), np.full(2, 0.03 ** 2))
-    filtered = wiener_with_pilot(noisy, pilot, curve)
-    assert np.array_equal(noisy, before[0]) and np.array_equal(pilot, before[1]), "inputs must not change"
-    fused, _ = fuse_with_observation(noisy, pilot, curve=curve)
-    assert mse(filtered, clean) < 0.7 * mse(fused, clean) < 0.4 * mse(pilot, clean)
-    assert mse(filtered, clean) < 0.25 * mse(noisy, clean)
-
-
-def test_the_wiener_filter_keeps_a_perfect_pilot_and_goes_slice_by_slice():
-    clean = phantom(64)
-    curve = (np.array([0.0, 1.0]), np.full(2, 0.05 ** 2))
-    flat = np.full((40, 40), 0.4)
-    assert np.allclose(wiener_with_pilot(flat, flat, curve), flat, atol=1e-12)
-    noisy = add_noise(np.stack([clean, clean[::-1]]), "gaussian", 0.05, np.random.default_rng(8))
-    volume = wiener_with_pilot(noisy, np.stack([clean, clean[::-1]]), curve)
-    assert np.allclose(volume[1], wiener_with_pilot(noisy[1], clean[::-1], curve))
-    # a noise-free pilot of a noise-free image: every gain is ~1 where there is signal, so the image comes back
-    assert np.allclose(wiener_with_pilot(clean, clean, (curve[0], np.full(2, 1e-12))), clean, atol=1e-6)
-
-
-@pytest.mark.parametrize("noisy,pilot,message", [
-    (np.zeros((16, 16)), np.zeros((16, 17)), "one 2D or 3D shape"),
-    (np.zeros((2, 2, 16, 16)), np.zeros((2, 2, 16, 16)), "one 2D or 3D shape"),
-    (np.zeros((6, 40)), np.zeros((6, 40)), "at least 8 x 8"),
-])
-def test_the_wiener_filter_refuses_bad_arguments_with_a_reason(noisy, pilot, message):
-    with pytest.raises(ValueError, match=message):
-        wiener_with_pilot(noisy, pilot, (np.array([0.0]), np.array([1.0])))

@@ -94,15 +94,29 @@ def test_observation_fusion_gives_back_detail_the_blind_estimates_lose(ct_slice,
     assert fused.details["correlated_noise"] is False
 
 
-def test_a_2d_models_fused_result_goes_through_the_wiener_filter_and_a_2_5d_models_does_not(
-        ct_slice, trained, volume_and_model):
+def test_a_fused_result_goes_through_the_wiener_filter_in_2d_and_2_5d(ct_slice, trained, volume_and_model):
     _, noisy = ct_slice
     for mode in ("full", "fast", "bsn"):
         assert denoise_image(noisy, trained, mode=mode).details["wiener"] is True, mode
         assert "wiener" not in denoise_image(noisy, trained, mode=mode, fusion=False).details
     image, model = volume_and_model
     for mode in ("full", "fast", "bsn"):
-        assert denoise_image(image, model, mode=mode).details.get("wiener", False) is False, mode
+        assert denoise_image(image, model, mode=mode).details["wiener"] is True, mode
+
+
+def test_a_slice_range_runs_the_networks_on_the_neighbours_the_2_5d_wiener_filter_groups(volume_and_model):
+    """The toy model sees one slice each way, so its filter groups patches of one slice each way: the networks run
+    on 4..7 for the slices 5..6, and the progress counts them and the filtered slices."""
+    image, model = volume_and_model
+    reports = []
+    denoise_image(image, model, mode="bsn", slice_range=(5, 7), progress=reports.append)
+    assert reports[-1].total == 4 + 2 and reports[-1].step == reports[-1].total
+    reports.clear()
+    denoise_image(image, model, mode="bsn", slice_range=(0, 1), progress=reports.append)  # no slice before 0
+    assert reports[-1].total == 2 + 1
+    reports.clear()
+    denoise_image(image, model, mode="bsn", slice_range=(5, 7), fusion=False, progress=reports.append)
+    assert reports[-1].total == 2
 
 
 class OversmoothingStudent(torch.nn.Module):

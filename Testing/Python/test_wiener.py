@@ -1,0 +1,127 @@
+"""The collaborative Wiener filter: what it gives back, what it keeps, where its groups come from."""
+
+import numpy as np
+import pytest
+import torch
+
+from DiffDenoiseLib import wiener
+from DiffDenoiseLib.fusion import fuse_with_observation
+from DiffDenoiseLib.noise import add_noise
+from DiffDenoiseLib.progress import CancelToken, Cancelled
+
+from test_fusion import mse, phantom, textured
+
+WHITE = (np.array([0.0, 1.0]), np.full(2, 0.03 ** 2))  # a noise curve: variance 0.03^2 at every intensity
+
+
+def gaussian_blur(a, sigma):
+    """Separable Gaussian blur with edge padding: a pilot that kept the anatomy and lost the fine texture."""
+    r = int(3 * sigma)
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    g /= g.sum()
+    padded = np.pad(a, r, mode="edge")
+    rows = sum(g[i] * padded[i:i + a.shape[0]] for i in range(2 * r + 1))
+    return sum(g[i] * rows[:, i:i + a.shape[1]] for i in range(2 * r + 1))
+
+
+def test_the_filter_gives_back_the_texture_a_smooth_pilot_lost_and_beats_pixel_fusion():
+    """The pilot lost the fine texture; pixel-wise fusion can only trade it against noise voxel by voxel, the
+    filter keeps the texture's coefficients of y and removes the noise of the others."""
+    clean = textured()
+    noisy = add_noise(clean, "gaussian", 0.03, np.random.default_rng(7))
+    pilot = gaussian_blur(clean, 1.5)
+    before = noisy.copy(), pilot.copy()
+    filtered = wiener.collaborative_wiener(noisy, pilot, WHITE)
+    assert np.array_equal(noisy, before[0]) and np.array_equal(pilot, before[1]), "inputs must not change"
+    fused, _ = fuse_with_observation(noisy, pilot, curve=WHITE)
+    assert mse(filtered, clean) < 0.6 * mse(fused, clean) < 0.4 * mse(pilot, clean)
+    assert mse(filtered, clean) < 0.2 * mse(noisy, clean)
+
+
+def test_a_perfect_pilot_comes_back_and_a_second_pass_takes_the_first_as_its_pilot():
+    flat = np.full((40, 40), 0.4)
+    assert np.allclose(wiener.collaborative_wiener(flat, flat, WHITE), flat, atol=1e-6)
+    clean = phantom(64)
+    # noise-free image, noise-free pilot: every gain is ~1 where there is signal, so the image comes back
+    assert np.allclose(wiener.collaborative_wiener(clean, clean, (WHITE[0], np.full(2, 1e-12))), clean, atol=1e-5)
+    noisy = add_noise(clean, "gaussian", 0.03, np.random.default_rng(8))
+    pilot = gaussian_blur(noisy, 1.0)
+    once = wiener.collaborative_wiener(noisy, pilot, WHITE)
+    twice = wiener.collaborative_wiener(noisy, pilot, WHITE, passes=2)
+    np.testing.assert_allclose(twice, wiener.collaborative_wiener(noisy, once.astype(np.float32), WHITE), atol=1e-6)
+    assert mse(twice, clean) < mse(once, clean) < mse(pilot, clean)
+
+
+def test_block_matching_groups_patches_that_look_alike_in_the_pilot():
+    """In a pilot that repeats every 5 voxels each reference patch has exact copies, and its group is
+    itself (first) and such copies, in its own slice and the neighbouring one."""
+    pattern = np.tile(np.random.default_rng(9).random((5, 5)), (8, 8))
+    pilot = torch.from_numpy(np.stack([pattern, np.roll(pattern, (2, 3), axis=(0, 1))]).astype(np.float32))
+    ref_y, ref_x = wiener._reference_positions(40), wiener._reference_positions(40)
+    groups = wiener._match(pilot, 0, ref_y, ref_x)
+    positions = 40 - wiener.PATCH + 1
+    assert groups.shape == (len(ref_y) * len(ref_x), wiener.GROUP, 3)
+    k, y, x = groups.unbind(-1)
+    ry = ref_y[:, None].expand(-1, len(ref_x)).reshape(-1, 1)
+    rx = ref_x[None, :].expand(len(ref_y), -1).reshape(-1, 1)
+    assert torch.equal(k[:, 0], torch.zeros(len(groups), dtype=k.dtype))
+    assert torch.equal(y[:, :1], ry) and torch.equal(x[:, :1], rx), "a reference patch leads its own group"
+    # away from the borders the window holds more copies than a group takes: every member is one, at the same
+    # phase of the pattern (the second slice is shifted by (2, 3))
+    inside = ((ry >= 8) & (ry <= positions - 9) & (rx >= 8) & (rx <= positions - 9))[:, 0]
+    k, y, x, ry, rx = k[inside], y[inside], x[inside], ry[inside], rx[inside]
+    assert len(ry) >= 9
+    assert torch.all((y - 2 * k - ry) % 5 == 0) and torch.all((x - 3 * k - rx) % 5 == 0)
+    assert torch.all(torch.abs(y - ry) <= wiener.SEARCH_RADIUS) and torch.all(torch.abs(x - rx) <= wiener.SEARCH_RADIUS)
+    assert bool((k == 1).any()), "the neighbouring slice offers copies too"
+
+
+def test_neighbouring_slices_give_a_volume_more_alike_patches_to_average():
+    """Five slices of one anatomy with independent noise: groups that reach two slices each way beat groups of
+    the centre slice alone, and filtering some slices gives exactly those slices of filtering all."""
+    clean = np.stack([textured(64)] * 5)
+    noisy = add_noise(clean, "gaussian", 0.05, np.random.default_rng(10))
+    curve = (WHITE[0], np.full(2, 0.05 ** 2))
+    pilot = np.stack([gaussian_blur(s, 1.0) for s in noisy])
+    alone = wiener.collaborative_wiener(noisy, pilot, curve)[2]
+    together = wiener.collaborative_wiener(noisy, pilot, curve, context=2)
+    assert mse(together[2], clean[2]) < 0.8 * mse(alone, clean[2])
+    part = wiener.collaborative_wiener(noisy, pilot, curve, context=2, indices=[1, 2])
+    np.testing.assert_allclose(part, together[1:3], atol=1e-6)
+
+
+def test_the_filter_reports_each_slice_and_stops_when_told():
+    noisy = add_noise(np.stack([phantom(32)] * 4), "gaussian", 0.03, np.random.default_rng(11))
+    calls = []
+    wiener.collaborative_wiener(noisy, noisy, WHITE, passes=2, indices=[1], progress=lambda: calls.append(1))
+    assert len(calls) == 2  # context 0: each pass filters only the slice asked for
+    token = CancelToken()
+
+    def cancel_after_first():
+        token.cancel()
+        token.raise_if_cancelled()
+
+    with pytest.raises(Cancelled):
+        wiener.collaborative_wiener(noisy, noisy, WHITE, progress=cancel_after_first)
+
+
+@pytest.mark.parametrize("noisy,pilot,options,message", [
+    (np.zeros((16, 16)), np.zeros((16, 17)), {}, "one 2D or 3D shape"),
+    (np.zeros((2, 2, 16, 16)), np.zeros((2, 2, 16, 16)), {}, "one 2D or 3D shape"),
+    (np.zeros((6, 40)), np.zeros((6, 40)), {}, "at least 8 x 8"),
+    (np.zeros((16, 16)), np.zeros((16, 16)), {"passes": 0}, "1 or more passes"),
+    (np.zeros((16, 16)), np.zeros((16, 16)), {"context": -1}, "context of 0 or more"),
+    (np.zeros((3, 16, 16)), np.zeros((3, 16, 16)), {"indices": [3]}, "within the image's 3 slice"),
+])
+def test_the_filter_refuses_bad_arguments_with_a_reason(noisy, pilot, options, message):
+    with pytest.raises(ValueError, match=message):
+        wiener.collaborative_wiener(noisy, pilot, WHITE, **options)
+
+
+def test_a_large_slice_filtered_a_few_rows_of_references_at_a_time_gives_the_same_result(monkeypatch):
+    noisy = add_noise(np.stack([textured(48)] * 3), "gaussian", 0.03, np.random.default_rng(12))
+    pilot = np.stack([gaussian_blur(s, 1.0) for s in noisy])
+    at_once = wiener.collaborative_wiener(noisy, pilot, WHITE, context=1, indices=[1])
+    monkeypatch.setattr(wiener, "REFERENCE_CHUNK", 30)  # two rows of references at a time
+    np.testing.assert_allclose(wiener.collaborative_wiener(noisy, pilot, WHITE, context=1, indices=[1]), at_once,
+                               atol=1e-6)
