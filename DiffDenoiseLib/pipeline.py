@@ -266,12 +266,14 @@ def denoise_image(
         details["slice_range"] = [start, stop]
     uncertainty = None
     white_noise = False
+    # the noise variance curve of the whole image, for fusion, Fast's share and the Wiener filter alike
+    white = noise_variance_curve(slices) if fuse else None
     if mode == "fast":
         denoised = run_network_on_slices(model.network("student"), slices, indices=indices, **run)[:, 0]
         details["fusion"] = fuse
         if fuse:
             denoised, details["observation_share"], details["correlated_noise"] = keep_observation_share(
-                model, slices, denoised, lo, hi, indices, run, seed)
+                model, slices, denoised, lo, hi, indices, run, seed, white)
             white_noise = details["observation_share"] is not None
     else:
         details["self_ensemble"] = int(self_ensemble or model.sampling.self_ensemble)
@@ -283,8 +285,7 @@ def denoise_image(
             details.update(sampling)
         details["fusion"] = fuse
         if fuse:
-            denoised, weight, details["correlated_noise"] = fuse_unless_correlated(
-                slices[lo:hi], denoised, white=noise_variance_curve(slices))
+            denoised, weight, details["correlated_noise"] = fuse_unless_correlated(slices[lo:hi], denoised, white=white)
             details["fusion"] = white_noise = weight is not None
             if weight is not None and uncertainty is not None:
                 uncertainty = uncertainty * weight
@@ -296,7 +297,7 @@ def denoise_image(
                 cancel.raise_if_cancelled()
             advance(1)
 
-        denoised = collaborative_wiener(slices[lo:hi], denoised, noise_variance_curve(slices), context=k,
+        denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k,
                                         passes=wiener_passes, indices=range(start - lo, stop - lo), device=device,
                                         progress=filtered_one)
     else:
@@ -314,9 +315,10 @@ def denoise_image(
     return DenoiseResult(result_image, uncertainty_image, time.monotonic() - started, details)
 
 
-def keep_observation_share(model, slices, denoised, start, stop, indices, run, seed):
+def keep_observation_share(model, slices, denoised, start, stop, indices, run, seed, white):
     """(Fast's result with the share of y - m that Stein's estimate prefers given back, that share or None,
-    whether the noise looks correlated); `denoised` holds the student's output m on slices start..stop.
+    whether the noise looks correlated); `denoised` holds the student's output m on slices start..stop, `white`
+    the image's noise variance curve.
 
     The student runs once more on the image plus a small random-sign probe, which measures how
     much of each voxel's own noise m kept (fusion.choose_observation_share). Unless the noise
@@ -327,7 +329,6 @@ def keep_observation_share(model, slices, denoised, start, stop, indices, run, s
         return denoised, None, False
     if not noise_is_white_enough_for_the_share(slices):
         return denoised, None, True
-    white = noise_variance_curve(slices)
     step = probe_step(white)
     probe = np.random.default_rng(seed).choice(np.array([-1.0, 1.0], dtype=np.float32), size=slices.shape)
     probed = run_network_on_slices(model.network("student"), slices + step * probe, indices=indices, **run)[:, 0]

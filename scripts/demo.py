@@ -13,6 +13,7 @@ Images whose package is not installed are skipped with a note.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -51,11 +52,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for name, source in examples(out):
         arguments = ["denoise", str(source), str(out / f"{name}_denoised.nrrd"), "--mode", args.mode,
                      "--preview", str(out / f"{name}_before_after.png")]
         print("$ diffdenoise " + " ".join(shlex.quote(a) for a in arguments), flush=True)
-        failures += subprocess.call([sys.executable, "-m", "DiffDenoiseLib"] + arguments, cwd=str(ROOT)) != 0
+        # in the caller's folder, so relative paths mean what they say; the package from this checkout
+        failures += subprocess.call([sys.executable, "-m", "DiffDenoiseLib"] + arguments, env=environment) != 0
     print(f"results in {out.resolve()}")
     return 1 if failures else 0
 
