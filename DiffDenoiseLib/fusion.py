@@ -45,7 +45,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from DiffDenoiseLib.noise import binned_variance, binning_noise_reading, noise_variance_curve, sample_slices
+from DiffDenoiseLib.noise import Curve, binned_variance, binning_noise_reading, noise_variance_curve, sample_slices
 
 FUSION_WINDOW = 9  # measured on the benchmark images: 7 to 15 are within 0.1 dB, 3 loses up to 0.5 dB
 # Residual variance over the white-noise estimate beyond which the noise counts as spatially
@@ -67,8 +67,6 @@ PROBE_STEP = 0.01
 # (The student's residual, unlike a blind estimate's, holds the structure it smoothed away, so
 # `looks_correlated` would read it as correlated noise.)
 WHITE_NOISE_MAX_BINNING_RATIO = 2.5
-
-Curve = Tuple[np.ndarray, np.ndarray]
 
 
 def looks_correlated(noisy: np.ndarray, estimate: np.ndarray, white: Optional[Curve] = None,

@@ -327,7 +327,11 @@ def estimate_noise_sigma(array, mask=None) -> float:
 MEDIAN_CHI2_1 = 0.4549  # median of a chi-square variable with one degree of freedom
 
 
-def noise_variance_curve(array, bins: int = 20, min_count: int = 50, max_slices: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+# (intensities, variances) of a noise variance curve, increasing intensities; evaluate with np.interp
+Curve = Tuple[np.ndarray, np.ndarray]
+
+
+def noise_variance_curve(array, bins: int = 20, min_count: int = 50, max_slices: int = 32) -> Curve:
     """Noise variance as a function of intensity: (intensities, variances), increasing intensities.
 
     Voxels are binned by their 3x3 local mean (equal-count bins); in each bin the variance

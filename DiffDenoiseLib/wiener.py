@@ -25,11 +25,13 @@ Block matching runs on the pilot, whose noise is low, with a search window of
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from DiffDenoiseLib.noise import Curve
 
 # Measured on the benchmark's images (Full's pilot): groups of 8 or 32 patches lost 0.05 to 0.1 dB on the volumes
 # against 16; references every 2nd or every voxel gained up to 0.02 dB for 2 to 3 times the time; a search radius
@@ -40,8 +42,6 @@ STEP = 3  # spacing of the reference patches
 SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of the reference patch
 KAISER_BETA = 2.0
 REFERENCE_CHUNK = 2048  # reference patches filtered at once, which bounds the working memory
-
-Curve = Tuple[np.ndarray, np.ndarray]
 
 
 def dct_matrix(size: int) -> torch.Tensor:
