@@ -13,7 +13,8 @@ gives it back, weighted by how reliable the estimate is around the voxel. The st
 learns the fused Full result; on images unlike its training data it can still smooth too
 much, so Fast gives back the share of each voxel's own value that Stein's estimate prefers.
 Both then guide a collaborative Wiener filter of the noisy image (wiener.py), which gives back
-the fine structure that similar patches, in the slice and its neighbours, agree on.
+the fine structure that similar patches, in the slice and its neighbours, agree on (under
+spatially correlated noise, for 2.5D models only, with each coefficient's noise measured).
 """
 
 from __future__ import annotations
@@ -290,7 +291,10 @@ def denoise_image(
             if weight is not None and uncertainty is not None:
                 uncertainty = uncertainty * weight
     if fuse:
-        details["wiener"] = white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
+        # under correlated noise only a 2.5D model's result is filtered: its groups then also hold patches of the
+        # neighbouring slices, whose noise is independent, while in one slice nearby patches share theirs (wiener.py)
+        correlated = bool(details.get("correlated_noise"))
+        details["wiener"] = (white_noise or (correlated and k > 0)) and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
     if details.get("wiener"):
         def filtered_one() -> None:
             if cancel is not None:
@@ -299,9 +303,11 @@ def denoise_image(
 
         denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k,
                                         passes=wiener_passes, indices=range(start - lo, stop - lo), device=device,
-                                        progress=filtered_one)
+                                        progress=filtered_one, correlated_noise=correlated)
     else:
         denoised = denoised[start - lo:stop - lo]
+    if timer.done < timer.total:  # the bar counted steps the noise made unneeded (Fast's probe, the filter)
+        advance(timer.total - timer.done)
     if uncertainty is not None:
         uncertainty = uncertainty[start - lo:stop - lo]
     denoised_z = from_slice_stack(denoised, axis, z.ndim)

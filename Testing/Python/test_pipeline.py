@@ -104,6 +104,36 @@ def test_a_fused_result_goes_through_the_wiener_filter_in_2d_and_2_5d(ct_slice, 
         assert denoise_image(image, model, mode=mode).details["wiener"] is True, mode
 
 
+def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():
+    """Five copies of pydicom's CT slice, each with its own noise blurred by 1.2 pixels: the shipped 2.5D
+    correlated-noise model's Fast result goes through the filter (its groups reach the neighbouring slices, whose
+    noise is independent) and gains over the student's output alone; the 2D model's result on one slice does not
+    go through it (nearby patches of one slice share their noise), and its progress still ends full."""
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from DiffDenoiseLib.store import SHIPPED_DIR, load_model
+
+    hu = read_image(get_testdata_file("CT_small.dcm")).array.reshape(128, 128).astype(np.float64)
+    low, high = np.percentile(hu, [0.5, 99.5])
+    clean = np.stack([hu] * 5)
+    noise = add_noise(np.zeros_like(clean), "correlated", 1.2, np.random.default_rng(4), sigma=0.1) * (high - low)
+    volume = Image(array=(clean + noise).astype(np.float32), modality="CT")
+    model = load_model(SHIPPED_DIR / "correlated-noise-2.5d")
+    filtered = denoise_image(volume, model, mode="fast", slice_axis=0)
+    assert filtered.details["correlated_noise"] is True and filtered.details["wiener"] is True
+    student = denoise_image(volume, model, mode="fast", slice_axis=0, fusion=False).image.array
+    gain = psnr(clean[2], filtered.image.array[2], data_range=high - low) - psnr(clean[2], student[2],
+                                                                                 data_range=high - low)
+    assert gain > 1.5, gain
+    one_slice = Image(array=volume.array[2], spacing=(1.0, 1.0), modality="CT")
+    reports = []
+    details = denoise_image(one_slice, load_model(SHIPPED_DIR / "correlated-noise-default"), mode="fast",
+                            progress=reports.append).details
+    assert details["correlated_noise"] is True and details["wiener"] is False
+    assert reports[-1].step == reports[-1].total, "the bar ends full when the filter is not needed"
+
+
 def test_a_slice_range_runs_the_networks_on_the_neighbours_the_2_5d_wiener_filter_groups(volume_and_model):
     """The toy model sees one slice each way, so its filter groups patches of one slice each way: the networks run
     on 4..7 for the slices 5..6, and the progress counts them and the filtered slices."""
