@@ -1,4 +1,4 @@
-"""Collaborative Wiener filtering of the noisy image, with the pipeline's result as its pilot.
+"""Collaborative filtering of the noisy image (BM3D's two steps), with the pipeline's result as the pilot.
 
 The pipeline's result (Full's fused SRDS, Fast's student) is a good but imperfect estimate
 m of the clean image. It is a better guide than the noisy image y for the second step of
@@ -24,6 +24,11 @@ chi-square(1)'s median. It pays only with neighbouring slices, whose noise is in
 (measured on the benchmark's correlated noise, Full's pilot, with CORRELATED_GROUP patches: +2.2
 and +5.6 dB on two volumes; on single slices from +0.6 to -0.5 dB, so the pipeline filters only
 volumes there).
+
+BM3D's first step, `collaborative_hard_threshold`, is here too: groups matched on y itself,
+coefficients below HARD_THRESHOLD noise std dropped. Its estimate owes nothing to the networks,
+and the pipeline averages it with a 2D model's result before the Wiener filter: their errors
+differ, and the average is a better pilot than either.
 
 For a volume the candidates also come from the neighbouring slices (`context` slices on
 each side, as BM4D's groups do), whose noise is independent: a 2.5D slice has more alike
@@ -55,6 +60,7 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 CORRELATED_GROUP = 64
 CORRELATED_SEARCH_RADIUS = 12
 KAISER_BETA = 2.0
+HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise standard deviations are dropped
 REFERENCE_CHUNK = 2048  # reference patches filtered at once, which bounds the working memory
 
 
@@ -79,40 +85,72 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     With `correlated_noise` each coefficient's noise variance is measured on the residual (see above).
     Returns (len(indices), H, W), or (H, W) for a 2D input, in float64.
     """
+    y3, m3, wanted = _checked("Wiener filter", noisy, pilot, context, indices)
+    if passes < 1:
+        raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
+    n = y3.shape[0]
+    guide = np.array(m3, dtype=np.float32)
+    wide = dict(group=CORRELATED_GROUP, radius=CORRELATED_SEARCH_RADIUS) if correlated_noise else {}
+    for done in range(passes):
+        reach = context * (passes - 1 - done)  # the slices later passes will look at
+        todo = sorted({j for i in wanted for j in range(max(0, i - reach), min(n, i + reach + 1))})
+        filtered = _filter_slices(y3, guide, guide, curve, todo, context, device, progress, wiener=True,
+                                  correlated_noise=correlated_noise, **wide)
+        for i, a in filtered.items():
+            guide[i] = a
+    result = guide[wanted].astype(np.float64)
+    return result[0] if np.ndim(noisy) == 2 else result
+
+
+def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0,
+                                 indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
+                                 progress: Optional[Callable[[], None]] = None) -> np.ndarray:
+    """BM3D's first step on the slices `indices` (all by default) of `noisy`: an estimate of the image's own.
+
+    Groups are matched on `noisy` itself, and every coefficient of a group's 3D transform below
+    HARD_THRESHOLD noise standard deviations is dropped (weights 1 / (s * coefficients kept)). The
+    `pilot` only says at which intensity to read the noise curve. Shapes, `context`, `indices` and
+    `progress` as in `collaborative_wiener`; returns float64.
+    """
+    y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
+    filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, context, device, progress,
+                              wiener=False)
+    result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
+    return result[0] if np.ndim(noisy) == 2 else result
+
+
+def _checked(name: str, noisy, pilot, context: int, indices: Optional[Sequence[int]]):
+    """(noisy, pilot) as (n, H, W) stacks and the sorted slices wanted, or a ValueError naming the problem."""
     y, m = np.asarray(noisy), np.asarray(pilot)
     if y.shape != m.shape or y.ndim not in (2, 3):
-        raise ValueError(f"the Wiener filter needs a noisy image and a pilot of one 2D or 3D shape, got {y.shape} "
+        raise ValueError(f"the {name} needs a noisy image and a pilot of one 2D or 3D shape, got {y.shape} "
                          f"and {m.shape}")
     if min(y.shape[-2:]) < PATCH:
-        raise ValueError(f"the Wiener filter needs slices of at least {PATCH} x {PATCH} voxels, got {y.shape}")
-    if context < 0 or passes < 1:
-        raise ValueError(f"the Wiener filter needs a context of 0 or more slices and 1 or more passes, got {context} "
-                         f"and {passes}")
-    flat = y.ndim == 2
-    y3, m3 = (y[None], m[None]) if flat else (y, m)
+        raise ValueError(f"the {name} needs slices of at least {PATCH} x {PATCH} voxels, got {y.shape}")
+    if context < 0:
+        raise ValueError(f"the {name} needs a context of 0 or more slices, got {context}")
+    y3, m3 = (y[None], m[None]) if y.ndim == 2 else (y, m)
     n = y3.shape[0]
     wanted = sorted(set(range(n) if indices is None else (int(i) for i in indices)))
     if not wanted or wanted[0] < 0 or wanted[-1] >= n:
         raise ValueError(f"the slices to filter must lie within the image's {n} slice(s)")
+    return y3, m3, wanted
+
+
+def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, todo: Sequence[int],
+                   context: int, device: Optional[torch.device], progress: Optional[Callable[[], None]],
+                   **options) -> dict:
+    """{slice: filtered slice} for the slices `todo`, each with the `context` slices on either side."""
     device = device or torch.device("cpu")
-    guide = np.array(m3, dtype=np.float32)
-    for done in range(passes):
-        reach = context * (passes - 1 - done)  # the slices later passes will look at
-        todo = sorted({j for i in wanted for j in range(max(0, i - reach), min(n, i + reach + 1))})
-        filtered = {}
-        for i in todo:
-            lo, hi = max(0, i - context), min(n, i + context + 1)
-            stack = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-                     for a in (y3[lo:hi], guide[lo:hi], np.interp(guide[lo:hi], *curve))]
-            filtered[i] = _filter_slice(*stack, centre=i - lo, correlated_noise=correlated_noise,
-                                        **(dict(group=CORRELATED_GROUP, radius=CORRELATED_SEARCH_RADIUS)
-                                           if correlated_noise else {})).cpu().numpy()
-            if progress is not None:
-                progress()
-        for i, a in filtered.items():
-            guide[i] = a
-    result = guide[wanted].astype(np.float64)
-    return result[0] if flat else result
+    n, filtered = y3.shape[0], {}
+    for i in todo:
+        lo, hi = max(0, i - context), min(n, i + context + 1)
+        stack = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+                 for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve))]
+        filtered[i] = _filter_slice(*stack, centre=i - lo, **options).cpu().numpy()
+        if progress is not None:
+            progress()
+    return filtered
 
 
 def _reference_positions(side: int) -> torch.Tensor:
@@ -164,9 +202,11 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     return torch.stack([k, y, x], dim=-1)  # the clamp only guards a slice too small to offer `group` patches
 
 
-def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int,
+def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
                   correlated_noise: bool = False, group: int = GROUP, radius: int = SEARCH_RADIUS) -> torch.Tensor:
-    """The collaborative Wiener filter of slice `centre` of the stacks (d, H, W) of y, pilot and noise variance.
+    """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
+    and the noise variance: Wiener gains from the matched image's coefficients (the pilot's), or, without
+    `wiener`, hard thresholding of y's.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
@@ -188,11 +228,15 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         dct1 = dct_matrix(where.shape[1]).to(device, dtype)
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
         cy = dct1 @ (flat_y[pixels] @ dct2.T)  # the group's 3D spectrum
-        cm = dct1 @ (flat_m[pixels] @ dct2.T)
         variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]  # (R, 1, 1)
         if correlated_noise:  # each coefficient's own share, from the residual's groups: (group, 64)
             variance = variance * (dct1 @ (flat_r[pixels] @ dct2.T)).pow(2).median(dim=0).values / MEDIAN_CHI2_1
-        gain = cm ** 2 / (cm ** 2 + variance + 1e-20)
+        if wiener:
+            cm = dct1 @ (flat_m[pixels] @ dct2.T)
+            gain = cm ** 2 / (cm ** 2 + variance + 1e-20)
+        else:  # the group's mean is always kept, so a flat region keeps its level
+            gain = (cy.abs() > HARD_THRESHOLD * variance.sqrt()).to(dtype)
+            gain[:, 0, 0] = 1.0
         filtered = dct1.T @ (gain * cy) @ dct2  # (R, group, 64): the patches back in place
         weight = 1.0 / ((variance * gain.pow(2)).sum(dim=(1, 2), keepdim=True) + 1e-20) * window  # (R, 1, 64)
         in_centre = where[..., 0] == centre  # only the centre slice's patches are written back

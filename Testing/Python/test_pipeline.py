@@ -94,14 +94,16 @@ def test_observation_fusion_gives_back_detail_the_blind_estimates_lose(ct_slice,
     assert fused.details["correlated_noise"] is False
 
 
-def test_a_fused_result_goes_through_the_wiener_filter_in_2d_and_2_5d(ct_slice, trained, volume_and_model):
+def test_a_fused_result_goes_through_the_wiener_filter_in_2d_and_2_5d_averaged_with_hard_thresholding_in_2d(ct_slice, trained, volume_and_model):
     _, noisy = ct_slice
     for mode in ("full", "fast", "bsn"):
-        assert denoise_image(noisy, trained, mode=mode).details["wiener"] is True, mode
+        details = denoise_image(noisy, trained, mode=mode).details
+        assert details["wiener"] is True and details["hard_threshold"] is True, mode
         assert "wiener" not in denoise_image(noisy, trained, mode=mode, fusion=False).details
     image, model = volume_and_model
     for mode in ("full", "fast", "bsn"):
-        assert denoise_image(image, model, mode=mode).details["wiener"] is True, mode
+        details = denoise_image(image, model, mode=mode).details
+        assert details["wiener"] is True and "hard_threshold" not in details, mode
 
 
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():

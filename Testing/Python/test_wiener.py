@@ -108,6 +108,26 @@ def test_under_correlated_noise_each_coefficient_gets_its_measured_noise_and_onl
     assert mse(alone, clean[2]) > 1.25 * mse(measured, clean[2])
 
 
+def test_the_hard_thresholding_estimate_owes_nothing_to_the_pilot_and_averaged_with_it_guides_best():
+    """BM3D's first step: matched on y, it needs the pilot only to read the noise curve (constant here); it
+    removes most of the noise, keeps a flat region's level, and averaged with a pilot whose errors differ (it lost
+    the texture) it guides the Wiener filter better than either alone."""
+    clean = textured()
+    noisy = add_noise(clean, "gaussian", 0.03, np.random.default_rng(14))
+    pilot = gaussian_blur(clean, 1.5) + add_noise(np.zeros_like(clean), "gaussian", 0.01, np.random.default_rng(15))
+    estimate = wiener.collaborative_hard_threshold(noisy, pilot, WHITE)
+    assert np.array_equal(estimate, wiener.collaborative_hard_threshold(noisy, np.zeros_like(pilot), WHITE))
+    assert mse(estimate, clean) < 0.15 * mse(noisy, clean)
+    averaged = wiener.collaborative_wiener(noisy, 0.5 * (pilot + estimate), WHITE)
+    assert mse(averaged, clean) < 0.8 * mse(estimate, clean)
+    assert mse(averaged, clean) < 0.6 * mse(wiener.collaborative_wiener(noisy, pilot, WHITE), clean)
+    flat = add_noise(np.full((48, 48), 0.4), "gaussian", 0.03, np.random.default_rng(16))
+    kept = wiener.collaborative_hard_threshold(flat, flat, WHITE)
+    assert abs(kept.mean() - flat.mean()) < 2e-3 and mse(kept, np.full((48, 48), 0.4)) < 0.05 * 0.03 ** 2
+    with pytest.raises(ValueError, match="hard-thresholding filter needs slices of at least 8 x 8"):
+        wiener.collaborative_hard_threshold(np.zeros((6, 40)), np.zeros((6, 40)), WHITE)
+
+
 def test_the_filter_reports_each_slice_and_stops_when_told():
     noisy = add_noise(np.stack([phantom(32)] * 4), "gaussian", 0.03, np.random.default_rng(11))
     calls = []
