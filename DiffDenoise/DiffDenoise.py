@@ -48,8 +48,9 @@ class DiffDenoise(ScriptedLoadableModule):
             "<b>Fast</b> runs a distilled student network (one pass, and a second to choose how much of the "
             "input to keep); <b>Full</b> runs conditional diffusion "
             "with stabilized symmetric sampling (best quality, slow without a GPU) and can give a per-voxel "
-            "uncertainty map. Both end with a Wiener filter of the input guided by the networks' result, which "
-            "gives back the fine structure that similar patches agree on. "
+            "uncertainty map. Both end with a Wiener filter of the input guided by the networks' result (for "
+            "single images averaged with a classical block-matching estimate), which gives back the fine "
+            "structure that similar patches agree on. "
             "Models can be trained or adapted on the volumes loaded in Slicer. "
             'See the <a href="%s">documentation</a>.' % DOCUMENTATION_URL)
         self.parent.acknowledgementText = (
