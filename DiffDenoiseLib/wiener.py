@@ -23,7 +23,8 @@ curve's std) gathered into the same groups: the median of its square over the re
 chi-square(1)'s median. It pays only with neighbouring slices, whose noise is independent
 (measured on the benchmark's correlated noise, Full's pilot, with CORRELATED_GROUP patches: +2.2
 and +5.6 dB on two volumes; on single slices from +0.6 to -0.5 dB, so the pipeline filters only
-volumes there).
+volumes there, and only the result of a wide blind spot, which removed such noise: the
+residual of a one-pixel blind spot's result understates it).
 
 BM3D's first step, `collaborative_hard_threshold`, is here too: groups matched on y itself,
 coefficients below HARD_THRESHOLD noise std dropped. Its estimate owes nothing to the networks,

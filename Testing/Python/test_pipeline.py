@@ -109,8 +109,9 @@ def test_a_fused_result_goes_through_the_wiener_filter_in_2d_and_2_5d_averaged_w
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():
     """Five copies of pydicom's CT slice, each with its own noise blurred by 1.2 pixels: the shipped 2.5D
     correlated-noise model's Fast result goes through the filter (its groups reach the neighbouring slices, whose
-    noise is independent) and gains over the student's output alone; the 2D model's result on one slice does not
-    go through it (nearby patches of one slice share their noise), and its progress still ends full."""
+    noise is independent) and gains over the student's output alone. The 2.5D CT model's result (a one-pixel blind
+    spot, which leaves correlated noise in it) and the 2D model's result on one slice (nearby patches of one slice
+    share their noise) do not go through it, and the progress still ends full."""
     pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
 
@@ -128,6 +129,8 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     gain = psnr(clean[2], filtered.image.array[2], data_range=high - low) - psnr(clean[2], student[2],
                                                                                  data_range=high - low)
     assert gain > 1.5, gain
+    one_pixel_spot = denoise_image(volume, load_model(SHIPPED_DIR / "ct-head-2.5d"), mode="fast", slice_axis=0).details
+    assert one_pixel_spot["correlated_noise"] is True and one_pixel_spot["wiener"] is False
     one_slice = Image(array=volume.array[2], spacing=(1.0, 1.0), modality="CT")
     reports = []
     details = denoise_image(one_slice, load_model(SHIPPED_DIR / "correlated-noise-default"), mode="fast",
