@@ -76,6 +76,23 @@ def test_block_matching_groups_patches_that_look_alike_in_the_pilot():
     assert bool((k == 1).any()), "the neighbouring slice offers copies too"
 
 
+def test_the_wiener_step_leaves_a_references_near_copies_in_its_own_slice_out_of_its_group():
+    """On a smooth pilot the nearest patches are the reference shifted by a voxel, which share most of its noise:
+    with near_shift 1 none of the group (but the reference) lies within one voxel of it in its own slice, while
+    the neighbouring slice's patch at the same place may still come."""
+    ramp = np.add.outer(np.linspace(0, 1, 40), np.linspace(0, 0.5, 40))
+    pilot = torch.from_numpy(np.stack([ramp, ramp]).astype(np.float32))
+    ref_y, ref_x = wiener._reference_positions(40), wiener._reference_positions(40)
+    ry = ref_y[:, None].expand(-1, len(ref_x)).reshape(-1, 1)
+    rx = ref_x[None, :].expand(len(ref_y), -1).reshape(-1, 1)
+    for near_shift, expected in ((0, True), (1, False)):
+        k, y, x = wiener._match(pilot, 0, ref_y, ref_x, near_shift=near_shift).unbind(-1)
+        close = (k[:, 1:] == 0) & ((y - ry).abs()[:, 1:] <= 1) & ((x - rx).abs()[:, 1:] <= 1)
+        assert bool(close.any()) is expected, near_shift
+        assert torch.equal(y[:, :1], ry) and torch.equal(x[:, :1], rx)
+    assert bool(((k == 1) & (y == ry) & (x == rx)).any())
+
+
 def test_neighbouring_slices_give_a_volume_more_alike_patches_to_average():
     """Five slices of one anatomy with independent noise: groups that reach two slices each way beat groups of
     the centre slice alone, and filtering some slices gives exactly those slices of filtering all."""
