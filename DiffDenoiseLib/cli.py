@@ -323,7 +323,17 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
             advice = (", and a one-pixel blind spot cannot separate such noise well; "
                       + (f"--model {wider[0]} can, or " if wider else "")
                       + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
-        reporter.log(f"The noise looks spatially correlated: observation fusion was skipped{advice}.")
+        if result.details.get("wiener"):
+            reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the Wiener filter "
+                         "measured each coefficient's noise on what the networks removed.")
+        else:
+            reporter.log(f"The noise looks spatially correlated: observation fusion and the Wiener filter were "
+                         f"skipped{advice}.")
+    elif result.details.get("wiener"):
+        guide = ("the networks' result, averaged with the image's own hard-thresholding estimate,"
+                 if result.details.get("hard_threshold") else "the networks' result")
+        reporter.log(f"A collaborative Wiener filter of the input, guided by {guide}, gave back the fine structure "
+                     "that similar patches agree on (--no-fusion turns it off).")
     if result.details.get("observation_share"):
         reporter.log(f"Fast mode gave back {result.details['observation_share']:.0%} of the difference between the "
                      "input and the student's estimate (the share Stein's risk estimate preferred; --no-fusion "

@@ -130,7 +130,7 @@ def test_full_mode_writes_the_uncertainty_map_and_people_get_a_progress_bar(capf
                          "--steps", 2, "--pairs", 2, "--uncertainty", spread, "--store", trained["store"])
     assert code == 0, err
     assert out == "", "without --json stdout stays empty"
-    # 6 slices: the blind-spot and SRDS passes, then the two passes of the Wiener filter (a 2D model)
+    # 6 slices: the blind-spot and SRDS passes, then the hard-thresholding and Wiener passes (a 2D model)
     assert "denoise   [" in err and "24/24" in err and f"wrote {output}" in err
     uncertainty = read_image(spread)
     assert uncertainty.array.shape == read_image(output).array.shape and (uncertainty.array >= 0).all()
@@ -148,7 +148,7 @@ def test_no_fusion_keeps_the_blind_estimate_for_comparison(capfd, data, trained,
     assert not np.allclose(outputs[()], outputs[("--no-fusion",)])
 
 
-def test_fast_mode_says_what_share_of_the_input_it_gave_back(capfd, data, trained, tmp_path, monkeypatch):
+def test_fast_mode_says_what_share_of_the_input_it_gave_back_and_that_it_filtered(capfd, data, trained, tmp_path, monkeypatch):
     monkeypatch.setattr("DiffDenoiseLib.pipeline.choose_observation_share", lambda *args: 0.2)
     for flags in ((), ("--no-fusion",)):
         code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / f"fast{len(flags)}.nrrd",
@@ -159,8 +159,11 @@ def test_fast_mode_says_what_share_of_the_input_it_gave_back(capfd, data, traine
         (result,) = of_kind(events, "result")
         if flags:
             assert "gave back" not in messages and "observation_share" not in result["details"]
+            assert "Wiener" not in messages
         else:
             assert "gave back 20% of the difference" in messages and result["details"]["observation_share"] == 0.2
+            assert "Wiener filter of the input, guided by the networks' result, averaged with the image's own " \
+                   "hard-thresholding estimate" in messages
 
 
 def test_self_ensemble_views_are_chosen_on_the_command_line(capfd, data, trained, tmp_path):
