@@ -58,8 +58,11 @@ STEP = 3  # spacing of the reference patches
 SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of the reference patch
 # Under correlated noise (2.5D pilots of the benchmark's volumes) larger groups from a wider window gained 0.5 to
 # 2 dB over 16 within +-8, at 2.4 times the time; 128 patches gained nothing more on one volume and lost on the other.
+# References every 4th voxel there lost nothing (-0.04 to +0.01 dB) for 0.55 to 0.65 times the time of every 3rd
+# (under white noise they lost up to 0.17 dB).
 CORRELATED_GROUP = 64
 CORRELATED_SEARCH_RADIUS = 12
+CORRELATED_STEP = 4
 # The Wiener step leaves out of a reference's group the patches of its own slice shifted by this many voxels or
 # less: such a near copy shares most of its noise with the reference, so it adds little to average. Measured on
 # the benchmark's white noise (Full's pilot): +0.1 dB on average, -0.05 to +0.35 (a shift of up to 3: no better).
@@ -96,7 +99,9 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
-    wide = dict(group=CORRELATED_GROUP, radius=CORRELATED_SEARCH_RADIUS) if correlated_noise else {}
+    wide = {}
+    if correlated_noise:
+        wide = dict(group=CORRELATED_GROUP, radius=CORRELATED_SEARCH_RADIUS, step=CORRELATED_STEP)
     for done in range(passes):
         reach = context * (passes - 1 - done)  # the slices later passes will look at
         todo = sorted({j for i in wanted for j in range(max(0, i - reach), min(n, i + reach + 1))})
@@ -159,9 +164,9 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
     return filtered
 
 
-def _reference_positions(side: int) -> torch.Tensor:
-    """Every STEP-th patch position along one side, and the last one, so every voxel is covered."""
-    positions = list(range(0, side - PATCH + 1, STEP))
+def _reference_positions(side: int, step: int = STEP) -> torch.Tensor:
+    """Every `step`-th patch position along one side, and the last one, so every voxel is covered."""
+    positions = list(range(0, side - PATCH + 1, step))
     if positions[-1] != side - PATCH:
         positions.append(side - PATCH)
     return torch.tensor(positions)
@@ -214,7 +219,8 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
 
 
 def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
-                  correlated_noise: bool = False, group: int = GROUP, radius: int = SEARCH_RADIUS) -> torch.Tensor:
+                  correlated_noise: bool = False, group: int = GROUP, radius: int = SEARCH_RADIUS,
+                  step: int = STEP) -> torch.Tensor:
     """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
     and the noise variance: Wiener gains from the matched image's coefficients (the pilot's), or, without
     `wiener`, hard thresholding of y's.
@@ -224,7 +230,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     """
     d, h, w = ys.shape
     device, dtype = ys.device, ys.dtype
-    ref_y, ref_x = _reference_positions(h).to(device), _reference_positions(w).to(device)
+    ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
     dct2 = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).to(device, dtype)
     kaiser = torch.kaiser_window(PATCH, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
@@ -245,9 +251,9 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         if wiener:
             cm = dct1 @ (flat_m[pixels] @ dct2.T)
             gain = cm ** 2 / (cm ** 2 + variance + 1e-20)
-        else:  # the group's mean is always kept, so a flat region keeps its level
+        else:
             gain = (cy.abs() > HARD_THRESHOLD * variance.sqrt()).to(dtype)
-            gain[:, 0, 0] = 1.0
+        gain[:, 0, 0] = 1.0  # the group's mean is kept: shrinking it would pull a region's level towards 0
         filtered = dct1.T @ (gain * cy) @ dct2  # (R, group, 64): the patches back in place
         weight = 1.0 / ((variance * gain.pow(2)).sum(dim=(1, 2), keepdim=True) + 1e-20) * window  # (R, 1, 64)
         in_centre = where[..., 0] == centre  # only the centre slice's patches are written back

@@ -125,6 +125,19 @@ def test_under_correlated_noise_each_coefficient_gets_its_measured_noise_and_onl
     assert mse(alone, clean[2]) > 1.25 * mse(measured, clean[2])
 
 
+def test_a_dim_flat_region_keeps_its_level_under_correlated_noise():
+    """Correlated noise puts much variance into a group's mean; a Wiener gain below 1 there would pull a dim
+    region's level towards 0 (by about a tenth here), so the group's mean is always kept."""
+    levels = []
+    for seed in range(17, 21):
+        noise = add_noise(np.zeros((5, 48, 48)), "correlated", 1.2, np.random.default_rng(seed), sigma=0.1)
+        noisy = 0.05 + noise - noise.mean(axis=(1, 2), keepdims=True)
+        pilot = np.full_like(noisy, 0.05)
+        levels.append(wiener.collaborative_wiener(noisy, pilot, noise_variance_curve(noisy), context=2, indices=[2],
+                                                  correlated_noise=True)[0].mean())
+    assert abs(np.mean(levels) - 0.05) < 0.0025, levels
+
+
 def test_the_hard_thresholding_estimate_owes_nothing_to_the_pilot_and_averaged_with_it_guides_best():
     """BM3D's first step: matched on y, it needs the pilot only to read the noise curve (constant here); it
     removes most of the noise, keeps a flat region's level, and averaged with a pilot whose errors differ (it lost
