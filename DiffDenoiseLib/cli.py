@@ -319,9 +319,10 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     if result.details.get("correlated_noise"):
         advice = ""
         if model.config.blind_spot_radius == 0:
-            wider = [card["name"] for card in store.list() if card.get("default_for_noise") == "correlated"]
+            depth = image.array.shape[result.details["slice_axis"]] if image.array.ndim == 3 else 1
+            wider = _model_for_correlated_noise(store, depth)
             advice = (", and a one-pixel blind spot cannot separate such noise well; "
-                      + (f"--model {wider[0]} can, or " if wider else "")
+                      + (f"--model {wider} can, or " if wider else "")
                       + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
         if result.details.get("wiener"):
             reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the Wiener filter "
@@ -345,6 +346,17 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                      "model": folder.name, "model_path": str(folder), "mode": args.mode, "device": str(device),
                      "seconds": round(result.seconds, 3), "shape": list(result.image.array.shape),
                      "details": result.details})
+
+
+def _model_for_correlated_noise(store: ModelStore, depth: int) -> Optional[str]:
+    """The model made for correlated noise that sees the most neighbouring slices an image `depth` slices deep can
+    feed (a 2D one for a single image), or None."""
+    fitting = []
+    for card in store.list():
+        context = int((card.get("architecture") or {}).get("context_slices", 0))
+        if card.get("default_for_noise") == "correlated" and context < depth:
+            fitting.append((context, card["name"]))
+    return max(fitting)[1] if fitting else None
 
 
 def _duration(seconds: float) -> str:
