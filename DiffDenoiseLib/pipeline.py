@@ -51,10 +51,6 @@ from DiffDenoiseLib.slicing import as_slice_stack, choose_slice_axis, context_st
 from DiffDenoiseLib.wiener import collaborative_hard_threshold, collaborative_wiener
 
 STAGES = ("bsn", "diffusion", "student")
-# A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step) before it
-# guides the Wiener filter: on the benchmark's 2D images this gained 0.0 to 0.7 dB (Full and Fast) over the result
-# alone guiding two passes, at the same cost. A 2.5D model's result, better than that estimate on the volumes, guides
-# one pass alone: the average gained -0.14 to +0.34 dB there (+0.04 dB on average) for one more pass of filtering.
 # Working copies of a volume take about 40 bytes a voxel: above this, ask for a crop instead of running out of memory.
 MAX_VOXELS = 400_000_000
 MODES = ("fast", "full", "bsn", "single")
@@ -306,11 +302,16 @@ def denoise_image(
             advance(1)
 
         filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
-        if not k:  # (a 2D model's result is filtered under white noise only)
+        # A 2D model's result (filtered under white noise only) is averaged with the image's own hard-thresholding
+        # estimate (BM3D's first step) before it guides the Wiener filter: on the benchmark's 2D images this gained
+        # 0.0 to 0.7 dB (Full and Fast) over the result alone guiding two passes, at the same cost. A 2.5D model's
+        # result, better than that estimate on the volumes, guides one pass alone: the average gained -0.14 to
+        # +0.34 dB there (+0.04 dB on average) for one more pass of filtering.
+        if not k:
             denoised = 0.5 * (denoised + collaborative_hard_threshold(slices[lo:hi], denoised, white, **filtering))
             details["hard_threshold"] = True
-        denoised = collaborative_wiener(slices[lo:hi], denoised.astype(np.float32), white, context=k,
-                                        correlated_noise=correlated, **filtering)
+        denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, correlated_noise=correlated,
+                                        **filtering)
     else:
         denoised = denoised[start - lo:stop - lo]
     if timer.done < timer.total:  # the bar counted steps the noise made unneeded (Fast's probe, the filter)

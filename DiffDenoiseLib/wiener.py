@@ -207,8 +207,7 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     dist = dist.reshape(-1, d, side * side).masked_fill(outside, float("inf")).reshape(-1, d * side * side)
     if near_shift:  # the reference's near copies in its own slice are left out
         near = (shift.abs()[:, None] <= near_shift) & (shift.abs()[None, :] <= near_shift)
-        dist[:, centre * side * side:(centre + 1) * side * side] = \
-            dist[:, centre * side * side:(centre + 1) * side * side].masked_fill(near.reshape(-1), float("inf"))
+        dist[:, centre * side * side:(centre + 1) * side * side].masked_fill_(near.reshape(-1), float("inf"))
     # the reference patch itself first: its distance is 0 in the centre slice, which other zeros could tie
     dist[:, (centre * side + r) * side + r] = -1.0
     nearest = torch.topk(dist, min(group, dist.shape[1]), dim=1, largest=False).indices  # (R, group)
