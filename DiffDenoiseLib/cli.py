@@ -41,6 +41,7 @@ from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
 from DiffDenoiseLib.slicing import choose_slice_axis
 from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
+from DiffDenoiseLib.wiener import CUBE
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, format_seconds
 
@@ -301,7 +302,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     cancel.raise_if_cancelled()
     written = []
     try:
-        if uncertainty_path is not None:
+        if uncertainty_path is not None and result.uncertainty is not None:
             write_image(result.uncertainty, uncertainty_path)
             written.append(uncertainty_path)
         write_image(result.image, output)
@@ -316,7 +317,12 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         for path in written:
             path.unlink()
         raise
-    if result.details.get("correlated_noise"):
+    if result.details.get("volumetric_filter"):
+        missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
+        reporter.log("The noise looks white, so the image is the volumetric filter's (BM4D's two steps on cubes of "
+                     f"{CUBE} voxels), which beat every use of the networks' result measured on volumes; the networks "
+                     f"did not run{missing}. --no-fusion runs the networks alone.")
+    elif result.details.get("correlated_noise"):
         advice = ""
         if model.config.blind_spot_radius == 0:
             depth = image.array.shape[result.details["slice_axis"]] if image.array.ndim == 3 else 1
@@ -341,7 +347,8 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                      "keeps the estimate as it is).")
     reporter.log(f"Denoised {source.name} with '{folder.name}' ({args.mode} mode, {device.type}) in "
                  f"{_duration(result.seconds)}: wrote {output}.")
-    reporter.result({"output": str(output), "uncertainty": str(uncertainty_path) if uncertainty_path else None,
+    reporter.result({"output": str(output),
+                     "uncertainty": str(uncertainty_path) if uncertainty_path in written else None,
                      "preview": str(preview_path) if preview_path else None,
                      "model": folder.name, "model_path": str(folder), "mode": args.mode, "device": str(device),
                      "seconds": round(result.seconds, 3), "shape": list(result.image.array.shape),

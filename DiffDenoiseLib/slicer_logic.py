@@ -337,7 +337,7 @@ class DenoiseLogic:
             output.SetAttribute("DiffDenoise.Mode", settings.mode)
             output.SetAttribute("DiffDenoise.Model", str(result.get("model", settings.model)))
             uncertainty = None
-            if uncertainty_path:
+            if uncertainty_path and os.path.exists(uncertainty_path):  # none when the volumetric filter made the image
                 uncertainty = self._import_result(uncertainty_path, input_node, None, "uncertainty", one_slice)
                 uncertainty.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
                 uncertainty.GetDisplayNode().SetAutoWindowLevel(True)

@@ -41,7 +41,7 @@ Block matching runs on the pilot, whose noise is low, with a search window of
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,17 @@ CORRELATED_STEP = 4
 # The hard-thresholding step, matched on y itself, lost 0.1 to 0.3 dB with it.
 NEAR_COPY_SHIFT = 1
 KAISER_BETA = 2.0
+# The volumetric filter (BM4D's cubes, Maggioni et al. 2013): cubes CUBE voxels a side and deep, matched within
+# +-CUBE_SEARCH_RADIUS voxels in the slice and CUBE_SLICE_REACH slices either way, references every CUBE_STEP voxels
+# in the slice and CUBE_SLICE_STEP slices; groups of CUBE_GROUP_HARD for hard thresholding, CUBE_GROUP_WIENER for
+# the Wiener step (BM4D's numbers where they gained, see The method in README.md).
+CUBE = 4
+CUBE_SEARCH_RADIUS = 5
+CUBE_SLICE_REACH = 3
+CUBE_STEP = 3
+CUBE_SLICE_STEP = 2
+CUBE_GROUP_HARD = 16
+CUBE_GROUP_WIENER = 32
 HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise standard deviations are dropped
 REFERENCE_CHUNK = 2048  # reference patches filtered at once, which bounds the working memory
 
@@ -130,6 +141,91 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
     return result[0] if np.ndim(noisy) == 2 else result
 
 
+def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequence[int]] = None,
+                      device: Optional[torch.device] = None, progress: Optional[Callable[[], None]] = None
+                      ) -> np.ndarray:
+    """BM4D's two steps on the slices `indices` (all by default) of the volume `noisy` (n, H, W), n >= CUBE: cubes
+    hard-thresholded in groups matched on y itself, then the Wiener filter of y guided by that estimate.
+
+    The noise variance of a group is the image's noise curve at its mean intensity (y's in the first step,
+    the estimate's in the second). Cubes of any slice within reach feed the slices wanted, so the whole
+    volume should be given even when a few slices are wanted. `progress` is called
+    `volumetric_filter_steps(n, indices)` times (it may raise to stop the filter). Returns
+    (len(indices), H, W) in float64; the input is not modified.
+    """
+    y3, _, wanted = _checked("volumetric filter", noisy, noisy, 0, indices)
+    if np.ndim(noisy) != 3 or y3.shape[0] < CUBE:
+        raise ValueError(f"the volumetric filter needs a volume of at least {CUBE} slices, got {np.shape(noisy)}")
+    y3 = np.asarray(y3, dtype=np.float32)
+    wiener_starts, hard_starts = _cube_starts(y3.shape[0], wanted)
+    options = dict(device=device or torch.device("cpu"), progress=progress)
+    estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, **options)
+    return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, **options)[wanted].astype(
+        np.float64)
+
+
+def volumetric_filter_steps(n: int, indices: Sequence[int]) -> int:
+    """How many times `volumetric_filter` calls its progress on a volume of n slices."""
+    return sum(len(starts) for starts in _cube_starts(n, sorted(set(indices))))
+
+
+def _cube_starts(n: int, wanted: Sequence[int]):
+    """(the first slices of the Wiener step's reference cubes, those of the hard-thresholding step's): the Wiener
+    step's cover the slices wanted; the first step's cover every slice the Wiener step's candidates reach."""
+    def covering(lo: int, hi: int) -> List[int]:
+        """Every CUBE_SLICE_STEP-th first slice of a cube over slices lo..hi - 1, and the last one."""
+        first, last = max(0, lo - CUBE + 1), min(n - CUBE, hi - 1)
+        starts = list(range(first, last + 1, CUBE_SLICE_STEP))
+        return starts if starts[-1] == last else starts + [last]
+
+    wiener_starts = covering(wanted[0], wanted[-1] + 1)
+    reach_lo = max(0, wiener_starts[0] - CUBE_SLICE_REACH)
+    reach_hi = min(n, wiener_starts[-1] + CUBE_SLICE_REACH + CUBE)
+    return wiener_starts, covering(reach_lo, reach_hi)
+
+
+def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, starts: Sequence[int],
+                  wiener: bool, device: torch.device, progress: Optional[Callable[[], None]]) -> np.ndarray:
+    """The volume with the voxels that the groups of the reference cubes starting in `starts` cover replaced by
+    their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's)."""
+    n, h, w = y3.shape
+    first, last = max(0, starts[0] - CUBE_SLICE_REACH), min(n, starts[-1] + CUBE_SLICE_REACH + CUBE)  # the groups' reach
+    total = torch.zeros((last - first) * h * w, dtype=torch.float32, device=device)
+    weights = torch.zeros_like(total)
+    ref_y = _reference_positions(h, CUBE_STEP, CUBE).to(device)
+    ref_x = _reference_positions(w, CUBE_STEP, CUBE).to(device)
+    steps = torch.arange(CUBE, device=device)
+    inside = ((steps[:, None, None] * h + steps[:, None]) * w + steps).reshape(-1)  # a cube's voxels from its corner
+    dct_cube = torch.kron(torch.kron(dct_matrix(CUBE), dct_matrix(CUBE)), dct_matrix(CUBE)).to(device, torch.float32)
+    kaiser = torch.kaiser_window(CUBE, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
+    window = torch.outer(kaiser, kaiser).reshape(-1).repeat(CUBE).to(device, torch.float32)  # the same in each slice
+    group = CUBE_GROUP_WIENER if wiener else CUBE_GROUP_HARD
+    rows_at_once = max(1, REFERENCE_CHUNK // len(ref_x))
+    for start in starts:
+        lo, hi = max(0, start - CUBE_SLICE_REACH), min(n, start + CUBE_SLICE_REACH + CUBE)
+        ys, ms, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device).reshape(-1)
+                     for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
+        for chunk in torch.split(ref_y, rows_at_once):
+            where = _match(ms.reshape(hi - lo, h, w), start - lo, chunk, ref_x, group, CUBE_SEARCH_RADIUS,
+                           patch=CUBE, depth=CUBE)
+            dct1 = dct_matrix(where.shape[1]).to(device, torch.float32)
+            pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
+            cy = dct1 @ (ys[pixels] @ dct_cube.T)
+            cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
+            filtered, weight = _shrink(cy, cm, s[pixels].mean(dim=(1, 2))[:, None, None], dct1, dct_cube)
+            weight = (weight * window).expand_as(filtered)
+            targets = (pixels + (lo - first) * h * w).reshape(-1)
+            total.index_add_(0, targets, (filtered * weight).reshape(-1))
+            weights.index_add_(0, targets, weight.reshape(-1))
+        if progress is not None:
+            progress()
+    result = np.array(match_on, dtype=np.float32)
+    covered = (weights > 0).reshape(last - first, h, w).cpu().numpy()
+    estimate = (total / weights.clamp_min(1e-30)).reshape(last - first, h, w).cpu().numpy()
+    result[first:last][covered] = estimate[covered]
+    return result
+
+
 def _checked(name: str, noisy, pilot, context: int, indices: Optional[Sequence[int]]):
     """(noisy, pilot) as (n, H, W) stacks and the sorted slices wanted, or a ValueError naming the problem."""
     y, m = np.asarray(noisy), np.asarray(pilot)
@@ -164,47 +260,52 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
     return filtered
 
 
-def _reference_positions(side: int, step: int = STEP) -> torch.Tensor:
-    """Every `step`-th patch position along one side, and the last one, so every voxel is covered."""
-    positions = list(range(0, side - PATCH + 1, step))
-    if positions[-1] != side - PATCH:
-        positions.append(side - PATCH)
+def _reference_positions(length: int, step: int = STEP, patch: int = PATCH) -> torch.Tensor:
+    """Every `step`-th position of a `patch` along `length` voxels, and the last one, so every voxel is covered."""
+    positions = list(range(0, length - patch + 1, step))
+    if positions[-1] != length - patch:
+        positions.append(length - patch)
     return torch.tensor(positions)
 
 
 def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.Tensor, group: int = GROUP,
-           radius: int = SEARCH_RADIUS, near_shift: int = 0) -> torch.Tensor:
-    """For each reference patch (ref_y x ref_x, row by row) of the centre slice, the (slice, y, x) of the `group`
-    patches of `pilot` (d, H, W) nearest to it in squared distance within `radius` voxels either way, itself
-    first; (R, group, 3). Patches of the centre slice shifted by `near_shift` voxels or less either way (other
-    than the reference itself) are not taken.
+           radius: int = SEARCH_RADIUS, near_shift: int = 0, patch: int = PATCH, depth: int = 1) -> torch.Tensor:
+    """For each reference block (ref_y x ref_x, row by row) starting in slice `centre`, the (first slice, y, x) of
+    the `group` blocks of `pilot` (d, H, W) nearest to it in squared distance within `radius` voxels either way,
+    itself first; (R, group, 3). A block is `patch` voxels a side and `depth` slices deep (a patch when 1, a cube
+    for the volumetric filter); candidates start in any slice that leaves room for the depth. Patches of the
+    centre slice shifted by `near_shift` voxels or less either way (other than the reference itself) are not taken.
 
     The distances for one offset between the slices are box sums of squared differences, read at the
     reference positions from an integral image (float64, so the subtraction of large sums stays exact enough)
     over the band of rows the references cover.
     """
     d, h, w = pilot.shape
+    starts = d - depth + 1  # the slices a candidate block can start in
     r, side = radius, 2 * radius + 1
-    py, px = h - PATCH + 1, w - PATCH + 1  # patch positions along each side
-    first, last = int(ref_y[0]), int(ref_y[-1]) + PATCH  # the band of rows of the reference patches
+    py, px = h - patch + 1, w - patch + 1  # block positions along each side
+    first, last = int(ref_y[0]), int(ref_y[-1]) + patch  # the band of rows of the reference blocks
     padded = F.pad(pilot[:, None].double(), (r, r, r, r))[:, 0]
-    band = pilot[centre, first:last].double()
+    bands = pilot[centre:centre + depth, first:last].double()
     top, left = ref_y - first, ref_x
     distances = []
-    for k in range(d):
+    for k in range(starts):
         for dy in range(-r, r + 1):
-            rows = padded[k, r + dy + first:r + dy + last]  # row y holds pilot[k, first + y + dy, :]
-            shifted = torch.stack([rows[:, r + dx:r + dx + w] for dx in range(-r, r + 1)])  # (side, band, w)
-            integral = F.pad(((shifted - band) ** 2).cumsum(1).cumsum(2), (1, 0, 1, 0))
-            rows_in = integral[:, top + PATCH] - integral[:, top]  # (side, R_y, w + 1)
-            distances.append(rows_in[:, :, left + PATCH] - rows_in[:, :, left])  # (side, R_y, R_x)
-    dist = torch.stack(distances).reshape(d * side * side, -1).T  # (R, candidates (k, dy, dx))
+            squares = 0.0
+            for j in range(depth):
+                rows = padded[k + j, r + dy + first:r + dy + last]  # row y holds pilot[k + j, first + y + dy, :]
+                shifted = torch.stack([rows[:, r + dx:r + dx + w] for dx in range(-r, r + 1)])  # (side, band, w)
+                squares = squares + (shifted - bands[j]) ** 2
+            integral = F.pad(squares.cumsum(1).cumsum(2), (1, 0, 1, 0))
+            rows_in = integral[:, top + patch] - integral[:, top]  # (side, R_y, w + 1)
+            distances.append(rows_in[:, :, left + patch] - rows_in[:, :, left])  # (side, R_y, R_x)
+    dist = torch.stack(distances).reshape(starts * side * side, -1).T  # (R, candidates (k, dy, dx))
     # candidates whose patch leaves the slice
     shift = torch.arange(-r, r + 1, device=pilot.device)
     ry, rx = ref_y[:, None, None, None] + shift[None, :, None, None], ref_x[None, None, :, None] + shift
     outside = (ry < 0) | (ry >= py) | (rx < 0) | (rx >= px)  # (R_y, side (dy), R_x, side (dx))
     outside = outside.permute(0, 2, 1, 3).reshape(len(ref_y) * len(ref_x), 1, side * side)
-    dist = dist.reshape(-1, d, side * side).masked_fill(outside, float("inf")).reshape(-1, d * side * side)
+    dist = dist.reshape(-1, starts, side * side).masked_fill(outside, float("inf")).reshape(-1, starts * side * side)
     if near_shift:  # the reference's near copies in its own slice are left out
         near = (shift.abs()[:, None] <= near_shift) & (shift.abs()[None, :] <= near_shift)
         dist[:, centre * side * side:(centre + 1) * side * side].masked_fill_(near.reshape(-1), float("inf"))
@@ -247,14 +348,9 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]  # (R, 1, 1)
         if correlated_noise:  # each coefficient's own share, from the residual's groups: (group, 64)
             variance = variance * (dct1 @ (flat_r[pixels] @ dct2.T)).pow(2).median(dim=0).values / MEDIAN_CHI2_1
-        if wiener:
-            cm = dct1 @ (flat_m[pixels] @ dct2.T)
-            gain = cm ** 2 / (cm ** 2 + variance + 1e-20)
-        else:
-            gain = (cy.abs() > HARD_THRESHOLD * variance.sqrt()).to(dtype)
-        gain[:, 0, 0] = 1.0  # the group's mean is kept: shrinking it would pull a region's level towards 0
-        filtered = dct1.T @ (gain * cy) @ dct2  # (R, group, 64): the patches back in place
-        weight = 1.0 / ((variance * gain.pow(2)).sum(dim=(1, 2), keepdim=True) + 1e-20) * window  # (R, 1, 64)
+        cm = dct1 @ (flat_m[pixels] @ dct2.T) if wiener else None
+        filtered, weight = _shrink(cy, cm, variance, dct1, dct2)
+        weight = weight * window  # (R, 1, 64)
         in_centre = where[..., 0] == centre  # only the centre slice's patches are written back
         targets = pixels[in_centre] - centre * h * w
         total.index_add_(0, targets.reshape(-1), (filtered * weight)[in_centre].reshape(-1))
@@ -262,3 +358,16 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     covered = weights > 0
     result = torch.where(covered, total / torch.where(covered, weights, torch.ones_like(weights)), ms[centre].reshape(-1))
     return result.reshape(h, w)
+
+
+def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor, dct1: torch.Tensor,
+            dct_block: torch.Tensor):
+    """The groups' blocks filtered in place and each group's aggregation weight, from the 3D spectra of y's groups
+    (R, group, voxels): Wiener gains from the pilot's spectra `cm`, or, when None, hard thresholding."""
+    if cm is not None:
+        gain = cm ** 2 / (cm ** 2 + variance + 1e-20)
+    else:
+        gain = (cy.abs() > HARD_THRESHOLD * variance.sqrt()).to(cy.dtype)
+    gain[:, 0, 0] = 1.0  # the group's mean is kept: shrinking it would pull a region's level towards 0
+    weight = 1.0 / ((variance * gain.pow(2)).sum(dim=(1, 2), keepdim=True) + 1e-20)  # (R, 1, 1)
+    return dct1.T @ (gain * cy) @ dct_block, weight

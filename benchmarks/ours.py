@@ -50,8 +50,9 @@ def model_input(case: Case, noisy: np.ndarray, noisy_slab: Optional[np.ndarray],
 
 
 def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
-             noisy_slab: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """(denoised, uncertainty or None) of the test slice on the [0, 1] scale."""
+             noisy_slab: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray], bool]:
+    """(denoised, uncertainty or None) of the test slice on the [0, 1] scale, and whether the volumetric filter
+    made it (the networks did not run)."""
     image, index = model_input(case, noisy, noisy_slab, model.config.context_slices)
     # a slab: only its test slice is denoised, its neighbours serve as the 2.5D context
     where = dict(slice_axis=0, slice_range=(index, index + 1)) if index >= 0 else {}
@@ -63,11 +64,11 @@ def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
     if mode == "two-samples":
         runs = [denoise_image(image, model, mode="single", seed=s, **where) for s in (0, 1)]
         out = np.mean([pick(r.image.array) for r in runs], axis=0)
-        return (out - case.offset) / case.scale, None
+        return (out - case.offset) / case.scale, None, bool(runs[0].details.get("volumetric_filter"))
     if mode == "full-unfused":
         result = denoise_image(image, model, mode="full", fusion=False, **where)
-        return (pick(result.image.array) - case.offset) / case.scale, None
+        return (pick(result.image.array) - case.offset) / case.scale, None, False
     result = denoise_image(image, model, mode=mode, **where)
     out = (pick(result.image.array) - case.offset) / case.scale
     spread = None if result.uncertainty is None else pick(result.uncertainty.array) / case.scale
-    return out, spread
+    return out, spread, bool(result.details.get("volumetric_filter"))

@@ -103,17 +103,18 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
             outputs = {}
 
             def record(method: str, call, model_name: Optional[str] = None) -> None:
-                (out, extra), seconds, mib = measured(call)
+                (out, extra, volumetric), seconds, mib = measured(call)
                 if out is None:
                     return
                 outputs[method] = (out, extra)
                 rows.append({"image": case.name, "modality": case.modality, "unit": case.unit, "noise": noise.label,
                              "slice": s_index, "method": method, "seconds": seconds, "peak_mib": mib,
-                             "model": model_name, **scores(case, clean, noisy, out, fg, flat)})
+                             "model": model_name, "volumetric_filter": volumetric,
+                             **scores(case, clean, noisy, out, fg, flat)})
 
-            record("noisy", lambda: (noisy, None))
+            record("noisy", lambda: (noisy, None, False))
             for peer in peers:
-                record(peer.name, lambda: (peer.run(noisy, cond), None))
+                record(peer.name, lambda: (peer.run(noisy, cond), None, False))
             for mode in ours.MODES:
                 record(mode, lambda: ours.run_mode(mode, model, case, noisy, noisy_slab), name)
             if name not in oracles:

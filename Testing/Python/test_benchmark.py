@@ -93,10 +93,10 @@ def test_our_modes_go_through_the_scanner_units_and_back():
                                  {"name": "toy", "transform": {"name": "none"}})
     clean = toy_image(48)
     noisy = NOISES[1].apply(clean, np.random.default_rng(2))
-    out, spread = ours.run_mode("fast", model.eval(), tiny_case(clean), noisy, None)
+    out, spread, _ = ours.run_mode("fast", model.eval(), tiny_case(clean), noisy, None)
     assert spread is None
     np.testing.assert_allclose(out, noisy, atol=1e-4)
-    full, spread = ours.run_mode("full", model, tiny_case(clean), noisy, None)
+    full, spread, _ = ours.run_mode("full", model, tiny_case(clean), noisy, None)
     assert full.shape == noisy.shape and spread is not None and np.all(spread >= 0)
 
 
@@ -109,10 +109,11 @@ def test_a_2_5d_model_denoises_only_the_test_slice_of_a_slab():
     clean = toy_image(48)
     rng = np.random.default_rng(5)
     slab = np.stack([NOISES[1].apply(clean + 0.05 * i, rng) for i in range(5)])
-    out, _ = ours.run_mode("fast", model.eval(), tiny_case(clean), slab[2], slab)
+    out, _, volumetric = ours.run_mode("fast", model.eval(), tiny_case(clean), slab[2], slab)
     assert out.shape == clean.shape
     np.testing.assert_allclose(out, slab[2], atol=1e-4)
-    full, spread = ours.run_mode("full", model, tiny_case(clean), slab[2], slab)
+    assert volumetric is False  # no fusion, no filter
+    full, spread, _ = ours.run_mode("full", model, tiny_case(clean), slab[2], slab)
     assert full.shape == spread.shape == clean.shape
 
 
@@ -159,7 +160,7 @@ def test_oracle_is_the_student_trained_on_clean_targets_and_runs_as_fast_mode():
     before = {k: v.clone() for k, v in model.student.state_dict().items()}
     oracle = train_oracle(model, case, NOISES[1], steps=60, batch=4, patch=32, lr=3e-3)
     noisy = NOISES[1].apply(clean, rng)
-    out, _ = ours.run_mode("fast", oracle, case, noisy, None)
+    out, _, _ = ours.run_mode("fast", oracle, case, noisy, None)
     assert psnr(clean, out, data_range=1.0) > psnr(clean, noisy, data_range=1.0) + 3.0
     assert all(np.array_equal(v, model.student.state_dict()[k]) for k, v in before.items())
     assert oracle.bsn is model.bsn and oracle.student is not model.student
@@ -171,7 +172,7 @@ def test_a_2_5d_oracle_trains_on_slabs_and_refuses_single_slices():
     case = Case("toy", "CT", "HU", offset=-1000.0, scale=2000.0, clean=clean[None], slabs=slab[None],
                 train=[clean], train_slabs=[slab])
     oracle = train_oracle(toy_model(context=2), case, NOISES[1], steps=2, batch=2, patch=32)
-    out, _ = ours.run_mode("fast", oracle, case, clean, NOISES[1].apply(slab, np.random.default_rng(4)))
+    out, _, _ = ours.run_mode("fast", oracle, case, clean, NOISES[1].apply(slab, np.random.default_rng(4)))
     assert out.shape == clean.shape and np.all(np.isfinite(out))
     with pytest.raises(ValueError, match="training slabs of 5 slices"):
         train_oracle(toy_model(context=2), Case("toy", "CT", "HU", -1000.0, 2000.0, clean[None], None,
@@ -204,6 +205,11 @@ def test_report_tables_and_goals_follow_the_numbers():
     rows += rows_for("mr", "gaussian 6/255", {"noisy": (30, 0.0, 0.0), "full": (33, 0.0, 0.0), "fast": (33, 0.0, 0.0),
                                               "oracle": (31, 0.0, 0.0)}, unit="a.u.")
     assert "oracle falls below Fast on 1 of 3 conditions" in "\n".join(report.goals(report.aggregate(rows)))
+    assert "volumetric filter made" not in goals
+    for row in rows:
+        row["volumetric_filter"] = row["image"] == "mr" and row["method"] in ("full", "fast", "oracle")
+    assert "On 1 condition (mr / gaussian 6/255) the volumetric filter made" in "\n".join(
+        report.goals(report.aggregate(rows)))
 
 
 def test_measured_reports_time_and_the_memory_a_call_holds():

@@ -227,6 +227,17 @@ def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tm
                          "--store", store, "--slice-axis", "x", "--json")
     assert code == 0, err
     assert of_kind(parse(out), "result")[0]["details"]["slice_axis"] == 2
+    # across z the 6 slices of white noise go to the volumetric filter: the log says so, and Full writes no
+    # uncertainty map, since the networks did not run
+    spread = tmp_path / "spread.nrrd"
+    code, out, err = run(capfd, "denoise", data / "volume.nrrd", tmp_path / "z.nrrd", "--model", "ctx", "--store",
+                         store, "--mode", "full", "--uncertainty", spread, "--json")
+    assert code == 0, err
+    events = parse(out)
+    assert of_kind(events, "result")[0]["details"]["volumetric_filter"] is True
+    assert of_kind(events, "result")[0]["uncertainty"] is None and not spread.exists()
+    assert any("the volumetric filter's" in e["message"] and "no uncertainty map" in e["message"]
+               for e in of_kind(events, "log"))
     # a 2.5D model needs neighbouring slices: a 2D radiograph is refused with the reason
     code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / "r.nrrd", "--model", "ctx",
                          "--store", store, "--json")

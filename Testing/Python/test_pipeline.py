@@ -5,12 +5,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from DiffDenoiseLib import pipeline
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.metrics import psnr
 from DiffDenoiseLib.noise import add_noise
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig, denoise_image
 from DiffDenoiseLib.training import TrainConfig, train_model
+from DiffDenoiseLib.wiener import CUBE, volumetric_filter_steps
 
 SMALL = NetworkConfig(bsn_width=16, bsn_depth=3, unet_base=16, unet_mults=(1, 2), student_width=16)
 
@@ -94,16 +96,37 @@ def test_observation_fusion_gives_back_detail_the_blind_estimates_lose(ct_slice,
     assert fused.details["correlated_noise"] is False
 
 
-def test_a_fused_result_goes_through_the_wiener_filter_in_2d_and_2_5d_averaged_with_hard_thresholding_in_2d(ct_slice, trained, volume_and_model):
+def test_a_fused_2d_result_goes_through_the_wiener_filter_and_a_2_5d_models_volume_through_the_volumetric_one(
+        ct_slice, trained, volume_and_model):
     _, noisy = ct_slice
     for mode in ("full", "fast", "bsn"):
         details = denoise_image(noisy, trained, mode=mode).details
         assert details["wiener"] is True and details["hard_threshold"] is True, mode
+        assert "volumetric_filter" not in details
         assert "wiener" not in denoise_image(noisy, trained, mode=mode, fusion=False).details
     image, model = volume_and_model
     for mode in ("full", "fast", "bsn"):
-        details = denoise_image(image, model, mode=mode).details
-        assert details["wiener"] is True and "hard_threshold" not in details, mode
+        result = denoise_image(image, model, mode=mode)
+        assert result.details["volumetric_filter"] is True and result.uncertainty is None, mode
+        assert "volumetric_filter" not in denoise_image(image, model, mode=mode, fusion=False).details
+
+
+def test_the_volumetric_filter_makes_a_2_5d_models_image_only_of_a_volume_with_white_noise(volume_and_model):
+    """Its image owes nothing to the networks (every mode gives the same), its progress ends full, a slice range
+    gives nearly the whole result's slices (the groups near the range's ends differ), and correlated noise, a
+    volume of fewer than CUBE slices or too small slices send the image to the networks."""
+    image, model = volume_and_model
+    reports = []
+    fast = denoise_image(image, model, mode="fast", progress=reports.append)
+    assert reports[-1].step == reports[-1].total == volumetric_filter_steps(9, range(9))
+    np.testing.assert_array_equal(fast.image.array, denoise_image(image, model, mode="full").image.array)
+    part = denoise_image(image, model, mode="fast", slice_range=(4, 5)).image.array
+    assert np.abs(part - fast.image.array[4:5]).mean() < 0.02 * np.abs(fast.image.array[4:5] - image.array[4:5]).mean()
+    rng = np.random.default_rng(5)
+    correlated = add_noise(np.full((9, 40, 36), 100.0), "correlated", 1.2, rng, sigma=20.0).astype(np.float32)
+    for array in (correlated, image.array[:CUBE - 1], image.array[:, :12, :12]):
+        details = denoise_image(Image(array=array, modality="MR"), model, mode="fast", slice_axis=0).details
+        assert "volumetric_filter" not in details, array.shape
 
 
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():
@@ -139,7 +162,8 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     assert reports[-1].step == reports[-1].total, "the bar ends full when the filter is not needed"
 
 
-def test_a_slice_range_runs_the_networks_on_the_neighbours_the_2_5d_wiener_filter_groups(volume_and_model):
+def test_a_slice_range_runs_the_networks_on_the_neighbours_the_2_5d_wiener_filter_groups(volume_and_model,
+                                                                                         networks_make_the_image):
     """The toy model sees one slice each way, so its filter groups patches of one slice each way: the networks run
     on 4..7 for the slices 5..6, and the progress counts them and the filtered slices."""
     image, model = volume_and_model
@@ -277,8 +301,14 @@ def volume_and_model():
     return image, model.eval()
 
 
+@pytest.fixture
+def networks_make_the_image(monkeypatch):
+    """The toy volume's networks' result filtered as under correlated noise, instead of the volumetric filter's."""
+    monkeypatch.setattr(pipeline, "volumetric_filter_makes_the_image", lambda slices: False)
+
+
 @pytest.mark.parametrize("mode", ["fast", "bsn"])
-def test_a_slice_range_gives_exactly_those_slices_of_the_whole_result(volume_and_model, mode):
+def test_a_slice_range_gives_exactly_those_slices_of_the_whole_result(volume_and_model, mode, networks_make_the_image):
     image, model = volume_and_model
     whole = denoise_image(image, model, mode=mode).image.array
     part = denoise_image(image, model, mode=mode, slice_range=(3, 5))
@@ -304,7 +334,7 @@ def test_a_slice_range_sits_where_those_slices_are_in_space(volume_and_model):
     np.testing.assert_allclose(physical(sideways, (1, 11, 4)), physical(image, (31, 11, 4)), atol=1e-9)
 
 
-def test_full_mode_on_a_slice_range_has_an_uncertainty_map_of_that_range(volume_and_model):
+def test_full_mode_on_a_slice_range_has_an_uncertainty_map_of_that_range(volume_and_model, networks_make_the_image):
     image, model = volume_and_model
     part = denoise_image(image, model, mode="full", slice_range=(2, 3))
     assert part.image.array.shape == part.uncertainty.array.shape == (1, 40, 36)

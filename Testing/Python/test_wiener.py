@@ -158,6 +158,54 @@ def test_the_hard_thresholding_estimate_owes_nothing_to_the_pilot_and_averaged_w
         wiener.collaborative_hard_threshold(np.zeros((6, 40)), np.zeros((6, 40)), WHITE)
 
 
+def slowly_changing_volume(slices=8, side=48):
+    """Texture and anatomy whose contrast changes a little from slice to slice, as in a thin-slice scan."""
+    texture, anatomy = textured(side), phantom(side)
+    return np.stack([texture * (0.8 + 0.05 * z) + 0.1 * anatomy for z in range(slices)])
+
+
+def test_the_volumetric_filters_cubes_beat_patches_gathered_from_neighbouring_slices():
+    """BM4D's two steps on cubes use that the anatomy goes on from slice to slice; BM3D's two steps with 2D patches
+    from two slices each way (no networks either) use it less. The volume and the curve are not modified."""
+    clean = slowly_changing_volume()
+    noisy = add_noise(clean, "gaussian", 0.03, np.random.default_rng(17))
+    before = noisy.copy()
+    cubes = wiener.volumetric_filter(noisy, WHITE)
+    assert np.array_equal(noisy, before) and cubes.shape == noisy.shape and cubes.dtype == np.float64
+    hard = wiener.collaborative_hard_threshold(noisy, noisy, WHITE, context=2)
+    patches = wiener.collaborative_wiener(noisy, hard.astype(np.float32), WHITE, context=2)
+    assert mse(cubes, clean) < 0.75 * mse(patches, clean) < 0.1 * mse(noisy, clean)
+    some = wiener.volumetric_filter(noisy, WHITE, indices=[5, 3])
+    assert some.shape == (2, 48, 48)
+    assert mse(some, cubes[[3, 5]]) < 0.05 * mse(cubes[[3, 5]], clean[[3, 5]]), "nearly the whole run's slices"
+
+
+def test_the_volumetric_filter_keeps_a_flat_level_and_reports_each_reference_slice():
+    flat = add_noise(np.full((6, 40, 40), 0.4), "gaussian", 0.03, np.random.default_rng(16))
+    calls = []
+    kept = wiener.volumetric_filter(flat, WHITE, progress=lambda: calls.append(1))
+    assert abs(kept.mean() - flat.mean()) < 1e-3 and mse(kept, np.full_like(kept, 0.4)) < 0.02 * 0.03 ** 2
+    assert len(calls) == wiener.volumetric_filter_steps(6, range(6)) > 0
+    token = CancelToken()
+
+    def cancel_after_first():
+        token.cancel()
+        token.raise_if_cancelled()
+
+    with pytest.raises(Cancelled):
+        wiener.volumetric_filter(flat, WHITE, progress=cancel_after_first)
+
+
+@pytest.mark.parametrize("volume,message", [
+    (np.zeros((40, 40)), "a volume of at least 4 slices"),
+    (np.zeros((3, 40, 40)), "a volume of at least 4 slices"),
+    (np.zeros((6, 6, 40)), "slices of at least 8 x 8"),
+])
+def test_the_volumetric_filter_refuses_what_is_not_a_volume_with_a_reason(volume, message):
+    with pytest.raises(ValueError, match=message):
+        wiener.volumetric_filter(volume, WHITE)
+
+
 def test_the_filter_reports_each_slice_and_stops_when_told():
     noisy = add_noise(np.stack([phantom(32)] * 4), "gaussian", 0.03, np.random.default_rng(11))
     calls = []
