@@ -50,7 +50,8 @@ class DiffDenoise(ScriptedLoadableModule):
             "with stabilized symmetric sampling (best quality, slow without a GPU) and can give a per-voxel "
             "uncertainty map. Both end with a Wiener filter of the input guided by the networks' result (for "
             "single images averaged with a classical block-matching estimate), which gives back the fine "
-            "structure that similar patches agree on. "
+            "structure that similar patches agree on; a volume with white noise, given a 2.5D model, goes to a "
+            "volumetric block-matching filter alone, which gave better images there than the networks. "
             "Models can be trained or adapted on the volumes loaded in Slicer. "
             'See the <a href="%s">documentation</a>.' % DOCUMENTATION_URL)
         self.parent.acknowledgementText = (

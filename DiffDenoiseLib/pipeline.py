@@ -15,7 +15,9 @@ much, so Fast gives back the share of each voxel's own value that Stein's estima
 Both then guide a collaborative Wiener filter of the noisy image (wiener.py), which gives back
 the fine structure that similar patches, in the slice and its neighbours, agree on (under
 spatially correlated noise, for 2.5D models only, with each coefficient's noise measured). A 2D
-model's result is first averaged with the image's own hard-thresholding estimate.
+model's result is first averaged with the image's own hard-thresholding estimate. A 2.5D model's
+volume whose noise looks white goes to the volumetric filter instead (wiener.volumetric_filter,
+BM4D's two steps on cubes), which beat the networks there; the networks do not run then.
 """
 
 from __future__ import annotations
