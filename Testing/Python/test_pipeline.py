@@ -237,8 +237,9 @@ def test_same_seed_same_result_and_tiling_has_no_seams(ct_slice, trained):
     a = denoise_image(noisy, trained, mode="full", seed=3).image.array
     b = denoise_image(noisy, trained, mode="full", seed=3).image.array
     assert np.array_equal(a, b)
-    whole = denoise_image(noisy, trained, mode="bsn").image.array
-    tiled = denoise_image(noisy, trained, mode="bsn", tile=80).image.array
+    # the networks' result alone: block matching after them may pick other patches for a tiny difference
+    whole = denoise_image(noisy, trained, mode="bsn", fusion=False).image.array
+    tiled = denoise_image(noisy, trained, mode="bsn", fusion=False, tile=80).image.array
     assert np.abs(tiled - whole).max() < 0.5  # HU, against 60 HU of noise
 
 
