@@ -198,18 +198,21 @@ def markdown(results: dict) -> str:
 
 
 def figure_panels(image: str, noise: str, clean: np.ndarray, noisy: np.ndarray,
-                  outputs: Dict[str, tuple], peers: Sequence[str]) -> dict:
-    """The crops one figure shows: clean / noisy / best peer / SRDS / student / method noise / uncertainty."""
+                  outputs: Dict[str, tuple], peers: Sequence[str], volumetric: bool = False) -> dict:
+    """The crops one figure shows: clean / noisy / best peer / SRDS / student / method noise / uncertainty; with
+    `volumetric` (the volumetric filter made Full's and Fast's image) one panel says so instead of the two."""
     ranked = [p for p in peers if p in outputs]
     top = max(ranked, key=lambda p: psnr(clean, outputs[p][0], data_range=1.0)) if ranked else None
     panels = [("clean", clean), ("noisy", noisy)]
     if top:
         panels.append((f"best peer: {top}", outputs[top][0]))
-    for method, title in (("full", "SRDS (full)"), ("fast", "student (fast)")):
+    ours = (("full", "volumetric filter (full, fast)"),) if volumetric else (
+        ("full", "SRDS (full)"), ("fast", "student (fast)"))
+    for method, title in ours:
         if method in outputs:
             panels.append((title, outputs[method][0]))
     if "full" in outputs:
-        panels.append(("method noise (noisy - SRDS)", noisy - outputs["full"][0]))
+        panels.append((f"method noise (noisy - {'full' if volumetric else 'SRDS'})", noisy - outputs["full"][0]))
         if outputs["full"][1] is not None:
             panels.append(("uncertainty (SRDS)", outputs["full"][1]))
     scored = {title: psnr(clean, a, data_range=1.0) for title, a in panels[1:5]}

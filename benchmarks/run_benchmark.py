@@ -123,8 +123,10 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
                 oracle_s += seconds
             record("oracle", lambda: ours.run_mode("fast", oracles[name], case, noisy, noisy_slab), name)
             if s_index == 0 and noise.label in FIGURE_NOISES:
+                volumetric = any(r["volumetric_filter"] for r in rows if r["method"] == "full" and (
+                    r["image"], r["noise"], r["slice"]) == (case.name, noise.label, s_index))
                 figures.append(report.figure_panels(case.name, noise.label, clean, noisy, outputs,
-                                                    [p.name for p in peers]))
+                                                    [p.name for p in peers], volumetric))
         log(f"{case.name:20s} {noise.label:16s} {time.perf_counter() - started:6.1f} s "
             f"(oracle training {oracle_s:.1f} s)")
     return rows, figures

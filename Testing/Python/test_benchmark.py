@@ -254,3 +254,17 @@ def test_noise2void_peer_hands_the_slice_and_noisy_regions_to_its_worker(tmp_pat
     assert "--n2v-python" in noise2void_unavailable(None)
     if importlib.util.find_spec("careamics") is None:
         assert "careamics does not import" in noise2void_unavailable(sys.executable)
+
+
+def test_a_figure_says_when_the_volumetric_filter_made_full_and_fast():
+    clean = toy_image(32)
+    noisy = clean + 0.1
+    outputs = {"bm3d": (clean + 0.05, None), "full": (clean + 0.01, np.ones_like(clean)), "fast": (clean + 0.02, None)}
+    titles = [t for t, _ in report.figure_panels("ct", "gaussian 6/255", clean, noisy, outputs, ["bm3d"])["panels"]]
+    assert titles == ["clean", "noisy", "best peer: bm3d", "SRDS (full)", "student (fast)",
+                      "method noise (noisy - SRDS)", "uncertainty (SRDS)"]
+    outputs["full"] = (clean + 0.01, None)
+    titles = [t for t, _ in report.figure_panels("ct", "gaussian 6/255", clean, noisy, outputs, ["bm3d"],
+                                                 volumetric=True)["panels"]]
+    assert titles == ["clean", "noisy", "best peer: bm3d", "volumetric filter (full, fast)",
+                      "method noise (noisy - full)"]
