@@ -333,6 +333,10 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         if result.details.get("wiener"):
             reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the Wiener filter "
                          "measured each coefficient's noise on what the networks removed.")
+        elif result.details.get("hard_threshold"):
+            reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the networks' "
+                         "result was averaged with the image's own hard-thresholding estimate, each coefficient's "
+                         "noise measured on what the networks removed.")
         else:
             reporter.log(f"The noise looks spatially correlated: observation fusion and the Wiener filter were "
                          f"skipped{advice}.")

@@ -69,6 +69,9 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 CORRELATED_GROUP = 64
 CORRELATED_SEARCH_RADIUS = 12
 CORRELATED_STEP = 4
+# Hard thresholding under correlated noise (2D images, a wide blind spot's result measuring the noise): 3.5 noise
+# std gained 0.0 to 1.0 dB over 2.7 on the benchmark's three 2D images (Full's result), 4.0 lost on two of them.
+CORRELATED_HARD_THRESHOLD = 3.5
 # The Wiener step leaves out of a reference's group the patches of its own slice shifted by this many voxels or
 # less: such a near copy shares most of its noise with the reference, so it adds little to average. Measured on
 # the benchmark's white noise (Full's pilot): +0.1 dB on average, -0.05 to +0.35 (a shift of up to 3: no better).
@@ -136,17 +139,24 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
 
 def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0,
                                  indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
-                                 progress: Optional[Callable[[], None]] = None) -> np.ndarray:
+                                 progress: Optional[Callable[[], None]] = None,
+                                 correlated_noise: bool = False) -> np.ndarray:
     """BM3D's first step on the slices `indices` (all by default) of `noisy`: an estimate of the image's own.
 
     Groups are matched on `noisy` itself, and every coefficient of a group's 3D transform below
     HARD_THRESHOLD noise standard deviations is dropped (weights 1 / (s * coefficients kept)). The
-    `pilot` only says at which intensity to read the noise curve. Shapes, `context`, `indices` and
-    `progress` as in `collaborative_wiener`; returns float64.
+    `pilot` only says at which intensity to read the noise curve, and, with `correlated_noise`, how
+    strong each coefficient's noise is (measured on the residual y - pilot as in the Wiener step; the
+    threshold is then CORRELATED_HARD_THRESHOLD). Shapes, `context`, `indices` and `progress` as in
+    `collaborative_wiener`; returns float64.
     """
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
+    wide = {}
+    if correlated_noise:
+        wide = dict(group=CORRELATED_GROUP, radius=CORRELATED_SEARCH_RADIUS, step=CORRELATED_STEP,
+                    threshold=CORRELATED_HARD_THRESHOLD)
     filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, context, device, progress,
-                              wiener=False)
+                              wiener=False, correlated_noise=correlated_noise, **wide)
     result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
     return result[0] if np.ndim(noisy) == 2 else result
 
@@ -263,9 +273,10 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
     n, filtered = y3.shape[0], {}
     for i in todo:
         lo, hi = max(0, i - context), min(n, i + context + 1)
-        stack = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-                 for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve))]
-        filtered[i] = _filter_slice(*stack, centre=i - lo, **options).cpu().numpy()
+        ys, ms, s, pilot = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+                            for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve),
+                                      intensity[lo:hi]))
+        filtered[i] = _filter_slice(ys, ms, s, pilot, centre=i - lo, **options).cpu().numpy()
         if progress is not None:
             progress()
     return filtered
@@ -329,12 +340,13 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     return torch.stack([k, y, x], dim=-1)  # the clamp only guards a slice too small to offer `group` patches
 
 
-def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
-                  correlated_noise: bool = False, group: int = GROUP, radius: int = SEARCH_RADIUS,
-                  step: int = STEP) -> torch.Tensor:
-    """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
-    and the noise variance: Wiener gains from the matched image's coefficients (the pilot's), or, without
-    `wiener`, hard thresholding of y's.
+def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, pilot: torch.Tensor, centre: int,
+                  wiener: bool = True, correlated_noise: bool = False, group: int = GROUP, radius: int = SEARCH_RADIUS,
+                  step: int = STEP, threshold: float = HARD_THRESHOLD) -> torch.Tensor:
+    """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on,
+    the noise variance and the pilot: Wiener gains from the matched image's coefficients (the pilot's), or,
+    without `wiener`, hard thresholding of y's at `threshold` noise std. Under `correlated_noise` each
+    coefficient's noise is measured on the residual y - pilot.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
@@ -347,7 +359,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     kaiser = torch.kaiser_window(PATCH, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
     window = torch.outer(kaiser, kaiser).reshape(-1).to(device, dtype)
     flat_y, flat_m, flat_s = ys.reshape(-1), ms.reshape(-1), s.reshape(-1)
-    flat_r = (flat_y - flat_m) / flat_s.clamp_min(1e-20).sqrt() if correlated_noise else None
+    flat_r = (flat_y - pilot.reshape(-1)) / flat_s.clamp_min(1e-20).sqrt() if correlated_noise else None
     total = torch.zeros(h * w, dtype=dtype, device=device)
     weights = torch.zeros_like(total)
     rows_at_once = max(1, REFERENCE_CHUNK // len(ref_x))
@@ -360,7 +372,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         if correlated_noise:  # each coefficient's own share, from the residual's groups: (group, 64)
             variance = variance * (dct1 @ (flat_r[pixels] @ dct2.T)).pow(2).median(dim=0).values / MEDIAN_CHI2_1
         cm = dct1 @ (flat_m[pixels] @ dct2.T) if wiener else None
-        filtered, weight = _shrink(cy, cm, variance, dct1, dct2)
+        filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
         weight = weight * window  # (R, 1, 64)
         in_centre = where[..., 0] == centre  # only the centre slice's patches are written back
         targets = pixels[in_centre] - centre * h * w

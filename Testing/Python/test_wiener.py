@@ -125,6 +125,21 @@ def test_under_correlated_noise_each_coefficient_gets_its_measured_noise_and_onl
     assert mse(alone, clean[2]) > 1.25 * mse(measured, clean[2])
 
 
+def test_hard_thresholding_with_the_noise_measured_on_the_residual_removes_correlated_noise():
+    """The high-pass curve misses most of correlated noise, so hard thresholding at its level keeps nearly all of
+    it; with each coefficient's noise measured on the residual y - pilot (a pilot that removed the noise) the
+    estimate, still matched on y, loses much of it."""
+    rng = np.random.default_rng(18)
+    clean = textured(96)
+    noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.05)
+    pilot = gaussian_blur(clean, 1.0) + add_noise(np.zeros_like(clean), "correlated", 1.2, rng, sigma=0.01)
+    curve = noise_variance_curve(noisy)
+    taken_as_white = wiener.collaborative_hard_threshold(noisy, pilot, curve)
+    measured = wiener.collaborative_hard_threshold(noisy, pilot, curve, correlated_noise=True)
+    assert mse(taken_as_white, clean) > 0.9 * mse(noisy, clean)
+    assert mse(measured, clean) < 0.7 * mse(noisy, clean)
+
+
 def test_a_dim_flat_region_keeps_its_level_under_correlated_noise():
     """Correlated noise puts much variance into a group's mean; a Wiener gain below 1 there would pull a dim
     region's level towards 0 (by about a tenth here), so the group's mean is always kept."""
