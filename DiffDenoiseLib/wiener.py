@@ -209,7 +209,8 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
     """The volume with the voxels that the groups of the reference cubes starting in `starts` cover replaced by
     their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's)."""
     n, h, w = y3.shape
-    first, last = max(0, starts[0] - CUBE_SLICE_REACH), min(n, starts[-1] + CUBE_SLICE_REACH + CUBE)  # the groups' reach
+    # the slices the groups reach
+    first, last = max(0, starts[0] - CUBE_SLICE_REACH), min(n, starts[-1] + CUBE_SLICE_REACH + CUBE)
     total = torch.zeros((last - first) * h * w, dtype=torch.float32, device=device)
     weights = torch.zeros_like(total)
     ref_y = _reference_positions(h, CUBE_STEP, CUBE).to(device)

@@ -145,7 +145,8 @@ def goals(table) -> List[str]:
     by_filter = [f"{image} / {noise}" for (image, noise), row in table.items()
                  if row.get("full", {}).get("volumetric_filter")]
     if by_filter:
-        lines.append(f"  On {len(by_filter)} condition{'s' * (len(by_filter) > 1)} ({', '.join(by_filter)}) the volumetric filter made the image "
+        lines.append(f"  On {len(by_filter)} condition{'s' * (len(by_filter) > 1)} ({', '.join(by_filter)}) "
+                     "the volumetric filter made the image "
                      "of every mode and of the oracle (the networks did not run): there Fast equals Full and the "
                      "oracle, and SRDS equals one sample, so those goals' counts say nothing about the networks.")
     lines += check("Method noise no more structured than BM3D's", g4a, 0.0,
