@@ -346,8 +346,12 @@ class DenoiseLogic:
             took = " in %s" % worker_protocol.format_seconds(seconds) if isinstance(seconds, (int, float)) else ""
             what = input_node.GetName() if one_slice is None else "slice %d (%s axis) of %s" % (
                 one_slice[1], settings.slice_axis, input_node.GetName())
-            return JobOutcome(kind, "done", "Denoised %s%s." % (what, took), 0, result,
-                              output, uncertainty, str(result.get("model", settings.model)))
+            message = "Denoised %s%s." % (what, took)
+            if uncertainty_path and uncertainty is None and result.get("details", {}).get("volumetric_filter"):
+                message += (" No uncertainty map: the noise looks white, so the volumetric filter made the image "
+                            "and the networks did not run.")
+            return JobOutcome(kind, "done", message, 0, result, output, uncertainty,
+                              str(result.get("model", settings.model)))
 
         return Job(kind, WorkerProcess(args, env=self.env, stop_file=stop_file), temp_dir, on_success,
                    self.timer_factory)

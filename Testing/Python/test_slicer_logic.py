@@ -45,10 +45,12 @@ FAKE_CLI = textwrap.dedent(
             image = image[tuple(where)]
         smooth = sitk.Mean(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 1])
         sitk.WriteImage(smooth, target)
-        if "--uncertainty" in args:
+        # the model "volumetric" stands for a 2.5D model on white noise: the volumetric filter, no uncertainty map
+        volumetric = "--model" in args and args[args.index("--model") + 1] == "volumetric"
+        if "--uncertainty" in args and not volumetric:
             sitk.WriteImage(sitk.Abs(sitk.Cast(image, sitk.sitkFloat32) - smooth), args[args.index("--uncertainty") + 1])
         say(event="progress", stage="denoise", step=1, total=1, loss=None, eta_s=0.0)
-        say(event="result", output=target, model="fake-mean", seconds=0.5)
+        say(event="result", output=target, model="fake-mean", seconds=0.5, details={"volumetric_filter": volumetric})
     elif args[0] == "train":
         name = args[args.index("--name") + 1]
         inputs = args[1:args.index("--name")]
@@ -163,6 +165,18 @@ def test_denoise_waits_for_the_worker_and_keeps_geometry_window_and_input(mrml, 
     assert uncertainty.GetName() == "head uncertainty"
     np.testing.assert_array_equal(_matrix(uncertainty), source_matrix)
     assert uncertainty.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeIron"
+    assert os.listdir(fake_logic.temp_root) == []
+
+
+def test_full_mode_without_an_uncertainty_map_says_why(mrml, fake_logic, tmp_path):
+    """When the volumetric filter made the image the worker writes no map: the result comes in alone and says so."""
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    outcome = fake_logic.denoise(source, DenoiseSettings(mode="full", uncertainty=True, model="volumetric"))
+    assert outcome.status == "done", outcome.message
+    assert outcome.output_volume is not None and outcome.uncertainty_volume is None
+    assert "No uncertainty map" in outcome.message and "volumetric filter" in outcome.message
     assert os.listdir(fake_logic.temp_root) == []
 
 
