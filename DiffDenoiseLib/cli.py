@@ -41,8 +41,8 @@ from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
 from DiffDenoiseLib.slicing import choose_slice_axis
 from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
-from DiffDenoiseLib.wiener import CUBE
 from DiffDenoiseLib.training import TrainConfig, train_model
+from DiffDenoiseLib.wiener import CUBE
 from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, format_seconds
 
 EXIT_INTERNAL = 1
