@@ -194,7 +194,10 @@ def markdown(results: dict) -> str:
     lines += [f"- image {v}" for v in results["missing_images"]]
     lines += ["", "## Images", ""]
     lines += [f"- `{i['name']}` ({i['modality']}, {i['unit']}): {i['source']}; test crops {i['test_shape']}"
-              + (f", BM4D slab depth {i['slab_depth']}" if i['slab_depth'] else "") for i in results["images"]]
+              + (f", BM4D slab depth {i['slab_depth']}" if i['slab_depth'] else "")
+              + (f"; the reference's own noise (blind noise curve): std {i['own_noise_std']:.4f} on the 0-1 scale "
+                 f"({(i['own_noise_std'] * 255 / 6) ** 2:.2f} times the variance of Gaussian 6/255)"
+                 if i.get("own_noise_std") is not None else "") for i in results["images"]]
     return "\n".join(lines) + "\n"
 
 

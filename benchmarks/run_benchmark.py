@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402
 from DiffDenoiseLib.metrics import flat_region_bias, gradient_magnitude, method_noise_stats, psnr, ssim  # noqa: E402
+from DiffDenoiseLib.noise import noise_variance_curve  # noqa: E402
 
 from benchmarks import ours, report  # noqa: E402
 from benchmarks.measure import measured  # noqa: E402
@@ -132,6 +133,12 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
     return rows, figures
 
 
+def reference_noise_std(clean: np.ndarray) -> float:
+    """The noise std the blind noise curve reads on the clean references themselves ([0, 1] scale): real scans
+    carry their own noise, which a blind denoiser counts and removes and PSNR against them counts as lost."""
+    return float(np.sqrt(np.mean(noise_variance_curve(clean)[1])))
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -186,7 +193,8 @@ def main(argv=None) -> int:
             "wall_seconds": round(time.perf_counter() - started, 1),
             "images": [{"name": c.name, "modality": c.modality, "unit": c.unit, "source": c.source,
                         "test_shape": list(c.clean.shape), "slab_depth": None if c.slabs is None else c.slabs.shape[1],
-                        "unit_range": [c.offset, c.offset + c.scale]} for c in cases if c.name in done],
+                        "unit_range": [c.offset, c.offset + c.scale],
+                        "own_noise_std": reference_noise_std(c.clean)} for c in cases if c.name in done],
             "missing_images": missing_images, "not_run": missing_peers,
             "models": {name: report.model_summary(model) for name, model in models.values()},
             "rows": rows,

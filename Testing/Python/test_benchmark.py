@@ -14,7 +14,7 @@ from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import train_oracle
 from benchmarks.peers import PEERS, Condition, available_peers
-from benchmarks.run_benchmark import masks, scores
+from benchmarks.run_benchmark import masks, reference_noise_std, scores
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
 
 
@@ -268,3 +268,21 @@ def test_a_figure_says_when_the_volumetric_filter_made_full_and_fast():
                                                  volumetric=True)["panels"]]
     assert titles == ["clean", "noisy", "best peer: bm3d", "volumetric filter (full, fast)",
                       "method noise (noisy - full)"]
+
+
+def test_the_report_gives_each_references_own_noise():
+    """A real scan used as the clean reference carries noise of its own: the blind curve reads it (and nearly
+    nothing on a smooth image), and the report's image list says how strong it is against Gaussian 6/255."""
+    y, x = np.mgrid[0:64, 0:64] / 64.0
+    smooth = np.stack([0.2 + 0.5 * x + 0.2 * np.exp(-((x - 0.5) ** 2 + (y - 0.4) ** 2) / 0.1)] * 2)
+    noisy_reference = smooth + np.random.default_rng(6).normal(0, 0.012, smooth.shape)
+    assert reference_noise_std(smooth) < 0.002
+    assert abs(reference_noise_std(noisy_reference) - 0.012) < 0.002
+    results = {"date": "d", "mode": "quick", "wall_seconds": 60.0, "settings": {"oracle_steps": 1}, "models": {},
+               "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "python": "3", "torch": "2"},
+               "not_run": {}, "missing_images": [],
+               "rows": rows_for("mr", "gaussian 6/255", {"noisy": (30, 0.0, 0.0), "full": (33, 0.0, 0.0)}, "a.u."),
+               "images": [{"name": "mr", "modality": "MR", "unit": "a.u.", "source": "s", "test_shape": [1, 64, 64],
+                           "slab_depth": None, "own_noise_std": 0.012}]}
+    text = report.markdown(results)
+    assert "the reference's own noise (blind noise curve): std 0.0120 on the 0-1 scale (0.26 times" in text
