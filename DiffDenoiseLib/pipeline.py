@@ -320,27 +320,22 @@ def denoise_image(
     if fuse:
         details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or (measured and k > 0)
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
-    if details.get("wiener"):
-        # A 2D model's result (filtered under white noise only) is averaged with the image's own hard-thresholding
-        # estimate (BM3D's first step) before it guides the Wiener filter, with the share NETWORK_SHARE_2D: on the
-        # benchmark's 2D images half and half gained 0.0 to 0.7 dB (Full and Fast) over the result alone guiding
-        # two passes, at the same cost, and a quarter 0.1 dB more on average (up to 0.34 under strong noise; the
-        # estimate alone: 0.04 dB less). A 2.5D model's result (correlated noise, or too few slices for the
-        # volumetric filter) guides one pass alone.
-        if not k:
-            estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, **filtering)
-            denoised = NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
-            details["hard_threshold"] = True
-        denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, correlated_noise=correlated,
-                                        **filtering)
-    elif measured:
-        # A 2D model with a wide blind spot under correlated noise: its result, in the same share, averaged with
-        # hard thresholding whose noise is measured on the residual (on the benchmark's 2D images with correlated
-        # noise: Full +0.26 to +1.31 dB, Fast -0.05 to +0.99 over the result alone).
-        estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, correlated_noise=True, **filtering)
+    if not k and (details.get("wiener") or measured):
+        # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step), with
+        # the share NETWORK_SHARE_2D. Under white noise the average guides the Wiener filter: on the benchmark's 2D
+        # images half and half gained 0.0 to 0.7 dB (Full and Fast) over the result alone guiding two passes, at
+        # the same cost, and a quarter 0.1 dB more on average (up to 0.34 under strong noise; the estimate alone:
+        # 0.04 dB less). Under correlated noise, with the noise measured on the residual, the average is the
+        # result (on the benchmark's 2D images: Full +0.26 to +1.31 dB, Fast -0.05 to +0.99 over the result alone).
+        estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, correlated_noise=correlated,
+                                                **filtering)
         denoised = NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
         details["hard_threshold"] = True
-    else:
+    if details.get("wiener"):
+        # a 2.5D model's result (correlated noise, or too few slices for the volumetric filter) guides it alone
+        denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, correlated_noise=correlated,
+                                        **filtering)
+    elif not details.get("hard_threshold"):
         denoised = denoised[start - lo:stop - lo]
     if timer.done < timer.total:  # the bar counted steps the noise made unneeded (Fast's probe, the filter)
         advance(timer.total - timer.done)
@@ -354,9 +349,9 @@ def volumetric_filter_makes_the_image(slices: np.ndarray) -> bool:
     of CUBE slices or more, large enough to judge its noise, whose noise looks white.
 
     On the benchmark's two volumes under white noise (Gaussian, Poisson, Gamma, Rician) the filter's two steps
-    alone beat the networks' result filtered with 2D patches from five slices by 0.6 to 2.2 dB, and every way measured of adding
-    the networks' result to them (as a share of the pilot, as the guide of block matching, as a share of the
-    output) lost or tied; so the networks do not run there.
+    alone beat the networks' result filtered with 2D patches from five slices by 0.6 to 2.2 dB, and every way
+    measured of adding the networks' result to them (as a share of the pilot, as the guide of block matching, as
+    a share of the output) lost or tied; so the networks do not run there.
     """
     return (slices.shape[0] >= CUBE and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
             and noise_is_white_enough_for_the_share(slices))

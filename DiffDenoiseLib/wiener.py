@@ -123,14 +123,11 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
-    wide = {}
-    if correlated_noise:
-        wide = dict(group=CORRELATED_GROUP, radius=CORRELATED_SEARCH_RADIUS, step=CORRELATED_STEP)
     for done in range(passes):
         reach = context * (passes - 1 - done)  # the slices later passes will look at
         todo = sorted({j for i in wanted for j in range(max(0, i - reach), min(n, i + reach + 1))})
         filtered = _filter_slices(y3, guide, guide, curve, todo, context, device, progress, wiener=True,
-                                  correlated_noise=correlated_noise, **wide)
+                                  correlated_noise=correlated_noise)
         for i, a in filtered.items():
             guide[i] = a
     result = guide[wanted].astype(np.float64)
@@ -151,12 +148,8 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
     `collaborative_wiener`; returns float64.
     """
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
-    wide = {}
-    if correlated_noise:
-        wide = dict(group=CORRELATED_GROUP, radius=CORRELATED_SEARCH_RADIUS, step=CORRELATED_STEP,
-                    threshold=CORRELATED_HARD_THRESHOLD)
     filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, context, device, progress,
-                              wiener=False, correlated_noise=correlated_noise, **wide)
+                              wiener=False, correlated_noise=correlated_noise)
     result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
     return result[0] if np.ndim(noisy) == 2 else result
 
@@ -274,9 +267,13 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
     n, filtered = y3.shape[0], {}
     for i in todo:
         lo, hi = max(0, i - context), min(n, i + context + 1)
-        ys, ms, s, pilot = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-                            for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve),
-                                      intensity[lo:hi]))
+        ys, ms, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+                     for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
+        # under correlated noise the residual is taken against the pilot (the image matched on, for the Wiener step)
+        pilot = None
+        if options.get("correlated_noise"):
+            pilot = ms if intensity is match_on else torch.from_numpy(
+                np.ascontiguousarray(intensity[lo:hi], dtype=np.float32)).to(device)
         filtered[i] = _filter_slice(ys, ms, s, pilot, centre=i - lo, **options).cpu().numpy()
         if progress is not None:
             progress()
@@ -341,19 +338,21 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     return torch.stack([k, y, x], dim=-1)  # the clamp only guards a slice too small to offer `group` patches
 
 
-def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, pilot: torch.Tensor, centre: int,
-                  wiener: bool = True, correlated_noise: bool = False, group: int = GROUP, radius: int = SEARCH_RADIUS,
-                  step: int = STEP, threshold: float = HARD_THRESHOLD) -> torch.Tensor:
-    """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on,
-    the noise variance and the pilot: Wiener gains from the matched image's coefficients (the pilot's), or,
-    without `wiener`, hard thresholding of y's at `threshold` noise std. Under `correlated_noise` each
-    coefficient's noise is measured on the residual y - pilot.
+def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, pilot: Optional[torch.Tensor], centre: int,
+                  wiener: bool = True, correlated_noise: bool = False) -> torch.Tensor:
+    """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
+    and the noise variance: Wiener gains from the matched image's coefficients (the pilot's), or, without
+    `wiener`, hard thresholding of y's. Under `correlated_noise` each coefficient's noise is measured on the
+    residual y - `pilot`, with the CORRELATED_ groups, search, spacing and threshold.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
     """
     d, h, w = ys.shape
     device, dtype = ys.device, ys.dtype
+    group, radius, step, threshold = (CORRELATED_GROUP, CORRELATED_SEARCH_RADIUS, CORRELATED_STEP,
+                                      CORRELATED_HARD_THRESHOLD) if correlated_noise else (
+                                      GROUP, SEARCH_RADIUS, STEP, HARD_THRESHOLD)
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
     dct2 = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).to(device, dtype)
