@@ -62,7 +62,10 @@ STAGES = ("bsn", "diffusion", "student")
 # Working copies of a volume take about 40 bytes a voxel: above this, ask for a crop instead of running out of memory.
 MAX_VOXELS = 400_000_000
 MODES = ("fast", "full", "bsn", "single")
-NETWORK_SHARE_2D = 0.25  # of a 2D model's result in the pilot of its Wiener filter, the rest hard thresholding's
+# A 2D model's share of its average with hard thresholding's estimate: the Wiener filter's pilot under white noise,
+# the result under correlated noise.
+NETWORK_SHARE_WHITE = 0.1
+NETWORK_SHARE_CORRELATED = 0.25
 
 
 @dataclass
@@ -321,15 +324,17 @@ def denoise_image(
         details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or (measured and k > 0)
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
     if not k and (details.get("wiener") or measured):
-        # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step), with
-        # the share NETWORK_SHARE_2D. Under white noise the average guides the Wiener filter: on the benchmark's 2D
-        # images half and half gained 0.0 to 0.7 dB (Full and Fast) over the result alone guiding two passes, at
-        # the same cost, and a quarter 0.1 dB more on average (up to 0.34 under strong noise; the estimate alone:
-        # 0.04 dB less). Under correlated noise, with the noise measured on the residual, the average is the
-        # result (on the benchmark's 2D images: Full +0.26 to +1.31 dB, Fast -0.05 to +0.99 over the result alone).
+        # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step). Under
+        # white noise the average guides the Wiener filter: on the benchmark's 2D images half and half gained 0.0
+        # to 0.7 dB (Full and Fast) over the result alone guiding two passes, at the same cost; a quarter 0.1 dB more
+        # on average; with the estimate's wider search a tenth 0.03 dB more than a quarter (and than the estimate
+        # alone: 0.1 dB more on the shoulder MRI at Gaussian 6/255, 0.1 less on the head CT at 25/255). Under
+        # correlated noise, with the noise measured on the residual, the average is the result (on the benchmark's
+        # 2D images: Full +0.26 to +1.31 dB, Fast -0.05 to +0.99 over the result alone; a tenth: the same).
         estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, correlated_noise=correlated,
                                                 **filtering)
-        denoised = NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
+        share = NETWORK_SHARE_CORRELATED if correlated else NETWORK_SHARE_WHITE
+        denoised = share * denoised + (1 - share) * estimate
         details["hard_threshold"] = True
     if details.get("wiener"):
         # a 2.5D model's result (correlated noise, or too few slices for the volumetric filter) guides it alone
