@@ -344,6 +344,29 @@ def noise_variance_curve(array, bins: int = 20, min_count: int = 50, max_slices:
     return binned_variance(local_mean(a).ravel(), highpass(a).ravel(), bins, min_count)
 
 
+FLAT_SHARE = 0.5  # a voxel counts as flat where a first estimate's high-pass stays below this many noise std
+
+
+def refined_noise_curve(noisy, estimate, curve: Curve, max_slices: int = 32, min_count: int = 50) -> Curve:
+    """The noise curve read again on the voxels where a first estimate of the image is flat.
+
+    The high-pass of a voxel on an edge holds anatomy, so where most voxels of an intensity lie on
+    edges (partial volume between tissues, the thin skull of a head CT) `noise_variance_curve`
+    over-reads the noise: 1.7 times the variance of Gaussian noise at bone in the benchmark's head
+    CT. A first estimate shows the edges without the noise: the voxels where its high-pass stays
+    within FLAT_SHARE noise std (the given curve's) are binned by its local mean. Where too few
+    voxels are flat for two bins, the given curve is returned.
+    """
+    y, e = (sample_slices(np.asarray(a, dtype=np.float64), max_slices) for a in (noisy, estimate))
+    if y.shape != e.shape:
+        raise ValueError(f"the noisy image {y.shape} and its estimate {e.shape} differ in shape")
+    intensity, edges = local_mean(e), np.abs(highpass(e))
+    flat = edges < FLAT_SHARE * np.sqrt(np.maximum(np.interp(intensity, *curve), 0.0))
+    if flat.sum() < 2 * min_count:
+        return curve
+    return binned_variance(intensity[flat], highpass(y)[flat], min_count=min_count)
+
+
 def binning_noise_reading(array, max_slices: int = 32) -> Tuple[float, float]:
     """(ratio, strength) of the noise under 2x2 binning, from the noise curves of the image and its binned copy.
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from DiffDenoiseLib.noise import (NOISE_KINDS, add_noise, estimate_noise_sigma, estimate_transform_params,
-                                  gaussian_kernel, get_transform, transform_from_dict)
+                                  gaussian_kernel, get_transform, noise_variance_curve, refined_noise_curve,
+                                  transform_from_dict)
 from DiffDenoiseLib.normalization import Normalization
 
 TRANSFORMS = {"none": {}, "anscombe": {"lam": 200.0}, "log": {"alpha": 100.0}, "rician": {"sigma": 0.05}}
@@ -104,6 +105,25 @@ def test_noise_sigma_estimate_is_within_ten_percent_on_a_smooth_image():
     volume = np.stack([clean] * 6)
     assert estimate_noise_sigma(add_noise(volume, "gaussian", 0.05, rng)) == pytest.approx(0.05, rel=0.1)
     assert estimate_noise_sigma(clean) < 0.002
+
+
+def test_the_refined_curve_reads_the_noise_where_an_estimate_is_flat_not_on_edges():
+    """A thin bright ring: its intensities are held mostly by partial-volume edge voxels, whose high-pass holds the
+    ring, so the curve over-reads the noise there; read on the voxels where an estimate (the clean image) is flat,
+    it comes near the truth. An estimate with no flat voxel gives the curve back; shapes must agree."""
+    r = np.hypot(*(np.mgrid[:96, :96] - 48.0))
+    clean = np.repeat((0.3 + 0.6 * np.exp(-((r - 36) / 1.2) ** 2))[None], 6, axis=0)
+    sigma = 0.02
+    noisy = add_noise(clean, "gaussian", sigma, np.random.default_rng(3))
+    curve = noise_variance_curve(noisy)
+    refined = refined_noise_curve(noisy, clean, curve)
+    assert np.interp(0.6, *curve) > 2.0 * sigma ** 2
+    assert np.interp(0.6, *refined) < 1.35 * sigma ** 2
+    assert np.interp(0.3, *refined) == pytest.approx(sigma ** 2, rel=0.15)
+    checkerboard = 0.5 + 0.3 * (np.indices(noisy.shape).sum(axis=0) % 2)
+    assert refined_noise_curve(noisy, checkerboard, curve) is curve
+    with pytest.raises(ValueError, match="noisy image .* and its estimate .* differ in shape"):
+        refined_noise_curve(noisy, clean[:3], curve)
 
 
 @pytest.mark.parametrize("name,kind,level,key", [("anscombe", "poisson", 300.0, "lam"),
