@@ -62,10 +62,7 @@ STAGES = ("bsn", "diffusion", "student")
 # Working copies of a volume take about 40 bytes a voxel: above this, ask for a crop instead of running out of memory.
 MAX_VOXELS = 400_000_000
 MODES = ("fast", "full", "bsn", "single")
-# A 2D model's share of its average with hard thresholding's estimate: the Wiener filter's pilot under white noise,
-# the result under correlated noise.
-NETWORK_SHARE_WHITE = 0.1
-NETWORK_SHARE_CORRELATED = 0.25
+NETWORK_SHARE_2D = 0.1  # of a 2D model's result in its Wiener pilot (white noise), the rest hard thresholding's
 
 
 @dataclass
@@ -312,29 +309,29 @@ def denoise_image(
             if weight is not None and uncertainty is not None:
                 uncertainty = uncertainty * weight
     correlated = bool(details.get("correlated_noise"))
-    # under correlated noise only the result of a wide blind spot, which removed such noise, shows in its residual
-    # how strong the noise is. A one-pixel blind spot leaves much of it in its result: on the demo's real head CT
-    # the Wiener filter then gave some of it back (high-pass std in the brain 3.5 HU against 2.6) for 8 times the
-    # time. With that measure a 2.5D model's result guides the Wiener filter, whose groups also hold patches of
-    # the neighbouring slices, whose noise is independent; in one slice nearby patches share theirs (wiener.py),
-    # and the Wiener step gained -0.5 to +0.6 dB there, while hard thresholding with the measured noise gained.
+    # Under correlated noise the filters take each coefficient's exact noise variance from the noise's covariance,
+    # read on the image where a pilot is flattest (covariance.py, wiener.py). A 2.5D model's result guides the
+    # Wiener filter only if it removed such noise, which a wide blind spot does and a one-pixel one does not: on
+    # the demo's real head CT that result gave some of the noise back (high-pass std in the brain 3.5 HU against
+    # 2.6) for 8 times the time; so only a wide blind spot's result is filtered there.
     measured = (fuse and correlated and model.config.blind_spot_radius > 0
                 and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE)
     if fuse:
-        details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or (measured and k > 0)
+        details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or measured
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
-    if not k and (details.get("wiener") or measured):
-        # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step). Under
-        # white noise the average guides the Wiener filter: on the benchmark's 2D images half and half gained 0.0
-        # to 0.7 dB (Full and Fast) over the result alone guiding two passes, at the same cost; a quarter 0.1 dB more
-        # on average; with the estimate's wider search a tenth 0.03 dB more than a quarter (and than the estimate
-        # alone: 0.1 dB more on the shoulder MRI at Gaussian 6/255, 0.1 less on the head CT at 25/255). Under
-        # correlated noise, with the noise measured on the residual, the average is the result (on the benchmark's
-        # 2D images: Full +0.26 to +1.31 dB, Fast -0.05 to +0.99 over the result alone; a tenth: the same).
+    if not k and details.get("wiener"):
+        # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step), and
+        # the average guides the Wiener filter: on the benchmark's 2D images under white noise half and half gained
+        # 0.0 to 0.7 dB (Full and Fast) over the result alone guiding two passes, at the same cost; a quarter 0.1 dB
+        # more on average; with the estimate's wider search a tenth 0.03 dB more than a quarter (and than the
+        # estimate alone: 0.1 dB more on the shoulder MRI at Gaussian 6/255, 0.1 less on the head CT at 25/255).
+        # Under correlated noise the estimate alone guides it (the result picks the flat windows the noise is read
+        # in): the benchmark's three 2D images gained 0.4 to 1.5 dB over the earlier average of the result and a
+        # hard thresholding with the noise measured on the residual; a tenth of the result in the pilot lost 0.01 to
+        # 0.05 dB, a quarter up to 0.17.
         estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, correlated_noise=correlated,
                                                 **filtering)
-        share = NETWORK_SHARE_CORRELATED if correlated else NETWORK_SHARE_WHITE
-        denoised = share * denoised + (1 - share) * estimate
+        denoised = estimate if correlated else NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
         details["hard_threshold"] = True
     if details.get("wiener"):
         # a 2.5D model's result (correlated noise, or too few slices for the volumetric filter) guides it alone

@@ -18,18 +18,18 @@ Poisson, Gamma and Rician noise are covered too.
 Spatially correlated noise (`correlated_noise=True`) is not spread evenly over the
 coefficients: it is strong at low spatial frequencies, and patches that overlap or lie close
 share it, so it does not average out across the group either. There each coefficient of the
-group's 3D transform gets its own noise variance, read on the residual y - m (divided by the
-curve's std) gathered into the same groups: the median of its square over the references, over
-chi-square(1)'s median. It pays only with neighbouring slices, whose noise is independent
-(measured on the benchmark's correlated noise, Full's pilot, with CORRELATED_GROUP patches: +2.2
-and +5.6 dB on two volumes; on single slices from +0.6 to -0.5 dB, so the pipeline filters only
-volumes there, and only the result of a wide blind spot, which removed such noise: the
-residual of a one-pixel blind spot's result understates it).
+group's 3D transform gets its exact noise variance, from the noise's covariance and the members'
+positions (covariance.py, after Maekinen et al. 2020); the covariance is read on the image, in the
+windows where the pilot is flattest. Measured on the benchmark's correlated noise, against the
+earlier variances read on the residual y - m in the same groups: on the three 2D images hard
+thresholding and then the Wiener step guided by it gained 0.4 to 1.5 dB (and beat BM3D given the true
+spectrum by 0.2 to 0.5 dB on two of them); on the two volumes, the Wiener step of a 2.5D result
+-0.1 and +0.4 dB (the brain crop has no flat window, so anatomy adds to the covariance read).
 
 BM3D's first step, `collaborative_hard_threshold`, is here too: groups matched on y itself,
 coefficients below HARD_THRESHOLD noise std dropped. Its estimate owes nothing to the networks,
-and the pipeline averages it with a 2D model's result before the Wiener filter: their errors
-differ, and the average is a better pilot than either.
+and under white noise the pipeline averages it with a 2D model's result before the Wiener filter:
+their errors differ, and the average is a better pilot than either.
 
 For a volume with white noise, `volumetric_filter` runs both steps on cubes instead (BM4D, Maggioni
 et al. 2013): 4x4x4 cubes, matched in the slice and three slices either way, take in that the anatomy
@@ -53,7 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from DiffDenoiseLib.noise import MEDIAN_CHI2_1, Curve, refined_noise_curve
+from DiffDenoiseLib.covariance import coefficient_covariance, estimate_noise_covariance, group_variance
+from DiffDenoiseLib.noise import Curve, refined_noise_curve
 
 # Measured on the benchmark's images (Full's pilot): groups of 8 or 32 patches lost 0.05 to 0.1 dB on the volumes
 # against 16; references every 2nd or every voxel gained up to 0.02 dB for 2 to 3 times the time; a search radius
@@ -62,15 +63,17 @@ PATCH = 8  # side of the patches, as in BM3D's second step
 GROUP = 16  # patches in each group
 STEP = 3  # spacing of the reference patches
 SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of the reference patch
-# Under correlated noise (2.5D pilots of the benchmark's volumes) larger groups from a wider window gained 0.5 to
-# 2 dB over 16 within +-8, at 2.4 times the time; 128 patches gained nothing more on one volume and lost on the other.
-# References every 4th voxel there lost nothing (-0.04 to +0.01 dB) for 0.55 to 0.65 times the time of every 3rd
-# (under white noise they lost up to 0.17 dB).
+# Under correlated noise (2.5D pilots of the benchmark's volumes, variances read on the residual) larger groups from
+# a wider window gained 0.5 to 2 dB over 16 within +-8, at 2.4 times the time; 128 patches gained nothing more on one
+# volume and lost on the other. References every 4th voxel there lost nothing (-0.04 to +0.01 dB) for 0.55 to 0.65
+# times the time of every 3rd (under white noise they lost up to 0.17 dB). With the exact variances (2D images,
+# hard thresholding then Wiener) groups of 32 lost 0.1 dB on average and 16 lost 0.33, for a quarter and a
+# sixteenth of the time (a group's variances cost group^3 per coefficient); every 3rd voxel gained 0.02.
 CORRELATED_GROUP = 64
 CORRELATED_SEARCH_RADIUS = 12
 CORRELATED_STEP = 4
-# Hard thresholding under correlated noise (2D images, a wide blind spot's result measuring the noise): 3.5 noise
-# std gained 0.0 to 1.0 dB over 2.7 on the benchmark's three 2D images (Full's result), 4.0 lost on two of them.
+# Hard thresholding under correlated noise, then the Wiener step (the benchmark's three 2D images, exact variances):
+# 3.5 noise std gained 0.14 dB on average over 2.7 and 0.06 over 3.0.
 CORRELATED_HARD_THRESHOLD = 3.5
 # The Wiener step leaves out of a reference's group the patches of its own slice shifted by this many voxels or
 # less: such a near copy shares most of its noise with the reference, so it adds little to average. Measured on
@@ -105,6 +108,7 @@ HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise st
 # gained nothing more.
 HARD_SEARCH_RADIUS = 19
 REFERENCE_CHUNK = 2048  # reference patches filtered at once, which bounds the working memory
+CORRELATED_REFERENCE_CHUNK = 128  # under correlated noise each holds (64 coefficients x group^2) covariances
 
 
 def dct_matrix(size: int) -> torch.Tensor:
@@ -125,19 +129,20 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     `context` > 0 a slice's groups also gather patches from that many slices on each side (within
     the array), whose pilot must be there too. With `passes` > 1 each pass's result is the next
     one's pilot. `progress` is called after every slice filtered (it may raise to stop the filter).
-    With `correlated_noise` each coefficient's noise variance is measured on the residual (see above).
-    Returns (len(indices), H, W), or (H, W) for a 2D input, in float64.
+    With `correlated_noise` each coefficient's noise variance is the exact one of its group, from the noise
+    covariance read where `pilot` is flattest (see above). Returns (len(indices), H, W), or (H, W) for a 2D
+    input, in float64.
     """
     y3, m3, wanted = _checked("Wiener filter", noisy, pilot, context, indices)
     if passes < 1:
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
+    table = _coefficient_table(y3, m3, context, device) if correlated_noise else None
     for done in range(passes):
         reach = context * (passes - 1 - done)  # the slices later passes will look at
         todo = sorted({j for i in wanted for j in range(max(0, i - reach), min(n, i + reach + 1))})
-        filtered = _filter_slices(y3, guide, guide, curve, todo, context, device, progress, wiener=True,
-                                  correlated_noise=correlated_noise)
+        filtered = _filter_slices(y3, guide, guide, curve, todo, context, device, progress, wiener=True, table=table)
         for i, a in filtered.items():
             guide[i] = a
     result = guide[wanted].astype(np.float64)
@@ -152,14 +157,14 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
 
     Groups are matched on `noisy` itself within HARD_SEARCH_RADIUS voxels, and every coefficient of a group's 3D
     transform below HARD_THRESHOLD noise standard deviations is dropped (weights 1 / (s * coefficients kept)). The
-    `pilot` only says at which intensity to read the noise curve, and, with `correlated_noise`, how
-    strong each coefficient's noise is (measured on the residual y - pilot as in the Wiener step; the
-    threshold is then CORRELATED_HARD_THRESHOLD). Shapes, `context`, `indices` and `progress` as in
-    `collaborative_wiener`; returns float64.
+    `pilot` only says at which intensity to read the noise curve, and, with `correlated_noise`, where the
+    image is flat enough to read the noise covariance (the threshold is then CORRELATED_HARD_THRESHOLD). Shapes,
+    `context`, `indices` and `progress` as in `collaborative_wiener`; returns float64.
     """
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
+    table = _coefficient_table(y3, m3, context, device) if correlated_noise else None
     filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, context, device, progress,
-                              wiener=False, correlated_noise=correlated_noise)
+                              wiener=False, table=table)
     result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
     return result[0] if np.ndim(noisy) == 2 else result
 
@@ -173,7 +178,8 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
 
     The noise variance of a group is the image's noise curve at its mean intensity (y's in the first step,
     the estimate's in the second, with the curve read again where the estimate is flat: `refined_noise_curve`;
-    +0.14 dB on the benchmark's head CT at Gaussian 6/255, whose bone the first reading took as 1.7 times noisier). Cubes of any slice within reach feed the slices wanted, so the whole
+    +0.14 dB on the benchmark's head CT at Gaussian 6/255, whose bone the first reading took as 1.7 times
+    noisier). Cubes of any slice within reach feed the slices wanted, so the whole
     volume should be given even when a few slices are wanted. `progress` is called
     `volumetric_filter_steps(n, indices)` times (it may raise to stop the filter). Returns
     (len(indices), H, W) in float64; the input is not modified.
@@ -282,15 +288,29 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
         lo, hi = max(0, i - context), min(n, i + context + 1)
         ys, ms, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
                      for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
-        # under correlated noise the residual is taken against the pilot (the image matched on, for the Wiener step)
-        pilot = None
-        if options.get("correlated_noise"):
-            pilot = ms if intensity is match_on else torch.from_numpy(
-                np.ascontiguousarray(intensity[lo:hi], dtype=np.float32)).to(device)
-        filtered[i] = _filter_slice(ys, ms, s, pilot, centre=i - lo, **options).cpu().numpy()
+        filtered[i] = _filter_slice(ys, ms, s, centre=i - lo, **options).cpu().numpy()
         if progress is not None:
             progress()
     return filtered
+
+
+COVARIANCE_SLICES = 16  # the middle slices of a longer stack that the noise covariance is read on
+
+
+def _coefficient_table(y3: np.ndarray, m3: np.ndarray, context: int, device: Optional[torch.device]) -> torch.Tensor:
+    """The covariance of the patches' DCT coefficients at every offset two members of a correlated-noise group can
+    have (2 * context slices, 2 * CORRELATED_SEARCH_RADIUS voxels), from the noise covariance read where the
+    pilot is flattest (covariance.py), on the device."""
+    n = y3.shape[0]
+    first = max(0, (n - COVARIANCE_SLICES) // 2)
+    chosen = slice(first, first + COVARIANCE_SLICES)
+    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(2 * context, n - 1))
+    basis = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).reshape(PATCH * PATCH, PATCH, PATCH)
+    if covariance.shape[0] < 4 * context + 1:  # too few slices to read the farthest offsets: taken as uncorrelated
+        extra = (4 * context + 1 - covariance.shape[0]) // 2
+        covariance = np.pad(covariance, ((extra, extra), (0, 0), (0, 0)))
+    return coefficient_covariance(covariance, basis, 2 * CORRELATED_SEARCH_RADIUS).to(device or torch.device("cpu"),
+                                                                                     torch.float32)
 
 
 def _reference_positions(length: int, step: int = STEP, patch: int = PATCH) -> torch.Tensor:
@@ -351,12 +371,13 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     return torch.stack([k, y, x], dim=-1)  # the clamp only guards a slice too small to offer `group` patches
 
 
-def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, pilot: Optional[torch.Tensor], centre: int,
-                  wiener: bool = True, correlated_noise: bool = False) -> torch.Tensor:
+def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
+                  table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
     and the noise variance: Wiener gains from the matched image's coefficients (the pilot's), or, without
-    `wiener`, hard thresholding of y's. Under `correlated_noise` each coefficient's noise is measured on the
-    residual y - `pilot`, with the CORRELATED_ groups, search, spacing and threshold.
+    `wiener`, hard thresholding of y's. Under correlated noise (a coefficient covariance `table`, see
+    `_coefficient_table`) each coefficient's noise variance is the exact one of its group (covariance.py), with the
+    CORRELATED_ groups, search, spacing and threshold.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
@@ -364,7 +385,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, pilot: Op
     d, h, w = ys.shape
     device, dtype = ys.device, ys.dtype
     group, radius, step, threshold = (CORRELATED_GROUP, CORRELATED_SEARCH_RADIUS, CORRELATED_STEP,
-                                      CORRELATED_HARD_THRESHOLD) if correlated_noise else (
+                                      CORRELATED_HARD_THRESHOLD) if table is not None else (
                                       GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD)
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
@@ -372,18 +393,17 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, pilot: Op
     kaiser = torch.kaiser_window(PATCH, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
     window = torch.outer(kaiser, kaiser).reshape(-1).to(device, dtype)
     flat_y, flat_m, flat_s = ys.reshape(-1), ms.reshape(-1), s.reshape(-1)
-    flat_r = (flat_y - pilot.reshape(-1)) / flat_s.clamp_min(1e-20).sqrt() if correlated_noise else None
     total = torch.zeros(h * w, dtype=dtype, device=device)
     weights = torch.zeros_like(total)
-    rows_at_once = max(1, REFERENCE_CHUNK // len(ref_x))
+    rows_at_once = max(1, (REFERENCE_CHUNK if table is None else CORRELATED_REFERENCE_CHUNK) // len(ref_x))
     for chunk in torch.split(ref_y, rows_at_once):
         where = _match(ms, centre, chunk, ref_x, group, radius, NEAR_COPY_SHIFT if wiener else 0)  # (R, group, 3)
         dct1 = dct_matrix(where.shape[1]).to(device, dtype)
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
         cy = dct1 @ (flat_y[pixels] @ dct2.T)  # the group's 3D spectrum
         variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]  # (R, 1, 1)
-        if correlated_noise:  # each coefficient's own share, from the residual's groups: (group, 64)
-            variance = variance * (dct1 @ (flat_r[pixels] @ dct2.T)).pow(2).median(dim=0).values / MEDIAN_CHI2_1
+        if table is not None:  # each coefficient's own, from the members' positions: (R, group, 64)
+            variance = group_variance(table, where, dct1)
         cm = dct1 @ (flat_m[pixels] @ dct2.T) if wiener else None
         filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
         weight = weight * window  # (R, 1, 64)

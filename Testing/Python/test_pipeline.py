@@ -133,9 +133,9 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     """Five copies of pydicom's CT slice, each with its own noise blurred by 1.2 pixels: the shipped 2.5D
     correlated-noise model's Fast result goes through the filter (its groups reach the neighbouring slices, whose
     noise is independent) and gains over the student's output alone. The 2.5D CT model's result (a one-pixel blind
-    spot, which leaves correlated noise in it) does not go through it, nor the 2D model's result on one slice
-    (nearby patches of one slice share their noise): that one is averaged with hard thresholding whose noise is
-    measured on its residual, and gains too; the progress still ends full."""
+    spot, which leaves correlated noise in it) does not go through it. On one slice the 2D model's result only
+    picks the flat windows the noise covariance is read in: hard thresholding and the Wiener step guided by it,
+    with exact variances, gain over the student's output too; the progress ends full."""
     pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
 
@@ -160,8 +160,8 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     two_d = load_model(SHIPPED_DIR / "correlated-noise-default")
     averaged = denoise_image(one_slice, two_d, mode="fast", progress=reports.append)
     details = averaged.details
-    assert details["correlated_noise"] is True and details["wiener"] is False and details["hard_threshold"] is True
-    assert reports[-1].step == reports[-1].total, "the bar ends full when the filter is not needed"
+    assert details["correlated_noise"] is True and details["wiener"] is True and details["hard_threshold"] is True
+    assert reports[-1].step == reports[-1].total
     alone = denoise_image(one_slice, two_d, mode="fast", fusion=False).image.array
     gain = psnr(hu, averaged.image.array, data_range=high - low) - psnr(hu, alone, data_range=high - low)
     assert gain > 0.3, gain

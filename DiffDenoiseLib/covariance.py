@@ -1,0 +1,106 @@
+"""The covariance of spatially correlated noise, and from it the exact noise variance of a group's coefficients.
+
+Under correlated noise (a reconstruction kernel's, or the benchmark's blurred noise) neighbouring voxels share
+their noise, so each coefficient of a patch's 2D DCT carries a noise variance of its own (low frequencies
+much more), and two patches that lie close share part of theirs: across a group of matched patches the noise
+then neither is white nor averages out. Mäkinen, Azzari and Foi (2020, "Collaborative filtering of correlated
+noise: exact transform-domain variance for improved shrinkage and patch matching") compute the variance of
+every coefficient of a group's 3D transform exactly from the noise's covariance R and the patches' positions:
+
+    cov(coefficient k of the patch at p, coefficient k of the patch at q) = C_k(p - q),
+    C_k(d) = sum over voxels u, v of B_k(u) B_k(v) R(d + v - u)         (B_k: the k-th 2D DCT basis patch)
+    var(coefficient (a, k) of the group) = sum over members i, j of T(a, i) T(a, j) C_k(p_i - p_j)
+
+with T the 1D transform across the group (exact: a coefficient of the group mixes only the members' k-th
+coefficients).
+
+R is not known: `estimate_noise_covariance` reads it on the image itself, in the windows where a pilot (a
+network's result) is flattest, whose variation is then mostly noise; each window's mean is taken out first
+(which lowers every R(d) alike, by a few percent of R(0) for short correlations: that level is read on the
+ring of offsets REACH voxels away, where the noise is taken as uncorrelated, and taken out). Offsets across slices are read the same
+way, so noise correlated between slices (thin CT slices) is covered too. The noise is taken as stationary.
+Where no window is flat (a crop of the brain alone) anatomy adds to R, and the filters then smooth more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+WINDOW = 32  # side of the windows the covariance is read in
+FLATTEST_SHARE = 0.2  # of the windows (by the pilot's std within them) that are read
+REACH = 8  # in-plane offsets beyond this many voxels are taken as uncorrelated
+
+
+def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int = 0) -> np.ndarray:
+    """The noise covariance R (2 * depth + 1, 2 * reach + 1, 2 * reach + 1) of the stack `noisy` (n, H, W), at
+    offsets of up to `depth` slices and reach = REACH voxels (a quarter of the window on smaller images), read
+    in the WINDOW-sided windows (half overlapping) of every slice where `pilot` (same shape) varies least (the
+    FLATTEST_SHARE of them), each window's mean taken out. Offsets to slices beyond the stack are read on the
+    slices that have them; R(0) is the noise variance."""
+    y, m = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (noisy, pilot))
+    if y.ndim != 3 or y.shape != m.shape:
+        raise ValueError(f"the noise covariance needs a noisy stack and a pilot of one (n, H, W) shape, got "
+                         f"{tuple(y.shape)} and {tuple(m.shape)}")
+    n, h, w = y.shape
+    side = min(WINDOW, h, w)
+    reach = min(REACH, side // 4)  # a small image's windows are small: fewer offsets are read
+    if reach < 1:
+        raise ValueError(f"the noise covariance needs slices of at least 4 voxels a side, got {h} x {w}")
+    step = max(1, side // 2)
+
+    def windows(a: torch.Tensor) -> torch.Tensor:  # (n, windows, side, side)
+        return a.unfold(1, side, step).unfold(2, side, step).reshape(n, -1, side, side)
+
+    yw, spread = windows(y), windows(m).std(dim=(2, 3))
+    flattest = torch.argsort(spread.reshape(-1))[:max(1, int(FLATTEST_SHARE * spread.numel()))]
+    chosen = torch.zeros(spread.numel(), dtype=torch.bool)
+    chosen[flattest] = True
+    chosen = chosen.reshape(spread.shape)  # (n, windows)
+    centred = yw - yw.mean(dim=(2, 3), keepdim=True)
+    covariance = np.zeros((2 * depth + 1, 2 * reach + 1, 2 * reach + 1))
+    for dz in range(-depth, depth + 1):
+        first, last = max(0, -dz), min(n, n - dz)  # slices that have a neighbour dz away
+        if first >= last:
+            continue
+        keep = chosen[first:last]
+        a, b = centred[first:last][keep], centred[first + dz:last + dz][keep]  # the same windows dz slices apart
+        for dy in range(-reach, reach + 1):
+            for dx in range(-reach, reach + 1):
+                products = (a[:, max(0, -dy):side - max(0, dy), max(0, -dx):side - max(0, dx)]
+                            * b[:, max(0, dy):side - max(0, -dy), max(0, dx):side - max(0, -dx)])
+                covariance[dz + depth, dy + reach, dx + reach] = float(products.mean())
+    # Taking out a window's mean lowers every R(d) by about the same amount (sum(R) / side^2 for correlations much
+    # shorter than the window), and a slow trend of the anatomy in the window raises every R(d) alike: both are
+    # taken out by reading that level on the outermost ring of offsets, where the noise is taken as uncorrelated.
+    ring = np.ones((2 * reach + 1, 2 * reach + 1), dtype=bool)
+    ring[1:-1, 1:-1] = False
+    return covariance - covariance[:, ring].mean(axis=1)[:, None, None]
+
+
+def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offset: int) -> torch.Tensor:
+    """C_k(dz, dy, dx): the covariance of the k-th coefficient of two patches offset by (dz, dy, dx), for
+    in-plane offsets of up to `max_offset`; `basis` (K, P, P) holds the 2D transform's basis patches as rows.
+    Returns (2 * depth + 1, K, 2 * max_offset + 1, 2 * max_offset + 1), float64."""
+    patch = basis.shape[-1]
+    r = torch.from_numpy(covariance).double()
+    reach = r.shape[-1] // 2
+    pad = max_offset + patch - 1 - reach
+    r = F.pad(r, (pad, pad, pad, pad)) if pad > 0 else r[:, -pad:r.shape[1] + pad, -pad:r.shape[2] + pad]
+    b = basis.double()[:, None]
+    # each basis patch's autocorrelation A_k(s) = sum_u B_k(u) B_k(u + s), then C_k(d) = sum_s A_k(s) R(d + s)
+    autocorrelation = F.conv2d(b.transpose(0, 1), b, padding=patch - 1, groups=basis.shape[0]).transpose(0, 1)
+    return F.conv2d(r[:, None], autocorrelation)  # (depth, K, 2 * max_offset + 1, ...)
+
+
+def group_variance(table: torch.Tensor, where: torch.Tensor, group_transform: torch.Tensor) -> torch.Tensor:
+    """The noise variance of every coefficient of each group's 3D transform, (R, group, K), from the coefficient
+    covariance `table` (as `coefficient_covariance` returns, on the device, covering every offset between two
+    members) and the groups' (slice, y, x) positions `where` (R, group, 3)."""
+    depth, max_offset = table.shape[0] // 2, table.shape[-1] // 2
+    d = where[:, :, None] - where[:, None]  # (R, group, group, 3)
+    index = ((d[..., 0] + depth) * table.shape[-2] + d[..., 1] + max_offset) * table.shape[-1] + d[..., 2] + max_offset
+    flat = table.transpose(0, 1).reshape(table.shape[1], -1).to(group_transform.dtype)  # (K, offsets)
+    pair = flat[:, index]  # (K, R, group, group)
+    return torch.einsum("ai,krij,aj->rak", group_transform, pair, group_transform).clamp_min(1e-20)

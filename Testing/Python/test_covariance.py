@@ -1,0 +1,71 @@
+"""The noise covariance read on the image, and the exact variances of a group's coefficients built from it."""
+
+import numpy as np
+import pytest
+import torch
+
+from DiffDenoiseLib.covariance import coefficient_covariance, estimate_noise_covariance, group_variance
+from DiffDenoiseLib.noise import add_noise
+from DiffDenoiseLib.wiener import dct_matrix
+
+from test_fusion import textured
+
+BASIS = torch.kron(dct_matrix(8), dct_matrix(8)).reshape(64, 8, 8)
+
+
+def empirical_covariance(noise, *offset):
+    """The mean of n(v) n(v + offset) over the voxels v of the stack that have both."""
+    here = tuple(slice(max(0, -d), size - max(0, d)) for d, size in zip(offset, noise.shape))
+    there = tuple(slice(max(0, d), size - max(0, -d)) for d, size in zip(offset, noise.shape))
+    return float(np.mean(noise[here] * noise[there]))
+
+
+def test_the_covariance_read_in_flat_windows_is_the_noises_in_plane_and_across_slices():
+    """Pure noise, blurred in-plane by 1.2 pixels, and then mixed with the next slice's: the covariance read
+    (windows' means taken out and added back) matches the noise's own at every offset checked, across
+    slices too; with independent slices the offsets across slices read about 0."""
+    rng = np.random.default_rng(1)
+    field = add_noise(np.zeros((7, 160, 160)), "correlated", 1.2, rng, sigma=1.0)
+    mixed = (field[:-1] + 0.6 * field[1:]) / np.hypot(1.0, 0.6)  # neighbouring slices share noise
+    for noise, depth in ((field, 1), (mixed, 2)):
+        read = estimate_noise_covariance(noise, np.zeros_like(noise), depth=depth)
+        centre, reach = depth, read.shape[-1] // 2
+        for dz, dy, dx in ((0, 0, 0), (0, 0, 2), (0, 3, 1), (1, 0, 0), (1, 1, 2)):
+            truth = empirical_covariance(noise, dz, dy, dx)
+            assert read[centre + dz, reach + dy, reach + dx] == pytest.approx(truth, abs=0.06), (dz, dy, dx)
+    assert abs(estimate_noise_covariance(field, np.zeros_like(field), depth=1)[0, 8, 8]) < 0.05
+    assert estimate_noise_covariance(mixed, np.zeros_like(mixed), depth=1)[0, 8, 8] > 0.35
+
+
+def test_the_exact_group_variances_match_the_variances_of_noise_groups():
+    """Four patches at fixed offsets, slid over a large field of correlated noise: the variance of each
+    coefficient of their 3D transform, measured over all positions, is what group_variance computes from the
+    field's covariance, within 8 % on the strong coefficients (overlapping patches share noise, so the group's
+    mean coefficient carries far more than a quarter of the sum)."""
+    rng = np.random.default_rng(2)
+    field = add_noise(np.zeros((1, 256, 256)), "correlated", 1.2, rng, sigma=1.0)
+    covariance = np.array([[[empirical_covariance(field, 0, dy, dx) for dx in range(-8, 9)] for dy in range(-8, 9)]])
+    table = coefficient_covariance(covariance, BASIS, 10)
+    offsets = torch.tensor([[0, 0, 0], [0, 0, 3], [0, 2, 1], [0, 6, 6]])
+    transform = dct_matrix(4)
+    exact = group_variance(table, offsets[None], transform)[0]  # (4, 64)
+    t = torch.from_numpy(field[0])
+    patches = torch.stack([t[dy:dy + 240, dx:dx + 240].unfold(0, 8, 1).unfold(1, 8, 1) for _, dy, dx in offsets])
+    coefficients = torch.einsum("kuv,gyxuv->yxgk", BASIS.double(), patches)  # (positions, 4 members, 64)
+    measured = torch.einsum("ag,yxgk->yxak", transform, coefficients).pow(2).mean(dim=(0, 1))  # (4, 64)
+    strong = measured > 0.1 * measured.max()
+    np.testing.assert_allclose(exact[strong].numpy(), measured[strong].numpy(), rtol=0.08)
+    assert exact[0, 0] > 2.5 * exact[1:, 0].mean()
+
+
+def test_anatomy_in_every_window_is_read_as_noise_and_bad_input_is_named():
+    """Where no window is flat (texture everywhere) the anatomy adds to the covariance read: the documented
+    limit. A stack and a pilot of different shapes, or slices too small for a window, are named."""
+    rng = np.random.default_rng(3)
+    clean = np.stack([textured(96)] * 2)
+    noisy = add_noise(clean, "gaussian", 0.02, rng)
+    assert estimate_noise_covariance(noisy, clean)[0, 8, 8] > 1.5 * 0.02 ** 2
+    with pytest.raises(ValueError, match="noisy stack and a pilot of one"):
+        estimate_noise_covariance(noisy, clean[:1])
+    with pytest.raises(ValueError, match="at least 4 voxels a side"):
+        estimate_noise_covariance(np.zeros((1, 3, 40)), np.zeros((1, 3, 40)))
