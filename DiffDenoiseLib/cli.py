@@ -330,13 +330,15 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
             advice = (", and a one-pixel blind spot cannot separate such noise well; "
                       + (f"--model {wider} can, or " if wider else "")
                       + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
-        if result.details.get("wiener"):
+        if result.details.get("filters_made_the_image"):
+            missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
+            reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the image is hard "
+                         "thresholding's and the Wiener filter's, each coefficient's noise computed from the noise's "
+                         f"covariance, read where the networks' result is flattest{missing}.")
+        elif result.details.get("wiener"):
             reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the Wiener filter "
-                         "measured each coefficient's noise on what the networks removed.")
-        elif result.details.get("hard_threshold"):
-            reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the networks' "
-                         "result was averaged with the image's own hard-thresholding estimate, each coefficient's "
-                         "noise measured on what the networks removed.")
+                         "guided by the networks' result computed each coefficient's noise from the noise's "
+                         "covariance, read where that result is flattest.")
         else:
             reporter.log(f"The noise looks spatially correlated: observation fusion and the Wiener filter were "
                          f"skipped{advice}.")

@@ -273,7 +273,8 @@ def denoise_image(
         timer.total = volumetric_filter_steps(n, range(start, stop))
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
                                      progress=filtered_one)
-        details.update(volumetric_filter=True, correlated_noise=False, wiener=True, fusion=False)
+        details.update(volumetric_filter=True, correlated_noise=False, wiener=True, fusion=False,
+                       filters_made_the_image="volumetric filter")
         return finished_result(image, z, axis, start, normalization, transform, denoised, None, started, details)
     # the Wiener filter of a 2.5D model's result groups patches of k slices on each side, so the networks
     # also run on those neighbours of the slice range
@@ -333,6 +334,9 @@ def denoise_image(
                                                 **filtering)
         denoised = estimate if correlated else NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
         details["hard_threshold"] = True
+        if correlated:  # the image owes the networks only where its noise was read: no uncertainty map of theirs
+            uncertainty = None
+            details["filters_made_the_image"] = "correlated-noise filters"
     if details.get("wiener"):
         # a 2.5D model's result (correlated noise, or too few slices for the volumetric filter) guides it alone
         denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, correlated_noise=correlated,

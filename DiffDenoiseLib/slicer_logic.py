@@ -337,7 +337,7 @@ class DenoiseLogic:
             output.SetAttribute("DiffDenoise.Mode", settings.mode)
             output.SetAttribute("DiffDenoise.Model", str(result.get("model", settings.model)))
             uncertainty = None
-            if uncertainty_path and os.path.exists(uncertainty_path):  # none when the volumetric filter made the image
+            if uncertainty_path and os.path.exists(uncertainty_path):  # none when filters alone made the image
                 uncertainty = self._import_result(uncertainty_path, input_node, None, "uncertainty", one_slice)
                 uncertainty.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeIron")
                 uncertainty.GetDisplayNode().SetAutoWindowLevel(True)
@@ -347,9 +347,13 @@ class DenoiseLogic:
             what = input_node.GetName() if one_slice is None else "slice %d (%s axis) of %s" % (
                 one_slice[1], settings.slice_axis, input_node.GetName())
             message = "Denoised %s%s." % (what, took)
-            if uncertainty_path and uncertainty is None and result.get("details", {}).get("volumetric_filter"):
+            made_by = result.get("details", {}).get("filters_made_the_image")
+            if uncertainty_path and uncertainty is None and made_by == "volumetric filter":
                 message += (" No uncertainty map: the noise looks white, so the volumetric filter made the image "
                             "and the networks did not run.")
+            elif uncertainty_path and uncertainty is None and made_by:
+                message += (" No uncertainty map: the noise looks spatially correlated, so block-matching filters "
+                            "made the image (the networks' result only showed where to read the noise).")
             return JobOutcome(kind, "done", message, 0, result, output, uncertainty,
                               str(result.get("model", settings.model)))
 

@@ -50,9 +50,10 @@ def model_input(case: Case, noisy: np.ndarray, noisy_slab: Optional[np.ndarray],
 
 
 def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
-             noisy_slab: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray], bool]:
-    """(denoised, uncertainty or None) of the test slice on the [0, 1] scale, and whether the volumetric filter
-    made it (the networks did not run)."""
+             noisy_slab: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[str]]:
+    """(denoised, uncertainty or None) of the test slice on the [0, 1] scale, and which filters made it alone
+    (the pipeline's `filters_made_the_image`: the volumetric filter, the networks not running, or the
+    correlated-noise filters, the networks' result only choosing where the noise is read), or None."""
     image, index = model_input(case, noisy, noisy_slab, model.config.context_slices)
     # a slab: only its test slice is denoised, its neighbours serve as the 2.5D context
     where = dict(slice_axis=0, slice_range=(index, index + 1)) if index >= 0 else {}
@@ -64,11 +65,11 @@ def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
     if mode == "two-samples":
         runs = [denoise_image(image, model, mode="single", seed=s, **where) for s in (0, 1)]
         out = np.mean([pick(r.image.array) for r in runs], axis=0)
-        return (out - case.offset) / case.scale, None, bool(runs[0].details.get("volumetric_filter"))
+        return (out - case.offset) / case.scale, None, runs[0].details.get("filters_made_the_image")
     if mode == "full-unfused":
         result = denoise_image(image, model, mode="full", fusion=False, **where)
-        return (pick(result.image.array) - case.offset) / case.scale, None, False
+        return (pick(result.image.array) - case.offset) / case.scale, None, None
     result = denoise_image(image, model, mode=mode, **where)
     out = (pick(result.image.array) - case.offset) / case.scale
     spread = None if result.uncertainty is None else pick(result.uncertainty.array) / case.scale
-    return out, spread, bool(result.details.get("volumetric_filter"))
+    return out, spread, result.details.get("filters_made_the_image")

@@ -28,7 +28,8 @@ def aggregate(rows: Sequence[dict]) -> "OrderedDict[Tuple[str, str], Dict[str, d
                 values = [r[metric] for r in items if r.get(metric) is not None]
                 means[metric] = float(np.mean(values)) if values else None
             means["unit"] = items[0]["unit"]
-            means["volumetric_filter"] = any(r.get("volumetric_filter") for r in items)
+            means["filters_made_the_image"] = next((r["filters_made_the_image"] for r in items
+                                                    if r.get("filters_made_the_image")), None)
             table[key][method] = means
         table[key] = dict(table[key])
     return table
@@ -142,13 +143,17 @@ def goals(table) -> List[str]:
                      "goal's count flatters us.")
     lines += check("SRDS >= one sample + 1.5 dB", [(k, v - 1.5) for k, v in g3], 0.0,
                    "margin = Full - single - 1.5 dB")
-    by_filter = [f"{image} / {noise}" for (image, noise), row in table.items()
-                 if row.get("full", {}).get("volumetric_filter")]
-    if by_filter:
-        lines.append(f"  On {len(by_filter)} condition{'s' * (len(by_filter) > 1)} ({', '.join(by_filter)}) "
-                     "the volumetric filter made the image "
-                     "of every mode and of the oracle (the networks did not run): there Fast equals Full and the "
-                     "oracle, and SRDS equals one sample, so those goals' counts say nothing about the networks.")
+    for made_by, what in (("volumetric filter", "the volumetric filter made the image of every mode and of the "
+                           "oracle (the networks did not run): there Fast equals Full and the oracle, and SRDS equals "
+                           "one sample"),
+                          ("correlated-noise filters", "the correlated-noise filters made the image of every mode "
+                           "and of the oracle from the noisy image, the networks' result only choosing where the "
+                           "noise was read: there Fast and Full are near or equal, and SRDS adds nothing")):
+        by_filter = [f"{image} / {noise}" for (image, noise), row in table.items()
+                     if row.get("full", {}).get("filters_made_the_image") == made_by]
+        if by_filter:
+            lines.append(f"  On {len(by_filter)} condition{'s' * (len(by_filter) > 1)} ({', '.join(by_filter)}) "
+                         f"{what}, so those goals' counts say nothing about the networks.")
     lines += check("Method noise no more structured than BM3D's", g4a, 0.0,
                    "margin = |BM3D's edge correlation| - |Full's|")
     lines += check("Flat-region CT bias below 1 HU", g4b, 0.0, "margin = 1 HU - |Full's bias|")
@@ -202,21 +207,20 @@ def markdown(results: dict) -> str:
 
 
 def figure_panels(image: str, noise: str, clean: np.ndarray, noisy: np.ndarray,
-                  outputs: Dict[str, tuple], peers: Sequence[str], volumetric: bool = False) -> dict:
-    """The crops one figure shows: clean / noisy / best peer / SRDS / student / method noise / uncertainty; with
-    `volumetric` (the volumetric filter made Full's and Fast's image) one panel says so instead of the two."""
+                  outputs: Dict[str, tuple], peers: Sequence[str], made_by: Optional[str] = None) -> dict:
+    """The crops one figure shows: clean / noisy / best peer / SRDS / student / method noise / uncertainty; when
+    filters alone made Full's and Fast's image (`made_by` names them) one panel says so instead of the two."""
     ranked = [p for p in peers if p in outputs]
     top = max(ranked, key=lambda p: psnr(clean, outputs[p][0], data_range=1.0)) if ranked else None
     panels = [("clean", clean), ("noisy", noisy)]
     if top:
         panels.append((f"best peer: {top}", outputs[top][0]))
-    ours = (("full", "volumetric filter (full, fast)"),) if volumetric else (
-        ("full", "SRDS (full)"), ("fast", "student (fast)"))
+    ours = (("full", f"{made_by} (full, fast)"),) if made_by else (("full", "SRDS (full)"), ("fast", "student (fast)"))
     for method, title in ours:
         if method in outputs:
             panels.append((title, outputs[method][0]))
     if "full" in outputs:
-        panels.append((f"method noise (noisy - {'full' if volumetric else 'SRDS'})", noisy - outputs["full"][0]))
+        panels.append((f"method noise (noisy - {'full' if made_by else 'SRDS'})", noisy - outputs["full"][0]))
         if outputs["full"][1] is not None:
             panels.append(("uncertainty (SRDS)", outputs["full"][1]))
     scored = {title: psnr(clean, a, data_range=1.0) for title, a in panels[1:5]}

@@ -104,18 +104,18 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
             outputs = {}
 
             def record(method: str, call, model_name: Optional[str] = None) -> None:
-                (out, extra, volumetric), seconds, mib = measured(call)
+                (out, extra, made_by), seconds, mib = measured(call)
                 if out is None:
                     return
                 outputs[method] = (out, extra)
                 rows.append({"image": case.name, "modality": case.modality, "unit": case.unit, "noise": noise.label,
                              "slice": s_index, "method": method, "seconds": seconds, "peak_mib": mib,
-                             "model": model_name, "volumetric_filter": volumetric,
+                             "model": model_name, "filters_made_the_image": made_by,
                              **scores(case, clean, noisy, out, fg, flat)})
 
-            record("noisy", lambda: (noisy, None, False))
+            record("noisy", lambda: (noisy, None, None))
             for peer in peers:
-                record(peer.name, lambda: (peer.run(noisy, cond), None, False))
+                record(peer.name, lambda: (peer.run(noisy, cond), None, None))
             for mode in ours.MODES:
                 record(mode, lambda: ours.run_mode(mode, model, case, noisy, noisy_slab), name)
             if name not in oracles:
@@ -124,10 +124,10 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
                 oracle_s += seconds
             record("oracle", lambda: ours.run_mode("fast", oracles[name], case, noisy, noisy_slab), name)
             if s_index == 0 and noise.label in FIGURE_NOISES:
-                volumetric = any(r["volumetric_filter"] for r in rows if r["method"] == "full" and (
-                    r["image"], r["noise"], r["slice"]) == (case.name, noise.label, s_index))
+                made_by = next((r["filters_made_the_image"] for r in rows if r["method"] == "full" and (
+                    r["image"], r["noise"], r["slice"]) == (case.name, noise.label, s_index)), None)
                 figures.append(report.figure_panels(case.name, noise.label, clean, noisy, outputs,
-                                                    [p.name for p in peers], volumetric))
+                                                    [p.name for p in peers], made_by))
         log(f"{case.name:20s} {noise.label:16s} {time.perf_counter() - started:6.1f} s "
             f"(oracle training {oracle_s:.1f} s)")
     return rows, figures

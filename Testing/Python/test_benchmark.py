@@ -109,10 +109,10 @@ def test_a_2_5d_model_denoises_only_the_test_slice_of_a_slab():
     clean = toy_image(48)
     rng = np.random.default_rng(5)
     slab = np.stack([NOISES[1].apply(clean + 0.05 * i, rng) for i in range(5)])
-    out, _, volumetric = ours.run_mode("fast", model.eval(), tiny_case(clean), slab[2], slab)
+    out, _, made_by = ours.run_mode("fast", model.eval(), tiny_case(clean), slab[2], slab)
     assert out.shape == clean.shape
     np.testing.assert_allclose(out, slab[2], atol=1e-4)
-    assert volumetric is False  # no fusion, no filter
+    assert made_by is None  # no fusion, no filter
     full, spread, _ = ours.run_mode("full", model, tiny_case(clean), slab[2], slab)
     assert full.shape == spread.shape == clean.shape
 
@@ -206,10 +206,13 @@ def test_report_tables_and_goals_follow_the_numbers():
                                               "oracle": (31, 0.0, 0.0)}, unit="a.u.")
     assert "oracle falls below Fast on 1 of 3 conditions" in "\n".join(report.goals(report.aggregate(rows)))
     assert "volumetric filter made" not in goals
+    made_by = {("mr", "gaussian 6/255"): "volumetric filter", ("ct", "poisson 200"): "correlated-noise filters"}
     for row in rows:
-        row["volumetric_filter"] = row["image"] == "mr" and row["method"] in ("full", "fast", "oracle")
-    assert "On 1 condition (mr / gaussian 6/255) the volumetric filter made" in "\n".join(
-        report.goals(report.aggregate(rows)))
+        if row["method"] in ("full", "fast", "oracle"):
+            row["filters_made_the_image"] = made_by.get((row["image"], row["noise"]))
+    goals = "\n".join(report.goals(report.aggregate(rows)))
+    assert "On 1 condition (mr / gaussian 6/255) the volumetric filter made" in goals
+    assert "On 1 condition (ct / poisson 200) the correlated-noise filters made" in goals
 
 
 def test_measured_reports_time_and_the_memory_a_call_holds():
@@ -256,7 +259,7 @@ def test_noise2void_peer_hands_the_slice_and_noisy_regions_to_its_worker(tmp_pat
         assert "careamics does not import" in noise2void_unavailable(sys.executable)
 
 
-def test_a_figure_says_when_the_volumetric_filter_made_full_and_fast():
+def test_a_figure_says_when_filters_alone_made_full_and_fast():
     clean = toy_image(32)
     noisy = clean + 0.1
     outputs = {"bm3d": (clean + 0.05, None), "full": (clean + 0.01, np.ones_like(clean)), "fast": (clean + 0.02, None)}
@@ -265,7 +268,7 @@ def test_a_figure_says_when_the_volumetric_filter_made_full_and_fast():
                       "method noise (noisy - SRDS)", "uncertainty (SRDS)"]
     outputs["full"] = (clean + 0.01, None)
     titles = [t for t, _ in report.figure_panels("ct", "gaussian 6/255", clean, noisy, outputs, ["bm3d"],
-                                                 volumetric=True)["panels"]]
+                                                 made_by="volumetric filter")["panels"]]
     assert titles == ["clean", "noisy", "best peer: bm3d", "volumetric filter (full, fast)",
                       "method noise (noisy - full)"]
 

@@ -315,6 +315,25 @@ def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data
     assert "the Wiener filter were skipped" in messages and "--model wide-spot can" in messages
 
 
+def test_under_correlated_noise_the_log_says_the_filters_made_the_image_and_no_uncertainty_map_is_written(
+        capfd, tmp_path):
+    """The shipped 2D correlated-noise model on a radiograph-like image with correlated noise, Full mode: hard
+    thresholding and the Wiener filter make the image, so the log says so and no uncertainty map is written."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    clean = 1500.0 + 10.0 * xx + 800.0 * ((yy - 32) ** 2 / 300 + (xx - 32) ** 2 / 150 < 1)
+    noisy = clean + 1600 * add_noise(np.zeros_like(clean), "correlated", 1.2, np.random.default_rng(8))
+    write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / "chest.nrrd")
+    spread = tmp_path / "spread.nrrd"
+    code, out, err = run(capfd, "denoise", tmp_path / "chest.nrrd", tmp_path / "out.nrrd", "--model",
+                         "correlated-noise-default", "--mode", "full", "--uncertainty", spread, "--json")
+    assert code == 0, err
+    events = parse(out)
+    assert of_kind(events, "result")[0]["details"]["filters_made_the_image"] == "correlated-noise filters"
+    assert of_kind(events, "result")[0]["uncertainty"] is None and not spread.exists()
+    assert any("hard thresholding's and the Wiener filter's" in e["message"] and "no uncertainty map" in e["message"]
+               for e in of_kind(events, "log"))
+
+
 def colour_image(path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 9, 3), np.uint8), isVector=True), str(path))
 

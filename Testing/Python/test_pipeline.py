@@ -135,7 +135,8 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     noise is independent) and gains over the student's output alone. The 2.5D CT model's result (a one-pixel blind
     spot, which leaves correlated noise in it) does not go through it. On one slice the 2D model's result only
     picks the flat windows the noise covariance is read in: hard thresholding and the Wiener step guided by it,
-    with exact variances, gain over the student's output too; the progress ends full."""
+    with exact variances, gain over the student's output too, Full gives no uncertainty map (the filters made the
+    image); the progress ends full."""
     pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
 
@@ -165,6 +166,8 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     alone = denoise_image(one_slice, two_d, mode="fast", fusion=False).image.array
     gain = psnr(hu, averaged.image.array, data_range=high - low) - psnr(hu, alone, data_range=high - low)
     assert gain > 0.3, gain
+    full = denoise_image(one_slice, two_d, mode="full")  # the filters made the image: no uncertainty map of SRDS's
+    assert full.details["filters_made_the_image"] == "correlated-noise filters" and full.uncertainty is None
 
 
 def test_a_slice_range_runs_the_networks_on_the_neighbours_the_2_5d_wiener_filter_groups(volume_and_model,

@@ -45,12 +45,15 @@ FAKE_CLI = textwrap.dedent(
             image = image[tuple(where)]
         smooth = sitk.Mean(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 1])
         sitk.WriteImage(smooth, target)
-        # the model "volumetric" stands for a 2.5D model on white noise: the volumetric filter, no uncertainty map
-        volumetric = "--model" in args and args[args.index("--model") + 1] == "volumetric"
-        if "--uncertainty" in args and not volumetric:
+        # the model "volumetric" stands for a 2.5D model on white noise (the volumetric filter), "correlated" for a
+        # 2D one under correlated noise (the correlated-noise filters): no uncertainty map
+        made_by = {"volumetric": "volumetric filter", "correlated": "correlated-noise filters"}.get(
+            args[args.index("--model") + 1] if "--model" in args else None)
+        if "--uncertainty" in args and not made_by:
             sitk.WriteImage(sitk.Abs(sitk.Cast(image, sitk.sitkFloat32) - smooth), args[args.index("--uncertainty") + 1])
         say(event="progress", stage="denoise", step=1, total=1, loss=None, eta_s=0.0)
-        say(event="result", output=target, model="fake-mean", seconds=0.5, details={"volumetric_filter": volumetric})
+        say(event="result", output=target, model="fake-mean", seconds=0.5,
+            details={"filters_made_the_image": made_by} if made_by else {})
     elif args[0] == "train":
         name = args[args.index("--name") + 1]
         inputs = args[1:args.index("--name")]
@@ -168,15 +171,16 @@ def test_denoise_waits_for_the_worker_and_keeps_geometry_window_and_input(mrml, 
     assert os.listdir(fake_logic.temp_root) == []
 
 
-def test_full_mode_without_an_uncertainty_map_says_why(mrml, fake_logic, tmp_path):
-    """When the volumetric filter made the image the worker writes no map: the result comes in alone and says so."""
+@pytest.mark.parametrize("model, why", [("volumetric", "volumetric filter"), ("correlated", "spatially correlated")])
+def test_full_mode_without_an_uncertainty_map_says_why(mrml, fake_logic, tmp_path, model, why):
+    """When filters alone made the image the worker writes no map: the result comes in alone and says why."""
     path = tmp_path / "head.nrrd"
     _noisy_volume(path)
     source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
-    outcome = fake_logic.denoise(source, DenoiseSettings(mode="full", uncertainty=True, model="volumetric"))
+    outcome = fake_logic.denoise(source, DenoiseSettings(mode="full", uncertainty=True, model=model))
     assert outcome.status == "done", outcome.message
     assert outcome.output_volume is not None and outcome.uncertainty_volume is None
-    assert "No uncertainty map" in outcome.message and "volumetric filter" in outcome.message
+    assert "No uncertainty map" in outcome.message and why in outcome.message
     assert os.listdir(fake_logic.temp_root) == []
 
 
