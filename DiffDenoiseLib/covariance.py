@@ -17,8 +17,9 @@ coefficients).
 R is not known: `estimate_noise_covariance` reads it on the image itself, in the windows where a pilot (a
 network's result) is flattest, whose variation is then mostly noise; each window's mean is taken out first
 (which lowers every R(d) alike, by a few percent of R(0) for short correlations: that level is read on the
-ring of offsets REACH voxels away, where the noise is taken as uncorrelated, and taken out). Offsets across slices are read the same
-way, so noise correlated between slices (thin CT slices) is covered too. The noise is taken as stationary.
+ring of offsets REACH voxels away, where the noise is taken as uncorrelated, and taken out). Offsets across
+slices are read the same way, so noise correlated between slices (thin CT slices) is covered too. The noise
+is taken as stationary.
 Where no window is flat (a crop of the brain alone) anatomy adds to R, and the filters then smooth more.
 """
 
@@ -53,19 +54,22 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     def windows(a: torch.Tensor) -> torch.Tensor:  # (n, windows, side, side)
         return a.unfold(1, side, step).unfold(2, side, step).reshape(n, -1, side, side)
 
-    yw, spread = windows(y), windows(m).std(dim=(2, 3))
+    yw, spread = windows(y), windows(m).std(dim=(2, 3))  # views: only the windows read are copied
     flattest = torch.argsort(spread.reshape(-1))[:max(1, int(FLATTEST_SHARE * spread.numel()))]
     chosen = torch.zeros(spread.numel(), dtype=torch.bool)
     chosen[flattest] = True
     chosen = chosen.reshape(spread.shape)  # (n, windows)
-    centred = yw - yw.mean(dim=(2, 3), keepdim=True)
+
+    def centred(a: torch.Tensor) -> torch.Tensor:
+        return a - a.mean(dim=(1, 2), keepdim=True)
+
     covariance = np.zeros((2 * depth + 1, 2 * reach + 1, 2 * reach + 1))
     for dz in range(-depth, depth + 1):
         first, last = max(0, -dz), min(n, n - dz)  # slices that have a neighbour dz away
         if first >= last:
             continue
         keep = chosen[first:last]
-        a, b = centred[first:last][keep], centred[first + dz:last + dz][keep]  # the same windows dz slices apart
+        a, b = centred(yw[first:last][keep]), centred(yw[first + dz:last + dz][keep])  # the same windows dz apart
         for dy in range(-reach, reach + 1):
             for dx in range(-reach, reach + 1):
                 products = (a[:, max(0, -dy):side - max(0, dy), max(0, -dx):side - max(0, dx)]
@@ -82,7 +86,8 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
 def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offset: int) -> torch.Tensor:
     """C_k(dz, dy, dx): the covariance of the k-th coefficient of two patches offset by (dz, dy, dx), for
     in-plane offsets of up to `max_offset`; `basis` (K, P, P) holds the 2D transform's basis patches as rows.
-    Returns (2 * depth + 1, K, 2 * max_offset + 1, 2 * max_offset + 1), float64."""
+    Returns (K, 2 * depth + 1, 2 * max_offset + 1, 2 * max_offset + 1), float64, contiguous, so that
+    `group_variance` reads each coefficient's offsets as one row."""
     patch = basis.shape[-1]
     r = torch.from_numpy(covariance).double()
     reach = r.shape[-1] // 2
@@ -91,16 +96,16 @@ def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offs
     b = basis.double()[:, None]
     # each basis patch's autocorrelation A_k(s) = sum_u B_k(u) B_k(u + s), then C_k(d) = sum_s A_k(s) R(d + s)
     autocorrelation = F.conv2d(b.transpose(0, 1), b, padding=patch - 1, groups=basis.shape[0]).transpose(0, 1)
-    return F.conv2d(r[:, None], autocorrelation)  # (depth, K, 2 * max_offset + 1, ...)
+    return F.conv2d(r[:, None], autocorrelation).transpose(0, 1).contiguous()  # (K, depth, 2 * max_offset + 1, ...)
 
 
 def group_variance(table: torch.Tensor, where: torch.Tensor, group_transform: torch.Tensor) -> torch.Tensor:
     """The noise variance of every coefficient of each group's 3D transform, (R, group, K), from the coefficient
     covariance `table` (as `coefficient_covariance` returns, on the device, covering every offset between two
     members) and the groups' (slice, y, x) positions `where` (R, group, 3)."""
-    depth, max_offset = table.shape[0] // 2, table.shape[-1] // 2
+    depth, max_offset = table.shape[1] // 2, table.shape[-1] // 2
     d = where[:, :, None] - where[:, None]  # (R, group, group, 3)
     index = ((d[..., 0] + depth) * table.shape[-2] + d[..., 1] + max_offset) * table.shape[-1] + d[..., 2] + max_offset
-    flat = table.transpose(0, 1).reshape(table.shape[1], -1).to(group_transform.dtype)  # (K, offsets)
-    pair = flat[:, index]  # (K, R, group, group)
+    rows = table.reshape(table.shape[0], -1).to(group_transform.dtype)  # (K, offsets): a view when dtypes agree
+    pair = rows[:, index]  # (K, R, group, group)
     return torch.einsum("ai,krij,aj->rak", group_transform, pair, group_transform).clamp_min(1e-20)

@@ -13,9 +13,11 @@ gives it back, weighted by how reliable the estimate is around the voxel. The st
 learns the fused Full result; on images unlike its training data it can still smooth too
 much, so Fast gives back the share of each voxel's own value that Stein's estimate prefers.
 Both then guide a collaborative Wiener filter of the noisy image (wiener.py), which gives back
-the fine structure that similar patches, in the slice and its neighbours, agree on (under
-spatially correlated noise, for 2.5D models only, with each coefficient's noise measured). A 2D
-model's result is first averaged with the image's own hard-thresholding estimate. A 2.5D model's
+the fine structure that similar patches, in the slice and its neighbours, agree on. A 2D model's
+result is first averaged with the image's own hard-thresholding estimate. Under spatially
+correlated noise (a wide blind spot's result only) each coefficient's noise is its exact variance
+from the noise covariance read on the image (covariance.py), and a 2D model's image is the
+filters' alone, its result only showing where the image is flat. A 2.5D model's
 volume whose noise looks white goes to the volumetric filter instead (wiener.volumetric_filter,
 BM4D's two steps on cubes), which beat the networks there; the networks do not run then.
 """
@@ -315,10 +317,10 @@ def denoise_image(
     # Wiener filter only if it removed such noise, which a wide blind spot does and a one-pixel one does not: on
     # the demo's real head CT that result gave some of the noise back (high-pass std in the brain 3.5 HU against
     # 2.6) for 8 times the time; so only a wide blind spot's result is filtered there.
-    measured = (fuse and correlated and model.config.blind_spot_radius > 0
+    correlated_filters = (fuse and correlated and model.config.blind_spot_radius > 0
                 and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE)
     if fuse:
-        details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or measured
+        details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or correlated_filters
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
     if not k and details.get("wiener"):
         # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step), and

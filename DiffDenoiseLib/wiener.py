@@ -401,8 +401,9 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         dct1 = dct_matrix(where.shape[1]).to(device, dtype)
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
         cy = dct1 @ (flat_y[pixels] @ dct2.T)  # the group's 3D spectrum
-        variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]  # (R, 1, 1)
-        if table is not None:  # each coefficient's own, from the members' positions: (R, group, 64)
+        if table is None:  # the noise curve at the group's intensity: (R, 1, 1)
+            variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]
+        else:  # each coefficient's own, from the members' positions: (R, group, 64)
             variance = group_variance(table, where, dct1)
         cm = dct1 @ (flat_m[pixels] @ dct2.T) if wiener else None
         filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
