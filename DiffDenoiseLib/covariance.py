@@ -12,7 +12,9 @@ every coefficient of a group's 3D transform exactly from the noise's covariance 
     var(coefficient (a, k) of the group) = sum over members i, j of T(a, i) T(a, j) C_k(p_i - p_j)
 
 with T the 1D transform across the group (exact: a coefficient of the group mixes only the members' k-th
-coefficients).
+coefficients). For the DCT-II across the group, T(a, i) T(a, j) is half the sum of two cosines, of a (i - j) and
+of a (i + j + 1), so each variance needs only the sums of C_k(p_i - p_j) along the diagonals and anti-diagonals
+of the group's pairs (G^2 work per coefficient instead of G^3 for the sum as written).
 
 R is not known: `estimate_noise_covariance` reads it on the image itself, in the windows where a pilot (a
 network's result) is flattest, whose variation is then mostly noise; each window's mean is taken out first
@@ -24,6 +26,8 @@ Where no window is flat (a crop of the brain alone) anatomy adds to R, and the f
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     offsets of up to `depth` slices and reach = REACH voxels (a quarter of the window on smaller images), read
     in the WINDOW-sided windows (half overlapping) of every slice where `pilot` (same shape) varies least (the
     FLATTEST_SHARE of them), each window's mean taken out. Offsets to slices beyond the stack are read on the
-    slices that have them; R(0) is the noise variance."""
+    slices that have them; R(0) is the noise variance, and R(-d) = R(d) (which `group_variance` relies on)."""
     y, m = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (noisy, pilot))
     if y.ndim != 3 or y.shape != m.shape:
         raise ValueError(f"the noise covariance needs a noisy stack and a pilot of one (n, H, W) shape, got "
@@ -80,14 +84,15 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     # taken out by reading that level on the outermost ring of offsets, where the noise is taken as uncorrelated.
     ring = np.ones((2 * reach + 1, 2 * reach + 1), dtype=bool)
     ring[1:-1, 1:-1] = False
-    return covariance - covariance[:, ring].mean(axis=1)[:, None, None]
+    covariance = covariance - covariance[:, ring].mean(axis=1)[:, None, None]
+    return (covariance + covariance[::-1, ::-1, ::-1]) / 2  # R(-d) = R(d); the windows' edges read them apart
 
 
 def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offset: int) -> torch.Tensor:
     """C_k(dz, dy, dx): the covariance of the k-th coefficient of two patches offset by (dz, dy, dx), for
     in-plane offsets of up to `max_offset`; `basis` (K, P, P) holds the 2D transform's basis patches as rows.
-    Returns (K, 2 * depth + 1, 2 * max_offset + 1, 2 * max_offset + 1), float64, contiguous, so that
-    `group_variance` reads each coefficient's offsets as one row."""
+    Returns (2 * depth + 1, 2 * max_offset + 1, 2 * max_offset + 1, K), float64, contiguous, so that
+    `group_variance` reads all coefficients of an offset as one row."""
     patch = basis.shape[-1]
     r = torch.from_numpy(covariance).double()
     reach = r.shape[-1] // 2
@@ -96,16 +101,29 @@ def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offs
     b = basis.double()[:, None]
     # each basis patch's autocorrelation A_k(s) = sum_u B_k(u) B_k(u + s), then C_k(d) = sum_s A_k(s) R(d + s)
     autocorrelation = F.conv2d(b.transpose(0, 1), b, padding=patch - 1, groups=basis.shape[0]).transpose(0, 1)
-    return F.conv2d(r[:, None], autocorrelation).transpose(0, 1).contiguous()  # (K, depth, 2 * max_offset + 1, ...)
+    return F.conv2d(r[:, None], autocorrelation).permute(0, 2, 3, 1).contiguous()  # (depth, side, side, K)
 
 
-def group_variance(table: torch.Tensor, where: torch.Tensor, group_transform: torch.Tensor) -> torch.Tensor:
-    """The noise variance of every coefficient of each group's 3D transform, (R, group, K), from the coefficient
-    covariance `table` (as `coefficient_covariance` returns, on the device, covering every offset between two
-    members) and the groups' (slice, y, x) positions `where` (R, group, 3)."""
-    depth, max_offset = table.shape[1] // 2, table.shape[-1] // 2
-    d = where[:, :, None] - where[:, None]  # (R, group, group, 3)
-    index = ((d[..., 0] + depth) * table.shape[-2] + d[..., 1] + max_offset) * table.shape[-1] + d[..., 2] + max_offset
-    rows = table.reshape(table.shape[0], -1).to(group_transform.dtype)  # (K, offsets): a view when dtypes agree
-    pair = rows[:, index]  # (K, R, group, group)
-    return torch.einsum("ai,krij,aj->rak", group_transform, pair, group_transform).clamp_min(1e-20)
+def group_variance(table: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The noise variance of every coefficient of each group's 3D transform (the DCT-II across the group), (R,
+    group, K), from the coefficient covariance `table` (as `coefficient_covariance` returns, on the device,
+    covering every offset between two members) and the groups' (slice, y, x) positions `where` (R, group, 3).
+
+    C_k is symmetric, so only the pairs i > j are read: their sums along each diagonal (i - j = m) and anti-diagonal
+    (i + j = s) give var(a, k) = C_k(0) + c_a sum_m D_m cos(pi a m / G) + c_a sum_s S_s cos(pi a (s + 1) / G),
+    with c_a = 1 / G for a = 0 and 2 / G otherwise (the module docstring says why)."""
+    group = where.shape[1]
+    depth, side = table.shape[0] // 2, table.shape[1]
+    i, j = torch.tril_indices(group, group, -1, device=where.device)
+    d = where[:, i] - where[:, j]  # (R, pairs, 3)
+    index = ((d[..., 0] + depth) * side + d[..., 1] + side // 2) * side + d[..., 2] + side // 2
+    rows = table.reshape(-1, table.shape[-1])  # (offsets, K): a view
+    pair = rows[index]  # (R, pairs, K)
+    diagonals = pair.new_zeros(pair.shape[0], group, pair.shape[-1]).index_add_(1, i - j, pair)
+    anti_diagonals = pair.new_zeros(pair.shape[0], 2 * group, pair.shape[-1]).index_add_(1, i + j, pair)
+    a = torch.arange(group, dtype=torch.float64, device=where.device)[:, None]
+    c = torch.where(a == 0, 1.0, 2.0).to(torch.float64) / group
+    along = (c * torch.cos(math.pi * a * torch.arange(group, device=where.device) / group)).to(pair.dtype)
+    across = (c * torch.cos(math.pi * a * (torch.arange(2 * group, device=where.device) + 1) / group)).to(pair.dtype)
+    at_zero = rows[(depth * side + side // 2) * side + side // 2]  # C_k(0): the members' own variances
+    return (at_zero + along @ diagonals + across @ anti_diagonals).clamp_min(1e-20)

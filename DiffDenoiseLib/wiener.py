@@ -68,7 +68,7 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 # volume and lost on the other. References every 4th voxel there lost nothing (-0.04 to +0.01 dB) for 0.55 to 0.65
 # times the time of every 3rd (under white noise they lost up to 0.17 dB). With the exact variances (2D images,
 # hard thresholding then Wiener) groups of 32 lost 0.1 dB on average and 16 lost 0.33, for a quarter and a
-# sixteenth of the time (a group's variances cost group^3 per coefficient); every 3rd voxel gained 0.02.
+# sixteenth of the time (then; a group's variances cost group^2 per coefficient now); every 3rd voxel gained 0.02.
 CORRELATED_GROUP = 64
 CORRELATED_SEARCH_RADIUS = 12
 CORRELATED_STEP = 4
@@ -108,7 +108,7 @@ HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise st
 # gained nothing more.
 HARD_SEARCH_RADIUS = 19
 REFERENCE_CHUNK = 2048  # reference patches filtered at once, which bounds the working memory
-CORRELATED_REFERENCE_CHUNK = 128  # under correlated noise each holds (64 coefficients x group^2) covariances
+CORRELATED_REFERENCE_CHUNK = 128  # under correlated noise each holds group^2 / 2 pairs x 64 coefficient covariances
 
 
 def dct_matrix(size: int) -> torch.Tensor:
@@ -404,7 +404,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         if table is None:  # the noise curve at the group's intensity: (R, 1, 1)
             variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]
         else:  # each coefficient's own, from the members' positions: (R, group, 64)
-            variance = group_variance(table, where, dct1)
+            variance = group_variance(table, where)
         cm = dct1 @ (flat_m[pixels] @ dct2.T) if wiener else None
         filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
         weight = weight * window  # (R, 1, 64)

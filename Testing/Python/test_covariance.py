@@ -48,7 +48,7 @@ def test_the_exact_group_variances_match_the_variances_of_noise_groups():
     table = coefficient_covariance(covariance, BASIS, 10)
     offsets = torch.tensor([[0, 0, 0], [0, 0, 3], [0, 2, 1], [0, 6, 6]])
     transform = dct_matrix(4)
-    exact = group_variance(table, offsets[None], transform)[0]  # (4, 64)
+    exact = group_variance(table, offsets[None])[0]  # (4, 64)
     t = torch.from_numpy(field[0])
     patches = torch.stack([t[dy:dy + 240, dx:dx + 240].unfold(0, 8, 1).unfold(1, 8, 1) for _, dy, dx in offsets])
     coefficients = torch.einsum("kuv,gyxuv->yxgk", BASIS.double(), patches)  # (positions, 4 members, 64)
@@ -56,6 +56,24 @@ def test_the_exact_group_variances_match_the_variances_of_noise_groups():
     strong = measured > 0.1 * measured.max()
     np.testing.assert_allclose(exact[strong].numpy(), measured[strong].numpy(), rtol=0.08)
     assert exact[0, 0] > 2.5 * exact[1:, 0].mean()
+
+
+@pytest.mark.parametrize("group", [1, 2, 5, 16])
+def test_the_group_variances_from_diagonal_sums_equal_the_sum_over_every_pair(group):
+    """group_variance sums the pairs' covariances along diagonals (G^2 work); that equals the sum over every
+    pair of members, sum_ij T(a, i) T(a, j) C_k(p_i - p_j) with T the DCT-II, for any positions, in and
+    across slices."""
+    rng = np.random.default_rng(4)
+    field = add_noise(np.zeros((3, 64, 64)), "correlated", 0.8, rng, sigma=1.0)
+    covariance = estimate_noise_covariance(field, np.zeros_like(field), depth=1)
+    table = coefficient_covariance(covariance, BASIS, 6)
+    where = torch.stack([torch.from_numpy(rng.integers(0, high, (5, group))) for high in (2, 7, 7)], dim=-1)
+    d = where[:, :, None] - where[:, None]  # (R, group, group, 3)
+    pairs = table[d[..., 0] + 1, d[..., 1] + 6, d[..., 2] + 6]  # (R, group, group, K)
+    transform = dct_matrix(group).double()
+    direct = torch.einsum("ai,rijk,aj->rak", transform, pairs, transform)
+    np.testing.assert_allclose(group_variance(table, where).numpy(), direct.clamp_min(1e-20).numpy(), rtol=1e-9,
+                               atol=1e-12)
 
 
 def test_anatomy_in_every_window_is_read_as_noise_and_bad_input_is_named():
