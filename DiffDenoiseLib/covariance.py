@@ -36,6 +36,7 @@ import torch.nn.functional as F
 WINDOW = 32  # side of the windows the covariance is read in
 FLATTEST_SHARE = 0.2  # of the windows (by the pilot's std within them) that are read
 REACH = 8  # in-plane offsets beyond this many voxels are taken as uncorrelated
+PAIR_ROWS_AT_ONCE = 1 << 18  # (group, pair) rows of covariances gathered at once: 64 MiB in float32
 
 
 def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int = 0) -> np.ndarray:
@@ -113,6 +114,9 @@ def group_variance(table: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     (i + j = s) give var(a, k) = C_k(0) + c_a sum_m D_m cos(pi a m / G) + c_a sum_s S_s cos(pi a (s + 1) / G),
     with c_a = 1 / G for a = 0 and 2 / G otherwise (the module docstring says why)."""
     group = where.shape[1]
+    at_once = max(1, PAIR_ROWS_AT_ONCE // max(1, group * (group - 1) // 2))
+    if where.shape[0] > at_once:  # large groups: a few at a time, so the memory stays bounded
+        return torch.cat([group_variance(table, part) for part in torch.split(where, at_once)])
     depth, side = table.shape[0] // 2, table.shape[1]
     i, j = torch.tril_indices(group, group, -1, device=where.device)
     d = where[:, i] - where[:, j]  # (R, pairs, 3)

@@ -81,10 +81,14 @@ def read_image(path) -> Image:
     bad = int(np.size(image.array) - np.count_nonzero(np.isfinite(image.array)))
     if bad:
         raise ValueError(f"{path} has {bad} NaN or infinite voxels; fill or mask them before denoising")
-    if modality is None and np.size(image.array) and float(image.array.min()) < CT_AIR_THRESHOLD:
-        modality = "CT"
-    image.modality = modality
+    image.modality = modality or modality_from_voxels(image.array)
     return image
+
+
+def modality_from_voxels(array) -> Optional[str]:
+    """"CT" when some voxel lies below CT_AIR_THRESHOLD (Hounsfield units of air), else None: the modality of an
+    image whose file does not say (the volumes Slicer hands the worker)."""
+    return "CT" if np.size(array) and float(np.min(array)) < CT_AIR_THRESHOLD else None
 
 
 def _check_shape(path: Path, dimension: int, size, components: int) -> None:

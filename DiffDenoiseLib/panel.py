@@ -157,6 +157,7 @@ class Panel:
         if not self._updating and 0 <= index < len(self._model_names):
             self.params.model = self._model_names[index]
             self._show_model_card()
+            self.update_estimate()
 
     def _on_from_model_chosen(self, index):
         if not self._updating and 0 <= index < len(self._from_names):
@@ -197,7 +198,7 @@ class Panel:
             self.ui.estimateLabel.setText("PyTorch will be installed (with your consent) on the first run.")
             return
         try:
-            estimate = self.logic.estimate(node, self.denoise_settings())
+            estimate = self.logic.estimate(node, self.denoise_settings(), self.models)
         except (ValueError, RuntimeError) as error:
             self.ui.estimateLabel.setText(str(error))
             return

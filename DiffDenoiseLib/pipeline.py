@@ -51,7 +51,7 @@ from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE, estimate_transform_par
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
 from DiffDenoiseLib.settings import JsonSettings
-from DiffDenoiseLib.slicing import as_slice_stack, choose_slice_axis, context_stack, from_slice_stack, map_tiled
+from DiffDenoiseLib.slicing import TILE, as_slice_stack, choose_slice_axis, context_stack, from_slice_stack, map_tiled
 from DiffDenoiseLib.wiener import (
     CUBE,
     collaborative_hard_threshold,
@@ -181,7 +181,7 @@ def run_network_on_slices(
     device: torch.device,
     extra: Optional[np.ndarray] = None,
     batch_size: int = 8,
-    tile: int = 256,
+    tile: int = TILE,
     progress: Optional[Callable[[int], None]] = None,
     cancel: Optional[CancelToken] = None,
     indices: Optional[Sequence[int]] = None,
@@ -227,7 +227,7 @@ def denoise_image(
     progress: Optional[Callable[[Progress], None]] = None,
     cancel: Optional[CancelToken] = None,
     seed: int = 0,
-    tile: int = 256,
+    tile: int = TILE,
     fusion: Optional[bool] = None,
     slice_range: Optional[Tuple[int, int]] = None,
     self_ensemble: Optional[int] = None,

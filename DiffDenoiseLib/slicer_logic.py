@@ -24,18 +24,26 @@ from DiffDenoiseLib.signals import Signal
 
 LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
 
-# Rough cost of one network evaluation per megapixel of slice, in seconds, on one
-# CPU (the blind-spot/diffusion UNet sizes of the shipped models: an SRDS pair of
-# 5 DDIM steps takes about 0.6 s on a 224 x 192 slice). A GPU is counted 30 times
-# faster. Only the estimate shown before a run uses these; the time left while it
-# runs comes from the worker.
-_UNET_SECONDS_PER_MEGAPIXEL_CPU = 1.4
-_STUDENT_SECONDS_PER_MEGAPIXEL_CPU = 0.15
+# Seconds per megapixel of each stage a run can take, on a CPU of two cores: benchmarks/stage_costs.py measured them
+# on 256x256 slices (benchmarks/results/stage_costs.json; the keys are its stages). The networks' figures are per
+# megapixel they evaluate: a larger slice goes through them in overlapping tiles of that size (slicing.tiled_pixels).
+# A GPU is counted _GPU_SPEED_UP times faster, the filters too (they run in torch there). Only the estimate shown
+# before a run uses these; the time left while it runs comes from the worker.
+_CPU_SECONDS_PER_MEGAPIXEL = {
+    "student": 5.4,
+    "bsn": 8.2,
+    "bsn_wide": 51.9,
+    "diffusion": 6.2,
+    "volumetric_filter": 23.9,
+    "filters_2d": 21.3,
+    "wiener_context": 14.1,
+    "correlated_filters_2d": 320.2,
+    "correlated_wiener_context": 76.7,
+}
+_NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
 _GPU_SPEED_UP = 30.0
 _STARTUP_SECONDS = 5.0
-ESTIMATE_DEFAULT_STEPS = 5
-ESTIMATE_DEFAULT_PAIRS = 1
-ESTIMATE_DEFAULT_VIEWS = 4  # the white-noise models' self-ensemble; a blind-spot pass costs about one UNet pass
+NOISE_READING_SLICES = 32  # the evenly spaced slices noise.binning_noise_reading reads: the estimate reads the same
 SOURCE_REFERENCE = "DiffDenoiseSource"  # node reference from a result to the volume it was computed from
 PREVIEW_OF = "DiffDenoise.PreviewOf"  # attribute of a one-slice preview volume: the ID of its input
 IJK_AXIS = {"x": 0, "y": 1, "z": 2}  # voxel axis names as the worker's --slice-axis takes them
@@ -71,7 +79,7 @@ class Estimate:
     device: str          # "cpu", "cuda", "mps"
     device_message: str  # the library's sentence about the device
     seconds: float
-    advice: str          # "" or a suggestion (Full on a CPU is slow: use Fast)
+    advice: str          # "" or sentences: Fast over a slow Full on a CPU, which filters take most of the time
 
 
 @dataclass
@@ -207,6 +215,7 @@ class DenoiseLogic:
         self.env = env if env is not None else worker_environment()
         self.temp_root = temp_root
         self.timer_factory = timer_factory
+        self._readings: Dict[str, tuple] = {}  # node ID: (version of its voxels, {what: reading}), see `_reading`
 
     @property
     def scene(self):
@@ -234,30 +243,96 @@ class DenoiseLogic:
                 models.append(event)
         return models
 
-    def estimate(self, input_node, settings: DenoiseSettings) -> Estimate:
-        """Which device will run and roughly how long Denoise takes on `input_node`."""
+    def estimate(self, input_node, settings: DenoiseSettings, models: Sequence[dict] = ()) -> Estimate:
+        """Which device will run and roughly how long Denoise takes on `input_node`: the stages the worker will
+        run (`run_stages`) for the model it will use, among the cards in `models` (as `list_models` gives them;
+        none known: a 2D model's defaults), and the noise the volume shows."""
         from DiffDenoiseLib.device import select_device
+        from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE
+        from DiffDenoiseLib.slicing import tiled_pixels
 
         device, message = select_device(settings.device)
         dims = input_node.GetImageData().GetDimensions()
-        megapixels = dims[0] * dims[1] * dims[2] / 1e6
-        per_megapixel = _STUDENT_SECONDS_PER_MEGAPIXEL_CPU
-        if settings.mode == "full":
-            steps = settings.steps or ESTIMATE_DEFAULT_STEPS
-            pairs = settings.pairs or ESTIMATE_DEFAULT_PAIRS
-            per_megapixel = _UNET_SECONDS_PER_MEGAPIXEL_CPU * (ESTIMATE_DEFAULT_VIEWS + 2 * pairs * steps)
-        if device.type != "cpu":
-            per_megapixel /= _GPU_SPEED_UP
-        seconds = _STARTUP_SECONDS + megapixels * per_megapixel
-        advice = ""
-        if settings.mode == "full" and device.type == "cpu" and seconds > 120:
-            fast = _STARTUP_SECONDS + megapixels * _STUDENT_SECONDS_PER_MEGAPIXEL_CPU
-            slices = dims[IJK_AXIS[slice_axis_name(input_node, settings.slice_axis)]]
-            one_slice = _STARTUP_SECONDS + (seconds - _STARTUP_SECONDS) / slices
-            advice = ("Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s, and "
-                      "Preview slice shows Full mode on one slice in about %s."
-                      % tuple(worker_protocol.format_seconds(t) for t in (seconds, fast, one_slice)))
-        return Estimate(device.type, message, seconds, advice)
+        axis = slice_axis_name(input_node, settings.slice_axis)
+        slices = dims[IJK_AXIS[axis]]
+        height, width = (size for index, size in enumerate(dims) if index != IJK_AXIS[axis])
+        side = min(height, width)
+        card = self._model_card(input_node, settings, models, slices)
+        white = side >= MIN_SIDE_TO_JUDGE_NOISE and self._noise_looks_white(
+            input_node, axis, card.get("transform", {"name": "none"}))
+        megapixels = slices * height * width / 1e6
+        network_megapixels = slices * tiled_pixels(height, width) / 1e6  # the tiles of a large slice overlap
+        speed_up = 1.0 if device.type == "cpu" else _GPU_SPEED_UP
+
+        def seconds(stages: Dict[str, float]) -> float:
+            return _STARTUP_SECONDS + sum(passes * _CPU_SECONDS_PER_MEGAPIXEL[stage]
+                                          * (network_megapixels if stage in _NETWORK_STAGES else megapixels)
+                                          for stage, passes in stages.items()) / speed_up
+
+        stages = run_stages(card, settings.mode, settings.steps, settings.pairs, slices, side, white)
+        total = seconds(stages)
+        fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white))
+        advice = []
+        if "volumetric_filter" in stages:
+            advice.append("The noise looks white: the volumetric filter makes the image (Fast and Full alike), "
+                          "not the networks.")
+        correlated = {stage: passes for stage, passes in stages.items() if stage.startswith("correlated_")}
+        if correlated:
+            filters = seconds(correlated) - _STARTUP_SECONDS
+            advice.append("The noise looks spatially correlated: block-matching filters with its exact variances "
+                          "take about %s of it." % worker_protocol.format_seconds(filters))
+        if settings.mode == "full" and device.type == "cpu" and total > 120 and fast < total / 2:
+            one_slice = _STARTUP_SECONDS + (total - _STARTUP_SECONDS) / slices
+            advice.insert(0, "Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s, and "
+                          "Preview slice shows Full mode on one slice in about %s."
+                          % tuple(worker_protocol.format_seconds(t) for t in (total, fast, one_slice)))
+        return Estimate(device.type, message, total, " ".join(advice))
+
+    def _model_card(self, input_node, settings: DenoiseSettings, models: Sequence[dict], slices: int) -> dict:
+        """The card, among `models`, of the model the worker will run on `input_node`: the one named in `settings`,
+        or the shipped default it picks for the volume's modality, `slices` and noise (as `cli.py` does); {} when
+        `models` does not hold it."""
+        from DiffDenoiseLib.store import default_model
+
+        name = settings.model
+        if not name:
+            modality, correlated = self._reading(input_node, "modality and correlated noise",
+                                                 lambda: modality_and_correlated_noise(input_node))
+            try:
+                name = default_model([card for card in models if card.get("source") == "shipped"], modality,
+                                     slices, correlated)
+            except ValueError:  # no shipped default: the worker will say so
+                return {}
+        # a user model of a shipped model's name takes its place, as ModelStore.resolve has it
+        return next((card for card in sorted(models, key=lambda card: card.get("source") != "user")
+                     if card.get("name") == name), {})
+
+    def _noise_looks_white(self, input_node, axis: str, transform: dict) -> bool:
+        """Whether the pipeline will find `input_node`'s noise white (`fusion.noise_is_white_enough_for_the_share`
+        on the slices across `axis`, normalised and transformed as the networks get them)."""
+        from DiffDenoiseLib.fusion import noise_is_white_enough_for_the_share
+        from DiffDenoiseLib.noise import sample_slices
+        from DiffDenoiseLib.pipeline import prepare_array
+        from DiffDenoiseLib.slicing import as_slice_stack
+
+        def read() -> bool:
+            stack = as_slice_stack(volume_array(input_node), 2 - IJK_AXIS[axis])
+            return noise_is_white_enough_for_the_share(
+                prepare_array(sample_slices(stack, NOISE_READING_SLICES), transform)[0])
+
+        return self._reading(input_node, ("white noise", axis, tuple(sorted(transform.items()))), read)
+
+    def _reading(self, input_node, what, read: Callable):
+        """`read()` once per volume node, version of its voxels and `what`: reading the noise of a large volume
+        takes a second or more, and the estimate follows every change of the settings."""
+        version = input_node.GetImageData().GetMTime()
+        known_version, readings = self._readings.get(input_node.GetID(), (None, {}))
+        if known_version != version:
+            readings = {}
+        if what not in readings:
+            readings[what] = read()
+        self._readings[input_node.GetID()] = (version, readings)
+        return readings[what]
 
     # ---- denoising ------------------------------------------------------------------
 
@@ -505,6 +580,54 @@ def slice_axis_name(volume_node, slice_axis: str = "auto") -> str:
 
     dims = volume_node.GetImageData().GetDimensions()
     return "zyx"[choose_slice_axis(volume_node.GetSpacing(), dims[::-1]) if dims[2] > 1 else 0]
+
+
+def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side: int, white: bool) -> Dict[str, float]:
+    """{stage of benchmarks/stage_costs.py: passes over the image} of a run of `card`'s model in `mode` (0 steps or
+    pairs: the model's) on `slices` slices of `side` voxels or more, as `pipeline.denoise_image` chooses them.
+
+    Under white noise a 2.5D model's volume goes to the volumetric filter alone; otherwise the networks run, and
+    then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
+    exact variances after a wide blind spot only. `white` is the binning test's reading (Fast's and the volumetric
+    filter's); Full's test of the networks' residual is taken to agree with it.
+    """
+    from DiffDenoiseLib.networks import NetworkConfig
+    from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE
+    from DiffDenoiseLib.pipeline import SamplingConfig
+    from DiffDenoiseLib.wiener import CUBE
+
+    architecture = NetworkConfig.from_dict(card.get("architecture") or {})
+    sampling = SamplingConfig.from_dict(card.get("sampling") or {})
+    context, fuse = architecture.context_slices, sampling.fusion and side >= MIN_SIDE_TO_JUDGE_NOISE
+    if fuse and context and slices >= CUBE and white:
+        return {"volumetric_filter": 1}
+    if mode == "fast":
+        stages = {"student": 2 if fuse and white else 1}  # the second pass measures the share of the input kept
+    else:
+        stages = {"bsn_wide" if architecture.blind_spot_radius else "bsn": sampling.self_ensemble,
+                  "diffusion": 2 * (steps or sampling.steps) * (pairs or sampling.pairs)}
+    if fuse and white:
+        stages["wiener_context" if context else "filters_2d"] = 1
+    elif fuse and architecture.blind_spot_radius:
+        stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
+    return stages
+
+
+def volume_array(volume_node):
+    """The voxels of `volume_node` in numpy's (k, j, i) order, as the worker reads the file it is written to."""
+    import slicer.util
+
+    return slicer.util.arrayFromVolume(volume_node)
+
+
+def modality_and_correlated_noise(volume_node) -> Tuple[Optional[str], bool]:
+    """(modality, whether the noise looks spatially correlated) of `volume_node`, as the worker reads them from the
+    file it is given to choose the default model."""
+    from DiffDenoiseLib.imageio import modality_from_voxels
+    from DiffDenoiseLib.noise import noise_looks_correlated, sample_slices
+
+    array = volume_array(volume_node)
+    return modality_from_voxels(array), noise_looks_correlated(sample_slices(array, NOISE_READING_SLICES))
 
 
 def ijk_to_ras(volume_node):

@@ -85,6 +85,10 @@ def blend_window(size: int, overlap: int, at_start: bool, at_end: bool) -> np.nd
     return w
 
 
+TILE = 256  # side of the tiles a larger slice goes through the networks in (pipeline.denoise_image's default)
+TILE_OVERLAP = 64  # pixels neighbouring tiles share, blended across
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list:
     """Start offsets of tiles of size `tile` covering `length` with at least `overlap` shared pixels."""
     if length <= tile:
@@ -95,11 +99,18 @@ def tile_starts(length: int, tile: int, overlap: int) -> list:
     return starts
 
 
+def tiled_pixels(height: int, width: int, tile: int = TILE, overlap: int = TILE_OVERLAP) -> int:
+    """How many pixels a network evaluates for one height x width slice through `map_tiled`: overlapping tiles
+    see some pixels twice or four times (2.25 times the slice's pixels at 512 x 512)."""
+    return (len(tile_starts(height, tile, overlap)) * min(height, tile)
+            * len(tile_starts(width, tile, overlap)) * min(width, tile))
+
+
 def map_tiled(
     fn: Callable[..., torch.Tensor],
     inputs: Sequence[torch.Tensor],
-    tile: int = 256,
-    overlap: int = 64,
+    tile: int = TILE,
+    overlap: int = TILE_OVERLAP,
 ) -> torch.Tensor:
     """Apply `fn(*tiles) -> (B, C, h, w)` over large slices in overlapping tiles, blended smoothly.
 

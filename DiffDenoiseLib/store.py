@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -132,6 +132,42 @@ def load_model(folder: PathLike, device: Optional[torch.device] = None) -> Denoi
     return model.to(device) if device is not None else model
 
 
+def default_model(cards: Iterable[dict], modality: Optional[str], slices: int = 1,
+                  correlated_noise: bool = False) -> str:
+    """Name of the default among the shipped models' `cards` (each with its `name`) for `modality` (the CT
+    default for CT, the MR default otherwise).
+
+    `slices` is how many slices the image has along its slice axis (1 for a 2D image).
+    Among the defaults, the one with the most neighbouring-slice context the image can
+    feed wins: a 2.5D model for volumes, a 2D model for single images. With
+    `correlated_noise`, a shipped model whose card names it `default_for_noise:
+    "correlated"` (a wider blind spot) comes first, whatever the modality, unless the
+    modality's default sees more neighbouring slices: in-plane correlated noise is
+    independent between slices, and on the Colin27 volume the 2.5D MR model's Full beat
+    the 2D correlated-noise model's by 3.5 dB. A 2.5D correlated-noise model has both.
+    """
+    wanted = "CT" if modality == "CT" else "MR"
+    noise_matched, exact, fallback = [], [], []
+    for card in cards:
+        defaults = card.get("default_for") or []
+        context = int((card.get("architecture") or {}).get("context_slices", 0))
+        if context >= slices:
+            continue
+        if correlated_noise and card.get("default_for_noise") == "correlated":
+            noise_matched.append((context, card["name"]))
+        elif modality in defaults:
+            exact.append((context, card["name"]))
+        elif wanted in defaults:
+            fallback.append((context, card["name"]))
+    chosen = exact or fallback
+    if noise_matched and max(noise_matched)[0] >= max(chosen, default=(-1, ""))[0]:
+        chosen = noise_matched
+    if not chosen:
+        raise ValueError(f"no shipped default model for {modality or 'unknown-modality'} images is installed; "
+                         "pass --model with a trained model")
+    return max(chosen, key=lambda entry: entry[0])[1]
+
+
 class ModelStore:
     """Shipped models (read-only, inside the package) and the user's models."""
 
@@ -186,43 +222,15 @@ class ModelStore:
         raise ValueError(f"unknown model '{text}'; available models: {available}")
 
     def default_for(self, modality: Optional[str], slices: int = 1, correlated_noise: bool = False) -> str:
-        """Name of the shipped default for `modality` (the CT default for CT, the MR default otherwise).
-
-        `slices` is how many slices the image has along its slice axis (1 for a 2D image).
-        Among the defaults, the one with the most neighbouring-slice context the image can
-        feed wins: a 2.5D model for volumes, a 2D model for single images. With
-        `correlated_noise`, a shipped model whose card names it `default_for_noise:
-        "correlated"` (a wider blind spot) comes first, whatever the modality, unless the
-        modality's default sees more neighbouring slices: in-plane correlated noise is
-        independent between slices, and on the Colin27 volume the 2.5D MR model's Full beat
-        the 2D correlated-noise model's by 3.5 dB. A 2.5D correlated-noise model has both.
-        """
-        wanted = "CT" if modality == "CT" else "MR"
-        noise_matched, exact, fallback = [], [], []
+        """Name of the shipped default for `modality`, an image of `slices` slices and its noise (`default_model`)."""
+        cards = []
         for source, folder in self._folders():
-            if source != "shipped":
-                continue
-            try:
-                card = read_card(folder)
-            except ValueError:
-                continue
-            defaults = card.get("default_for") or []
-            context = int((card.get("architecture") or {}).get("context_slices", 0))
-            if context >= slices:
-                continue
-            if correlated_noise and card.get("default_for_noise") == "correlated":
-                noise_matched.append((context, folder.name))
-            elif modality in defaults:
-                exact.append((context, folder.name))
-            elif wanted in defaults:
-                fallback.append((context, folder.name))
-        chosen = exact or fallback
-        if noise_matched and max(noise_matched)[0] >= max(chosen, default=(-1, ""))[0]:
-            chosen = noise_matched
-        if not chosen:
-            raise ValueError(f"no shipped default model for {modality or 'unknown-modality'} images is installed; "
-                             "pass --model with a trained model")
-        return max(chosen, key=lambda entry: entry[0])[1]
+            if source == "shipped":
+                try:
+                    cards.append(dict(read_card(folder), name=folder.name))
+                except ValueError:
+                    continue
+        return default_model(cards, modality, slices, correlated_noise)
 
     def model_dir(self, name: str) -> Path:
         return self.user_dir / validate_name(name)

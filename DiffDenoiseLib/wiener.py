@@ -69,7 +69,14 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 # times the time of every 3rd (under white noise they lost up to 0.17 dB). With the exact variances (2D images,
 # hard thresholding then Wiener) groups of 32 lost 0.1 dB on average and 16 lost 0.33, for a quarter and a
 # sixteenth of the time (then; a group's variances cost group^2 per coefficient now); every 3rd voxel gained 0.02.
-CORRELATED_GROUP = 64
+# Once the variances cost group^2, larger Wiener groups within the slice paid (the same images, hard thresholding
+# with groups of 32, which gained 0.01 over 64 in half the time): 128 +0.13 dB, 192 +0.20, 256 +0.25, 384 +0.36,
+# at 2, 3.4, 5.5 and 20 times the time of 64; 192 costs what 64 did before the diagonal sums. Groups that reach
+# across slices (a 2.5D model's pilot, the benchmark's two volumes) gained on one (+0.19) and lost on the other
+# (-0.07 to -0.19) with 128 or 192, so they stay at 64.
+CORRELATED_HARD_GROUP = 32
+CORRELATED_WIENER_GROUP = 192
+CORRELATED_WIENER_GROUP_ACROSS_SLICES = 64
 CORRELATED_SEARCH_RADIUS = 12
 CORRELATED_STEP = 4
 # Hard thresholding under correlated noise, then the Wiener step (the benchmark's three 2D images, exact variances):
@@ -108,7 +115,7 @@ HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise st
 # gained nothing more.
 HARD_SEARCH_RADIUS = 19
 REFERENCE_CHUNK = 2048  # reference patches filtered at once, which bounds the working memory
-CORRELATED_REFERENCE_CHUNK = 128  # under correlated noise each holds group^2 / 2 pairs x 64 coefficient covariances
+CORRELATED_REFERENCE_CHUNK = 128  # under correlated noise (group_variance bounds its own gathering)
 
 
 def dct_matrix(size: int) -> torch.Tensor:
@@ -384,9 +391,12 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     """
     d, h, w = ys.shape
     device, dtype = ys.device, ys.dtype
-    group, radius, step, threshold = (CORRELATED_GROUP, CORRELATED_SEARCH_RADIUS, CORRELATED_STEP,
-                                      CORRELATED_HARD_THRESHOLD) if table is not None else (
-                                      GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD)
+    if table is None:
+        group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
+    else:
+        group = (CORRELATED_HARD_GROUP if not wiener else CORRELATED_WIENER_GROUP if d == 1
+                 else CORRELATED_WIENER_GROUP_ACROSS_SLICES)
+        radius, step, threshold = CORRELATED_SEARCH_RADIUS, CORRELATED_STEP, CORRELATED_HARD_THRESHOLD
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
     dct2 = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).to(device, dtype)

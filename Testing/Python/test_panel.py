@@ -144,11 +144,13 @@ class FakeLogic:
         self.models = list(self.MODELS)
         self.jobs = []
         self.calls = []
+        self.estimated = []  # (model chosen, names of the cards passed) of every estimate asked for
 
     def list_models(self):
         return list(self.models)
 
-    def estimate(self, node, settings):
+    def estimate(self, node, settings, models):
+        self.estimated.append((settings.model, [card["name"] for card in models]))
         seconds = 1500.0 if settings.mode == "full" else 12.0
         advice = "Full mode on the CPU is slow; Fast mode takes about 12 s." if settings.mode == "full" else ""
         return Estimate("cpu", "Using the CPU: no CUDA or MPS device was found; ...", seconds, advice)
@@ -300,6 +302,8 @@ def test_idle_panel_offers_denoise_and_lists_models(panel):
     assert "Roughly 25 min" in ui.estimateLabel.text()
     ui.modelComboBox.setCurrentIndex(1)
     assert panel.params.model == "mr-default"
+    assert panel.logic.estimated[-1] == ("mr-default", ["mr-default", "ct-default"]), \
+        "a new model is a new estimate, from the usable cards"
     assert ui.modelInfoLabel.text() == ("Brain MRI, Rician noise; stages: bsn, diffusion, student; "
                                         "trained on 1 image.")
 

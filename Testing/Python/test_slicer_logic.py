@@ -21,7 +21,15 @@ import SimpleITK as sitk  # noqa: E402
 import slicer.util  # noqa: E402
 from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 
-from DiffDenoiseLib.slicer_logic import DenoiseLogic, DenoiseSettings, TrainSettings, ijk_to_ras  # noqa: E402
+from DiffDenoiseLib.noise import add_noise  # noqa: E402
+from DiffDenoiseLib.slicer_logic import (  # noqa: E402
+    _CPU_SECONDS_PER_MEGAPIXEL,
+    DenoiseLogic,
+    DenoiseSettings,
+    TrainSettings,
+    ijk_to_ras,
+)
+from DiffDenoiseLib.store import ModelStore  # noqa: E402
 
 # Stands for `python -m DiffDenoiseLib denoise|train ... --json`: a 3x3x3 mean filter, the same
 # JSON lines and exit codes, and `--uncertainty` written as the absolute method noise.
@@ -311,15 +319,91 @@ def test_training_exports_every_chosen_volume(mrml, fake_logic, tmp_path):
         fake_logic.training_job([], TrainSettings(name="x"))
 
 
+def _volume_with_noise(name: str, shape, correlated: bool, seed: int = 0):
+    """A scene volume of a bright box under white Gaussian noise, or under that noise blurred in-plane by a Gaussian
+    of 1.2 pixels (spatially correlated)."""
+    clean = np.zeros(shape)
+    clean[:, shape[1] // 4:3 * shape[1] // 4, shape[2] // 4:3 * shape[2] // 4] = 0.5
+    noisy = add_noise(clean, "correlated", 1.2, seed) if correlated else add_noise(clean, "gaussian", 0.1, seed)
+    return slicer.util.addVolumeFromArray(noisy.astype(np.float32), name=name)
+
+
+def _card(name: str, context: int = 0, radius: int = 0, fusion: bool = True) -> dict:
+    return {"name": name, "source": "user", "architecture": {"context_slices": context, "blind_spot_radius": radius},
+            "sampling": {"fusion": fusion}}
+
+
+def _estimates(logic, volume, card: dict, mode: str = "fast"):
+    """(the estimate with `card`'s model, the networks-only estimate: the same model without fusion and filters)."""
+    return tuple(logic.estimate(volume, DenoiseSettings(mode=mode, model=card["name"], device="cpu"), [model])
+                 for model in (card, dict(card, sampling={"fusion": False})))
+
+
 def test_estimate_names_the_device_and_warns_about_full_on_cpu(mrml, fake_logic):
-    volume = slicer.util.addVolumeFromArray(np.zeros((200, 256, 256), np.int16), name="ct")
+    volume = _volume_with_noise("ct", (200, 256, 256), correlated=False)
     fast = fake_logic.estimate(volume, DenoiseSettings(mode="fast", device="cpu"))
     full = fake_logic.estimate(volume, DenoiseSettings(mode="full", device="cpu"))
     assert fast.device == full.device == "cpu" and "CPU" in full.device_message
-    assert full.seconds > 10 * fast.seconds
+    assert full.seconds > 2 * fast.seconds
     assert fast.advice == "" and "Fast mode" in full.advice
     one_slice = (full.seconds - 5.0) / 200 + 5.0  # the worker's start-up, then one of the 200 axial slices
     assert "Preview slice shows Full mode on one slice in about %d s" % round(one_slice) in full.advice
+
+
+def test_estimate_of_a_white_noise_volume_for_a_2_5d_model_is_the_volumetric_filter(mrml, fake_logic):
+    volume = _volume_with_noise("head", (12, 96, 96), correlated=False)
+    filtered, networks = _estimates(fake_logic, volume, _card("ct-2.5d", context=2))
+    assert "the volumetric filter makes the image" in filtered.advice and networks.advice == ""
+    assert filtered.seconds - 5.0 > 3 * (networks.seconds - 5.0), "the filter costs far more than the student"
+    full, _ = _estimates(fake_logic, volume, _card("ct-2.5d", context=2), mode="full")
+    assert full.seconds == filtered.seconds, "the networks do not run, in Full mode either"
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_estimate_under_correlated_noise_with_a_one_pixel_model_is_the_networks_alone(mrml, fake_logic, context):
+    volume = _volume_with_noise("head", (12, 96, 96), correlated=True)
+    for mode in ("fast", "full"):
+        one_pixel, networks = _estimates(fake_logic, volume, _card("one-pixel", context=context), mode)
+        assert one_pixel.seconds == pytest.approx(networks.seconds) and one_pixel.advice == ""
+
+
+def test_estimate_of_a_2d_image_under_correlated_noise_with_a_wide_blind_spot_counts_the_exact_filters(
+        mrml, fake_logic):
+    image = _volume_with_noise("x-ray", (1, 128, 128), correlated=True)
+    wide, networks = _estimates(fake_logic, image, _card("wide", radius=3))
+    filters = 128 * 128 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL["correlated_filters_2d"]
+    assert wide.seconds - networks.seconds == pytest.approx(filters)
+    assert "spatially correlated" in wide.advice and networks.advice == ""
+
+
+def test_automatic_estimate_follows_the_shipped_default_the_worker_picks(mrml, fake_logic, tmp_path):
+    shipped = [card for card in ModelStore(store_dir=tmp_path).list() if "error" not in card]
+    for name, shape, correlated, default, says in (
+            ("head", (12, 96, 96), False, "mr-brain-2.5d", "volumetric filter"),
+            ("slice", (1, 96, 96), False, "mr-brain-default", ""),
+            ("blurred", (12, 96, 96), True, "correlated-noise-2.5d", "spatially correlated")):
+        volume = _volume_with_noise(name, shape, correlated)
+        automatic, chosen = (fake_logic.estimate(volume, DenoiseSettings(mode="full", model=model, device="cpu"),
+                                                 shipped) for model in ("", default))
+        assert (automatic.seconds, automatic.advice) == (chosen.seconds, chosen.advice), default
+        assert says in automatic.advice
+
+
+def test_estimate_reads_the_noise_once_per_version_of_the_voxels(mrml, fake_logic, monkeypatch):
+    from DiffDenoiseLib import fusion
+
+    shapes = []
+    reading = fusion.noise_is_white_enough_for_the_share
+    monkeypatch.setattr(fusion, "noise_is_white_enough_for_the_share", lambda a: shapes.append(a.shape) or reading(a))
+    volume = _volume_with_noise("head", (40, 64, 64), correlated=False)
+    cards = [_card("ct-2.5d", context=2)]
+    for mode, device in (("fast", "cpu"), ("full", "cpu"), ("full", "auto")):
+        white = fake_logic.estimate(volume, DenoiseSettings(mode=mode, model="ct-2.5d", device=device), cards)
+    assert shapes == [(32, 64, 64)], "read once, on the slices the pipeline's reading samples"
+    slicer.util.updateVolumeFromArray(volume, add_noise(np.zeros((40, 64, 64)), "correlated", 1.2, 1)
+                                      .astype(np.float32))
+    blurred = fake_logic.estimate(volume, DenoiseSettings(mode="full", model="ct-2.5d", device="auto"), cards)
+    assert len(shapes) == 2 and "volumetric filter" in white.advice and "volumetric filter" not in blurred.advice
 
 
 def test_real_worker_trains_on_scene_volumes_then_denoises_with_the_new_model(mrml, tmp_path):

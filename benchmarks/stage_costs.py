@@ -1,0 +1,214 @@
+"""Seconds per megapixel of each stage of a denoising run on this machine: the costs DenoiseLogic.estimate counts.
+
+    python benchmarks/stage_costs.py [--out benchmarks/results] [--sides 128 256] [--repeats N]
+
+Each stage runs once, on the CPU, through the library's public functions on synthetic slices of each
+side: a smooth phantom under white Gaussian noise, or under that noise blurred in-plane by a Gaussian
+of 1.2 pixels for the correlated-noise filters. The networks are the shipped models' (their weights do
+not change the cost). Writes stage_costs.json (machine, date, torch, the load average before and after,
+each stage's seconds per megapixel and per slice at each side) and stage_costs.md. A few minutes on
+two cores; on a machine busy with other work the numbers come out high (compare the load averages, or
+keep the fastest of a few --repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402
+from DiffDenoiseLib.noise import add_noise, noise_variance_curve  # noqa: E402
+from DiffDenoiseLib.pipeline import DenoisingModel, run_network_on_slices  # noqa: E402
+from DiffDenoiseLib.store import SHIPPED_DIR, load_model  # noqa: E402
+from DiffDenoiseLib.wiener import (  # noqa: E402
+    collaborative_hard_threshold,
+    collaborative_wiener,
+    volumetric_filter,
+    volumetric_filter_steps,
+)
+
+from benchmarks.measure import measured  # noqa: E402
+from benchmarks.run_benchmark import machine  # noqa: E402
+
+CPU = torch.device("cpu")
+WHITE_NOISE_STD = 25 / 255
+CORRELATED_KERNEL = 1.2  # pixels, the benchmark's stronger correlated noise
+CONTEXT = 2  # neighbouring slices on each side of the shipped 2.5D models
+LONG_VOLUME = 1000  # slices: the volumetric filter's passes per slice of a whole scan
+MODELS = {"2d": "ct-head-default", "wide": "correlated-noise-default"}  # 2D, one-pixel and wide blind spot
+
+
+@dataclass
+class Stage:
+    """One stage as the estimate counts it: `run(white, correlated, models)` on (slices, side, side) stacks
+    returns how many slices' worth of output it made."""
+
+    name: str
+    what: str
+    slices: int  # in the stack it is given
+    run: Callable[[np.ndarray, np.ndarray, Dict[str, DenoisingModel]], float]
+
+
+def networks(fn: Callable[[np.ndarray], object]) -> Callable:
+    """A stage that runs one network evaluation per slice of the white-noise stack."""
+    def run(white, correlated, models):
+        run_network_on_slices(fn(models), white, 0, CPU)
+        return len(white)
+    return run
+
+
+def diffusion_evaluation(models):
+    """One evaluation of the diffusion UNet, as each DDIM step of SRDS makes for each of a pair's two samples."""
+    unet = models["2d"].network("diffusion")
+    return lambda stack: unet(stack, torch.full((stack.shape[0],), 100, dtype=torch.long), stack)
+
+
+def volumetric(white, correlated, models):
+    """The volumetric filter on the whole stack, in slices of a long scan: a short stack has fewer passes per slice."""
+    n = len(white)
+    volumetric_filter(white, noise_variance_curve(white))
+    passes_per_slice = volumetric_filter_steps(LONG_VOLUME, range(LONG_VOLUME)) / LONG_VOLUME
+    return volumetric_filter_steps(n, range(n)) / passes_per_slice
+
+
+def filters_2d(correlated_noise: bool):
+    """A 2D model's filters: hard thresholding, then the Wiener step guided by its estimate."""
+    def run(white, correlated, models):
+        noisy = correlated if correlated_noise else white
+        curve = noise_variance_curve(noisy)
+        estimate = collaborative_hard_threshold(noisy, noisy, curve, correlated_noise=correlated_noise)
+        collaborative_wiener(noisy, estimate, curve, correlated_noise=correlated_noise)
+        return len(noisy)
+    return run
+
+
+def wiener_with_context(correlated_noise: bool):
+    """A 2.5D model's Wiener step on the middle slices, each with CONTEXT whole slices on either side (the pilot
+    stands in for the networks' result: the cost does not depend on it)."""
+    def run(white, correlated, models):
+        noisy = correlated if correlated_noise else white
+        middle = range(CONTEXT, len(noisy) - CONTEXT)
+        collaborative_wiener(noisy, noisy, noise_variance_curve(noisy), context=CONTEXT, indices=middle,
+                             correlated_noise=correlated_noise)
+        return len(middle)
+    return run
+
+
+NETWORK_STAGES = [
+    Stage("student", "one pass of the student (Fast; a second one measures the share of the input kept)", 4,
+          networks(lambda models: models["2d"].network("student"))),
+    Stage("bsn", "one view of the one-pixel blind-spot estimate (Full takes the model's self-ensemble of views)", 4,
+          networks(lambda models: models["2d"].blind_spot_estimate(1))),
+    Stage("bsn_wide", "one view of the wide blind spot's estimate (shuffles and refining passes)", 4,
+          networks(lambda models: models["wide"].blind_spot_estimate(1))),
+    Stage("diffusion", "one diffusion UNet evaluation (SRDS makes 2 x steps x pairs of them)", 4,
+          networks(diffusion_evaluation)),
+]
+FILTER_STAGES = [
+    Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise)", 8, volumetric),
+    Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise)", 4, filters_2d(False)),
+    Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)", 2 * CONTEXT + 2,
+          wiener_with_context(False)),
+    Stage("correlated_filters_2d", "both steps with each coefficient's exact variance (2D, correlated noise)", 2,
+          filters_2d(True)),
+    Stage("correlated_wiener_context", "Wiener step with exact variances and 2 slices of context (2.5D, correlated)",
+          2 * CONTEXT + 2, wiener_with_context(True)),
+]
+STAGES = NETWORK_STAGES + FILTER_STAGES
+
+
+def phantom(slices: int, side: int) -> np.ndarray:
+    """Smooth anatomy-like slices in [0, 1]: an ellipse of tissue with a few blobs, changing slowly along the stack."""
+    y, x = np.mgrid[-1:1:side * 1j, -1:1:side * 1j]
+    out = []
+    for k in range(slices):
+        shift = 0.05 * k / max(slices - 1, 1)
+        body = ((x / 0.85) ** 2 + (y / 0.7) ** 2 < 1.0) * 0.4
+        blobs = sum(0.3 * np.exp(-((x - cx - shift) ** 2 + (y - cy) ** 2) / 0.02)
+                    for cx, cy in ((-0.3, 0.1), (0.25, -0.2), (0.1, 0.35)))
+        out.append(body + blobs + 0.1 * np.sin(6 * x + k * 0.2) * (body > 0))
+    return np.stack(out)
+
+
+def measure(sides: List[int], repeats: int) -> Dict[str, dict]:
+    """{stage: {what, seconds_per_megapixel {side: s}, seconds_per_slice {side: s}, load_average {side: 1-minute
+    load after it}}}, each the least of `repeats` runs (other work on the machine only ever adds time)."""
+    models = {key: load_model(SHIPPED_DIR / name) for key, name in MODELS.items()}
+    warm = phantom(2, 32).astype(np.float32)
+    for stage in NETWORK_STAGES:  # torch's first calls pay for its set-up
+        stage.run(warm, warm, models)
+    rng = np.random.default_rng(0)
+    results = {stage.name: {"what": stage.what, "seconds_per_megapixel": {}, "seconds_per_slice": {},
+                            "load_average": {}} for stage in STAGES}
+    for side in sides:
+        for stage in STAGES:
+            clean = phantom(stage.slices, side)
+            white = add_noise(clean, "gaussian", WHITE_NOISE_STD, rng).astype(np.float32)
+            correlated = add_noise(clean, "correlated", CORRELATED_KERNEL, rng).astype(np.float32)
+            per_slice = min(seconds / slices for slices, seconds, _ in
+                            (measured(lambda: stage.run(white, correlated, models)) for _ in range(repeats)))
+            result, load = results[stage.name], os.getloadavg()[0]
+            result["seconds_per_slice"][str(side)] = round(per_slice, 4)
+            result["seconds_per_megapixel"][str(side)] = round(per_slice / (side * side / 1e6), 3)
+            result["load_average"][str(side)] = round(load, 2)
+            print(f"{stage.name:>26} {side}x{side}: {per_slice:8.3f} s per slice (load {load:.2f})", flush=True)
+    return results
+
+
+def markdown(results: dict) -> str:
+    sides, load, cpu = results["sides"], results["load_average"], results["machine"]
+    lines = ["# Stage costs", "",
+             f"{results['date']}, {cpu['cpu']} ({cpu['cores']} cores, torch {cpu['torch']}, {cpu['torch_threads']} "
+             f"threads); load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after; the least of "
+             f"{results['repeats']} run(s) a stage. The run's own threads make a load of about their number: more "
+             "means other work shared the cores and the numbers are high. Written by "
+             "`python benchmarks/stage_costs.py`; `DiffDenoiseLib/slicer_logic.py` quotes them for the estimate "
+             "shown before a run.", "",
+             "| stage | what | " + " | ".join(f"s/megapixel at {s}" for s in sides) + " | "
+             + " | ".join(f"s per {s}x{s} slice" for s in sides) + " | load after |",
+             "|---|---|" + "---:|" * (2 * len(sides)) + "---|"]
+    for name, stage in results["stages"].items():
+        cells = [f"{stage['seconds_per_megapixel'][str(s)]:.2f}" for s in sides]
+        cells += [f"{stage['seconds_per_slice'][str(s)]:.3f}" for s in sides]
+        cells.append(" / ".join(f"{stage['load_average'][str(s)]:.1f}" for s in sides))
+        lines.append(f"| `{name}` | {stage['what']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the results")
+    parser.add_argument("--sides", type=int, nargs="+", default=[128, 256], help="slice sides to measure")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each stage, the fastest kept (default 1)")
+    args = parser.parse_args(argv)
+    before = os.getloadavg()
+    stages = measure(args.sides, args.repeats)
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": machine(), "load_average": {"before": before, "after": os.getloadavg()},
+               "sides": args.sides, "repeats": args.repeats, "stages": stages}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("stage_costs.json", json.dumps(results, indent=2) + "\n"),
+                       ("stage_costs.md", markdown(results))):
+        with replaced_when_done(out / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    print(f"wrote {out / 'stage_costs.json'} and {out / 'stage_costs.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
