@@ -132,15 +132,19 @@ def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue()
     assert np.abs(case.to_units(case.clean[0][flat]) - 30.0).max() < 20.0, "flat tissue must be brain, not bone"
 
 
-def test_flat_tissue_shift_is_measured_against_the_clean_image_not_the_noise_draw():
-    """A method that shifts tissue by exactly 3 HU reads 3 HU whatever the patch mean of the noise draw."""
+def test_flat_tissue_shift_is_measured_against_the_clean_image_and_against_the_input():
+    """A draw whose patch mean is 12 HU above the clean tissue: a method that removes it and shifts tissue by 3 HU
+    reads 3 HU against the clean image and -9 against the input; one that keeps the draw's patch mean and adds 3 HU
+    reads 15 and 3; the input itself reads 12 and 0."""
     clean = np.full((64, 64), (40.0 + 1000.0) / 3000.0)
     case = Case("flat", "CT", "HU", -1000.0, 3000.0, clean[None], None, body=np.ones((1, 64, 64), bool))
     fg, flat = masks(clean, np.ones_like(clean, dtype=bool))
-    noisy = clean + 12.0 / case.scale  # a draw whose patch mean is 12 HU above the clean tissue
-    shifted = clean + 3.0 / case.scale
-    assert scores(case, clean, noisy, shifted, fg, flat)["flat_bias"] == pytest.approx(3.0, abs=1e-6)
-    assert scores(case, clean, noisy, noisy, fg, flat)["flat_bias"] == pytest.approx(12.0, abs=1e-6)
+    noisy = clean + 12.0 / case.scale
+    for out, against_clean, against_input in ((clean + 3.0 / case.scale, 3.0, -9.0),
+                                              (noisy + 3.0 / case.scale, 15.0, 3.0), (noisy, 12.0, 0.0)):
+        measured = scores(case, clean, noisy, out, fg, flat)
+        assert measured["flat_bias"] == pytest.approx(against_clean, abs=1e-6)
+        assert measured["flat_shift_from_input"] == pytest.approx(against_input, abs=1e-6)
 
 
 def toy_model(context=0):
@@ -181,7 +185,8 @@ def test_a_2_5d_oracle_trains_on_slabs_and_refuses_single_slices():
 
 def rows_for(image, noise, values, unit="HU"):
     return [{"image": image, "noise": noise, "method": m, "unit": unit, "psnr": p, "ssim": 0.9, "psnr_fg": p,
-             "ssim_fg": 0.9, "edge_correlation": e, "flat_bias": b, "seconds": 1.0, "peak_mib": 10.0, "slice": 0,
+             "ssim_fg": 0.9, "edge_correlation": e, "flat_bias": b, "flat_shift_from_input": b / 4, "seconds": 1.0,
+             "peak_mib": 10.0, "slice": 0,
              "modality": "CT", "model": None} for m, (p, e, b) in values.items()]
 
 
@@ -200,6 +205,7 @@ def test_report_tables_and_goals_follow_the_numbers():
     assert "within 0.3 dB of Full**: missed: holds on 1 of 2" in goals
     assert "one sample + 1.5 dB**: missed: holds on 1 of 2" in goals
     assert "below 1 HU**: missed: holds on 1 of 2" in goals
+    assert "below 1 HU, measured against the input**: met: holds on 2 of 2" in goals  # 0.125 and 0.75 HU
     assert "worst -1.50 at ct / poisson 200 (vs bm3d)" in goals
     assert "oracle falls below" not in goals
     rows += rows_for("mr", "gaussian 6/255", {"noisy": (30, 0.0, 0.0), "full": (33, 0.0, 0.0), "fast": (33, 0.0, 0.0),
