@@ -283,9 +283,12 @@ class DenoiseLogic:
                           "take about %s of it." % worker_protocol.format_seconds(filters))
         if settings.mode == "full" and device.type == "cpu" and total > 120 and fast < total / 2:
             one_slice = _STARTUP_SECONDS + (total - _STARTUP_SECONDS) / slices
-            advice.insert(0, "Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s, and "
-                          "Preview slice shows Full mode on one slice in about %s."
-                          % tuple(worker_protocol.format_seconds(t) for t in (total, fast, one_slice)))
+            text = "Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s" % tuple(
+                worker_protocol.format_seconds(t) for t in (total, fast))
+            if slices > 1:  # a single image is its own preview
+                text += ", and Preview slice shows Full mode on one slice in about %s" % (
+                    worker_protocol.format_seconds(one_slice))
+            advice.insert(0, text + ".")
         return Estimate(device.type, message, total, " ".join(advice))
 
     def _model_card(self, input_node, settings: DenoiseSettings, models: Sequence[dict], slices: int) -> dict:
