@@ -317,7 +317,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         for path in written:
             path.unlink()
         raise
-    if result.details.get("volumetric_filter"):
+    if result.details.get("filters_made_the_image") == "volumetric filter":
         missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
         reporter.log("The noise looks white, so the image is the volumetric filter's (BM4D's two steps on cubes of "
                      f"{CUBE} voxels), which beat every use of the networks' result measured on volumes; the networks "

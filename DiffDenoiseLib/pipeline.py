@@ -275,8 +275,7 @@ def denoise_image(
         timer.total = volumetric_filter_steps(n, range(start, stop))
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
                                      progress=filtered_one)
-        details.update(volumetric_filter=True, correlated_noise=False, wiener=True, fusion=False,
-                       filters_made_the_image="volumetric filter")
+        details.update(correlated_noise=False, wiener=True, fusion=False, filters_made_the_image="volumetric filter")
         return finished_result(image, z, axis, start, normalization, transform, denoised, None, started, details)
     # the Wiener filter of a 2.5D model's result groups patches of k slices on each side, so the networks
     # also run on those neighbours of the slice range

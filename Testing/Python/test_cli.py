@@ -234,7 +234,7 @@ def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tm
                          store, "--mode", "full", "--uncertainty", spread, "--json")
     assert code == 0, err
     events = parse(out)
-    assert of_kind(events, "result")[0]["details"]["volumetric_filter"] is True
+    assert of_kind(events, "result")[0]["details"]["filters_made_the_image"] == "volumetric filter"
     assert of_kind(events, "result")[0]["uncertainty"] is None and not spread.exists()
     assert any("the volumetric filter's" in e["message"] and "no uncertainty map" in e["message"]
                for e in of_kind(events, "log"))

@@ -102,13 +102,13 @@ def test_a_fused_2d_result_goes_through_the_wiener_filter_and_a_2_5d_models_volu
     for mode in ("full", "fast", "bsn"):
         details = denoise_image(noisy, trained, mode=mode).details
         assert details["wiener"] is True and details["hard_threshold"] is True, mode
-        assert "volumetric_filter" not in details
+        assert "filters_made_the_image" not in details
         assert "wiener" not in denoise_image(noisy, trained, mode=mode, fusion=False).details
     image, model = volume_and_model
     for mode in ("full", "fast", "bsn"):
         result = denoise_image(image, model, mode=mode)
-        assert result.details["volumetric_filter"] is True and result.uncertainty is None, mode
-        assert "volumetric_filter" not in denoise_image(image, model, mode=mode, fusion=False).details
+        assert result.details["filters_made_the_image"] == "volumetric filter" and result.uncertainty is None, mode
+        assert "filters_made_the_image" not in denoise_image(image, model, mode=mode, fusion=False).details
 
 
 def test_the_volumetric_filter_makes_a_2_5d_models_image_only_of_a_volume_with_white_noise(volume_and_model):
@@ -126,7 +126,7 @@ def test_the_volumetric_filter_makes_a_2_5d_models_image_only_of_a_volume_with_w
     correlated = add_noise(np.full((9, 40, 36), 100.0), "correlated", 1.2, rng, sigma=20.0).astype(np.float32)
     for array in (correlated, image.array[:CUBE - 1], image.array[:, :12, :12]):
         details = denoise_image(Image(array=array, modality="MR"), model, mode="fast", slice_axis=0).details
-        assert "volumetric_filter" not in details, array.shape
+        assert details.get("filters_made_the_image") != "volumetric filter", array.shape
 
 
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():
