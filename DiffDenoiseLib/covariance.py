@@ -44,7 +44,8 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     offsets of up to `depth` slices and reach = REACH voxels (a quarter of the window on smaller images), read
     in the WINDOW-sided windows (half overlapping) of every slice where `pilot` (same shape) varies least (the
     FLATTEST_SHARE of them), each window's mean taken out. Offsets to slices beyond the stack are read on the
-    slices that have them; R(0) is the noise variance, and R(-d) = R(d) (which `group_variance` relies on)."""
+    slices that have them (as 0, uncorrelated, when none of their windows is among the flattest); R(0) is the
+    noise variance, and R(-d) = R(d) (which `group_variance` relies on)."""
     y, m = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (noisy, pilot))
     if y.ndim != 3 or y.shape != m.shape:
         raise ValueError(f"the noise covariance needs a noisy stack and a pilot of one (n, H, W) shape, got "
@@ -74,6 +75,8 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
         if first >= last:
             continue
         keep = chosen[first:last]
+        if not keep.any():  # no flat window in the slices that have this neighbour: taken as uncorrelated
+            continue
         a, b = centred(yw[first:last][keep]), centred(yw[first + dz:last + dz][keep])  # the same windows dz apart
         for dy in range(-reach, reach + 1):
             for dx in range(-reach, reach + 1):

@@ -79,6 +79,19 @@ def test_the_group_variances_from_diagonal_sums_equal_the_sum_over_every_pair(gr
     assert torch.equal(group_variance(table, where), whole)
 
 
+def test_an_offset_no_flat_window_can_read_is_taken_as_uncorrelated_not_nan():
+    """Two slices apart only the first and the last slice have a partner, and none of their windows is flat: that
+    offset reads 0 (a NaN there once made every group reaching it garbage), the others are read as usual."""
+    rng = np.random.default_rng(5)
+    noisy = add_noise(np.zeros((3, 64, 64)), "correlated", 1.2, rng, sigma=1.0)
+    pilot = np.zeros_like(noisy)
+    pilot[0] = pilot[2] = textured(64)
+    read = estimate_noise_covariance(noisy, pilot, depth=2)
+    assert np.isfinite(read).all()
+    assert not read[0].any() and not read[4].any()
+    assert read[2, 8, 8] == pytest.approx(empirical_covariance(noisy[1:2], 0, 0, 0), rel=0.15)
+
+
 def test_anatomy_in_every_window_is_read_as_noise_and_bad_input_is_named():
     """Where no window is flat (texture everywhere) the anatomy adds to the covariance read: the documented
     limit. A stack and a pilot of different shapes, or slices too small for a window, are named."""
