@@ -1,6 +1,7 @@
 """The benchmark harness (benchmarks/): noise suite, peers, our modes' unit round trip, report, cost. Seconds."""
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -296,3 +297,18 @@ def test_the_report_gives_each_references_own_noise():
                            "slab_depth": None, "own_noise_std": 0.012}]}
     text = report.markdown(results)
     assert "the reference's own noise (blind noise curve): std 0.0120 on the 0-1 scale (0.26 times" in text
+
+
+def test_stage_costs_measure_every_stage_the_slicer_estimate_counts(tmp_path):
+    """benchmarks/stage_costs.py on small slices writes a positive cost for every stage, and its stages are
+    exactly the ones DenoiseLogic.estimate counts (a renamed stage would leave the estimate without a cost)."""
+    from benchmarks import stage_costs
+    from DiffDenoiseLib.slicer_logic import _CPU_SECONDS_PER_MEGAPIXEL
+
+    assert stage_costs.main(["--sides", "32", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "stage_costs.json").read_text())
+    assert set(results["stages"]) == set(_CPU_SECONDS_PER_MEGAPIXEL)
+    for name, stage in results["stages"].items():
+        assert stage["seconds_per_megapixel"]["32"] > 0 and stage["seconds_per_slice"]["32"] > 0, name
+    table = (tmp_path / "stage_costs.md").read_text()
+    assert all(f"| `{name}` |" in table for name in results["stages"])
