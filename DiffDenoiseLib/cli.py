@@ -317,21 +317,13 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         for path in written:
             path.unlink()
         raise
+    missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
     if result.details.get("filters_made_the_image") == "volumetric filter":
-        missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
         reporter.log("The noise looks white, so the image is the volumetric filter's (BM4D's two steps on cubes of "
                      f"{CUBE} voxels), which beat every use of the networks' result measured on volumes; the networks "
                      f"did not run{missing}. --no-fusion runs the networks alone.")
     elif result.details.get("correlated_noise"):
-        advice = ""
-        if model.config.blind_spot_radius == 0:
-            depth = image.array.shape[result.details["slice_axis"]] if image.array.ndim == 3 else 1
-            wider = _model_for_correlated_noise(store, depth)
-            advice = (", and a one-pixel blind spot cannot separate such noise well; "
-                      + (f"--model {wider} can, or " if wider else "")
-                      + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
         if result.details.get("filters_made_the_image"):
-            missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
             reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the image is hard "
                          "thresholding's and the Wiener filter's, each coefficient's noise computed from the noise's "
                          f"covariance, read where the networks' result is flattest{missing}.")
@@ -340,6 +332,13 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                          "guided by the networks' result computed each coefficient's noise from the noise's "
                          "covariance, read where that result is flattest.")
         else:
+            advice = ""
+            if model.config.blind_spot_radius == 0:
+                depth = image.array.shape[result.details["slice_axis"]] if image.array.ndim == 3 else 1
+                wider = _model_for_correlated_noise(store, depth)
+                advice = (", and a one-pixel blind spot cannot separate such noise well; "
+                          + (f"--model {wider} can, or " if wider else "")
+                          + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
             reporter.log(f"The noise looks spatially correlated: observation fusion and the Wiener filter were "
                          f"skipped{advice}.")
     elif result.details.get("wiener"):

@@ -317,7 +317,7 @@ def denoise_image(
     # the demo's real head CT that result gave some of the noise back (high-pass std in the brain 3.5 HU against
     # 2.6) for 8 times the time; so only a wide blind spot's result is filtered there.
     correlated_filters = (fuse and correlated and model.config.blind_spot_radius > 0
-                and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE)
+                          and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE)
     if fuse:
         details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or correlated_filters
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)

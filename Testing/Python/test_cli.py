@@ -58,6 +58,17 @@ def run(capfd, *args):
     return code, out, err
 
 
+def assert_filters_made_the_image(capfd, args, spread, made_by: str, log_says: str):
+    """`denoise *args --uncertainty spread --json` succeeds, its result says `made_by` made the image, no
+    uncertainty map is written, and a log line says `log_says` and that no map was written."""
+    code, out, err = run(capfd, "denoise", *args, "--uncertainty", spread, "--json")
+    assert code == 0, err
+    events = parse(out)
+    assert of_kind(events, "result")[0]["details"]["filters_made_the_image"] == made_by
+    assert of_kind(events, "result")[0]["uncertainty"] is None and not spread.exists()
+    assert any(log_says in e["message"] and "no uncertainty map" in e["message"] for e in of_kind(events, "log"))
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A noisy 3D MR-like volume and a 2D radiograph-like image with non-trivial geometry, and a tiny config."""
@@ -229,15 +240,9 @@ def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tm
     assert of_kind(parse(out), "result")[0]["details"]["slice_axis"] == 2
     # across z the 6 slices of white noise go to the volumetric filter: the log says so, and Full writes no
     # uncertainty map, since the networks did not run
-    spread = tmp_path / "spread.nrrd"
-    code, out, err = run(capfd, "denoise", data / "volume.nrrd", tmp_path / "z.nrrd", "--model", "ctx", "--store",
-                         store, "--mode", "full", "--uncertainty", spread, "--json")
-    assert code == 0, err
-    events = parse(out)
-    assert of_kind(events, "result")[0]["details"]["filters_made_the_image"] == "volumetric filter"
-    assert of_kind(events, "result")[0]["uncertainty"] is None and not spread.exists()
-    assert any("the volumetric filter's" in e["message"] and "no uncertainty map" in e["message"]
-               for e in of_kind(events, "log"))
+    assert_filters_made_the_image(capfd, (data / "volume.nrrd", tmp_path / "z.nrrd", "--model", "ctx", "--store",
+                                          store, "--mode", "full"), tmp_path / "spread.nrrd", "volumetric filter",
+                                  "the volumetric filter's")
     # a 2.5D model needs neighbouring slices: a 2D radiograph is refused with the reason
     code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / "r.nrrd", "--model", "ctx",
                          "--store", store, "--json")
@@ -323,15 +328,9 @@ def test_under_correlated_noise_the_log_says_the_filters_made_the_image_and_no_u
     clean = 1500.0 + 10.0 * xx + 800.0 * ((yy - 32) ** 2 / 300 + (xx - 32) ** 2 / 150 < 1)
     noisy = clean + 1600 * add_noise(np.zeros_like(clean), "correlated", 1.2, np.random.default_rng(8))
     write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / "chest.nrrd")
-    spread = tmp_path / "spread.nrrd"
-    code, out, err = run(capfd, "denoise", tmp_path / "chest.nrrd", tmp_path / "out.nrrd", "--model",
-                         "correlated-noise-default", "--mode", "full", "--uncertainty", spread, "--json")
-    assert code == 0, err
-    events = parse(out)
-    assert of_kind(events, "result")[0]["details"]["filters_made_the_image"] == "correlated-noise filters"
-    assert of_kind(events, "result")[0]["uncertainty"] is None and not spread.exists()
-    assert any("hard thresholding's and the Wiener filter's" in e["message"] and "no uncertainty map" in e["message"]
-               for e in of_kind(events, "log"))
+    assert_filters_made_the_image(capfd, (tmp_path / "chest.nrrd", tmp_path / "out.nrrd", "--model",
+                                          "correlated-noise-default", "--mode", "full"), tmp_path / "spread.nrrd",
+                                  "correlated-noise filters", "hard thresholding's and the Wiener filter's")
 
 
 def colour_image(path):
