@@ -3,9 +3,10 @@
 The noisy slice goes through `denoise_image` in the scanner's units (HU for CT), exactly
 as a user's image would, and comes back to the benchmark's [0, 1] scale for scoring.
 "two-samples" averages two independent DDIM samples (seeds 0 and 1): the baseline that
-SRDS's symmetric pair must beat. "full-unfused" is Full without observation fusion, which
-shows what fusion adds. A volume's test slice goes to the shipped 2.5D default where one
-is installed, with its neighbouring noisy slices.
+SRDS's symmetric pair must beat. "full-unfused" and "single-unfused" are Full (SRDS) and one DDIM
+sample without observation fusion and the filters after it: the samplers themselves, which shows what
+SRDS's pair adds over one sample, and what fusion and the filters add. A volume's test slice goes to
+the shipped 2.5D default where one is installed, with its neighbouring noisy slices.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from DiffDenoiseLib.store import ModelStore, load_model
 
 from benchmarks.suite import Case
 
-MODES = ("bsn", "single", "two-samples", "full-unfused", "full", "fast")
+MODES = ("bsn", "single-unfused", "single", "two-samples", "full-unfused", "full", "fast")
 
 
 def default_model(modality: str, slices: int, noisy: np.ndarray,
@@ -66,8 +67,8 @@ def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
         runs = [denoise_image(image, model, mode="single", seed=s, **where) for s in (0, 1)]
         out = np.mean([pick(r.image.array) for r in runs], axis=0)
         return (out - case.offset) / case.scale, None, runs[0].details.get("filters_made_the_image")
-    if mode == "full-unfused":
-        result = denoise_image(image, model, mode="full", fusion=False, **where)
+    if mode.endswith("-unfused"):
+        result = denoise_image(image, model, mode=mode[:-len("-unfused")], fusion=False, **where)
         return (pick(result.image.array) - case.offset) / case.scale, None, None
     result = denoise_image(image, model, mode=mode, **where)
     out = (pick(result.image.array) - case.offset) / case.scale

@@ -61,14 +61,16 @@ def masks(clean: np.ndarray, body: np.ndarray):
     return fg, (flat if flat.sum() >= 100 else None)
 
 
-def scores(case: Case, clean: np.ndarray, noisy: np.ndarray, out: np.ndarray, fg, flat) -> Dict[str, Optional[float]]:
+def scores(case: Case, noise: Noise, clean: np.ndarray, noisy: np.ndarray, out: np.ndarray, fg,
+           flat) -> Dict[str, Optional[float]]:
     use_fg = fg if fg.sum() >= 100 else None
     return {
         "psnr": psnr(clean, out, data_range=1.0),
         "ssim": ssim(clean, out, data_range=1.0),
         "psnr_fg": psnr(clean, out, data_range=1.0, mask=use_fg),
         "ssim_fg": ssim(clean, out, data_range=1.0, mask=use_fg),
-        "edge_correlation": method_noise_stats(noisy, out, clean)["edge_correlation"],
+        # the method noise in units of the noise's own std, so that signal-dependent noise removed exactly scores 0
+        "edge_correlation": method_noise_stats(noisy, out, clean, noise_std=noise.std(clean))["edge_correlation"],
         # The shift of a flat tissue patch against the clean image, and against the noisy input. Both estimate the
         # method's bias (the suite's noise has mean zero there), and both carry one draw's patch mean: against the
         # clean image the part a method keeps, against the input the part it removes. Measured (seventeenth run),
@@ -115,7 +117,7 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
                 rows.append({"image": case.name, "modality": case.modality, "unit": case.unit, "noise": noise.label,
                              "slice": s_index, "method": method, "seconds": seconds, "peak_mib": mib,
                              "model": model_name, "filters_made_the_image": made_by,
-                             **scores(case, clean, noisy, out, fg, flat)})
+                             **scores(case, noise, clean, noisy, out, fg, flat)})
 
             record("noisy", lambda: (noisy, None, None))
             for peer in peers:

@@ -18,6 +18,7 @@ from DiffDenoiseLib import datasets
 from DiffDenoiseLib.noise import add_noise, gaussian_kernel
 
 CORRELATED_SIGMA = 0.1  # std of the correlated noise (add_noise's default), so only the correlation varies
+STD_FLOOR_INTENSITY = 0.01  # where signal-dependent noise vanishes (black), its std is read at this intensity
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,16 @@ class Noise:
 
     def apply(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return add_noise(clean, self.kind, self.level, rng, sigma=CORRELATED_SIGMA)
+
+    def std(self, clean: np.ndarray) -> np.ndarray:
+        """The noise's standard deviation at each voxel of `clean` (Rician: its Gaussian parts' sigma). Poisson
+        and Gamma noise vanish where the image is 0; they are taken there as at STD_FLOOR_INTENSITY."""
+        x = np.maximum(np.asarray(clean, dtype=np.float64), STD_FLOOR_INTENSITY)
+        if self.kind == "poisson":
+            return np.sqrt(x / self.level)
+        if self.kind == "gamma":
+            return x / np.sqrt(self.level)
+        return np.full(x.shape, CORRELATED_SIGMA if self.kind == "correlated" else self.level)
 
 
 NOISES = (

@@ -85,6 +85,23 @@ def test_method_noise_of_a_blurring_estimate_correlates_with_edges(pair):
     assert method_noise_stats(noisy, blur(noisy))["edge_reference"] == "denoised"
 
 
+def test_method_noise_in_units_of_signal_dependent_noise_no_longer_follows_bright_edges():
+    """Gamma noise is larger in bright tissue, here the textured half: removing exactly the noise correlates with
+    the texture's edges, unless the method noise is divided by the noise's std; a blurred estimate still
+    correlates after the division."""
+    yy, xx = np.mgrid[0:96, 0:112]
+    clean = np.where(xx < 56, 0.05, 0.6 + 0.3 * np.sin(xx / 3.0) * np.cos(yy / 4.0))
+    noisy = add_noise(clean, "gamma", 25, np.random.default_rng(1))
+    std = clean / 5.0
+    raw = method_noise_stats(noisy, clean, clean=clean)["edge_correlation"]
+    assert raw > 0.3
+    assert abs(method_noise_stats(noisy, clean, clean=clean, noise_std=std)["edge_correlation"]) < 0.05
+    assert method_noise_stats(noisy, blur(noisy), clean=clean, noise_std=std)["edge_correlation"] > 0.15
+    assert method_noise_stats(noisy, clean, clean=clean, noise_std=0.1)["edge_correlation"] == pytest.approx(raw)
+    with pytest.raises(ValueError, match="standard deviation must be positive"):
+        method_noise_stats(noisy, clean, clean=clean, noise_std=np.where(clean > 0.5, std, 0.0))
+
+
 def test_flat_region_bias_is_the_mean_shift_inside_the_mask(pair):
     clean, noisy = pair
     disc = np.zeros(clean.shape, dtype=bool)
