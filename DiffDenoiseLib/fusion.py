@@ -197,4 +197,9 @@ def choose_observation_share(noisy: np.ndarray, estimate: np.ndarray, probed: np
 
 def noise_is_white_enough_for_the_share(noisy: np.ndarray) -> bool:
     """Whether `noisy`'s noise is white enough for `choose_observation_share` (see WHITE_NOISE_MAX_BINNING_RATIO)."""
-    return binning_noise_reading(noisy)[0] <= WHITE_NOISE_MAX_BINNING_RATIO
+    return reading_is_white_enough_for_the_share(binning_noise_reading(noisy))
+
+
+def reading_is_white_enough_for_the_share(reading: Tuple[float, float]) -> bool:
+    """`noise_is_white_enough_for_the_share` from a `binning_noise_reading` (ratio, strength) already taken."""
+    return reading[0] <= WHITE_NOISE_MAX_BINNING_RATIO

@@ -397,7 +397,12 @@ def noise_looks_correlated(array) -> bool:
     Conservative on purpose: a miss keeps the modality's model, while a false alarm would hand
     a clean image to a network that blurs fine anatomy.
     """
-    ratio, strength = binning_noise_reading(array)
+    return reading_looks_correlated(binning_noise_reading(array))
+
+
+def reading_looks_correlated(reading: Tuple[float, float]) -> bool:
+    """`noise_looks_correlated` from a `binning_noise_reading` (ratio, strength) already taken."""
+    ratio, strength = reading
     return ratio > CORRELATED_BINNING_RATIO and strength > CORRELATED_MIN_STRENGTH
 
 

@@ -395,21 +395,26 @@ def test_automatic_estimate_follows_the_shipped_default_the_worker_picks(mrml, f
         assert says in automatic.advice
 
 
-def test_estimate_reads_the_noise_once_per_version_of_the_voxels(mrml, fake_logic, monkeypatch):
-    from DiffDenoiseLib import fusion
+def test_estimate_reads_the_noise_once_per_version_of_the_voxels(mrml, fake_logic, monkeypatch, tmp_path):
+    """The automatic choice of the model and the white-noise test share one reading of an axial volume."""
+    from DiffDenoiseLib import noise
 
     shapes = []
-    reading = fusion.noise_is_white_enough_for_the_share
-    monkeypatch.setattr(fusion, "noise_is_white_enough_for_the_share", lambda a: shapes.append(a.shape) or reading(a))
+    reading = noise.binning_noise_reading
+    monkeypatch.setattr(noise, "binning_noise_reading", lambda a: shapes.append(a.shape) or reading(a))
     volume = _volume_with_noise("head", (40, 64, 64), correlated=False)
-    cards = [_card("ct-2.5d", context=2)]
+    shipped = [card for card in ModelStore(store_dir=tmp_path).list() if "error" not in card]
     for mode, device in (("fast", "cpu"), ("full", "cpu"), ("full", "auto")):
-        white = fake_logic.estimate(volume, DenoiseSettings(mode=mode, model="ct-2.5d", device=device), cards)
+        white = fake_logic.estimate(volume, DenoiseSettings(mode=mode, device=device), shipped)
     assert shapes == [(32, 64, 64)], "read once, on the slices the pipeline's reading samples"
     slicer.util.updateVolumeFromArray(volume, add_noise(np.zeros((40, 64, 64)), "correlated", 1.2, 1)
                                       .astype(np.float32))
-    blurred = fake_logic.estimate(volume, DenoiseSettings(mode="full", model="ct-2.5d", device="auto"), cards)
+    blurred = fake_logic.estimate(volume, DenoiseSettings(mode="full", device="auto"), shipped)
     assert len(shapes) == 2 and "volumetric filter" in white.advice and "volumetric filter" not in blurred.advice
+    assert "spatially correlated" in blurred.advice
+    sagittal = fake_logic.estimate(volume, DenoiseSettings(mode="full", slice_axis="x", device="auto"), shipped)
+    assert len(shapes) == 3 and shapes[-1] == (32, 40, 64), "another slicing is read on its own slices"
+    assert "spatially correlated" in sagittal.advice
 
 
 def test_real_worker_trains_on_scene_volumes_then_denoises_with_the_new_model(mrml, tmp_path):
