@@ -40,7 +40,7 @@ from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
 from DiffDenoiseLib.slicing import choose_slice_axis
-from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
+from DiffDenoiseLib.store import ModelStore, load_model, model_for_correlated_noise, save_model, validate_name
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.wiener import CUBE
 from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, format_seconds
@@ -335,7 +335,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
             advice = ""
             if model.config.blind_spot_radius == 0:
                 depth = image.array.shape[result.details["slice_axis"]] if image.array.ndim == 3 else 1
-                wider = _model_for_correlated_noise(store, depth)
+                wider = model_for_correlated_noise(store.list(), depth)
                 advice = (", and a one-pixel blind spot cannot separate such noise well; "
                           + (f"--model {wider} can, or " if wider else "")
                           + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
@@ -358,17 +358,6 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                      "model": folder.name, "model_path": str(folder), "mode": args.mode, "device": str(device),
                      "seconds": round(result.seconds, 3), "shape": list(result.image.array.shape),
                      "details": result.details})
-
-
-def _model_for_correlated_noise(store: ModelStore, depth: int) -> Optional[str]:
-    """The model made for correlated noise that sees the most neighbouring slices an image `depth` slices deep can
-    feed (a 2D one for a single image), or None."""
-    fitting = []
-    for card in store.list():
-        context = int((card.get("architecture") or {}).get("context_slices", 0))
-        if card.get("default_for_noise") == "correlated" and context < depth:
-            fitting.append((context, card["name"]))
-    return max(fitting)[1] if fitting else None
 
 
 def _duration(seconds: float) -> str:

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -146,26 +146,37 @@ def default_model(cards: Iterable[dict], modality: Optional[str], slices: int = 
     independent between slices, and on the Colin27 volume the 2.5D MR model's Full beat
     the 2D correlated-noise model's by 3.5 dB. A 2.5D correlated-noise model has both.
     """
+    cards = list(cards)
+    noise_matched = _deepest(cards, slices, _made_for_correlated_noise) if correlated_noise else None
     wanted = "CT" if modality == "CT" else "MR"
-    noise_matched, exact, fallback = [], [], []
-    for card in cards:
-        defaults = card.get("default_for") or []
-        context = int((card.get("architecture") or {}).get("context_slices", 0))
-        if context >= slices:
-            continue
-        if correlated_noise and card.get("default_for_noise") == "correlated":
-            noise_matched.append((context, card["name"]))
-        elif modality in defaults:
-            exact.append((context, card["name"]))
-        elif wanted in defaults:
-            fallback.append((context, card["name"]))
-    chosen = exact or fallback
-    if noise_matched and max(noise_matched)[0] >= max(chosen, default=(-1, ""))[0]:
+    chosen = (_deepest(cards, slices, lambda card: modality in (card.get("default_for") or []))
+              or _deepest(cards, slices, lambda card: wanted in (card.get("default_for") or [])))
+    if noise_matched and noise_matched[0] >= (chosen[0] if chosen else -1):
         chosen = noise_matched
     if not chosen:
         raise ValueError(f"no shipped default model for {modality or 'unknown-modality'} images is installed; "
                          "pass --model with a trained model")
-    return max(chosen, key=lambda entry: entry[0])[1]
+    return chosen[1]
+
+
+def model_for_correlated_noise(cards: Iterable[dict], slices: int = 1) -> Optional[str]:
+    """Name of the model among `cards` made for spatially correlated noise (`default_for_noise: "correlated"`, a
+    wider blind spot) that sees the most neighbouring slices an image of `slices` slices can feed, or None."""
+    found = _deepest(list(cards), slices, _made_for_correlated_noise)
+    return found[1] if found else None
+
+
+def _made_for_correlated_noise(card: dict) -> bool:
+    return card.get("default_for_noise") == "correlated"
+
+
+def _deepest(cards: List[dict], slices: int, accepted: Callable[[dict], bool]) -> Optional[Tuple[int, str]]:
+    """(context, name) of the `accepted` card that sees the most neighbouring slices an image of `slices` slices
+    can feed (a context below `slices`), or None."""
+    fitting = [(int((card.get("architecture") or {}).get("context_slices", 0)), card["name"]) for card in cards
+               if accepted(card)]
+    fitting = [entry for entry in fitting if entry[0] < slices]
+    return max(fitting, key=lambda entry: entry[0]) if fitting else None
 
 
 class ModelStore:

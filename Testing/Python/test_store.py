@@ -11,7 +11,7 @@ import torch
 from DiffDenoiseLib import store as store_module
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import NetworkConfig
-from DiffDenoiseLib.store import ModelStore, load_model, save_model, validate_name
+from DiffDenoiseLib.store import ModelStore, load_model, model_for_correlated_noise, save_model, validate_name
 from DiffDenoiseLib.training import TrainConfig, train_model
 
 TINY = NetworkConfig(bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1,), student_width=8)
@@ -234,6 +234,17 @@ def test_correlated_noise_gets_the_shipped_model_made_for_it_whatever_the_modali
 
 def test_without_a_model_for_correlated_noise_the_modality_default_serves(two_stores):
     assert two_stores.default_for("CT", correlated_noise=True) == "ct-default"
+
+
+def test_the_model_for_correlated_noise_may_be_the_users_and_fits_the_image_or_is_none(two_stores):
+    assert model_for_correlated_noise(two_stores.list(), 40) is None, "never the modality's default instead"
+    edit_card(two_stores.user_dir / "mine", default_for_noise="correlated")
+    assert model_for_correlated_noise(two_stores.list(), 1) == "mine"
+    wide_volume = shipped_copy(two_stores.shipped_dir / "ct-default", two_stores.shipped_dir, "correlated-2.5d", [])
+    edit_card(wide_volume, default_for_noise="correlated",
+              architecture=dict(json.loads((wide_volume / "card.json").read_text())["architecture"], context_slices=2))
+    assert model_for_correlated_noise(two_stores.list(), 40) == "correlated-2.5d"
+    assert model_for_correlated_noise(two_stores.list(), 2) == "mine", "2 neighbours each side need 3 slices"
 
 
 def test_default_for_without_shipped_models_says_so(saved, tmp_path):
