@@ -381,6 +381,8 @@ def binning_noise_reading(array, max_slices: int = 32) -> Tuple[float, float]:
     real pydicom CT, MR and X-ray images).
     """
     a = sample_slices(np.asarray(array, dtype=np.float64), max_slices)
+    if not np.isfinite(a).all():
+        raise ValueError("the image has NaN or infinite voxels, so its noise cannot be read")
     if min(a.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         raise ValueError(f"the image ({' x '.join(map(str, a.shape))}) is too small to judge its noise")
     low, high = np.percentile(a, [LOW_PERCENTILE, HIGH_PERCENTILE])

@@ -178,3 +178,5 @@ def test_binning_tells_strong_correlated_noise_from_white_noise_and_from_clean_a
     assert noise_looks_correlated(np.stack([add_noise(unit, "correlated", 1.2, rng, sigma=0.2) for _ in range(3)]))
     with pytest.raises(ValueError, match="too small to judge its noise"):
         binning_noise_reading(unit[:10, :40])
+    with pytest.raises(ValueError, match="NaN or infinite voxels"):
+        binning_noise_reading(np.where(unit > 0.5, np.inf, unit))

@@ -417,6 +417,16 @@ def test_estimate_reads_the_noise_once_per_version_of_the_voxels(mrml, fake_logi
     assert "spatially correlated" in sagittal.advice
 
 
+def test_estimate_of_a_volume_with_nan_voxels_says_so(mrml, fake_logic, tmp_path):
+    shipped = [card for card in ModelStore(store_dir=tmp_path).list() if "error" not in card]
+    voxels = add_noise(np.zeros((12, 96, 96)), "gaussian", 0.1, 2).astype(np.float32)
+    voxels[3, 10:20, 10:20] = np.nan
+    volume = slicer.util.addVolumeFromArray(voxels, name="damaged")
+    for model, cards in (("", shipped), ("ct-2.5d", [_card("ct-2.5d", context=2)])):
+        with pytest.raises(ValueError, match="NaN or infinite voxels"):
+            fake_logic.estimate(volume, DenoiseSettings(mode="fast", model=model, device="cpu"), cards)
+
+
 def test_real_worker_trains_on_scene_volumes_then_denoises_with_the_new_model(mrml, tmp_path):
     """The real command line end to end: `train --max-steps 5` on a scene volume, then Fast and Full."""
     from DiffDenoiseLib.slicer_logic import worker_environment
