@@ -227,7 +227,7 @@ def test_report_tables_and_goals_follow_the_numbers():
     rows += rows_for("mr", "gaussian 6/255", {"noisy": (30, 0.0, 0.0), "full": (33, 0.0, 0.0), "fast": (33, 0.0, 0.0),
                                               "oracle": (31, 0.0, 0.0)}, unit="a.u.")
     assert "oracle falls below Fast on 1 of 3 conditions" in "\n".join(report.goals(report.aggregate(rows)))
-    assert "volumetric filter made" not in goals
+    assert "volumetric filter made" not in goals and "Counted only" not in goals
     made_by = {("mr", "gaussian 6/255"): "volumetric filter", ("ct", "poisson 200"): "correlated-noise filters"}
     for row in rows:
         if row["method"] in ("full", "fast", "oracle"):
@@ -235,6 +235,10 @@ def test_report_tables_and_goals_follow_the_numbers():
     goals = "\n".join(report.goals(report.aggregate(rows)))
     assert "On 1 condition (mr / gaussian 6/255) the volumetric filter made" in goals
     assert "On 1 condition (ct / poisson 200) the correlated-noise filters made" in goals
+    # left: ct / gaussian 6/255 alone, where Fast is within 0.3 dB of Full and 0.5 of the oracle, and SRDS's
+    # image is 2 dB above one sample's
+    assert ("Counted only where the networks' result made or guided the image: Fast within 0.3 dB of Full on 1 of "
+            "1; Fast within 0.5 dB of the oracle on 1 of 1; SRDS's image >= one sample's + 1.5 dB on 1 of 1.") in goals
 
 
 def test_measured_reports_time_and_the_memory_a_call_holds():
