@@ -35,7 +35,7 @@ from DiffDenoiseLib.device import select_device
 from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.networks import VIEW_COUNTS, NetworkConfig
-from DiffDenoiseLib.noise import noise_looks_correlated
+from DiffDenoiseLib.noise import CORRELATED_MIN_STRENGTH, binning_noise_reading, reading_looks_correlated
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
@@ -269,6 +269,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     slice_axis = SLICE_AXES[args.slice_axis]
     if slice_axis is not None and image.array.ndim == 2 and slice_axis != 0:
         raise UsageError(f"--slice-axis {args.slice_axis} needs a volume; {source.name} is a 2D image")
+    reading = None  # the image's binning_noise_reading, once it has been needed
     if args.model:
         folder = store.resolve(args.model)
     else:
@@ -276,7 +277,8 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         if image.array.ndim == 3:
             slices = image.array.shape[choose_slice_axis(image.spacing, image.array.shape)
                                        if slice_axis is None else slice_axis]
-        correlated = noise_looks_correlated(image.array)
+        reading = binning_noise_reading(image.array)
+        correlated = reading_looks_correlated(reading)
         folder = store.resolve(store.default_for(image.modality, slices, correlated_noise=correlated))
     model = load_model(folder)
     if not args.model:
@@ -332,15 +334,28 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                          "guided by the networks' result computed each coefficient's noise from the noise's "
                          "covariance, read where that result is flattest.")
         else:
-            advice = ""
+            strength = (reading or binning_noise_reading(image.array))[1]
+            wider = None
             if model.config.blind_spot_radius == 0:
                 depth = image.array.shape[result.details["slice_axis"]] if image.array.ndim == 3 else 1
                 wider = model_for_correlated_noise(store.list(), depth)
-                advice = (", and a one-pixel blind spot cannot separate such noise well; "
-                          + (f"--model {wider} can, or " if wider else "")
-                          + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
-            reporter.log(f"The noise looks spatially correlated: observation fusion and the Wiener filter were "
-                         f"skipped{advice}.")
+            if strength <= CORRELATED_MIN_STRENGTH:
+                # Below that strength the reading cannot tell weak correlated noise from fine anatomy (noise.py).
+                reporter.log(f"The noise does not look white but is faint (its std about {strength:.2%} of the "
+                             "intensity range; the model for correlated noise is chosen from "
+                             f"{CORRELATED_MIN_STRENGTH:.1%}): weak spatially correlated noise (a reconstruction "
+                             "kernel's) or fine anatomy, which the noise reading cannot tell apart. Observation "
+                             "fusion and the Wiener filter, which need white noise, were skipped"
+                             + (f"; if it is noise, --model {wider} separates it better, at some risk to fine detail"
+                                if wider else "") + ".")
+            else:
+                advice = ""
+                if model.config.blind_spot_radius == 0:
+                    advice = (", and a one-pixel blind spot cannot separate such noise well; "
+                              + (f"--model {wider} can, or " if wider else "")
+                              + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
+                reporter.log(f"The noise looks spatially correlated: observation fusion and the Wiener filter were "
+                             f"skipped{advice}.")
     elif result.details.get("wiener"):
         guide = ("the networks' result, averaged with the image's own hard-thresholding estimate,"
                  if result.details.get("hard_threshold") else "the networks' result")

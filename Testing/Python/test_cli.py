@@ -320,6 +320,26 @@ def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data
     assert "the Wiener filter were skipped" in messages and "--model wide-spot can" in messages
 
 
+def test_a_nearly_clean_textured_image_is_told_its_noise_is_faint_not_sent_to_a_wider_blind_spot(capfd, trained,
+                                                                                                    tmp_path):
+    """Fine texture under faint noise reads as not white (the reading sees the texture), but far below the noise a
+    wider blind spot is chosen for: the log says the reading cannot tell which, and offers the wider blind spot only
+    as a choice for the case that it is noise."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    clean = (1500.0 + 10.0 * xx + 800.0 * ((yy - 32) ** 2 / 300 + (xx - 32) ** 2 / 150 < 1)
+             + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0))
+    noisy = clean + add_noise(np.zeros_like(clean), "gaussian", 2.0, np.random.default_rng(1))
+    write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / "texture.nrrd")
+    code, out, err = run(capfd, "denoise", tmp_path / "texture.nrrd", tmp_path / "texture-out.nrrd", "--model", "tiny",
+                         "--store", trained["store"], "--json")
+    assert code == 0, err
+    messages = " ".join(e["message"] for e in of_kind(parse(out), "log"))
+    assert "does not look white but is faint (its std about 1.28% of the intensity range" in messages
+    assert "or fine anatomy, which the noise reading cannot tell apart" in messages
+    assert "if it is noise, --model correlated-noise-default separates it better" in messages
+    assert "The noise looks spatially correlated" not in messages
+
+
 def test_under_correlated_noise_the_log_says_the_filters_made_the_image_and_no_uncertainty_map_is_written(
         capfd, tmp_path):
     """The shipped 2D correlated-noise model on a radiograph-like image with correlated noise, Full mode: hard
