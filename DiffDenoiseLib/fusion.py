@@ -77,8 +77,8 @@ def looks_correlated(noisy: np.ndarray, estimate: np.ndarray, white: Optional[Cu
     test: the residual's variance, binned by the estimate's intensity and taken around each
     bin's median (a bias is not noise), against the white-noise curve.
     """
-    y = sample_slices(np.asarray(noisy, dtype=np.float64), max_slices)
-    m = sample_slices(np.asarray(estimate, dtype=np.float64), max_slices)
+    y = sample_slices(noisy, max_slices)
+    m = sample_slices(estimate, max_slices)
     white = noise_variance_curve(noisy) if white is None else white
     residual = binned_variance(m.ravel(), (y - m).ravel(), centred=True)
     ratio = float(np.median(np.interp(white[0], *residual) / np.maximum(white[1], 1e-20)))

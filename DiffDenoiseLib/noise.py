@@ -340,7 +340,7 @@ def noise_variance_curve(array, bins: int = 20, min_count: int = 50, max_slices:
     the noise is white (uncorrelated between voxels); evaluate it with `np.interp` (constant
     beyond the ends). A volume is sampled at `max_slices` evenly spaced slices.
     """
-    a = sample_slices(np.asarray(array, dtype=np.float64), max_slices)
+    a = sample_slices(array, max_slices)
     return binned_variance(local_mean(a).ravel(), highpass(a).ravel(), bins, min_count)
 
 
@@ -357,7 +357,7 @@ def refined_noise_curve(noisy, estimate, curve: Curve, max_slices: int = 32, min
     within FLAT_SHARE noise std (the given curve's) are binned by its local mean. Where too few
     voxels are flat for two bins, the given curve is returned.
     """
-    y, e = (sample_slices(np.asarray(a, dtype=np.float64), max_slices) for a in (noisy, estimate))
+    y, e = (sample_slices(a, max_slices) for a in (noisy, estimate))
     if y.shape != e.shape:
         raise ValueError(f"the noisy image {y.shape} and its estimate {e.shape} differ in shape")
     intensity, edges = local_mean(e), np.abs(highpass(e))
@@ -380,7 +380,7 @@ def binning_noise_reading(array, max_slices: int = 32) -> Tuple[float, float]:
     the high-pass sees anatomy, whose strength stays low (0.0005 to 0.040 on those and on the
     real pydicom CT, MR and X-ray images).
     """
-    a = sample_slices(np.asarray(array, dtype=np.float64), max_slices)
+    a = sample_slices(array, max_slices)
     if not np.isfinite(a).all():
         raise ValueError("the image has NaN or infinite voxels, so its noise cannot be read")
     if min(a.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
@@ -408,11 +408,13 @@ def reading_looks_correlated(reading: Tuple[float, float]) -> bool:
     return ratio > CORRELATED_BINNING_RATIO and strength > CORRELATED_MIN_STRENGTH
 
 
-def sample_slices(a: np.ndarray, max_slices: int) -> np.ndarray:
-    """At most `max_slices` evenly spaced slices of a volume (a 2D image as it is)."""
+def sample_slices(a, max_slices: int) -> np.ndarray:
+    """At most `max_slices` evenly spaced slices of a volume (a 2D image as it is), in float64: sampled before they
+    are converted, so a large volume is not copied whole to read its noise."""
+    a = np.asarray(a)
     if a.ndim == 3 and a.shape[0] > max_slices:
-        return a[np.linspace(0, a.shape[0] - 1, max_slices).round().astype(int)]
-    return a
+        a = a[np.linspace(0, a.shape[0] - 1, max_slices).round().astype(int)]
+    return np.asarray(a, dtype=np.float64)
 
 
 def binned_variance(intensities: np.ndarray, samples: np.ndarray, bins: int = 20, min_count: int = 50,
