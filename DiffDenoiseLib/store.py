@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from DiffDenoiseLib.atomic import replaced_when_done
 from DiffDenoiseLib.pipeline import STAGES, DenoisingModel
 from DiffDenoiseLib.training import CARD_FORMAT, CARD_FORMAT_VERSION
 
@@ -59,8 +60,7 @@ def save_model(model: DenoisingModel, folder: PathLike) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        card = dict(model.card, stages=model.stages())
-        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        write_card(tmp, dict(model.card, stages=model.stages()))
         for stage, state in model.state_dicts().items():
             torch.save({k: v.detach().cpu() for k, v in state.items()}, weights_file(tmp, stage))
         if folder.exists():
@@ -75,6 +75,13 @@ def save_model(model: DenoisingModel, folder: PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def write_card(folder: PathLike, card: dict) -> None:
+    """Write `card` as the model card of `folder`; the file appears only when complete (a card's scores can be
+    rewritten in place, the weights as they are)."""
+    with replaced_when_done(Path(folder) / CARD_FILE) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_card(folder: PathLike) -> dict:

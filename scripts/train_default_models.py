@@ -49,13 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from DiffDenoiseLib import datasets  # noqa: E402
-from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402
 from DiffDenoiseLib.imageio import Image, write_image  # noqa: E402
 from DiffDenoiseLib.metrics import psnr, ssim  # noqa: E402
 from DiffDenoiseLib.noise import add_noise  # noqa: E402
 from DiffDenoiseLib.normalization import HIGH_PERCENTILE, LOW_PERCENTILE  # noqa: E402
 from DiffDenoiseLib.pipeline import denoise_image  # noqa: E402
-from DiffDenoiseLib.store import CARD_FILE, load_model, read_card, save_model  # noqa: E402
+from DiffDenoiseLib.store import load_model, read_card, save_model, write_card  # noqa: E402
 
 SHIPPED = ROOT / "DiffDenoiseLib" / "models"
 COLIN27 = "Colin27 T1 template (Debian mricron-data)"
@@ -284,8 +283,7 @@ def rescore(recipe) -> None:
     card["metrics"]["evaluation"] = ("mean over held-out slices of every training noise level, against the clean "
                                      f"image (measured {time.strftime('%Y-%m-%d')} with that day's pipeline: "
                                      "--evaluate-only)")
-    with replaced_when_done(folder / CARD_FILE) as tmp:
-        tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    write_card(folder, card)
     print(json.dumps({"model": recipe["name"], "metrics": metrics}))
 
 
