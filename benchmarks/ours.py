@@ -25,12 +25,15 @@ from benchmarks.suite import Case
 MODES = ("bsn", "single-unfused", "single", "two-samples", "full-unfused", "full", "fast")
 
 
-def default_model(modality: str, slices: int, noisy: np.ndarray,
+def default_model(modality: str, noisy: np.ndarray, noisy_slab: Optional[np.ndarray],
                   cache: Dict[str, Tuple[str, DenoisingModel]]) -> Tuple[str, DenoisingModel]:
-    """(name, model) of the shipped default for `modality`, an image of `slices` slices and its `noisy`
-    test slice (whose noise may look spatially correlated), chosen as `diffdenoise denoise` does; loaded once."""
+    """(name, model) of the shipped default for `modality` and a `noisy` test slice, with the noisy slab around it
+    or None for a 2D image (whose noise may look spatially correlated), chosen as `diffdenoise denoise` does;
+    loaded once."""
     store = ModelStore()
-    name = store.default_for(modality, slices, correlated_noise=noise_looks_correlated(noisy))
+    image = noisy if noisy_slab is None else noisy_slab
+    name = store.default_for(modality, 1 if noisy_slab is None else noisy_slab.shape[0],
+                             correlated_noise=noise_looks_correlated(image))
     if name not in cache:
         cache[name] = (name, load_model(store.resolve(name)))
     return cache[name]

@@ -41,9 +41,12 @@ from benchmarks.peers import Condition, available_peers, noise2void, noise2void_
 from benchmarks.suite import Case, Noise, build_cases, noises_for  # noqa: E402
 
 MODES = {
-    "quick": {"oracle_steps": 100, "oracle_patch": 48, "tuning_pairs": 2, "tuning_crop": 96, "n2v_steps": 150},
-    "full": {"oracle_steps": 3000, "oracle_patch": 64, "tuning_pairs": 4, "tuning_crop": 192, "n2v_steps": 3000},
+    "quick": {"oracle_steps": 100, "oracle_patch": 48, "tuning_pairs": 2, "tuning_crop": 96, "n2v_steps": 150,
+              "bias_pairs": 2},
+    "full": {"oracle_steps": 3000, "oracle_patch": 64, "tuning_pairs": 4, "tuning_crop": 192, "n2v_steps": 3000,
+             "bias_pairs": 4},
 }
+BIAS_MODES = ("full", "fast")  # with the peers and the input, the methods whose CT flat-tissue bias is measured
 FIGURE_NOISES = ("gaussian 25/255", "poisson 200", "correlated 1.2", "rician 0.05")
 
 
@@ -61,8 +64,7 @@ def masks(clean: np.ndarray, body: np.ndarray):
     return fg, (flat if flat.sum() >= 100 else None)
 
 
-def scores(case: Case, noise: Noise, clean: np.ndarray, noisy: np.ndarray, out: np.ndarray, fg,
-           flat) -> Dict[str, Optional[float]]:
+def scores(noise: Noise, clean: np.ndarray, noisy: np.ndarray, out: np.ndarray, fg) -> Dict[str, Optional[float]]:
     use_fg = fg if fg.sum() >= 100 else None
     return {
         "psnr": psnr(clean, out, data_range=1.0),
@@ -71,14 +73,22 @@ def scores(case: Case, noise: Noise, clean: np.ndarray, noisy: np.ndarray, out: 
         "ssim_fg": ssim(clean, out, data_range=1.0, mask=use_fg),
         # the method noise in units of the noise's own std, so that signal-dependent noise removed exactly scores 0
         "edge_correlation": method_noise_stats(noisy, out, clean, noise_std=noise.std(clean))["edge_correlation"],
-        # The shift of a flat tissue patch against the clean image, and against the noisy input. Both estimate the
-        # method's bias (the suite's noise has mean zero there), and both carry one draw's patch mean: against the
-        # clean image the part a method keeps, against the input the part it removes. Measured (seventeenth run),
-        # the second is no steadier (CT mean abs: Full 4.2 HU against 3.7, BM4D 3.4 against 1.6).
-        "flat_bias": None if flat is None else flat_region_bias(case.to_units(clean), case.to_units(out), flat),
-        "flat_shift_from_input": None if flat is None else flat_region_bias(case.to_units(noisy), case.to_units(out),
-                                                                            flat),
     }
+
+
+def flat_bias_over_pairs(case: Case, clean: np.ndarray, flat, draws: List[Dict[str, np.ndarray]]
+                         ) -> Dict[str, List[float]]:
+    """Each method's flat-tissue shift against the clean image (HU for CT), one value per antithetic pair.
+
+    One draw's shift carries that draw's own patch mean: under correlated noise it moved Full's flat patch by
+    up to 16 HU from draw to draw (sd), which hides a 1 HU bias. The mean over a pair (a draw and its sign
+    flipped) cancels every part of the shift that is odd in the noise; measured, its sd was 0.06 to 1.4 HU.
+    `draws` holds {method: output on the [0, 1] scale} per draw, each draw's twin right after it; a method
+    missing from any draw is left out.
+    """
+    methods = [m for m in draws[0] if all(m in d for d in draws)]
+    return {m: [float(np.mean([flat_region_bias(case.to_units(clean), case.to_units(d[m]), flat) for d in pair]))
+                for pair in zip(draws[::2], draws[1::2])] for m in methods}
 
 
 def training_pairs(case: Case, noise: Noise, rng, count: int, crop: int):
@@ -89,13 +99,44 @@ def training_pairs(case: Case, noise: Noise, rng, count: int, crop: int):
     return pairs
 
 
+def antithetic_draws(case: Case, noise: Noise, s_index: int, noisy: np.ndarray, noisy_slab: Optional[np.ndarray],
+                     rng: np.random.Generator, pairs: int) -> List[tuple]:
+    """(noisy, slab or None) of the main draw's twin, then of `pairs` - 1 further draws, each followed by its twin."""
+    clean = case.clean[s_index] if case.slabs is None else case.slabs[s_index]
+    drawn = [noisy if noisy_slab is None else noisy_slab]
+    drawn += [noise.apply(clean, rng) for _ in range(pairs - 1)]
+    images = [image for one in drawn for image in (one, noise.antithetic(clean, one))][1:]
+    return [(image, None) if case.slabs is None else (image[image.shape[0] // 2], image) for image in images]
+
+
+def ct_flat_bias(case: Case, noise: Noise, n_index: int, s_index: int, flat, main_draw: tuple, outputs: dict,
+                 peers, tuning: list, settings: dict, model_cache: dict) -> Dict[str, List[float]]:
+    """The flat-tissue bias (HU) of the input, every peer and BIAS_MODES over `settings["bias_pairs"]` antithetic
+    pairs, the first made of the main draw (whose `outputs` are reused) and its twin."""
+    clean = case.clean[s_index]
+
+    def outputs_of(noisy: np.ndarray, slab: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+        cond = Condition(noise, float(np.std(noisy - clean)), slab, tuning)
+        found = {"noisy": noisy, **{p.name: p.run(noisy, cond) for p in peers}}
+        _, model = ours.default_model(case.modality, noisy, slab, model_cache)
+        found.update({m: ours.run_mode(m, model, case, noisy, slab)[0] for m in BIAS_MODES})
+        return {m: out for m, out in found.items() if out is not None}
+
+    rng = np.random.default_rng([2027, sum(map(ord, case.name)), n_index, s_index])
+    draws = [{m: outputs[m][0] for m in ["noisy", *(p.name for p in peers), *BIAS_MODES] if m in outputs}]
+    draws += [outputs_of(*draw) for draw in antithetic_draws(case, noise, s_index, *main_draw, rng,
+                                                             settings["bias_pairs"])]
+    return flat_bias_over_pairs(case, clean, flat, draws)
+
+
 def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache: dict, log) -> tuple:
     """Every method on every test slice of one image; returns (rows, figure panels)."""
     rows, figures = [], []
     for n_index, noise in enumerate(noises):
         rng = np.random.default_rng([2026, sum(map(ord, case.name)), n_index])
         started = time.perf_counter()
-        oracles, oracle_s = {}, 0.0  # per model: the noise picks the model, and the model the oracle's start
+        # per model: the noise picks the model, and the model the oracle's start
+        oracles, oracle_s, bias_s = {}, 0.0, 0.0
         pairs = training_pairs(case, noise, rng, settings["tuning_pairs"], settings["tuning_crop"])
         for s_index, clean in enumerate(case.clean):
             if case.slabs is not None:
@@ -103,21 +144,21 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
                 noisy = noisy_slab[noisy_slab.shape[0] // 2]
             else:
                 noisy_slab, noisy = None, noise.apply(clean, rng)
-            name, model = ours.default_model(case.modality, 1 if noisy_slab is None else noisy_slab.shape[0],
-                                             noisy if noisy_slab is None else noisy_slab, model_cache)
+            name, model = ours.default_model(case.modality, noisy, noisy_slab, model_cache)
             cond = Condition(noise, float(np.std(noisy - clean)), noisy_slab, pairs)
             fg, flat = masks(clean, case.body[s_index])
-            outputs = {}
+            outputs, row_of = {}, {}
 
             def record(method: str, call, model_name: Optional[str] = None) -> None:
                 (out, extra, made_by), seconds, mib = measured(call)
                 if out is None:
                     return
                 outputs[method] = (out, extra)
-                rows.append({"image": case.name, "modality": case.modality, "unit": case.unit, "noise": noise.label,
-                             "slice": s_index, "method": method, "seconds": seconds, "peak_mib": mib,
-                             "model": model_name, "filters_made_the_image": made_by,
-                             **scores(case, noise, clean, noisy, out, fg, flat)})
+                row_of[method] = {"image": case.name, "modality": case.modality, "unit": case.unit,
+                                  "noise": noise.label, "slice": s_index, "method": method, "seconds": seconds,
+                                  "peak_mib": mib, "model": model_name, "filters_made_the_image": made_by,
+                                  **scores(noise, clean, noisy, out, fg)}
+                rows.append(row_of[method])
 
             record("noisy", lambda: (noisy, None, None))
             for peer in peers:
@@ -129,13 +170,19 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
                                                                               patch=settings["oracle_patch"]))
                 oracle_s += seconds
             record("oracle", lambda: ours.run_mode("fast", oracles[name], case, noisy, noisy_slab), name)
+            if case.unit == "HU" and flat is not None:
+                bias_started = time.perf_counter()
+                for method, values in ct_flat_bias(case, noise, n_index, s_index, flat, (noisy, noisy_slab),
+                                                   outputs, peers, pairs, settings, model_cache).items():
+                    row_of[method]["flat_bias_pairs"] = values
+                bias_s += time.perf_counter() - bias_started
             if s_index == 0 and noise.label in FIGURE_NOISES:
                 made_by = next((r["filters_made_the_image"] for r in rows if r["method"] == "full" and (
                     r["image"], r["noise"], r["slice"]) == (case.name, noise.label, s_index)), None)
                 figures.append(report.figure_panels(case.name, noise.label, clean, noisy, outputs,
                                                     [p.name for p in peers], made_by))
         log(f"{case.name:20s} {noise.label:16s} {time.perf_counter() - started:6.1f} s "
-            f"(oracle training {oracle_s:.1f} s)")
+            f"(oracle training {oracle_s:.1f} s" + (f", CT bias pairs {bias_s:.1f} s)" if bias_s else ")"))
     return rows, figures
 
 

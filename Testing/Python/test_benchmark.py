@@ -15,7 +15,7 @@ from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import train_oracle
 from benchmarks.peers import PEERS, Condition, available_peers
-from benchmarks.run_benchmark import masks, reference_noise_std, scores
+from benchmarks.run_benchmark import antithetic_draws, flat_bias_over_pairs, masks, reference_noise_std
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
 
 
@@ -143,19 +143,49 @@ def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue()
     assert np.abs(case.to_units(case.clean[0][flat]) - 30.0).max() < 20.0, "flat tissue must be brain, not bone"
 
 
-def test_flat_tissue_shift_is_measured_against_the_clean_image_and_against_the_input():
-    """A draw whose patch mean is 12 HU above the clean tissue: a method that removes it and shifts tissue by 3 HU
-    reads 3 HU against the clean image and -9 against the input; one that keeps the draw's patch mean and adds 3 HU
-    reads 15 and 3; the input itself reads 12 and 0."""
+def test_flat_tissue_bias_is_the_mean_over_antithetic_pairs_of_draws():
+    """A draw whose flat patch reads 12 HU above the clean tissue, and its twin 12 below: a method that keeps the
+    noise, one that keeps half of it and adds 3 HU, and one that removes it and adds 3 HU read 0, 3 and 3 over the
+    pair, where the first draw alone reads 12, 9 and 3."""
     clean = np.full((64, 64), (40.0 + 1000.0) / 3000.0)
     case = Case("flat", "CT", "HU", -1000.0, 3000.0, clean[None], None, body=np.ones((1, 64, 64), bool))
-    fg, flat = masks(clean, np.ones_like(clean, dtype=bool))
-    noisy = clean + 12.0 / case.scale
-    for out, against_clean, against_input in ((clean + 3.0 / case.scale, 3.0, -9.0),
-                                              (noisy + 3.0 / case.scale, 15.0, 3.0), (noisy, 12.0, 0.0)):
-        measured = scores(case, NOISES[0], clean, noisy, out, fg, flat)
-        assert measured["flat_bias"] == pytest.approx(against_clean, abs=1e-6)
-        assert measured["flat_shift_from_input"] == pytest.approx(against_input, abs=1e-6)
+    _, flat = masks(clean, np.ones_like(clean, dtype=bool))
+    noisy = clean + 12.0 / case.scale + np.random.default_rng(0).normal(0.0, 0.001, clean.shape)
+    twin = NOISES[0].antithetic(clean, noisy)
+    np.testing.assert_allclose(noisy + twin, 2 * clean)
+    methods = {"keeps": lambda y: y, "half": lambda y: (y + clean) / 2 + 3.0 / case.scale,
+               "removes": lambda y: clean + 3.0 / case.scale}
+    draws = [{m: f(y) for m, f in methods.items()} for y in (noisy, twin)]
+    first = flat_bias_over_pairs(case, clean, flat, [draws[0], draws[0]])  # the first draw alone
+    assert {m: v[0] for m, v in first.items()} == pytest.approx({"keeps": 12.0, "half": 9.0, "removes": 3.0},
+                                                                abs=0.2)
+    pair = flat_bias_over_pairs(case, clean, flat, draws)
+    assert {m: v[0] for m, v in pair.items()} == pytest.approx({"keeps": 0.0, "half": 3.0, "removes": 3.0}, abs=1e-9)
+    del draws[1]["half"]  # a method missing from a draw (a peer that did not run) is left out
+    assert set(flat_bias_over_pairs(case, clean, flat, draws)) == {"keeps", "removes"}
+
+
+def test_antithetic_draws_pair_the_main_draw_with_its_twin_then_fresh_pairs():
+    clean = toy_image(32)
+    slab = np.stack([clean] * 5)
+    rng = np.random.default_rng(1)
+    for noise in (n for n in NOISES if n.kind != "rician"):
+        for slabs in (None, slab[None]):
+            case = Case("toy", "CT", "HU", -1000.0, 2000.0, clean[None], slabs)
+            main_slab = None if slabs is None else noise.apply(slab, rng)
+            main = noise.apply(clean, rng) if slabs is None else main_slab[2]
+            draws = antithetic_draws(case, noise, 0, main, main_slab, rng, pairs=3)
+            assert len(draws) == 5  # the main draw's twin, then two pairs
+            images = [main_slab if slabs is not None else main] + [d[1] if slabs is not None else d[0] for d in draws]
+            for a, b in zip(images[::2], images[1::2]):
+                np.testing.assert_allclose(a + b, 2 * (clean if slabs is None else slab), atol=1e-12)
+            assert not np.allclose(images[0], images[2])
+            if slabs is not None:
+                assert all(np.array_equal(centre, full[2]) for centre, full in draws)
+            twin_noise = images[1] - (clean if slabs is None else slab)
+            assert np.std(twin_noise) == pytest.approx(np.std(images[0] - images[1]) / 2, rel=1e-9)
+    with pytest.raises(ValueError, match="Rician"):
+        NOISES[-1].antithetic(clean, clean)
 
 
 def toy_model(context=0):
@@ -195,10 +225,11 @@ def test_a_2_5d_oracle_trains_on_slabs_and_refuses_single_slices():
 
 
 def rows_for(image, noise, values, unit="HU"):
+    """Rows of one slice; a CT's flat-tissue bias b comes as two antithetic pairs, b -+ 0.1."""
     return [{"image": image, "noise": noise, "method": m, "unit": unit, "psnr": p, "ssim": 0.9, "psnr_fg": p,
-             "ssim_fg": 0.9, "edge_correlation": e, "flat_bias": b, "flat_shift_from_input": b / 4, "seconds": 1.0,
-             "peak_mib": 10.0, "slice": 0,
-             "modality": "CT", "model": None} for m, (p, e, b) in values.items()]
+             "ssim_fg": 0.9, "edge_correlation": e, "seconds": 1.0, "peak_mib": 10.0, "slice": 0,
+             "modality": "CT", "model": None, **({"flat_bias_pairs": [b - 0.1, b + 0.1]} if unit == "HU" else {})}
+            for m, (p, e, b) in values.items()]
 
 
 def test_report_tables_and_goals_follow_the_numbers():
@@ -211,8 +242,13 @@ def test_report_tables_and_goals_follow_the_numbers():
                                            "single-unfused": (28, 0.1, 2), "full-unfused": (30, 0.1, 2)})
     table = report.aggregate(rows)
     assert table[("ct", "gaussian 6/255")]["full"]["psnr"] == 36
-    assert table[("ct", "poisson 200")]["full"]["flat_shift_from_input"] == 0.75
-    assert report.cost_table(table, ["full"])[2] == "| full | 1.00 | 10 | 0.110 | 1.75 | 0.44 |"
+    assert table[("ct", "poisson 200")]["full"]["flat_bias"] == pytest.approx(3.0)
+    assert table[("ct", "poisson 200")]["full"]["flat_bias_se"] == pytest.approx(0.1)
+    assert report.cost_table(table, ["full"])[2] == "| full | 1.00 | 10 | 0.110 | 1.75 |"
+    bias = report.bias_table(table, 2)
+    assert "over 2 antithetic pairs" in bias[2]
+    assert bias[7] == ("| ct | poisson 200 | +0.00 +- 0.10 | +0.20 +- 0.10 | +2.00 +- 0.10 | +3.00 +- 0.10 | "
+                       "+3.00 +- 0.10 | +0.10 +- 0.10 | +2.00 +- 0.10 | +2.00 +- 0.10 |")
     lines = report.quality_table(table, report.methods_of(table), "psnr", "ssim")
     assert len(lines) == 4 and "**36.00 / 0.900**" in lines[2]
     goals = "\n".join(report.goals(table))
