@@ -95,7 +95,10 @@ def bias_table(table, pairs: int) -> List[str]:
              "noise draws per test slice: a draw and the same draw with its sign flipped (2 clean - noisy). One "
              "draw's shift carries that draw's own patch mean, several HU at these noise levels; the pair's mean "
              "cancels what is odd in the noise, so the input itself reads 0 and what remains is the method's own "
-             "bias. +- the standard error over the pairs.", "",
+             "bias, +- the standard error over the pairs. The reference itself is a real scan with noise of its "
+             "own, which a method may remove: how much that moves the patch mean is given per image below "
+             "(Images); a method that pools neighbouring slices (BM4D, a 2.5D model's volumetric filter) is "
+             "measured against one slice whose patch may differ from its neighbours' by as much.", "",
              "| image | noise | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for (image, noise), row in rows:
         cells = []
@@ -248,8 +251,21 @@ def markdown(results: dict) -> str:
               + (f", BM4D slab depth {i['slab_depth']}" if i['slab_depth'] else "")
               + (f"; the reference's own noise (blind noise curve): std {i['own_noise_std']:.4f} on the 0-1 scale "
                  f"({(i['own_noise_std'] * 255 / 6) ** 2:.2f} times the variance of Gaussian 6/255)"
-                 if i.get("own_noise_std") is not None else "") for i in results["images"]]
+                 if i.get("own_noise_std") is not None else "") + own_noise_over_flat_patch(i)
+              for i in results["images"]]
     return "\n".join(lines) + "\n"
+
+
+def own_noise_over_flat_patch(image: dict) -> str:
+    """What a CT reference's own noise leaves in the mean of its flat patch, if white: the floor under which a
+    flat-tissue bias against that reference cannot be told from the reference's own noise."""
+    pixels = [n for n in image.get("flat_pixels") or [] if n]
+    if image["unit"] != "HU" or not pixels or image.get("own_noise_std") is None:
+        return ""
+    std_hu = image["own_noise_std"] * (image["unit_range"][1] - image["unit_range"][0])
+    return (f"; flat-tissue patch of {np.mean(pixels):.0f} voxels per test slice, over which the reference's own "
+            f"noise ({std_hu:.1f} HU per voxel) averages to about {std_hu / np.sqrt(sum(pixels)):.2f} HU if white, "
+            "more where it is correlated")
 
 
 def figure_panels(image: str, noise: str, clean: np.ndarray, noisy: np.ndarray,

@@ -192,6 +192,12 @@ def reference_noise_std(clean: np.ndarray) -> float:
     return float(np.sqrt(np.mean(noise_variance_curve(clean)[1])))
 
 
+def flat_pixels(case: Case, s_index: int) -> int:
+    """Voxels of a test slice's flat-tissue patch (0 where it has none)."""
+    flat = masks(case.clean[s_index], case.body[s_index])[1]
+    return 0 if flat is None else int(flat.sum())
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -247,7 +253,9 @@ def main(argv=None) -> int:
             "images": [{"name": c.name, "modality": c.modality, "unit": c.unit, "source": c.source,
                         "test_shape": list(c.clean.shape), "slab_depth": None if c.slabs is None else c.slabs.shape[1],
                         "unit_range": [c.offset, c.offset + c.scale],
-                        "own_noise_std": reference_noise_std(c.clean)} for c in cases if c.name in done],
+                        "own_noise_std": reference_noise_std(c.clean),
+                        "flat_pixels": [flat_pixels(c, i) for i in range(len(c.clean))]}
+                       for c in cases if c.name in done],
             "missing_images": missing_images, "not_run": missing_peers,
             "models": {name: report.model_summary(model) for name, model in models.values()},
             "rows": rows,

@@ -351,6 +351,11 @@ def test_the_report_gives_each_references_own_noise():
                            "slab_depth": None, "own_noise_std": 0.012}]}
     text = report.markdown(results)
     assert "the reference's own noise (blind noise curve): std 0.0120 on the 0-1 scale (0.26 times" in text
+    # a CT's flat patch: 10 HU of own noise per voxel averages to 0.5 HU over 400 voxels (if white)
+    ct = {"unit": "HU", "unit_range": [-1000.0, 1500.0], "own_noise_std": 0.004, "flat_pixels": [400]}
+    assert "(10.0 HU per voxel) averages to about 0.50 HU" in report.own_noise_over_flat_patch(ct)
+    assert report.own_noise_over_flat_patch({**ct, "flat_pixels": [0]}) == ""
+    assert report.own_noise_over_flat_patch({**ct, "unit": "a.u."}) == ""
 
 
 def test_stage_costs_measure_every_stage_the_slicer_estimate_counts(tmp_path):
