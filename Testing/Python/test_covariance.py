@@ -38,6 +38,28 @@ def test_the_covariance_read_in_flat_windows_is_the_noises_in_plane_and_across_s
     assert estimate_noise_covariance(mixed, np.zeros_like(mixed), depth=1)[0, 8, 8] > 0.35
 
 
+def test_offsets_read_within_two_standard_errors_of_zero_are_taken_as_uncorrelated(monkeypatch):
+    """White noise on a 128x128 slice: without the test every offset but 0 reads sampling error (up to several
+    percent of R(0)); with it most read exactly 0 (the windows half overlap, so their spread understates the
+    error a little, and some sampling error passes) while R(0) stays. Correlated noise keeps its short
+    offsets, where the read lies far from 0."""
+    rng = np.random.default_rng(7)
+    white = rng.normal(0.0, 1.0, (1, 128, 128))
+    read = estimate_noise_covariance(white, np.zeros_like(white))
+    monkeypatch.setattr(covariance_module, "SIGNIFICANCE", 0.0)
+    raw = estimate_noise_covariance(white, np.zeros_like(white))
+    off = np.ones(raw.shape, dtype=bool)
+    off[0, 8, 8] = False
+    assert np.count_nonzero(raw[off]) == off.sum() and np.abs(raw[off]).max() > 0.02
+    assert read[0, 8, 8] == raw[0, 8, 8] and np.count_nonzero(read[off]) < 0.25 * off.sum()
+    kept = read[off] != 0
+    assert np.array_equal(read[off][kept], raw[off][kept])  # what is kept is the read itself
+    monkeypatch.setattr(covariance_module, "SIGNIFICANCE", 2.0)
+    field = add_noise(np.zeros((1, 128, 128)), "correlated", 1.2, rng, sigma=1.0)
+    read = estimate_noise_covariance(field, np.zeros_like(field))
+    assert (read[0, 7:10, 7:10] > 0.5).all()
+
+
 def test_the_exact_group_variances_match_the_variances_of_noise_groups():
     """Four patches at fixed offsets, slid over a large field of correlated noise: the variance of each
     coefficient of their 3D transform, measured over all positions, is what group_variance computes from the
