@@ -177,8 +177,7 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
                     row_of[method]["flat_bias_pairs"] = values
                 bias_s += time.perf_counter() - bias_started
             if s_index == 0 and noise.label in FIGURE_NOISES:
-                made_by = next((r["filters_made_the_image"] for r in rows if r["method"] == "full" and (
-                    r["image"], r["noise"], r["slice"]) == (case.name, noise.label, s_index)), None)
+                made_by = row_of["full"]["filters_made_the_image"] if "full" in row_of else None
                 figures.append(report.figure_panels(case.name, noise.label, clean, noisy, outputs,
                                                     [p.name for p in peers], made_by))
         log(f"{case.name:20s} {noise.label:16s} {time.perf_counter() - started:6.1f} s "
@@ -192,10 +191,14 @@ def reference_noise_std(clean: np.ndarray) -> float:
     return float(np.sqrt(np.mean(noise_variance_curve(clean)[1])))
 
 
-def flat_pixels(case: Case, s_index: int) -> int:
-    """Voxels of a test slice's flat-tissue patch (0 where it has none)."""
-    flat = masks(case.clean[s_index], case.body[s_index])[1]
-    return 0 if flat is None else int(flat.sum())
+def described(case: Case) -> dict:
+    """What the report says of an image, measured once when its conditions are done: its source and units, the
+    reference's own noise, and the voxels of each test slice's flat-tissue patch (0 where it has none)."""
+    flats = [masks(clean, body)[1] for clean, body in zip(case.clean, case.body)]
+    return {"name": case.name, "modality": case.modality, "unit": case.unit, "source": case.source,
+            "test_shape": list(case.clean.shape), "slab_depth": None if case.slabs is None else case.slabs.shape[1],
+            "unit_range": [case.offset, case.offset + case.scale], "own_noise_std": reference_noise_std(case.clean),
+            "flat_pixels": [0 if flat is None else int(flat.sum()) for flat in flats]}
 
 
 def machine() -> dict:
@@ -244,18 +247,12 @@ def main(argv=None) -> int:
         peers.append(noise2void(args.n2v_python, settings["n2v_steps"]))
     rows, figures, models = [], [], {}
 
-    def write(done: List[str]) -> dict:
+    def write(images: List[dict]) -> dict:
         """Everything measured so far: a long run leaves usable results after every image."""
         results = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mode": "quick" if quick else "full", "settings": settings, "machine": machine(),
-            "wall_seconds": round(time.perf_counter() - started, 1),
-            "images": [{"name": c.name, "modality": c.modality, "unit": c.unit, "source": c.source,
-                        "test_shape": list(c.clean.shape), "slab_depth": None if c.slabs is None else c.slabs.shape[1],
-                        "unit_range": [c.offset, c.offset + c.scale],
-                        "own_noise_std": reference_noise_std(c.clean),
-                        "flat_pixels": [flat_pixels(c, i) for i in range(len(c.clean))]}
-                       for c in cases if c.name in done],
+            "wall_seconds": round(time.perf_counter() - started, 1), "images": images,
             "missing_images": missing_images, "not_run": missing_peers,
             "models": {name: report.model_summary(model) for name, model in models.values()},
             "rows": rows,
@@ -266,17 +263,17 @@ def main(argv=None) -> int:
             tmp.write_text(report.markdown(results))
         return results
 
-    done: List[str] = []
+    images: List[dict] = []
     for case in cases:
         noises = [n for n in noises_for(case.modality, quick) if not args.noises or n.label in args.noises]
         case_rows, case_figures = run_case(case, noises, peers, settings, models, log)
         rows += case_rows
         figures += case_figures
-        done.append(case.name)
-        write(done)
+        images.append(described(case))
+        write(images)
     if not args.no_figures:
         report.write_figures(figures, out / "figures")
-    results = write(done)
+    results = write(images)
     log(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['wall_seconds']:.0f} s")
     return 0
 
