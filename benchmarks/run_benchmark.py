@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -129,10 +129,13 @@ def ct_flat_bias(case: Case, noise: Noise, n_index: int, s_index: int, flat, mai
     return flat_bias_over_pairs(case, clean, flat, draws)
 
 
-def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache: dict, log) -> tuple:
-    """Every method on every test slice of one image; returns (rows, figure panels)."""
+def run_case(case: Case, noises: List[Tuple[int, Noise]], peers, settings: dict, model_cache: dict, log) -> tuple:
+    """Every method on every test slice of one image; returns (rows, figure panels).
+
+    `noises` holds (index in the image's whole noise suite, noise): the index seeds the draws, so a run limited to
+    some noises (--noises) draws exactly what the whole run draws for them."""
     rows, figures = [], []
-    for n_index, noise in enumerate(noises):
+    for n_index, noise in noises:
         rng = np.random.default_rng([2026, sum(map(ord, case.name)), n_index])
         started = time.perf_counter()
         # per model: the noise picks the model, and the model the oracle's start
@@ -183,6 +186,11 @@ def run_case(case: Case, noises: List[Noise], peers, settings: dict, model_cache
         log(f"{case.name:20s} {noise.label:16s} {time.perf_counter() - started:6.1f} s "
             f"(oracle training {oracle_s:.1f} s" + (f", CT bias pairs {bias_s:.1f} s)" if bias_s else ")"))
     return rows, figures
+
+
+def selected_noises(modality: str, quick: bool, labels: Optional[List[str]]) -> List[Tuple[int, Noise]]:
+    """(index in the modality's whole noise suite, noise) for the noises labelled `labels` (all if none)."""
+    return [(i, n) for i, n in enumerate(noises_for(modality, quick)) if not labels or n.label in labels]
 
 
 def reference_noise_std(clean: np.ndarray) -> float:
@@ -265,8 +273,8 @@ def main(argv=None) -> int:
 
     images: List[dict] = []
     for case in cases:
-        noises = [n for n in noises_for(case.modality, quick) if not args.noises or n.label in args.noises]
-        case_rows, case_figures = run_case(case, noises, peers, settings, models, log)
+        case_rows, case_figures = run_case(case, selected_noises(case.modality, quick, args.noises), peers,
+                                           settings, models, log)
         rows += case_rows
         figures += case_figures
         images.append(described(case))

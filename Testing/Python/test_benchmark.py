@@ -15,7 +15,8 @@ from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import train_oracle
 from benchmarks.peers import PEERS, Condition, available_peers
-from benchmarks.run_benchmark import antithetic_draws, flat_bias_over_pairs, masks, reference_noise_std
+from benchmarks.run_benchmark import (antithetic_draws, flat_bias_over_pairs, masks, reference_noise_std,
+                                      selected_noises)
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
 
 
@@ -56,6 +57,15 @@ def test_quick_subset_and_rician_only_on_mr():
     assert "rician 0.05" in {n.label for n in noises_for("MR", quick=True)}
     assert "rician 0.05" not in {n.label for n in noises_for("CT", quick=False)}
     assert len(noises_for("CT", quick=False)) == 8
+
+
+def test_a_run_limited_to_some_noises_seeds_them_as_the_whole_run_does():
+    """Each noise's draws are seeded by its index in the whole suite, not in the run's filtered list."""
+    whole = selected_noises("MR", True, None)
+    assert [i for i, _ in whole] == list(range(len(noises_for("MR", quick=True))))
+    limited = selected_noises("MR", True, ["rician 0.05", "correlated 1.2"])
+    assert [(i, n.label) for i, n in limited] == [(4, "correlated 1.2"), (5, "rician 0.05")]
+    assert selected_noises("CT", True, ["rician 0.05"]) == []
 
 
 def test_correlated_psd_carries_the_noise_variance():
