@@ -47,7 +47,9 @@ from DiffDenoiseLib.networks import (
     StudentNet,
     dihedral_mean,
 )
-from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE, estimate_transform_params, get_transform, noise_variance_curve
+from DiffDenoiseLib.noise import (
+    MIN_SIDE_TO_JUDGE_NOISE, Curve, estimate_transform_params, get_transform, noise_variance_curve,
+)
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
 from DiffDenoiseLib.settings import JsonSettings
@@ -311,44 +313,66 @@ def denoise_image(
             if weight is not None and uncertainty is not None:
                 uncertainty = uncertainty * weight
     correlated = bool(details.get("correlated_noise"))
-    # Under correlated noise the filters take each coefficient's exact noise variance from the noise's covariance,
-    # read on the image where a pilot is flattest (covariance.py, wiener.py). A 2.5D model's result guides the
-    # Wiener filter only if it removed such noise, which a wide blind spot does and a one-pixel one does not: on
-    # the demo's real head CT that result gave some of the noise back (high-pass std in the brain 3.5 HU against
-    # 2.6) for 8 times the time; so only a wide blind spot's result is filtered there.
-    correlated_filters = (fuse and correlated and model.config.blind_spot_radius > 0
-                          and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE)
+    correlated_filters = fuse and correlated and correlated_noise_filters_apply(model, slices)
     if fuse:
         details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or correlated_filters
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
-    if not k and details.get("wiener"):
-        # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step), and
-        # the average guides the Wiener filter: on the benchmark's 2D images under white noise half and half gained
-        # 0.0 to 0.7 dB (Full and Fast) over the result alone guiding two passes, at the same cost; a quarter 0.1 dB
-        # more on average; with the estimate's wider search a tenth 0.03 dB more than a quarter (and than the
-        # estimate alone: 0.1 dB more on the shoulder MRI at Gaussian 6/255, 0.1 less on the head CT at 25/255).
-        # Under correlated noise the estimate alone guides it (the result picks the flat windows the noise is read
-        # in): the benchmark's three 2D images gained 0.4 to 1.5 dB over the earlier average of the result and a
-        # hard thresholding with the noise measured on the residual; a tenth of the result in the pilot lost 0.01 to
-        # 0.05 dB, a quarter up to 0.17.
-        estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, correlated_noise=correlated,
-                                                **filtering)
-        denoised = estimate if correlated else NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
-        details["hard_threshold"] = True
-        if correlated:  # the image owes the networks only where its noise was read: no uncertainty map of theirs
+    if correlated_filters:
+        denoised = correlated_noise_filters(slices[lo:hi], denoised, white, k, **filtering)
+        if not k:  # the image owes the networks only where its noise was read: no uncertainty map of theirs
             uncertainty = None
-            details["filters_made_the_image"] = "correlated-noise filters"
-    if details.get("wiener"):
-        # a 2.5D model's result (correlated noise, or too few slices for the volumetric filter) guides it alone
-        denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, correlated_noise=correlated,
-                                        **filtering)
-    elif not details.get("hard_threshold"):
+            details.update(hard_threshold=True, filters_made_the_image="correlated-noise filters")
+    elif details.get("wiener"):
+        if not k:
+            # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step),
+            # and the average guides the Wiener filter: on the benchmark's 2D images under white noise half and half
+            # gained 0.0 to 0.7 dB (Full and Fast) over the result alone guiding two passes, at the same cost; a
+            # quarter 0.1 dB more on average; with the estimate's wider search a tenth 0.03 dB more than a quarter
+            # (and than the estimate alone: 0.1 dB more on the shoulder MRI at Gaussian 6/255, 0.1 less on the head
+            # CT at 25/255).
+            estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, **filtering)
+            denoised = NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
+            details["hard_threshold"] = True
+        # a 2.5D model's result (too few slices for the volumetric filter) guides it alone
+        denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, **filtering)
+    else:
         denoised = denoised[start - lo:stop - lo]
     if timer.done < timer.total:  # the bar counted steps the noise made unneeded (Fast's probe, the filter)
         advance(timer.total - timer.done)
     if uncertainty is not None:
         uncertainty = uncertainty[start - lo:stop - lo]
     return finished_result(image, z, axis, start, normalization, transform, denoised, uncertainty, started, details)
+
+
+def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray) -> bool:
+    """Whether the correlated-noise filters make the image of `slices` (n, H, W) when their noise looks correlated.
+
+    Under correlated noise the filters take each coefficient's exact noise variance from the noise's covariance,
+    read on the image where a pilot is flattest (covariance.py, wiener.py). A 2.5D model's result guides the
+    Wiener filter only if it removed such noise, which a wide blind spot does and a one-pixel one does not: on
+    the demo's real head CT that result gave some of the noise back (high-pass std in the brain 3.5 HU against
+    2.6) for 8 times the time; so only a wide blind spot's model is filtered there.
+    """
+    return model.config.blind_spot_radius > 0 and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
+
+
+def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Curve, context: int,
+                             indices: Sequence[int], device: Optional[torch.device] = None,
+                             progress: Optional[Callable[[], None]] = None) -> np.ndarray:
+    """The image of the slices `indices` of `noisy` (n, H, W) under correlated noise, from the networks' result
+    `denoised` on the same n slices (`context` slices on each side of a 2.5D model's).
+
+    A 2.5D model's result guides the Wiener filter, whose groups also reach `context` slices either way. A 2D
+    model's result only picks the flat windows the noise is read in: the image's own hard-thresholding estimate
+    guides the Wiener filter. On the benchmark's three 2D images that gained 0.4 to 1.5 dB over the earlier
+    average of the result and a hard thresholding with the noise measured on the residual; a tenth of the result
+    in the pilot lost 0.01 to 0.05 dB, a quarter up to 0.17.
+    """
+    filtering = dict(indices=indices, device=device, progress=progress, correlated_noise=True)
+    if not context:
+        estimate = collaborative_hard_threshold(noisy, denoised, white, **filtering)
+        return collaborative_wiener(noisy[list(indices)], estimate, white, **{**filtering, "indices": None})
+    return collaborative_wiener(noisy, denoised, white, context=context, **filtering)
 
 
 def volumetric_filter_makes_the_image(slices: np.ndarray) -> bool:
