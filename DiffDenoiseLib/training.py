@@ -5,7 +5,8 @@
 2. Diffusion: the conditional UNet learns the distribution of the normalised residual
    r = (y - c) / s around the frozen BSN estimate c.
 3. Student: a compact network is fitted to Full outputs (SRDS, then observation
-   fusion when the model uses it) on the training slices.
+   fusion when the model uses it; under correlated noise, the correlated-noise filters
+   where Full's image gets them) on the training slices.
 
 Every stage checkpoints atomically (at least every `checkpoint_seconds` and at its
 end) and resumes from its last checkpoint. The random draws of step `i` depend only on
@@ -39,6 +40,8 @@ from DiffDenoiseLib.pipeline import (
     STAGES,
     DenoisingModel,
     SamplingConfig,
+    correlated_noise_filters,
+    correlated_noise_filters_apply,
     prepare_array,
     residual_scale,
     run_network_on_slices,
@@ -388,19 +391,26 @@ def _distillation_targets(model, volumes, estimated, estimates, scales, config, 
     per_volume = [indices[evenly_spaced(len(indices), config.student_slices)] for indices in estimated]
     settings = dict(context=model.config.context_slices, device=run.device, cancel=run.cancel)
 
+    def srds(volume: np.ndarray, indices: Sequence[int], estimate: Optional[np.ndarray], scale: Optional[float]):
+        if estimate is None:
+            estimate = _estimate_slices(model, volume, indices, run.device, run.cancel)
+            scale = residual_scale(volume[indices], estimate) if scale is None else scale
+        denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed, settings,
+                                         indices=indices, scale=scale)
+        return denoised, scale
+
     def full_mode_outputs() -> List[np.ndarray]:
         targets = []
         for i, (volume, indices) in enumerate(zip(volumes, per_volume)):
-            if estimates is None:
-                estimate = _estimate_slices(model, volume, indices, run.device, run.cancel)
-                scale = residual_scale(volume[indices], estimate)
-            else:
-                estimate, scale = estimates[i][indices], scales[i]
+            estimate, scale = (None, None) if estimates is None else (estimates[i][indices], scales[i])
+            denoised, scale = srds(volume, indices, estimate, scale)
             full = np.zeros_like(volume)
-            denoised, _, _ = sample_residual(model, volume, estimate, None, None, -1, False, config.seed,
-                                             settings, indices=indices, scale=scale)
             if model.sampling.fusion:
-                denoised, _, _ = fuse_unless_correlated(volume[indices], denoised, white=noise_variance_curve(volume))
+                white = noise_variance_curve(volume)
+                denoised, _, correlated = fuse_unless_correlated(volume[indices], denoised, white=white)
+                if correlated and correlated_noise_filters_apply(model, volume):
+                    denoised = _filtered_targets(model, volume, indices, denoised, white,
+                                                 lambda near: srds(volume, near, None, scale)[0], run)
             full[indices] = denoised
             targets.append(full)
         return targets
@@ -408,3 +418,29 @@ def _distillation_targets(model, volumes, estimated, estimates, scales, config, 
     targets = _cached_per_volume(run.work_dir / "student_targets.npz", len(volumes),
                                  "Full-mode distillation targets on the training slices", log, full_mode_outputs)
     return per_volume, targets
+
+
+def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoised: np.ndarray, white,
+                      srds_of: Callable[[List[int]], np.ndarray], run) -> np.ndarray:
+    """Full's image of the slices `indices` of a volume whose noise looks correlated: the correlated-noise filters
+    guided by SRDS's result `denoised` there, and, for a 2.5D model, on the slices either side of each, whose
+    result `srds_of` gives.
+
+    SRDS's own result carries blobs of the correlated noise, which a student fitted to it can only imitate by
+    passing the noise through; the filtered image does not. As a guide of Fast's Wiener filter, whose groups are
+    matched on it, a student that passes noise through groups patches by their noise.
+    """
+    k, n = model.config.context_slices, volume.shape[0]
+    if not k:
+        return correlated_noise_filters(volume[indices], denoised, white, 0, range(len(indices)), device=run.device)
+    pilots = dict(zip((int(i) for i in indices), denoised))
+    near = sorted({j for i in pilots for j in range(max(0, i - k), min(n, i + k + 1))} - set(pilots))
+    if near:
+        pilots.update(zip(near, srds_of(near)))
+    filtered = []
+    for i in (int(i) for i in indices):
+        run.cancel.raise_if_cancelled()
+        lo, hi = max(0, i - k), min(n, i + k + 1)
+        stack = np.stack([pilots[j] for j in range(lo, hi)])
+        filtered.append(correlated_noise_filters(volume[lo:hi], stack, white, k, [i - lo], device=run.device)[0])
+    return np.stack(filtered)

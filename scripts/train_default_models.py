@@ -126,14 +126,16 @@ def correlated_recipe():
     }
 
 
-def train_config(scale: float, context: int, student_steps: Optional[int] = None) -> dict:
+def train_config(scale: float, context: int, student_steps: Optional[int] = None,
+                 student_slices: Optional[int] = None) -> dict:
     steps = {"bsn_steps": 2500, "diffusion_steps": 2000, "student_steps": 900}
     return {
         "network": {"context_slices": context, "bsn_width": 48, "bsn_depth": 5, "unet_base": 32,
                     "unet_mults": [1, 2, 2], "student_width": 32},
         "training": {**{k: max(2, int(v * scale)) for k, v in steps.items()}, "batch_size": 16,
                      "student_slices": 24, "checkpoint_seconds": 60,
-                     **({"student_steps": student_steps} if student_steps else {})},
+                     **({"student_steps": student_steps} if student_steps else {}),
+                     **({"student_slices": student_slices} if student_slices else {})},
         "sampling": {"steps": 5, "pairs": 1, "t_start": 100},
         "transform": "none",
     }
@@ -179,7 +181,7 @@ def evaluate(model, recipe, part, modes, t_start=-1):
 
 
 def run_training(recipe, args, store: Path, work: Path, log_path: Path):
-    config = train_config(args.scale, args.context_slices, args.student_steps)
+    config = train_config(args.scale, args.context_slices, args.student_steps, args.student_slices)
     config["network"].update(recipe.get("network", {}))
     config["training"].update(recipe.get("training", {}))
     config["sampling"].update(recipe.get("sampling", {}))
@@ -294,6 +296,9 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--student-steps", type=int, help="the student's steps, instead of 900 times --scale: "
                         "the student is the cheapest stage and the one Fast mode runs")
+    parser.add_argument("--student-slices", type=int, help="slices per volume that get Full's distillation "
+                        "targets, instead of 24 (under correlated noise a 2.5D model's targets also need SRDS on "
+                        "the slices either side of each)")
     parser.add_argument("--continue-student", action="store_true", help="train the shipped model's student "
                         "--student-steps more steps from where it is, keeping its other networks")
     parser.add_argument("--threads", type=int, default=1)

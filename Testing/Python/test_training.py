@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from DiffDenoiseLib import training
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import NetworkConfig
-from DiffDenoiseLib.pipeline import run_network_on_slices
+from DiffDenoiseLib.noise import add_noise
+from DiffDenoiseLib.pipeline import correlated_noise_filters, run_network_on_slices
 from DiffDenoiseLib.training import CancelToken, Cancelled, PatchSampler, TrainConfig, _training_slices, train_model
 
 TINY = NetworkConfig(bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1, 2), student_width=8)
@@ -148,3 +150,46 @@ def test_a_student_trained_alone_estimates_only_its_own_slices(tmp_path):
         targets = cached["v0"]
     chosen = [i for i in range(10) if np.any(targets[i])]
     assert chosen == [0, 3, 6, 9]
+
+
+@pytest.mark.parametrize("kind", ["correlated", "gaussian"])
+def test_under_correlated_noise_the_student_learns_the_filtered_image(tmp_path, monkeypatch, kind):
+    """A 2.5D model with a wide blind spot: under correlated noise each distillation target is the correlated-noise
+    filters' image of its slice, guided by SRDS's result there and on the slice either side (Full's image); under
+    white noise the filters do not run and the target is the fused SRDS result."""
+    z, y, x = np.mgrid[:9, :40, :48]
+    clean = 0.5 + 0.3 * np.sin(x / 5.0) * np.cos(y / 7.0)
+    noisy = add_noise(clean, kind, 1.5 if kind == "correlated" else 0.1, np.random.default_rng(1), sigma=0.1)
+    image = Image(array=noisy.astype(np.float32), spacing=(1.0, 1.0, 1.0), modality="CT")
+    network = NetworkConfig(bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1, 2), student_width=8,
+                            context_slices=1, blind_spot_radius=1)
+    base = train_model([image], tmp_path / "base", "base", network_config=network,
+                       train_config=TrainConfig(stages=("bsn", "diffusion"), max_steps=2, batch_size=2, bsn_patch=16,
+                                                diffusion_patch=16, checkpoint_seconds=1e9))
+    calls = []
+
+    def spy(noisy_slices, pilots, white, context, indices, device=None):
+        filtered = correlated_noise_filters(noisy_slices, pilots, white, context, indices, device=device)
+        calls.append((noisy_slices.copy(), pilots.copy(), context, list(indices), filtered))
+        return filtered
+
+    monkeypatch.setattr(training, "correlated_noise_filters", spy)
+    config = TrainConfig(stages=("student",), max_steps=2, batch_size=2, student_patch=16, student_slices=3,
+                         checkpoint_seconds=1e9)
+    train_model([image], tmp_path / "student", "student", train_config=config, init_from=base)
+    volume = _training_slices([image], "none")[0][0]
+    with np.load(tmp_path / "student" / "student_targets.npz", allow_pickle=False) as cached:
+        targets = cached["v0"]
+    assert [i for i in range(9) if np.any(targets[i])] == [0, 4, 8]
+    if kind == "gaussian":
+        assert calls == []
+        return
+    # one filtering per target slice, of the slice and its neighbours within the volume, the centre written back
+    assert [(len(noisy_slices), context, indices) for noisy_slices, _, context, indices, _ in calls] == [
+        (2, 1, [0]), (3, 1, [1]), (2, 1, [1])]
+    for (noisy_slices, pilots, _, _, filtered), lo, target in zip(calls, (0, 3, 7), (0, 4, 8)):
+        np.testing.assert_array_equal(noisy_slices, volume[lo:lo + len(noisy_slices)])
+        assert not np.array_equal(pilots, noisy_slices)
+        np.testing.assert_allclose(targets[target], filtered[0], atol=1e-6)
+    # the filters changed what SRDS gave: the target is not the pilot's centre slice
+    assert not np.allclose(targets[4], calls[1][1][1], atol=1e-4)
