@@ -609,7 +609,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
 
     Under white noise a 2.5D model's volume goes to the volumetric filter alone; otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
-    exact variances after a wide blind spot only. `white` is the binning test's reading (Fast's and the volumetric
+    exact variances after a wide blind spot only (a 2.5D model's Fast mode also runs that blind spot, whose estimate
+    matches the Wiener step's groups). `white` is the binning test's reading (Fast's and the volumetric
     filter's); Full's test of the networks' residual is taken to agree with it.
     """
     from DiffDenoiseLib.networks import NetworkConfig
@@ -631,6 +632,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         stages["wiener_context" if context else "filters_2d"] = 1
     elif fuse and architecture.blind_spot_radius:
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
+        if mode == "fast" and context:  # a blind-spot estimate matches the Wiener step's groups
+            stages["bsn_wide"] = sampling.self_ensemble
     return stages
 
 

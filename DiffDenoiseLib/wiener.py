@@ -129,7 +129,8 @@ def dct_matrix(size: int) -> torch.Tensor:
 
 def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0, passes: int = 1,
                          indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
-                         progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False) -> np.ndarray:
+                         progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False,
+                         gains_from: Optional[np.ndarray] = None) -> np.ndarray:
     """The collaborative Wiener filter of the slices `indices` (all by default) of `noisy`, guided by `pilot`.
 
     `noisy` and `pilot` are (n, H, W), or (H, W) for one slice; the inputs are not modified. With
@@ -137,10 +138,13 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     the array), whose pilot must be there too. With `passes` > 1 each pass's result is the next
     one's pilot. `progress` is called after every slice filtered (it may raise to stop the filter).
     With `correlated_noise` each coefficient's noise variance is the exact one of its group, from the noise
-    covariance read where `pilot` is flattest (see above). Returns (len(indices), H, W), or (H, W) for a 2D
-    input, in float64.
+    covariance read where `pilot` is flattest (see above). `gains_from`, of `noisy`'s shape, sets the first pass's
+    Wiener gains instead of `pilot`, which then only matches the groups: an estimate whose errors follow the noise
+    at each voxel groups patches by their noise, yet may know the coefficients better. Returns (len(indices), H, W),
+    or (H, W) for a 2D input, in float64.
     """
     y3, m3, wanted = _checked("Wiener filter", noisy, pilot, context, indices)
+    g3 = None if gains_from is None else _checked("Wiener filter", noisy, gains_from, context, indices)[1]
     if passes < 1:
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
     n = y3.shape[0]
@@ -149,7 +153,8 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     for done in range(passes):
         reach = context * (passes - 1 - done)  # the slices later passes will look at
         todo = sorted({j for i in wanted for j in range(max(0, i - reach), min(n, i + reach + 1))})
-        filtered = _filter_slices(y3, guide, guide, curve, todo, context, device, progress, wiener=True, table=table)
+        filtered = _filter_slices(y3, guide, guide, curve, todo, context, device, progress, wiener=True, table=table,
+                                  gains_on=g3 if done == 0 else None)
         for i, a in filtered.items():
             guide[i] = a
     result = guide[wanted].astype(np.float64)
@@ -287,15 +292,17 @@ def _checked(name: str, noisy, pilot, context: int, indices: Optional[Sequence[i
 
 def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, todo: Sequence[int],
                    context: int, device: Optional[torch.device], progress: Optional[Callable[[], None]],
-                   **options) -> dict:
-    """{slice: filtered slice} for the slices `todo`, each with the `context` slices on either side."""
+                   gains_on: Optional[np.ndarray] = None, **options) -> dict:
+    """{slice: filtered slice} for the slices `todo`, each with the `context` slices on either side; the Wiener
+    gains come from `gains_on` (default `match_on`)."""
     device = device or torch.device("cpu")
     n, filtered = y3.shape[0], {}
+    gains_on = match_on if gains_on is None else gains_on
     for i in todo:
         lo, hi = max(0, i - context), min(n, i + context + 1)
-        ys, ms, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-                     for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
-        filtered[i] = _filter_slice(ys, ms, s, centre=i - lo, **options).cpu().numpy()
+        ys, ms, gs, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+                         for a in (y3[lo:hi], match_on[lo:hi], gains_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
+        filtered[i] = _filter_slice(ys, ms, s, centre=i - lo, gains_on=gs, **options).cpu().numpy()
         if progress is not None:
             progress()
     return filtered
@@ -379,10 +386,10 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
 
 
 def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
-                  table: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
-    and the noise variance: Wiener gains from the matched image's coefficients (the pilot's), or, without
-    `wiener`, hard thresholding of y's. Under correlated noise (a coefficient covariance `table`, see
+    and the noise variance: Wiener gains from the coefficients of `gains_on` (default: the matched image, the
+    pilot), or, without `wiener`, hard thresholding of y's. Under correlated noise (a coefficient covariance `table`, see
     `_coefficient_table`) each coefficient's noise variance is the exact one of its group (covariance.py), with the
     CORRELATED_ groups, search, spacing and threshold.
 
@@ -402,7 +409,8 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     dct2 = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).to(device, dtype)
     kaiser = torch.kaiser_window(PATCH, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
     window = torch.outer(kaiser, kaiser).reshape(-1).to(device, dtype)
-    flat_y, flat_m, flat_s = ys.reshape(-1), ms.reshape(-1), s.reshape(-1)
+    flat_y, flat_s = ys.reshape(-1), s.reshape(-1)
+    flat_g = (ms if gains_on is None else gains_on).reshape(-1)
     total = torch.zeros(h * w, dtype=dtype, device=device)
     weights = torch.zeros_like(total)
     rows_at_once = max(1, (REFERENCE_CHUNK if table is None else CORRELATED_REFERENCE_CHUNK) // len(ref_x))
@@ -415,7 +423,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
             variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]
         else:  # each coefficient's own, from the members' positions: (R, group, 64)
             variance = group_variance(table, where)
-        cm = dct1 @ (flat_m[pixels] @ dct2.T) if wiener else None
+        cm = dct1 @ (flat_g[pixels] @ dct2.T) if wiener else None
         filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
         weight = weight * window  # (R, 1, 64)
         in_centre = where[..., 0] == centre  # only the centre slice's patches are written back

@@ -382,6 +382,16 @@ def test_estimate_of_a_2d_image_under_correlated_noise_with_a_wide_blind_spot_co
     assert "spatially correlated" in wide.advice and networks.advice == ""
 
 
+def test_estimate_of_fast_on_a_volume_under_correlated_noise_counts_the_blind_spot_that_matches_the_groups(
+        mrml, fake_logic):
+    volume = _volume_with_noise("head", (12, 96, 96), correlated=True)
+    card = dict(_card("wide-2.5d", context=2, radius=3), sampling={"fusion": True, "self_ensemble": 1})
+    wide, networks = _estimates(fake_logic, volume, card)
+    per_pass = 12 * 96 * 96 / 1e6
+    added = per_pass * (_CPU_SECONDS_PER_MEGAPIXEL["correlated_wiener_context"] + _CPU_SECONDS_PER_MEGAPIXEL["bsn_wide"])
+    assert wide.seconds - networks.seconds == pytest.approx(added)
+
+
 def test_automatic_estimate_follows_the_shipped_default_the_worker_picks(mrml, fake_logic, tmp_path):
     shipped = [card for card in ModelStore(store_dir=tmp_path).list() if "error" not in card]
     for name, shape, correlated, default, says in (

@@ -254,3 +254,26 @@ def test_a_large_slice_filtered_a_few_rows_of_references_at_a_time_gives_the_sam
     monkeypatch.setattr(wiener, "REFERENCE_CHUNK", 30)  # two rows of references at a time
     np.testing.assert_allclose(wiener.collaborative_wiener(noisy, pilot, WHITE, context=1, indices=[1]), at_once,
                                atol=1e-6)
+
+
+def test_groups_matched_on_an_estimate_whose_errors_do_not_follow_the_noise_keep_less_of_it():
+    """Under correlated noise: an estimate whose errors follow the noise at each voxel (a student's, which sees
+    it) groups patches by their noise, which the group's average keeps; matching on an estimate with errors of
+    its own (a blind-spot network's, here blurred) and taking only the gains from the first keeps less, and does
+    far better than that estimate's own gains. Gains taken from the pilot itself change nothing."""
+    rng = np.random.default_rng(5)
+    clean = np.stack([scan(64)] * 5)
+    noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.05)
+    follows_noise = np.stack([gaussian_blur(s, 0.7) for s in clean]) + 0.4 * (noisy - clean)
+    own_errors = np.stack([gaussian_blur(s, 1.5) for s in clean]) + add_noise(np.zeros_like(clean), "correlated",
+                                                                             1.2, rng, sigma=0.02)
+    curve = noise_variance_curve(noisy)
+    options = dict(context=2, indices=[2], correlated_noise=True)
+    on_itself = wiener.collaborative_wiener(noisy, follows_noise, curve, **options)[0]
+    matched_apart = wiener.collaborative_wiener(noisy, own_errors, curve, gains_from=follows_noise, **options)[0]
+    own_gains = wiener.collaborative_wiener(noisy, own_errors, curve, **options)[0]
+    assert mse(matched_apart, clean[2]) < 0.9 * mse(on_itself, clean[2])
+    assert mse(matched_apart, clean[2]) < 0.5 * mse(own_gains, clean[2])
+    np.testing.assert_array_equal(wiener.collaborative_wiener(noisy, own_errors, curve, **options),
+                                  wiener.collaborative_wiener(noisy, own_errors, curve, gains_from=own_errors,
+                                                              **options))
