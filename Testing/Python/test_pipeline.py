@@ -132,7 +132,9 @@ def test_the_volumetric_filter_makes_a_2_5d_models_image_only_of_a_volume_with_w
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():
     """Five copies of pydicom's CT slice, each with its own noise blurred by 1.2 pixels: the shipped 2.5D
     correlated-noise model's Fast result goes through the filter (its groups reach the neighbouring slices, whose
-    noise is independent) and gains over the student's output alone. The 2.5D CT model's result (a one-pixel blind
+    noise is independent, and are matched on the blind-spot estimate) and gains over the student's output alone,
+    which learned the filtered image (+0.22 dB); Fast is then as good as Full (30.45 and 30.38 dB). The 2.5D CT
+    model's result (a one-pixel blind
     spot, which leaves correlated noise in it) does not go through it. On one slice the 2D model's result only
     picks the flat windows the noise covariance is read in: hard thresholding and the Wiener step guided by it,
     with exact variances, gain over the student's output too, Full gives no uncertainty map (the filters made the
@@ -150,10 +152,13 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     model = load_model(SHIPPED_DIR / "correlated-noise-2.5d")
     filtered = denoise_image(volume, model, mode="fast", slice_axis=0)
     assert filtered.details["correlated_noise"] is True and filtered.details["wiener"] is True
+    assert filtered.details["groups_matched_on"] == "blind-spot estimate"
     student = denoise_image(volume, model, mode="fast", slice_axis=0, fusion=False).image.array
-    gain = psnr(clean[2], filtered.image.array[2], data_range=high - low) - psnr(clean[2], student[2],
-                                                                                 data_range=high - low)
-    assert gain > 1.5, gain
+    fast_psnr = psnr(clean[2], filtered.image.array[2], data_range=high - low)
+    gain = fast_psnr - psnr(clean[2], student[2], data_range=high - low)
+    assert gain > 0.1, gain
+    full = denoise_image(volume, model, mode="full", slice_axis=0, slice_range=(2, 3)).image.array[0]
+    assert fast_psnr > psnr(clean[2], full, data_range=high - low) - 0.1
     one_pixel_spot = denoise_image(volume, load_model(SHIPPED_DIR / "ct-head-2.5d"), mode="fast", slice_axis=0).details
     assert one_pixel_spot["correlated_noise"] is True and one_pixel_spot["wiener"] is False
     one_slice = Image(array=volume.array[2], spacing=(1.0, 1.0), modality="CT")
