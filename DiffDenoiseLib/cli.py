@@ -330,9 +330,11 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                          "thresholding's and the Wiener filter's, each coefficient's noise computed from the noise's "
                          f"covariance, read where the networks' result is flattest{missing}.")
         elif result.details.get("wiener"):
+            matched = (" (its groups matched on the blind-spot estimate, the student's result setting the gains)"
+                       if result.details.get("groups_matched_on") else "")
             reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the Wiener filter "
-                         "guided by the networks' result computed each coefficient's noise from the noise's "
-                         "covariance, read where that result is flattest.")
+                         f"guided by the networks' result{matched} computed each coefficient's noise from the noise's "
+                         "covariance, read where the guide is flattest.")
         else:
             strength = (reading or binning_noise_reading(image.array))[1]
             wider = None

@@ -353,6 +353,23 @@ def test_under_correlated_noise_the_log_says_the_filters_made_the_image_and_no_u
                                   "correlated-noise filters", "hard thresholding's and the Wiener filter's")
 
 
+def test_fast_on_a_volume_under_correlated_noise_says_its_groups_were_matched_on_the_blind_spot_estimate(
+        capfd, tmp_path):
+    """The shipped 2.5D correlated-noise model in Fast mode: the log says the Wiener filter's groups were matched on
+    the blind-spot estimate and the student set the gains."""
+    zz, yy, xx = np.mgrid[0:5, 0:48, 0:48]
+    clean = 1500.0 + 10.0 * xx + 800.0 * ((yy - 24) ** 2 / 200 + (xx - 24) ** 2 / 100 < 1)
+    noisy = clean + 1600 * add_noise(np.zeros_like(clean), "correlated", 1.2, np.random.default_rng(8))
+    write_image(Image(array=noisy.astype(np.float32), modality="CT"), tmp_path / "head.nrrd")
+    code, out, err = run(capfd, "denoise", tmp_path / "head.nrrd", tmp_path / "out.nrrd", "--model",
+                         "correlated-noise-2.5d", "--slices", "2:3", "--json")
+    assert code == 0, err
+    events = parse(out)
+    assert of_kind(events, "result")[0]["details"]["groups_matched_on"] == "blind-spot estimate"
+    assert any("its groups matched on the blind-spot estimate, the student's result setting the gains" in e["message"]
+               for e in of_kind(events, "log"))
+
+
 def colour_image(path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 9, 3), np.uint8), isVector=True), str(path))
 
