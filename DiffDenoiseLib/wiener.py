@@ -389,8 +389,8 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
                   table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
     and the noise variance: Wiener gains from the coefficients of `gains_on` (default: the matched image, the
-    pilot), or, without `wiener`, hard thresholding of y's. Under correlated noise (a coefficient covariance `table`, see
-    `_coefficient_table`) each coefficient's noise variance is the exact one of its group (covariance.py), with the
+    pilot), or, without `wiener`, hard thresholding of y's. Under correlated noise (a coefficient covariance
+    `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group (covariance.py), with the
     CORRELATED_ groups, search, spacing and threshold.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays

@@ -388,7 +388,8 @@ def test_estimate_of_fast_on_a_volume_under_correlated_noise_counts_the_blind_sp
     card = dict(_card("wide-2.5d", context=2, radius=3), sampling={"fusion": True, "self_ensemble": 1})
     wide, networks = _estimates(fake_logic, volume, card)
     per_pass = 12 * 96 * 96 / 1e6
-    added = per_pass * (_CPU_SECONDS_PER_MEGAPIXEL["correlated_wiener_context"] + _CPU_SECONDS_PER_MEGAPIXEL["bsn_wide"])
+    seconds = _CPU_SECONDS_PER_MEGAPIXEL
+    added = per_pass * (seconds["correlated_wiener_context"] + seconds["bsn_wide"])
     assert wide.seconds - networks.seconds == pytest.approx(added)
 
 
