@@ -374,11 +374,10 @@ def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Cur
     their noise, which the group's average then keeps. On the benchmark's InVesalius CT under correlated noise
     (the student distilled from Full's filtered image) matching on the student's result gave 30.09 dB, on the
     one-view blind-spot estimate 32.85 (the blind-spot estimate alone 32.43, Full 32.42); on Colin27 27.37 and
-    27.41. A 2D
-    model's result only picks the flat windows the noise is read in: the image's own hard-thresholding estimate
-    guides the Wiener filter. On the benchmark's three 2D images that gained 0.4 to 1.5 dB over the earlier
-    average of the result and a hard thresholding with the noise measured on the residual; a tenth of the result
-    in the pilot lost 0.01 to 0.05 dB, a quarter up to 0.17.
+    27.41. A 2D model's result only picks the flat windows the noise is read in: the image's own
+    hard-thresholding estimate guides the Wiener filter. On the benchmark's three 2D images that gained 0.4 to
+    1.5 dB over the earlier average of the result and a hard thresholding with the noise measured on the
+    residual; a tenth of the result in the pilot lost 0.01 to 0.05 dB, a quarter up to 0.17.
     """
     filtering = dict(indices=indices, device=device, progress=progress, correlated_noise=True)
     if not context:

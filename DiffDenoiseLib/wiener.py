@@ -297,11 +297,14 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
     gains come from `gains_on` (default `match_on`)."""
     device = device or torch.device("cpu")
     n, filtered = y3.shape[0], {}
-    gains_on = match_on if gains_on is None else gains_on
+
+    def on_device(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+
     for i in todo:
         lo, hi = max(0, i - context), min(n, i + context + 1)
-        ys, ms, gs, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-                         for a in (y3[lo:hi], match_on[lo:hi], gains_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
+        ys, ms, s = (on_device(a) for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
+        gs = None if gains_on is None else on_device(gains_on[lo:hi])
         filtered[i] = _filter_slice(ys, ms, s, centre=i - lo, gains_on=gs, **options).cpu().numpy()
         if progress is not None:
             progress()
@@ -390,8 +393,8 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
     and the noise variance: Wiener gains from the coefficients of `gains_on` (default: the matched image, the
     pilot), or, without `wiener`, hard thresholding of y's. Under correlated noise (a coefficient covariance
-    `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group (covariance.py), with the
-    CORRELATED_ groups, search, spacing and threshold.
+    `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
+    (covariance.py), with the CORRELATED_ groups, search, spacing and threshold.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
