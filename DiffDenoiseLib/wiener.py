@@ -24,7 +24,8 @@ windows where the pilot is flattest. Measured on the benchmark's correlated nois
 earlier variances read on the residual y - m in the same groups: on the three 2D images hard
 thresholding and then the Wiener step guided by it gained 0.4 to 1.5 dB (and beat BM3D given the true
 spectrum by 0.2 to 0.5 dB on two of them); on the two volumes, the Wiener step of a 2.5D result
--0.1 and +0.4 dB (the brain crop has no flat window, so anatomy adds to the covariance read).
+-0.1 and +0.4 dB (the brain crop has no flat window, so anatomy adds to the covariance read). A 2.5D result,
+which keeps little of the noise, now has the covariance read on y - m instead (`covariance_on_residual`).
 
 BM3D's first step, `collaborative_hard_threshold`, is here too: groups matched on y itself,
 coefficients below HARD_THRESHOLD noise std dropped. Its estimate owes nothing to the networks,
@@ -130,7 +131,7 @@ def dct_matrix(size: int) -> torch.Tensor:
 def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0, passes: int = 1,
                          indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
                          progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False,
-                         gains_from: Optional[np.ndarray] = None) -> np.ndarray:
+                         gains_from: Optional[np.ndarray] = None, covariance_on_residual: bool = False) -> np.ndarray:
     """The collaborative Wiener filter of the slices `indices` (all by default) of `noisy`, guided by `pilot`.
 
     `noisy` and `pilot` are (n, H, W), or (H, W) for one slice; the inputs are not modified. With
@@ -138,7 +139,8 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     the array), whose pilot must be there too. With `passes` > 1 each pass's result is the next
     one's pilot. `progress` is called after every slice filtered (it may raise to stop the filter).
     With `correlated_noise` each coefficient's noise variance is the exact one of its group, from the noise
-    covariance read where `pilot` is flattest (see above). `gains_from`, of `noisy`'s shape, sets the first pass's
+    covariance read where `pilot` is flattest (see above), on y - `pilot` with `covariance_on_residual` (for a
+    pilot that kept little of the noise: covariance.py). `gains_from`, of `noisy`'s shape, sets the first pass's
     Wiener gains instead of `pilot`, which then only matches the groups: an estimate whose errors follow the noise
     at each voxel groups patches by their noise, yet may know the coefficients better. Returns (len(indices), H, W),
     or (H, W) for a 2D input, in float64.
@@ -149,7 +151,7 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
-    table = _coefficient_table(y3, m3, context, device) if correlated_noise else None
+    table = _coefficient_table(y3, m3, context, device, covariance_on_residual) if correlated_noise else None
     for done in range(passes):
         reach = context * (passes - 1 - done)  # the slices later passes will look at
         todo = sorted({j for i in wanted for j in range(max(0, i - reach), min(n, i + reach + 1))})
@@ -314,14 +316,15 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
 COVARIANCE_SLICES = 16  # the middle slices of a longer stack that the noise covariance is read on
 
 
-def _coefficient_table(y3: np.ndarray, m3: np.ndarray, context: int, device: Optional[torch.device]) -> torch.Tensor:
+def _coefficient_table(y3: np.ndarray, m3: np.ndarray, context: int, device: Optional[torch.device],
+                       residual: bool = False) -> torch.Tensor:
     """The covariance of the patches' DCT coefficients at every offset two members of a correlated-noise group can
     have (2 * context slices, 2 * CORRELATED_SEARCH_RADIUS voxels), from the noise covariance read where the
-    pilot is flattest (covariance.py), on the device."""
+    pilot is flattest (on y - pilot with `residual`; covariance.py), on the device."""
     n = y3.shape[0]
     first = max(0, (n - COVARIANCE_SLICES) // 2)
     chosen = slice(first, first + COVARIANCE_SLICES)
-    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(2 * context, n - 1))
+    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(2 * context, n - 1), residual=residual)
     basis = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).reshape(PATCH * PATCH, PATCH, PATCH)
     if covariance.shape[0] < 4 * context + 1:  # too few slices to read the farthest offsets: taken as uncorrelated
         extra = (4 * context + 1 - covariance.shape[0]) // 2
@@ -434,7 +437,8 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         total.index_add_(0, targets.reshape(-1), (filtered * weight)[in_centre].reshape(-1))
         weights.index_add_(0, targets.reshape(-1), weight.expand_as(filtered)[in_centre].reshape(-1))
     covered = weights > 0
-    result = torch.where(covered, total / torch.where(covered, weights, torch.ones_like(weights)), ms[centre].reshape(-1))
+    averaged = total / torch.where(covered, weights, torch.ones_like(weights))
+    result = torch.where(covered, averaged, ms[centre].reshape(-1))
     return result.reshape(h, w)
 
 
