@@ -133,7 +133,7 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     """Five copies of pydicom's CT slice, each with its own noise blurred by 1.2 pixels: the shipped 2.5D
     correlated-noise model's Fast result goes through the filter (its groups reach the neighbouring slices, whose
     noise is independent, and are matched on the blind-spot estimate) and gains over the student's output alone,
-    which learned the filtered image (+0.22 dB); Fast is then as good as Full (30.45 and 30.38 dB). The 2.5D CT
+    which learned the filtered image (+0.13 dB); Fast is then as good as Full (30.51 and 30.36 dB). The 2.5D CT
     model's result (a one-pixel blind
     spot, which leaves correlated noise in it) does not go through it. On one slice the 2D model's result only
     picks the flat windows the noise covariance is read in: hard thresholding and the Wiener step guided by it,
