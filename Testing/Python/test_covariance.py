@@ -10,7 +10,7 @@ from DiffDenoiseLib.noise import add_noise
 from DiffDenoiseLib.wiener import dct_matrix
 
 from test_fusion import textured
-from test_wiener import gaussian_blur
+from test_wiener import under_correlated_noise
 
 BASIS = torch.kron(dct_matrix(8), dct_matrix(8)).reshape(64, 8, 8)
 
@@ -132,12 +132,9 @@ def test_on_the_residual_of_a_pilot_that_kept_little_noise_anatomy_is_no_longer_
     """Texture everywhere, so every window holds anatomy: read in the windows R(0) is three times the noise's; on
     the residual of a pilot that lost only the fine texture and kept a little noise it is within 20 %. A pilot
     that kept half the noise leaves a residual with a quarter of its variance: the read's limit (covariance.py)."""
-    rng = np.random.default_rng(0)
     clean = np.stack([textured(64)] * 5)
-    noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.05)
+    noisy, pilot = under_correlated_noise(clean, np.random.default_rng(0), pilot_noise=0.01)
     noise = noisy - clean
-    smooth = np.stack([gaussian_blur(s, 1.0) for s in clean])
-    pilot = smooth + add_noise(np.zeros_like(clean), "correlated", 1.2, rng, sigma=0.01)
     truth = empirical_covariance(noise, 0, 0, 0)
     assert estimate_noise_covariance(noisy, pilot, depth=1)[1, 8, 8] > 2.0 * truth
     assert estimate_noise_covariance(noisy, pilot, depth=1, residual=True)[1, 8, 8] == pytest.approx(truth, rel=0.2)

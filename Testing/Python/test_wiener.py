@@ -24,6 +24,15 @@ def gaussian_blur(a, sigma):
     return sum(g[i] * rows[:, i:i + a.shape[1]] for i in range(2 * r + 1))
 
 
+def under_correlated_noise(clean, rng, pilot_noise):
+    """(noisy, pilot) of the stack `clean` under in-plane correlated noise (std 0.05, kernel 1.2 pixels): a pilot
+    that lost the fine texture (blurred by 1 pixel) and kept a little noise of its own (std `pilot_noise`)."""
+    noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.05)
+    pilot = np.stack([gaussian_blur(s, 1.0) for s in clean]) + add_noise(np.zeros_like(clean), "correlated", 1.2, rng,
+                                                                         sigma=pilot_noise)
+    return noisy, pilot
+
+
 def test_the_filter_gives_back_the_texture_a_smooth_pilot_lost_and_beats_pixel_fusion():
     """The pilot lost the fine texture; pixel-wise fusion can only trade it against noise voxel by voxel, the
     filter keeps the texture's coefficients of y and removes the noise of the others."""
@@ -121,11 +130,8 @@ def test_under_correlated_noise_each_coefficient_gets_its_exact_noise_and_neighb
     of that noise. Taken as white (the high-pass curve misses most of it), the noise comes back; with each
     coefficient's exact noise variance and groups reaching two slices each way, the filter beats the pilot
     clearly; the centre slice alone, whose nearby patches share their noise, does less well."""
-    rng = np.random.default_rng(12)
     clean = np.stack([scan(64)] * 5)
-    noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.05)
-    pilot = np.stack([gaussian_blur(s, 1.0) for s in clean]) + add_noise(np.zeros_like(clean), "correlated", 1.2, rng,
-                                                                         sigma=0.02)
+    noisy, pilot = under_correlated_noise(clean, np.random.default_rng(12), pilot_noise=0.02)
     curve = noise_variance_curve(noisy)
     taken_as_white = wiener.collaborative_wiener(noisy, pilot, curve, context=2, indices=[2])[0]
     exact = wiener.collaborative_wiener(noisy, pilot, curve, context=2, indices=[2], correlated_noise=True)[0]
@@ -137,11 +143,8 @@ def test_under_correlated_noise_each_coefficient_gets_its_exact_noise_and_neighb
 def test_where_no_window_is_flat_the_covariance_read_on_the_pilots_residual_filters_better():
     """Texture everywhere: read in the flattest windows the anatomy counts as noise and the filter smooths the
     texture away; read on y - pilot (a pilot that lost the fine texture and kept a little noise) it does not."""
-    rng = np.random.default_rng(0)
     clean = np.stack([textured(64)] * 5)
-    noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.05)
-    pilot = np.stack([gaussian_blur(s, 1.0) for s in clean]) + add_noise(np.zeros_like(clean), "correlated", 1.2, rng,
-                                                                         sigma=0.01)
+    noisy, pilot = under_correlated_noise(clean, np.random.default_rng(0), pilot_noise=0.01)
     curve = noise_variance_curve(noisy)
     options = dict(context=2, indices=[2], correlated_noise=True)
     in_windows = wiener.collaborative_wiener(noisy, pilot, curve, **options)[0]
