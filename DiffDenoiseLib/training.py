@@ -334,7 +334,7 @@ def train_model(
         report["diffusion"] = _run_stage("diffusion", unet, diffusion_stage_loss, config.diffusion_lr, run)
 
     if "student" in config.stages:
-        indices, targets = _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log)
+        indices, targets, kinds = _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log)
         sampler = PatchSampler(volumes, k, config.student_patch, extras=[targets], slice_indices=indices)
         student = model.student
 
@@ -343,6 +343,7 @@ def train_model(
             return F.l1_loss(student(stacks.to(device)), target.to(device))
 
         report["student"] = _run_stage("student", student, student_loss, config.student_lr, run)
+        report["student"]["targets"] = _targets_described(indices, kinds)
 
     card["stages"] = model.stages()
     card["training_data"] = {"images": summary, "count": len(images)}
@@ -381,7 +382,8 @@ def _estimate_slices(model, volume: np.ndarray, indices: np.ndarray, device, can
 
 
 def _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log):
-    """Full-mode outputs on evenly spaced training slices (zeros elsewhere), cached for resume.
+    """Full-mode outputs on evenly spaced training slices (zeros elsewhere), cached for resume, and for each
+    volume what made them (one of TARGET_KINDS: its noise decides), cached with them.
 
     The slices are chosen among the diffusion stage's (`estimated`), whose blind-spot
     estimates and residual `scales` they reuse. Without `estimates` (the student is trained
@@ -400,24 +402,43 @@ def _distillation_targets(model, volumes, estimated, estimates, scales, config, 
         return denoised, scale
 
     def full_mode_outputs() -> List[np.ndarray]:
-        targets = []
+        targets, kinds = [], []
         for i, (volume, indices) in enumerate(zip(volumes, per_volume)):
             estimate, scale = (None, None) if estimates is None else (estimates[i][indices], scales[i])
             denoised, scale = srds(volume, indices, estimate, scale)
             full = np.zeros_like(volume)
+            made_by = "SRDS's result"
             if model.sampling.fusion:
                 white = noise_variance_curve(volume)
                 denoised, _, correlated = fuse_unless_correlated(volume[indices], denoised, white=white)
+                made_by = "SRDS's result" if correlated else "SRDS's result fused with the observation"
                 if correlated and correlated_noise_filters_apply(model, volume):
                     denoised = _filtered_targets(model, volume, indices, denoised, white,
                                                  lambda near: srds(volume, near, None, scale)[0], run)
+                    made_by = "the correlated-noise filters guided by SRDS's result"
             full[indices] = denoised
             targets.append(full)
-        return targets
+            kinds.append(TARGET_KINDS.index(made_by))
+        return targets + [np.array(kinds)]
 
-    targets = _cached_per_volume(run.work_dir / "student_targets.npz", len(volumes),
-                                 "Full-mode distillation targets on the training slices", log, full_mode_outputs)
-    return per_volume, targets
+    *targets, kinds = _cached_per_volume(run.work_dir / "student_targets.npz", len(volumes) + 1,
+                                         "Full-mode distillation targets on the training slices", log,
+                                         full_mode_outputs)
+    return per_volume, targets, [TARGET_KINDS[int(i)] for i in kinds]
+
+
+# What made a volume's distillation targets (Full's image), as the student's card records it
+TARGET_KINDS = ("SRDS's result", "SRDS's result fused with the observation",
+                "the correlated-noise filters guided by SRDS's result")
+
+
+def _targets_described(indices: Sequence[np.ndarray], kinds: Sequence[str]) -> str:
+    """What the student learned from, for its card: a student trained further says which targets each run had."""
+    counts = sorted({len(i) for i in indices})
+    slices = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    made = "; ".join(f"{kind} on {kinds.count(kind)} of {len(kinds)} volume(s)" for kind in TARGET_KINDS
+                     if kind in kinds)
+    return f"Full's image on {slices} slice(s) per volume: {made}"
 
 
 def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoised: np.ndarray, white,

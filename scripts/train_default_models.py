@@ -212,10 +212,12 @@ def continued_stages(before: dict, after: dict) -> dict:
     """The stage records of a model whose student was trained further: the earlier networks' as they were."""
     stages = dict(before["training"]["stages"])
     first, more = stages["student"], after["training"]["stages"]["student"]
+    earlier = first.get("history", f"{first['steps']} steps" + (f" ({first['targets']})" if "targets" in first else ""))
+    learned = f" ({more['targets']})" if "targets" in more else ""
     stages["student"] = {"steps": first["steps"] + more["steps"], "seconds": round(first["seconds"] + more["seconds"], 1),
                          "final_loss": more["final_loss"],
-                         "history": f"{first.get('history', str(first['steps']) + ' steps')}, then {more['steps']} "
-                                    "more from that student on the same training images"}
+                         "history": f"{earlier}, then {more['steps']} more from that student on the same training "
+                                    f"images{learned}"}
     return stages
 
 
@@ -248,7 +250,8 @@ def build(recipe, args):
         card["started_from"] = None
         config = {**before["training"]["recipe"], "continued_student": config["training"]}
         seconds += before["training"]["wall_seconds"]
-    card["description"] = recipe["description"]
+    # a student trained further keeps the model's description, which may say more than the recipe's
+    card["description"] = before["description"] if args.continue_student else recipe["description"]
     card["default_for"] = recipe["default_for"]
     if "default_for_noise" in recipe:
         card["default_for_noise"] = recipe["default_for_noise"]

@@ -176,11 +176,15 @@ def test_under_correlated_noise_the_student_learns_the_filtered_image(tmp_path, 
     monkeypatch.setattr(training, "correlated_noise_filters", spy)
     config = TrainConfig(stages=("student",), max_steps=2, batch_size=2, student_patch=16, student_slices=3,
                          checkpoint_seconds=1e9)
-    train_model([image], tmp_path / "student", "student", train_config=config, init_from=base)
+    student = train_model([image], tmp_path / "student", "student", train_config=config, init_from=base)
     volume = _training_slices([image], "none")[0][0]
     with np.load(tmp_path / "student" / "student_targets.npz", allow_pickle=False) as cached:
         targets = cached["v0"]
     assert [i for i in range(9) if np.any(targets[i])] == [0, 4, 8]
+    made_by = "the correlated-noise filters guided by SRDS's result" if kind == "correlated" else (
+        "SRDS's result fused with the observation")  # the card says what the student learned from
+    assert student.card["training"]["stages"]["student"]["targets"] == (
+        f"Full's image on 3 slice(s) per volume: {made_by} on 1 of 1 volume(s)")
     if kind == "gaussian":
         assert calls == []
         return
