@@ -331,7 +331,9 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                          f"covariance, read where the networks' result is flattest{missing}.")
         elif result.details.get("wiener"):
             matched = (" (its groups matched on the blind-spot estimate, the student's result setting the gains)"
-                       if result.details.get("groups_matched_on") else "")
+                       if result.details.get("groups_matched_on") else
+                       " (its groups matched on SRDS's result, the student's result setting the gains)"
+                       if result.details.get("wiener_gains_from") else "")
             reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the Wiener filter "
                          f"guided by the networks' result{matched} computed each coefficient's noise from the noise's "
                          "covariance, read where the guide is flattest.")

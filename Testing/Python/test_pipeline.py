@@ -9,6 +9,7 @@ from DiffDenoiseLib import pipeline
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.metrics import psnr
 from DiffDenoiseLib.noise import add_noise
+from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig, denoise_image
 from DiffDenoiseLib.training import TrainConfig, train_model
@@ -133,7 +134,8 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     """Five copies of pydicom's CT slice, each with its own noise blurred by 1.2 pixels: the shipped 2.5D
     correlated-noise model's Fast result goes through the filter (its groups reach the neighbouring slices, whose
     noise is independent, and are matched on the blind-spot estimate) and gains over the student's output alone,
-    which learned the filtered image (+0.13 dB); Fast is then as good as Full (30.51 and 30.36 dB). The 2.5D CT
+    which learned the filtered image (+0.13 dB); Fast is then as good as Full (30.51 and 30.50 dB), whose groups
+    are matched on SRDS's result and whose gains come from the student's (30.36 dB with SRDS's gains). The 2.5D CT
     model's result (a one-pixel blind
     spot, which leaves correlated noise in it) does not go through it. On one slice the 2D model's result only
     picks the flat windows the noise covariance is read in: hard thresholding and the Wiener step guided by it,
@@ -157,8 +159,16 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     fast_psnr = psnr(clean[2], filtered.image.array[2], data_range=high - low)
     gain = fast_psnr - psnr(clean[2], student[2], data_range=high - low)
     assert gain > 0.1, gain
-    full = denoise_image(volume, model, mode="full", slice_axis=0, slice_range=(2, 3)).image.array[0]
-    assert fast_psnr > psnr(clean[2], full, data_range=high - low) - 0.1
+    gains = []
+    with pytest.MonkeyPatch.context() as patch:  # Full's groups are matched on SRDS's result, its gains the student's
+        filters = pipeline.correlated_noise_filters
+        patch.setattr(pipeline, "correlated_noise_filters",
+                      lambda *args, **options: gains.append(options["gains_from"]) or filters(*args, **options))
+        full = denoise_image(volume, model, mode="full", slice_axis=0, slice_range=(2, 3))
+    assert full.details["wiener_gains_from"] == "student"
+    normalized = Normalization.fit(volume.array.astype(np.float64)).forward(student.astype(np.float64))
+    np.testing.assert_allclose(gains[0], normalized, atol=1e-4)  # the networks ran on all 5: 2 slices either way
+    assert fast_psnr > psnr(clean[2], full.image.array[0], data_range=high - low) - 0.1
     one_pixel_spot = denoise_image(volume, load_model(SHIPPED_DIR / "ct-head-2.5d"), mode="fast", slice_axis=0).details
     assert one_pixel_spot["correlated_noise"] is True and one_pixel_spot["wiener"] is False
     one_slice = Image(array=volume.array[2], spacing=(1.0, 1.0), modality="CT")
