@@ -359,10 +359,13 @@ def _cached_per_volume(path: Path, count: int, what: str, log, compute) -> List[
     settings change), and the pass runs only after the stages it depends on are done.
     """
     if path.exists():
-        log(f"reusing {what} from {path.name}")
         with np.load(path, allow_pickle=False) as cached:
-            return [cached[f"v{i}"] for i in range(count)]
-    log(f"computing {what}")
+            if all(f"v{i}" in cached.files for i in range(count)):
+                log(f"reusing {what} from {path.name}")
+                return [cached[f"v{i}"] for i in range(count)]
+        log(f"{path.name} lacks some of {what} (an earlier version wrote it): computing them again")
+    else:
+        log(f"computing {what}")
     arrays = compute()
     with replaced_when_done(path) as tmp:
         np.savez(tmp, **{f"v{i}": a for i, a in enumerate(arrays)})

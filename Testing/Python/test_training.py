@@ -9,7 +9,8 @@ from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.noise import add_noise
 from DiffDenoiseLib.pipeline import correlated_noise_filters, run_network_on_slices
-from DiffDenoiseLib.training import CancelToken, Cancelled, PatchSampler, TrainConfig, _training_slices, train_model
+from DiffDenoiseLib.training import (CancelToken, Cancelled, PatchSampler, TrainConfig, _cached_per_volume,
+                                     _training_slices, train_model)
 
 TINY = NetworkConfig(bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1, 2), student_width=8)
 
@@ -112,6 +113,24 @@ def test_a_resumed_training_reuses_the_blind_spot_estimates_of_the_first_run(tmp
     with np.load(tmp_path / "bsn_estimates.npz", allow_pickle=False) as cached:
         expected = run_network_on_slices(model.blind_spot_estimate(), volumes[0], 0, torch.device("cpu"))[:, 0]
         np.testing.assert_allclose(cached["v0"], expected, atol=1e-6)
+
+
+def test_a_cache_an_earlier_version_wrote_without_an_entry_is_computed_again(tmp_path):
+    """Distillation targets once were cached without what made them: a resumed training computes them again
+    instead of failing on the missing entry, and then reuses the complete cache."""
+    path, log, computed = tmp_path / "student_targets.npz", [], []
+    np.savez(path, v0=np.ones((2, 3)))
+
+    def compute():
+        computed.append(True)
+        return [np.zeros((2, 3)), np.array([2])]
+
+    first = _cached_per_volume(path, 2, "the targets", log.append, compute)
+    assert computed == [True] and first[1].tolist() == [2]
+    assert log == ["student_targets.npz lacks some of the targets (an earlier version wrote it): computing them again"]
+    again = _cached_per_volume(path, 2, "the targets", log.append, compute)
+    assert computed == [True] and log[-1] == "reusing the targets from student_targets.npz"
+    np.testing.assert_array_equal(again[0], np.zeros((2, 3)))
 
 
 def test_diffusion_slices_limit_the_blind_spot_pass_and_the_student_picks_among_them(tmp_path):
