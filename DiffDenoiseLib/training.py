@@ -334,7 +334,9 @@ def train_model(
         report["diffusion"] = _run_stage("diffusion", unet, diffusion_stage_loss, config.diffusion_lr, run)
 
     if "student" in config.stages:
-        indices, targets, kinds = _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log)
+        inherited = init_from is not None and init_from.student is not None
+        indices, targets, kinds = _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log,
+                                                        inherited)
         sampler = PatchSampler(volumes, k, config.student_patch, extras=[targets], slice_indices=indices)
         student = model.student
 
@@ -384,9 +386,10 @@ def _estimate_slices(model, volume: np.ndarray, indices: np.ndarray, device, can
                                  cancel=cancel, indices=indices)[:, 0]
 
 
-def _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log):
+def _distillation_targets(model, volumes, estimated, estimates, scales, config, run, log, inherited_student=False):
     """Full-mode outputs on evenly spaced training slices (zeros elsewhere), cached for resume, and for each
-    volume what made them (one of TARGET_KINDS: its noise decides), cached with them.
+    volume what made them (one of TARGET_KINDS: its noise decides), cached with them. A student trained further
+    (`inherited_student`) sets the correlated-noise filters' gains, as in Full mode.
 
     The slices are chosen among the diffusion stage's (`estimated`), whose blind-spot
     estimates and residual `scales` they reuse. Without `estimates` (the student is trained
@@ -416,9 +419,10 @@ def _distillation_targets(model, volumes, estimated, estimates, scales, config, 
                 denoised, _, correlated = fuse_unless_correlated(volume[indices], denoised, white=white)
                 made_by = "SRDS's result" if correlated else "SRDS's result fused with the observation"
                 if correlated and correlated_noise_filters_apply(model, volume):
+                    gains = inherited_student and model.config.context_slices > 0
                     denoised = _filtered_targets(model, volume, indices, denoised, white,
-                                                 lambda near: srds(volume, near, None, scale)[0], run)
-                    made_by = "the correlated-noise filters guided by SRDS's result"
+                                                 lambda near: srds(volume, near, None, scale)[0], run, gains)
+                    made_by = TARGET_KINDS[3 if gains else 2]
             full[indices] = denoised
             targets.append(full)
             kinds.append(TARGET_KINDS.index(made_by))
@@ -432,7 +436,8 @@ def _distillation_targets(model, volumes, estimated, estimates, scales, config, 
 
 # What made a volume's distillation targets (Full's image), as the student's card records it
 TARGET_KINDS = ("SRDS's result", "SRDS's result fused with the observation",
-                "the correlated-noise filters guided by SRDS's result")
+                "the correlated-noise filters guided by SRDS's result",
+                "the correlated-noise filters, groups matched on SRDS's result, gains from the earlier student's")
 
 
 def _targets_described(indices: Sequence[np.ndarray], kinds: Sequence[str]) -> str:
@@ -445,10 +450,11 @@ def _targets_described(indices: Sequence[np.ndarray], kinds: Sequence[str]) -> s
 
 
 def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoised: np.ndarray, white,
-                      srds_of: Callable[[List[int]], np.ndarray], run) -> np.ndarray:
+                      srds_of: Callable[[List[int]], np.ndarray], run, student_gains: bool = False) -> np.ndarray:
     """Full's image of the slices `indices` of a volume whose noise looks correlated: the correlated-noise filters
     guided by SRDS's result `denoised` there, and, for a 2.5D model, on the slices either side of each, whose
-    result `srds_of` gives.
+    result `srds_of` gives; with `student_gains` (a 2.5D model's student trained further) the Wiener gains come
+    from that student's result as it was, as Full mode's do.
 
     SRDS's own result carries blobs of the correlated noise, which a student fitted to it can only imitate by
     passing the noise through; the filtered image does not. As a guide of Fast's Wiener filter, whose groups are
@@ -461,10 +467,17 @@ def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoise
     near = sorted({j for i in pilots for j in range(max(0, i - k), min(n, i + k + 1))} - set(pilots))
     if near:
         pilots.update(zip(near, srds_of(near)))
+    gains = None
+    if student_gains:
+        needed = sorted(pilots)
+        gains = dict(zip(needed, run_network_on_slices(model.network("student"), volume, k, run.device,
+                                                       cancel=run.cancel, indices=needed)[:, 0]))
     filtered = []
     for i in (int(i) for i in indices):
         run.cancel.raise_if_cancelled()
         lo, hi = max(0, i - k), min(n, i + k + 1)
         stack = np.stack([pilots[j] for j in range(lo, hi)])
-        filtered.append(correlated_noise_filters(volume[lo:hi], stack, white, k, [i - lo], device=run.device)[0])
+        gains_from = None if gains is None else np.stack([gains[j] for j in range(lo, hi)])
+        filtered.append(correlated_noise_filters(volume[lo:hi], stack, white, k, [i - lo], device=run.device,
+                                                 gains_from=gains_from)[0])
     return np.stack(filtered)

@@ -187,7 +187,8 @@ def test_under_correlated_noise_the_student_learns_the_filtered_image(tmp_path, 
                                                 diffusion_patch=16, checkpoint_seconds=1e9))
     calls = []
 
-    def spy(noisy_slices, pilots, white, context, indices, device=None):
+    def spy(noisy_slices, pilots, white, context, indices, device=None, gains_from=None):
+        assert gains_from is None  # no earlier student to take the gains from
         filtered = correlated_noise_filters(noisy_slices, pilots, white, context, indices, device=device)
         calls.append((noisy_slices.copy(), pilots.copy(), context, list(indices), filtered))
         return filtered
@@ -216,3 +217,35 @@ def test_under_correlated_noise_the_student_learns_the_filtered_image(tmp_path, 
         np.testing.assert_allclose(targets[target], filtered[0], atol=1e-6)
     # the filters changed what SRDS gave: the target is not the pilot's centre slice
     assert not np.allclose(targets[4], calls[1][1][1], atol=1e-4)
+
+
+def test_a_student_trained_further_sets_the_gains_of_its_correlated_noise_targets(tmp_path, monkeypatch):
+    """As in Full mode, the Wiener gains of a 2.5D model's filtered targets come from the student's result: the
+    student as it was before this training, on every slice the target's groups reach; the card says so."""
+    z, y, x = np.mgrid[:7, :40, :48]
+    clean = 0.5 + 0.3 * np.sin(x / 5.0) * np.cos(y / 7.0)
+    noisy = add_noise(clean, "correlated", 1.5, np.random.default_rng(2), sigma=0.1)
+    image = Image(array=noisy.astype(np.float32), spacing=(1.0, 1.0, 1.0), modality="CT")
+    network = NetworkConfig(bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1, 2), student_width=8,
+                            context_slices=1, blind_spot_radius=1)
+    base = train_model([image], tmp_path / "base", "base", network_config=network,
+                       train_config=TrainConfig(max_steps=2, batch_size=2, bsn_patch=16, diffusion_patch=16,
+                                                student_patch=16, student_slices=2, checkpoint_seconds=1e9))
+    volume = _training_slices([image], "none")[0][0]
+    before = run_network_on_slices(base.student, volume, 1, torch.device("cpu"))[:, 0]
+    gains = []
+
+    def spy(noisy_slices, pilots, white, context, indices, device=None, gains_from=None):
+        gains.append(gains_from)
+        return correlated_noise_filters(noisy_slices, pilots, white, context, indices, device=device,
+                                        gains_from=gains_from)
+
+    monkeypatch.setattr(training, "correlated_noise_filters", spy)
+    config = TrainConfig(stages=("student",), max_steps=2, batch_size=2, student_patch=16, student_slices=2,
+                         checkpoint_seconds=1e9)
+    student = train_model([image], tmp_path / "student", "student", train_config=config, init_from=base)
+    assert len(gains) == 2  # the targets on slices 0 and 6, each filtered with its neighbour
+    np.testing.assert_allclose(gains[0], before[0:2], atol=1e-5)
+    np.testing.assert_allclose(gains[1], before[5:7], atol=1e-5)
+    assert "gains from the earlier student's on 1 of 1 volume(s)" in student.card["training"]["stages"]["student"][
+        "targets"]
