@@ -318,17 +318,16 @@ def denoise_image(
         details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or correlated_filters
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
     if correlated_filters:
+        matched_on, gains = denoised, None
         if mode == "fast" and k:  # the student's result sets the Wiener gains, a blind-spot estimate the groups
             matched_on = run_network_on_slices(model.blind_spot_estimate(), slices, indices=indices, **run)[:, 0]
-            denoised = correlated_noise_filters(slices[lo:hi], matched_on, white, k, gains_from=denoised, **filtering)
+            gains = denoised
             details["groups_matched_on"] = "blind-spot estimate"
         elif k and mode in ("full", "single") and model.student is not None:  # the sampler's result matches them
             timer.total += hi - lo
             gains = run_network_on_slices(model.network("student"), slices, indices=indices, **run)[:, 0]
-            denoised = correlated_noise_filters(slices[lo:hi], denoised, white, k, gains_from=gains, **filtering)
             details["wiener_gains_from"] = "student"
-        else:
-            denoised = correlated_noise_filters(slices[lo:hi], denoised, white, k, **filtering)
+        denoised = correlated_noise_filters(slices[lo:hi], matched_on, white, k, gains_from=gains, **filtering)
         if not k:  # the image owes the networks only where its noise was read: no uncertainty map of theirs
             uncertainty = None
             details.update(hard_threshold=True, filters_made_the_image="correlated-noise filters")

@@ -413,19 +413,19 @@ def _distillation_targets(model, volumes, estimated, estimates, scales, config, 
             estimate, scale = (None, None) if estimates is None else (estimates[i][indices], scales[i])
             denoised, scale = srds(volume, indices, estimate, scale)
             full = np.zeros_like(volume)
-            made_by = "SRDS's result"
+            kind = 0  # an index of TARGET_KINDS
             if model.sampling.fusion:
                 white = noise_variance_curve(volume)
                 denoised, _, correlated = fuse_unless_correlated(volume[indices], denoised, white=white)
-                made_by = "SRDS's result" if correlated else "SRDS's result fused with the observation"
+                kind = 0 if correlated else 1
                 if correlated and correlated_noise_filters_apply(model, volume):
                     gains = inherited_student and model.config.context_slices > 0
                     denoised = _filtered_targets(model, volume, indices, denoised, white,
                                                  lambda near: srds(volume, near, None, scale)[0], run, gains)
-                    made_by = TARGET_KINDS[3 if gains else 2]
+                    kind = 3 if gains else 2
             full[indices] = denoised
             targets.append(full)
-            kinds.append(TARGET_KINDS.index(made_by))
+            kinds.append(kind)
         return targets + [np.array(kinds)]
 
     *targets, kinds = _cached_per_volume(run.work_dir / "student_targets.npz", len(volumes) + 1,
