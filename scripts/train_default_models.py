@@ -247,6 +247,8 @@ def build(recipe, args):
         card["training"]["config"] = before["training"]["config"]  # the networks' own; the student's run is in the recipe
         if "history" in before["training"]:
             card["training"]["history"] = before["training"]["history"]
+        if "note" in before["training"]:  # a hand-written note on the networks kept as they were
+            card["training"]["note"] = before["training"]["note"]
         card["started_from"] = None
         config = {**before["training"]["recipe"], "continued_student": config["training"]}
         seconds += before["training"]["wall_seconds"]
