@@ -85,6 +85,19 @@ def test_block_matching_groups_patches_that_look_alike_in_the_pilot():
     assert bool((k == 1).any()), "the neighbouring slice offers copies too"
 
 
+def test_block_matching_finds_the_same_groups_with_its_shifts_batched_as_on_a_gpu():
+    """A GPU takes many vertical shifts per tensor operation, the CPU one at a time: the same groups, for patches
+    and for cubes, whether every shift fits in one batch or a few."""
+    pilot = torch.from_numpy(np.random.default_rng(4).random((5, 37, 41)).astype(np.float32))
+    ref_y, ref_x = wiener._reference_positions(37), wiener._reference_positions(41)
+    for patch, depth, centre in ((wiener.PATCH, 1, 2), (wiener.CUBE, wiener.CUBE, 1)):
+        one_by_one = wiener._match(pilot, centre, ref_y, ref_x, patch=patch, depth=depth, batch=0)
+        assert len(set(map(tuple, one_by_one[:, 1:].reshape(-1, 3).tolist()))) > 50  # distances chose them
+        for batch in (2 ** 24, 3 * (2 * wiener.SEARCH_RADIUS + 1) * 37 * 41):
+            batched = wiener._match(pilot, centre, ref_y, ref_x, patch=patch, depth=depth, batch=batch)
+            assert torch.equal(batched, one_by_one), (patch, batch)
+
+
 def test_the_wiener_step_leaves_a_references_near_copies_in_its_own_slice_out_of_its_group():
     """On a smooth pilot the nearest patches are the reference shifted by a voxel, which share most of its noise:
     with near_shift 1 none of the group (but the reference) lies within one voxel of it in its own slice, while
