@@ -2,9 +2,11 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.metrics import psnr
@@ -381,3 +383,29 @@ def test_stage_costs_measure_every_stage_the_slicer_estimate_counts(tmp_path):
         assert stage["seconds_per_megapixel"]["32"] > 0 and stage["seconds_per_slice"]["32"] > 0, name
     table = (tmp_path / "stage_costs.md").read_text()
     assert all(f"| `{name}` |" in table for name in results["stages"])
+
+
+def test_the_gpu_check_compares_two_devices_and_refuses_to_run_without_cuda(monkeypatch, capsys, tmp_path):
+    """benchmarks/gpu_check.py: its comparison, run here with the CPU in both places, finds the same image
+    twice; without CUDA it writes nothing and says why; its report has a row for every comparison recorded."""
+    from benchmarks import gpu_check
+    clean = toy_image(64).astype(np.float32) * 1000
+    noisy = clean + np.random.default_rng(3).normal(0, 40, clean.shape).astype(np.float32)
+    cpu = torch.device("cpu")
+    rows = gpu_check.agreement("ct-head-default", Image(array=noisy, spacing=(1.0, 1.0), modality="CT"), {},
+                               clean, 1000.0, devices=(cpu, cpu))
+    assert [r["mode"] for r in rows] == ["fast", "full"]
+    for r in rows:
+        assert r["cuda_seconds"] > 0 and r["cpu_seconds"] > 0 and r["cuda_peak_mib"] is None
+        assert r["cuda_psnr"] == r["cpu_psnr"] > psnr(clean, noisy, 1000.0) + 3
+        assert r["max_abs_diff_hu"] == 0.0
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+    recorded = json.loads((Path(gpu_check.ROOT) / "benchmarks" / "results" / "gpu_check.json").read_text())
+    table = gpu_check.report(recorded)
+    for r in recorded["agreement"]:
+        assert f"| {r['model']} | {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['cuda_seconds']} |" in table
+    assert table.count(" s per slice") == len(recorded["volume_256x256"])
