@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from DiffDenoiseLib.metrics import psnr
+from DiffDenoiseLib.wiener import CUBE_SLICE_REACH
 
 from benchmarks.ours import MODES as OURS
 METRICS = ("psnr", "ssim", "psnr_fg", "ssim_fg", "edge_correlation", "seconds", "peak_mib")
@@ -98,7 +99,8 @@ def bias_table(table, pairs: int) -> List[str]:
              "bias, +- the standard error over the pairs. The reference itself is a real scan with noise of its "
              "own, which a method may remove: how much that moves the patch mean is given per image below "
              "(Images); a method that pools neighbouring slices (BM4D, a 2.5D model's volumetric filter) is "
-             "measured against one slice whose patch may differ from its neighbours' by as much.", "",
+             "measured against one slice whose patch differs from its neighbours' (measured per image under "
+             "Images).", "",
              "| image | noise | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for (image, noise), row in rows:
         cells = []
@@ -263,9 +265,13 @@ def own_noise_over_flat_patch(image: dict) -> str:
     if image["unit"] != "HU" or not pixels or image.get("own_noise_std") is None:
         return ""
     std_hu = image["own_noise_std"] * (image["unit_range"][1] - image["unit_range"][0])
+    offsets = [o for o in image.get("neighbour_offsets") or [] if o is not None]
+    pooled = (f"; the same patch in the {CUBE_SLICE_REACH} slices either side, which BM4D's and the volumetric "
+              f"filter's groups reach, averages {np.mean(offsets):+.2f} HU from the test slice's: a method that pools "
+              "them reads about that much as bias" if offsets else "")
     return (f"; flat-tissue patch of {np.mean(pixels):.0f} voxels per test slice, over which the reference's own "
             f"noise ({std_hu:.1f} HU per voxel) averages to about {std_hu / np.sqrt(sum(pixels)):.2f} HU if white, "
-            "more where it is correlated")
+            f"more where it is correlated{pooled}")
 
 
 def figure_panels(image: str, noise: str, clean: np.ndarray, noisy: np.ndarray,

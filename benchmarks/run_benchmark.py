@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402
 from DiffDenoiseLib.metrics import flat_region_bias, gradient_magnitude, method_noise_stats, psnr, ssim  # noqa: E402
 from DiffDenoiseLib.noise import noise_variance_curve  # noqa: E402
+from DiffDenoiseLib.wiener import CUBE_SLICE_REACH  # noqa: E402
 
 from benchmarks import ours, report  # noqa: E402
 from benchmarks.measure import measured  # noqa: E402
@@ -199,14 +200,27 @@ def reference_noise_std(clean: np.ndarray) -> float:
     return float(np.sqrt(np.mean(noise_variance_curve(clean)[1])))
 
 
+def neighbour_offset(case: Case, s_index: int, flat: np.ndarray, reach: int = CUBE_SLICE_REACH) -> float:
+    """How far (in the image's units) the flat-tissue patch's mean in the `reach` slices either side of a volume's
+    test slice lies from the test slice's own: a method that pools those slices (BM4D, the volumetric filter)
+    reads that much as bias against the test slice, whose own anatomy and scanner noise set its patch mean."""
+    slab = case.to_units(case.slabs[s_index])
+    mid = slab.shape[0] // 2
+    around = [slab[k][flat].mean() for k in range(max(0, mid - reach), min(len(slab), mid + reach + 1)) if k != mid]
+    return float(np.mean(around) - slab[mid][flat].mean())
+
+
 def described(case: Case) -> dict:
     """What the report says of an image, measured once when its conditions are done: its source and units, the
-    reference's own noise, and the voxels of each test slice's flat-tissue patch (0 where it has none)."""
+    reference's own noise, the voxels of each test slice's flat-tissue patch (0 where it has none) and, for a
+    volume, how far that patch's mean in the neighbouring slices lies from the test slice's."""
     flats = [masks(clean, body)[1] for clean, body in zip(case.clean, case.body)]
+    offsets = None if case.slabs is None else [None if flat is None else neighbour_offset(case, i, flat)
+                                               for i, flat in enumerate(flats)]
     return {"name": case.name, "modality": case.modality, "unit": case.unit, "source": case.source,
             "test_shape": list(case.clean.shape), "slab_depth": None if case.slabs is None else case.slabs.shape[1],
             "unit_range": [case.offset, case.offset + case.scale], "own_noise_std": reference_noise_std(case.clean),
-            "flat_pixels": [0 if flat is None else int(flat.sum()) for flat in flats]}
+            "flat_pixels": [0 if flat is None else int(flat.sum()) for flat in flats], "neighbour_offsets": offsets}
 
 
 def machine() -> dict:

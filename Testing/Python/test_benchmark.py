@@ -17,8 +17,8 @@ from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import train_oracle
 from benchmarks.peers import PEERS, Condition, available_peers
-from benchmarks.run_benchmark import (antithetic_draws, flat_bias_over_pairs, masks, reference_noise_std,
-                                      selected_noises)
+from benchmarks.run_benchmark import (antithetic_draws, described, flat_bias_over_pairs, masks, neighbour_offset,
+                                      reference_noise_std, selected_noises)
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
 
 
@@ -153,6 +153,25 @@ def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue()
     fg, flat = masks(case.clean[0], case.body[0])
     assert flat is not None and flat.sum() > 500
     assert np.abs(case.to_units(case.clean[0][flat]) - 30.0).max() < 20.0, "flat tissue must be brain, not bone"
+
+
+def test_the_report_says_how_far_a_volumes_neighbouring_slices_lie_from_its_test_slice():
+    """A slab whose flat patch sits at 40 HU in the test slice and 46 HU in the slices within reach either side
+    (70 beyond): pooling them reads +6 HU of bias against the test slice, and the report's Images line says so;
+    a 2D image has no neighbours to measure."""
+    hu = np.full((9, 64, 64), 70.0)
+    hu[1:8] = 46.0
+    hu[4] = 40.0
+    slab = (hu + 1000.0) / 3000.0
+    body = np.ones((1, 64, 64), bool)
+    case = Case("flat", "CT", "HU", -1000.0, 3000.0, slab[4][None], slab[None], body=body, source="")
+    _, flat = masks(case.clean[0], body[0])
+    assert neighbour_offset(case, 0, flat) == pytest.approx(6.0)
+    image = described(case)
+    assert image["neighbour_offsets"] == [pytest.approx(6.0)]
+    assert "averages +6.00 HU from the test slice's" in report.own_noise_over_flat_patch({**image, "own_noise_std": 0.01})
+    assert described(Case("flat", "CT", "HU", -1000.0, 3000.0, slab[4][None], None, body=body))[
+        "neighbour_offsets"] is None
 
 
 def test_flat_tissue_bias_is_the_mean_over_antithetic_pairs_of_draws():
