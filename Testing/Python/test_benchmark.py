@@ -169,7 +169,8 @@ def test_the_report_says_how_far_a_volumes_neighbouring_slices_lie_from_its_test
     assert neighbour_offset(case, 0, flat) == pytest.approx(6.0)
     image = described(case)
     assert image["neighbour_offsets"] == [pytest.approx(6.0)]
-    assert "averages +6.00 HU from the test slice's" in report.own_noise_over_flat_patch({**image, "own_noise_std": 0.01})
+    line = report.own_noise_over_flat_patch({**image, "own_noise_std": 0.01})
+    assert "averages +6.00 HU from the test slice's" in line
     assert described(Case("flat", "CT", "HU", -1000.0, 3000.0, slab[4][None], None, body=body))[
         "neighbour_offsets"] is None
 
