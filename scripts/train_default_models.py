@@ -6,7 +6,7 @@ calibrate the truncated SRDS start on training slices and measure the card's qua
 figures on slices the training never saw.
 
     python scripts/train_default_models.py [--only mr|ct|correlated] [--context-slices K] [--scale 1.0]
-                                           [--threads 1] [--evaluate-only]
+                                           [--threads 1] [--device cpu|cuda] [--evaluate-only]
 
   mr-brain-default  Colin27 T1 brain MRI (Debian mricron-data): Rician noise at three levels,
                     Poisson and Gamma noise, so one model covers the levels users meet
@@ -197,15 +197,21 @@ def run_training(recipe, args, store: Path, work: Path, log_path: Path):
                           direction=source.direction, modality=source.modality), path)
         inputs.append(str(path))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    command = [sys.executable, "-m", "DiffDenoiseLib", "train", *inputs, "--name", recipe["name"],
-               "--store", str(store), "--config", str(config_path), "--device", "cpu", "--json"]
-    if args.continue_student:
-        command += ["--from", str(SHIPPED / recipe["name"]), "--stages", "student"]
+    command = train_command(recipe["name"], inputs, store, config_path, args.device, args.continue_student)
     with open(log_path, "a") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     return config
+
+
+def train_command(name: str, inputs, store: Path, config_path: Path, device: str, continue_student: bool) -> list:
+    """The `diffdenoise train` command of one model: from scratch, or the shipped model's student trained further."""
+    command = [sys.executable, "-m", "DiffDenoiseLib", "train", *inputs, "--name", name, "--store", str(store),
+               "--config", str(config_path), "--device", device, "--json"]
+    if continue_student:
+        command += ["--from", str(SHIPPED / name), "--stages", "student"]
+    return command
 
 
 def continued_stages(before: dict, after: dict) -> dict:
@@ -307,6 +313,9 @@ def main() -> int:
     parser.add_argument("--continue-student", action="store_true", help="train the shipped model's student "
                         "--student-steps more steps from where it is, keeping its other networks")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the networks train: cpu (the default, where the "
+                        "shipped models were trained, so a command on a card means the same everywhere), cuda, "
+                        "cuda:N, mps or auto")
     parser.add_argument("--t-start", type=int, help="use this truncated SRDS start instead of calibrating it")
     parser.add_argument("--no-evaluation", action="store_true", help="leave the card's quality figures out")
     parser.add_argument("--evaluate-only", action="store_true", help="train nothing: score the shipped model "

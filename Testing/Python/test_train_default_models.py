@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from train_default_models import continued_stages  # noqa: E402
+from train_default_models import SHIPPED, continued_stages, train_command  # noqa: E402
 
 
 def card_with_student(student: dict) -> dict:
@@ -30,3 +30,13 @@ def test_a_student_trained_further_keeps_its_history_and_says_what_each_run_lear
                                                                              "final_loss": 0.05}))
     assert again["student"]["history"].startswith(student["history"] + ", then 10 more")
     assert again["student"]["steps"] == 160
+
+
+def test_the_training_command_trains_where_it_is_told_and_continues_the_shipped_student():
+    fresh = train_command("ct-head-2.5d", ["a.nrrd", "b.nrrd"], Path("store"), Path("c.json"), "cpu", False)
+    assert fresh[fresh.index("train") + 1:fresh.index("--name")] == ["a.nrrd", "b.nrrd"]
+    assert fresh[fresh.index("--device") + 1] == "cpu" and "--from" not in fresh and "--stages" not in fresh
+    further = train_command("ct-head-2.5d", ["a.nrrd"], Path("store"), Path("c.json"), "cuda:1", True)
+    assert further[further.index("--device") + 1] == "cuda:1"
+    assert further[further.index("--from") + 1] == str(SHIPPED / "ct-head-2.5d")
+    assert further[further.index("--stages") + 1] == "student"
