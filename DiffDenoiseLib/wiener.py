@@ -48,6 +48,7 @@ Block matching runs on the pilot, whose noise is low, with a search window of
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -127,6 +128,13 @@ def dct_matrix(size: int) -> torch.Tensor:
     d = torch.cos(torch.pi * (2 * n + 1) * k / (2 * size)) * (2.0 / size) ** 0.5
     d[0] /= 2 ** 0.5
     return d
+
+
+@functools.lru_cache(maxsize=16)
+def _dct_on(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """dct_matrix(size) on `device` in `dtype`, made once: each chunk of references needs the group's, and building
+    it and copying it over per chunk (about 1,000 times a volume) made a GPU wait on the copies."""
+    return dct_matrix(size).to(device, dtype)
 
 
 def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0, passes: int = 1,
@@ -256,7 +264,7 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
                      for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
         for chunk in torch.split(ref_y, rows_at_once):
             where = _match(ms.reshape(hi - lo, h, w), start - lo, chunk, ref_x, group, radius, patch=CUBE, depth=CUBE)
-            dct1 = dct_matrix(where.shape[1]).to(device, torch.float32)
+            dct1 = _dct_on(where.shape[1], device, torch.float32)
             pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
             cy = dct1 @ (ys[pixels] @ dct_cube.T)
             cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
@@ -432,7 +440,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     rows_at_once = max(1, (REFERENCE_CHUNK if table is None else CORRELATED_REFERENCE_CHUNK) // len(ref_x))
     for chunk in torch.split(ref_y, rows_at_once):
         where = _match(ms, centre, chunk, ref_x, group, radius, NEAR_COPY_SHIFT if wiener else 0)  # (R, group, 3)
-        dct1 = dct_matrix(where.shape[1]).to(device, dtype)
+        dct1 = _dct_on(where.shape[1], device, dtype)
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
         cy = dct1 @ (flat_y[pixels] @ dct2.T)  # the group's 3D spectrum
         if table is None:  # the noise curve at the group's intensity: (R, 1, 1)
