@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from DiffDenoiseLib import datasets  # noqa: E402
+from DiffDenoiseLib.device import select_device  # noqa: E402
 from DiffDenoiseLib.imageio import Image, write_image  # noqa: E402
 from DiffDenoiseLib.metrics import psnr, ssim  # noqa: E402
 from DiffDenoiseLib.noise import add_noise  # noqa: E402
@@ -162,8 +163,9 @@ def score(clean: np.ndarray, estimate: np.ndarray, data_range: float) -> dict:
             "ssim": round(ssim(clean, estimate, data_range=data_range), 4)}
 
 
-def evaluate(model, recipe, part, modes, t_start=-1):
-    """Mean PSNR/SSIM per mode over the evaluation (part 0) or calibration (part 1) slices of every noise level."""
+def evaluate(model, recipe, part, modes, t_start=-1, device=None):
+    """Mean PSNR/SSIM per mode over the evaluation (part 0) or calibration (part 1) slices of every noise level,
+    denoised on `device` (the CPU by default)."""
     results = {m: [] for m in ("noisy",) + tuple(modes)}
     context = model.config.context_slices
     for source, noisy_arrays in recipe["sources"]:
@@ -175,7 +177,7 @@ def evaluate(model, recipe, part, modes, t_start=-1):
             results["noisy"].append(score(clean[i], pick(image.array), data_range))
             where = dict(slice_axis=0, slice_range=(index, index + 1)) if index >= 0 else {}
             for mode in modes:
-                out = denoise_image(image, model, mode=mode, t_start=t_start, **where)
+                out = denoise_image(image, model, mode=mode, t_start=t_start, device=device, **where)
                 results[mode].append(score(clean[i], out.image.array.reshape(clean[i].shape), data_range))
     return {m: {k: round(float(np.mean([r[k] for r in rs])), 3) for k in ("psnr", "ssim")} for m, rs in results.items()}
 
@@ -235,16 +237,18 @@ def build(recipe, args):
     config = run_training(recipe, args, store, work, work / "train.log")
     seconds = time.time() - started
     model = load_model(store / recipe["name"])
+    device, _ = select_device(args.device)
 
     if args.t_start is None:
-        scores = {t: evaluate(model, recipe, 1, ("full",), t_start=t)["full"]["psnr"]
+        scores = {t: evaluate(model, recipe, 1, ("full",), t_start=t, device=device)["full"]["psnr"]
                   for t in T_START_CANDIDATES}
         best = max(scores, key=scores.get)
     else:
         scores, best = {}, args.t_start
     model.sampling.t_start = int(best)
     model.card["sampling"]["t_start"] = int(best)
-    metrics = None if args.no_evaluation else evaluate(model, recipe, 0, ("bsn", "single", "full", "fast"))
+    metrics = None if args.no_evaluation else evaluate(model, recipe, 0, ("bsn", "single", "full", "fast"),
+                                                       device=device)
 
     card = model.card
     if args.continue_student:
@@ -287,10 +291,10 @@ def build(recipe, args):
     print(json.dumps({"model": recipe["name"], "seconds": round(seconds), "t_start": best, "metrics": metrics}))
 
 
-def rescore(recipe) -> None:
+def rescore(recipe, device=None) -> None:
     """The shipped model's card scores measured again with today's pipeline, its networks as they are."""
     folder = SHIPPED / recipe["name"]
-    metrics = evaluate(load_model(folder), recipe, 0, ("bsn", "single", "full", "fast"))
+    metrics = evaluate(load_model(folder), recipe, 0, ("bsn", "single", "full", "fast"), device=device)
     card = read_card(folder)
     card["metrics"]["scores"] = metrics
     card["metrics"]["evaluation"] = ("mean over held-out slices of every training noise level, against the clean "
@@ -313,9 +317,9 @@ def main() -> int:
     parser.add_argument("--continue-student", action="store_true", help="train the shipped model's student "
                         "--student-steps more steps from where it is, keeping its other networks")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="where the networks train: cpu (the default, where the "
-                        "shipped models were trained, so a command on a card means the same everywhere), cuda, "
-                        "cuda:N, mps or auto")
+    parser.add_argument("--device", default="cpu", help="where the networks train and the card's scores are "
+                        "measured: cpu (the default, where the shipped models were trained, so a command on a card "
+                        "means the same everywhere), cuda, cuda:N, mps or auto")
     parser.add_argument("--t-start", type=int, help="use this truncated SRDS start instead of calibrating it")
     parser.add_argument("--no-evaluation", action="store_true", help="leave the card's quality figures out")
     parser.add_argument("--evaluate-only", action="store_true", help="train nothing: score the shipped model "
@@ -335,7 +339,7 @@ def main() -> int:
             recipe["description"] = (description.replace("; trained", f", {seen}; trained", 1) if "; trained" in description
                                      else f"{description} {seen[0].upper()}{seen[1:]}.")
         if args.evaluate_only:
-            rescore(recipe)
+            rescore(recipe, select_device(args.device)[0])
         else:
             build(recipe, args)
     return 0

@@ -5,7 +5,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from train_default_models import SHIPPED, continued_stages, train_command  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import train_default_models  # noqa: E402
+from DiffDenoiseLib.imageio import Image  # noqa: E402
+from train_default_models import SHIPPED, continued_stages, evaluate, train_command  # noqa: E402
 
 
 def card_with_student(student: dict) -> dict:
@@ -40,3 +45,25 @@ def test_the_training_command_trains_where_it_is_told_and_continues_the_shipped_
     assert further[further.index("--device") + 1] == "cuda:1"
     assert further[further.index("--from") + 1] == str(SHIPPED / "ct-head-2.5d")
     assert further[further.index("--stages") + 1] == "student"
+
+
+def test_the_cards_scores_are_measured_on_the_device_asked_for(monkeypatch):
+    """Every slice the evaluation denoises goes to the device given (a GPU when training ran there)."""
+    seen = []
+
+    class Result:
+        def __init__(self, array):
+            self.image = Image(array=array)
+
+    def spy(image, model, mode, t_start, device=None, **where):
+        seen.append((mode, device))
+        return Result(np.asarray(image.array))
+
+    monkeypatch.setattr(train_default_models, "denoise_image", spy)
+    clean = np.random.default_rng(0).random((20, 16, 16))
+    model = type("Model", (), {"config": type("Config", (), {"context_slices": 0})()})()
+    recipe = {"sources": [(Image(array=clean), [clean + 0.01])]}
+    device = torch.device("cpu")
+    scores = evaluate(model, recipe, 0, ("full", "fast"), device=device)
+    assert set(scores) == {"noisy", "full", "fast"} and scores["full"]["psnr"] == scores["noisy"]["psnr"]
+    assert seen and {d for _, d in seen} == {device} and {m for m, _ in seen} == {"full", "fast"}
