@@ -229,7 +229,7 @@ def continued_stages(before: dict, after: dict) -> dict:
     return stages
 
 
-def build(recipe, args):
+def build(recipe, args, device):
     store = Path(args.store)
     work = Path(args.work) / recipe["name"]
     work.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,6 @@ def build(recipe, args):
     config = run_training(recipe, args, store, work, work / "train.log")
     seconds = time.time() - started
     model = load_model(store / recipe["name"])
-    device, _ = select_device(args.device)
 
     if args.t_start is None:
         scores = {t: evaluate(model, recipe, 1, ("full",), t_start=t, device=device)["full"]["psnr"]
@@ -329,6 +328,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.continue_student and not args.student_steps:
         parser.error("--continue-student needs --student-steps")
+    try:  # before any volume is written or trained on
+        device, _ = select_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     recipes = {"mr": mr_recipe, "ct": ct_recipe, "correlated": correlated_recipe}
     for key in ([args.only] if args.only else list(recipes)):
         recipe = recipes[key]()
@@ -339,9 +342,9 @@ def main() -> int:
             recipe["description"] = (description.replace("; trained", f", {seen}; trained", 1) if "; trained" in description
                                      else f"{description} {seen[0].upper()}{seen[1:]}.")
         if args.evaluate_only:
-            rescore(recipe, select_device(args.device)[0])
+            rescore(recipe, device)
         else:
-            build(recipe, args)
+            build(recipe, args, device)
     return 0
 
 
