@@ -57,10 +57,10 @@ def agreement(name, image, where, clean, data_range, devices=(CUDA, CPU)):
     """One model in both modes on the GPU and the CPU (`devices`, in that order): seconds, PSNR against the
     clean slice, and how far apart the two images are."""
     rows = []
+    models = [load_model(SHIPPED_DIR / name, device=device) for device in devices]
     for mode in ("fast", "full"):
         row, outputs = {"model": name, "mode": mode, "shape": list(image.array.shape)}, {}
-        for label, device in zip(("cuda", "cpu"), devices):
-            model = load_model(SHIPPED_DIR / name, device=device)
+        for label, device, model in zip(("cuda", "cpu"), devices, models):
 
             def run():
                 return denoise_image(image, model, mode=mode, device=device, **where)
