@@ -75,12 +75,21 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 # with groups of 32, which gained 0.01 over 64 in half the time): 128 +0.13 dB, 192 +0.20, 256 +0.25, 384 +0.36,
 # at 2, 3.4, 5.5 and 20 times the time of 64; 192 costs what 64 did before the diagonal sums. Groups that reach
 # across slices (a 2.5D model's pilot, the benchmark's two volumes) gained on one (+0.19) and lost on the other
-# (-0.07 to -0.19) with 128 or 192, so they stay at 64.
+# (-0.07 to -0.19) with 128 or 192, so they stay at 64 (256: -0.26 and -0.28 dB on held-out slabs).
+# Within the slice the gain went on up to groups of nearly the whole search window, where a group's order no
+# longer matters (members sorted by position instead of distance: +-0.1 dB per image, 0.0 on average); a window
+# of +-10 voxels and references every 6th voxel then give most of it for less time. Measured on held-out
+# regions of the three 2D images (the strips around the test crops, correlated 1.2, fresh draws; 128 x 67 to
+# 128 x 84 voxels) against 192 within +-12 every 4th voxel (26.65 dB on average, 1.6 s a region): 256 +0.09,
+# 384 +0.26, 512 +0.38 (6 times the time) within +-12; 400 within +-10 every 4th +0.41 (4.3 times), every 6th
+# +0.39 (1.8 times), every 8th +0.29; 354 within +-9 +0.34, 500 within +-11 +0.40 (3.3 times).
 CORRELATED_HARD_GROUP = 32
-CORRELATED_WIENER_GROUP = 192
+CORRELATED_WIENER_GROUP = 400
 CORRELATED_WIENER_GROUP_ACROSS_SLICES = 64
-CORRELATED_SEARCH_RADIUS = 12
+CORRELATED_SEARCH_RADIUS = 12  # the coefficient table covers offsets of up to twice this: no window reaches further
 CORRELATED_STEP = 4
+CORRELATED_WIENER_RADIUS_2D = 10  # the search window and reference spacing of the Wiener step within the slice
+CORRELATED_WIENER_STEP_2D = 6
 # Hard thresholding under correlated noise, then the Wiener step (the benchmark's three 2D images, exact variances):
 # 3.5 noise std gained 0.14 dB on average over 2.7 and 0.06 over 3.0.
 CORRELATED_HARD_THRESHOLD = 3.5
@@ -406,7 +415,9 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     k, rest = nearest // (side * side), nearest % (side * side)
     y = (ref_y[:, None].expand(-1, len(ref_x)).reshape(-1, 1) + rest // side - r).clamp(0, py - 1)
     x = (ref_x[None, :].expand(len(ref_y), -1).reshape(-1, 1) + rest % side - r).clamp(0, px - 1)
-    return torch.stack([k, y, x], dim=-1)  # the clamp only guards a slice too small to offer `group` patches
+    # the clamp guards a window that offers fewer than `group` patches (a small slice, a reference by the border
+    # under correlated noise's large groups): border patches repeat, and the exact variances count their noise
+    return torch.stack([k, y, x], dim=-1)
 
 
 def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
@@ -428,6 +439,8 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         group = (CORRELATED_HARD_GROUP if not wiener else CORRELATED_WIENER_GROUP if d == 1
                  else CORRELATED_WIENER_GROUP_ACROSS_SLICES)
         radius, step, threshold = CORRELATED_SEARCH_RADIUS, CORRELATED_STEP, CORRELATED_HARD_THRESHOLD
+        if wiener and d == 1:
+            radius, step = CORRELATED_WIENER_RADIUS_2D, CORRELATED_WIENER_STEP_2D
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
     dct2 = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).to(device, dtype)
