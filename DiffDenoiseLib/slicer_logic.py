@@ -30,15 +30,15 @@ LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
 # A GPU is counted _GPU_SPEED_UP times faster, the filters too (they run in torch there). Only the estimate shown
 # before a run uses these; the time left while it runs comes from the worker.
 _CPU_SECONDS_PER_MEGAPIXEL = {
-    "student": 5.4,
-    "bsn": 8.2,
-    "bsn_wide": 51.9,
-    "diffusion": 6.2,
-    "volumetric_filter": 23.9,
-    "filters_2d": 21.3,
-    "wiener_context": 14.1,
-    "correlated_filters_2d": 320.2,
-    "correlated_wiener_context": 76.7,
+    "student": 2.7,
+    "bsn": 4.2,
+    "bsn_wide": 24.4,
+    "diffusion": 2.8,
+    "volumetric_filter": 14.4,
+    "filters_2d": 15.3,
+    "wiener_context": 10.4,
+    "correlated_filters_2d": 400.6,
+    "correlated_wiener_context": 53.5,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
 _GPU_SPEED_UP = 30.0

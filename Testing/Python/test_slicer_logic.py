@@ -368,7 +368,7 @@ def test_estimate_under_correlated_noise_with_a_one_pixel_model_is_the_networks_
 
 
 def test_estimate_of_a_single_image_does_not_offer_a_preview_of_one_slice(mrml, fake_logic):
-    image = _volume_with_noise("x-ray", (1, 1024, 1024), correlated=False)
+    image = _volume_with_noise("x-ray", (1, 2048, 2048), correlated=False)
     full = fake_logic.estimate(image, DenoiseSettings(mode="full", model="2d", device="cpu"), [_card("2d")])
     assert "Full mode on the CPU is slow" in full.advice and "Preview slice" not in full.advice
 
