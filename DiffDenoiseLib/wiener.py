@@ -82,11 +82,15 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 # regions of the three 2D images (the strips around the test crops, correlated 1.2, fresh draws; 128 x 67 to
 # 128 x 84 voxels) against 192 within +-12 every 4th voxel (26.65 dB on average, 1.6 s a region): 256 +0.09,
 # 384 +0.26, 512 +0.38 (6 times the time) within +-12; 400 within +-10 every 4th +0.41 (4.3 times), every 6th
-# +0.39 (1.8 times), every 8th +0.29; 354 within +-9 +0.34, 500 within +-11 +0.40 (3.3 times).
+# +0.39 (1.8 times), every 8th +0.29; 354 within +-9 +0.34, 500 within +-11 +0.40 (3.3 times). On tissue-filled
+# crops (the centre slices of the volumes' 8 held-out slabs through the 2D path) 400 within +-10 every 6th gained
+# +0.12 dB on average over 192 (Colin27 -0.01, the InVesalius CT +0.25); 600 within +-12 0.02 less, 3 times
+# the time; a second Wiener pass on the first's result +0.03 for 1.8 times.
 # With those Wiener groups larger hard-thresholding groups (within +-12, every 4th voxel) gained on the same regions
 # against 32: 64 +0.10 dB, 96 +0.14 (each image +0.01 to +0.26), 128 +0.15 (the chest X-ray -0.03), 256 -0.02,
 # 16 -0.09; but 96 lost on the benchmark's test crops (Full: 693 CT -0.17, shoulder MRI -0.13, chest X-ray 0.00),
-# whose tissue fills the crop where the strips are half background on the CT and the MRI: 32 stays.
+# whose tissue fills the crop where the strips are half background on the CT and the MRI, and on the tissue-filled
+# crops above (-0.19 dB): 32 stays.
 CORRELATED_HARD_GROUP = 32
 CORRELATED_WIENER_GROUP = 400
 CORRELATED_WIENER_GROUP_ACROSS_SLICES = 64
