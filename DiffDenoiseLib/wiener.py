@@ -94,10 +94,18 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 CORRELATED_HARD_GROUP = 32
 CORRELATED_WIENER_GROUP = 400
 CORRELATED_WIENER_GROUP_ACROSS_SLICES = 64
-CORRELATED_SEARCH_RADIUS = 12  # the coefficient table covers offsets of up to twice this: no window reaches further
+CORRELATED_SEARCH_RADIUS = 12
 CORRELATED_STEP = 4
 CORRELATED_WIENER_RADIUS_2D = 10  # the search window and reference spacing of the Wiener step within the slice
 CORRELATED_WIENER_STEP_2D = 6
+# The Wiener step's groups across slices (a 2.5D model's result matching them) gained from a wider window, on the
+# benchmark volumes' 8 held-out slabs (correlated 1.2, fresh draws; Full, Fast in brackets) against +-12: +-20
+# Colin27 +0.03 dB (+0.02), the InVesalius CT +0.21 (+0.22) for 1.15 times the time; +-24 +0.03 and +0.23; +-16
+# (Fast) +0.00 and +0.15; +-32 +0.01 and +0.22; +-6 and +-8 lost 0.15 to 0.46, with groups of 128 too.
+CORRELATED_WIENER_RADIUS_ACROSS_SLICES = 20
+# the coefficient table covers every offset two members of a group can have: twice the widest window's radius
+CORRELATED_TABLE_REACH = 2 * max(CORRELATED_SEARCH_RADIUS, CORRELATED_WIENER_RADIUS_2D,
+                                 CORRELATED_WIENER_RADIUS_ACROSS_SLICES)
 # Hard thresholding under correlated noise, then the Wiener step (the benchmark's three 2D images, exact variances):
 # 3.5 noise std gained 0.14 dB on average over 2.7 and 0.06 over 3.0. With the Wiener groups of 400, 3.0 read
 # +0.13 dB on the tissue-filled held-out crops (Colin27 +0.32, the InVesalius CT -0.06) and -0.12 on the strips
@@ -347,7 +355,7 @@ COVARIANCE_SLICES = 16  # the middle slices of a longer stack that the noise cov
 def _coefficient_table(y3: np.ndarray, m3: np.ndarray, context: int, device: Optional[torch.device],
                        residual: bool = False) -> torch.Tensor:
     """The covariance of the patches' DCT coefficients at every offset two members of a correlated-noise group can
-    have (2 * context slices, 2 * CORRELATED_SEARCH_RADIUS voxels), from the noise covariance read where the
+    have (2 * context slices, CORRELATED_TABLE_REACH voxels), from the noise covariance read where the
     pilot is flattest (on y - pilot with `residual`; covariance.py), on the device."""
     n = y3.shape[0]
     first = max(0, (n - COVARIANCE_SLICES) // 2)
@@ -357,8 +365,8 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, context: int, device: Opt
     if covariance.shape[0] < 4 * context + 1:  # too few slices to read the farthest offsets: taken as uncorrelated
         extra = (4 * context + 1 - covariance.shape[0]) // 2
         covariance = np.pad(covariance, ((extra, extra), (0, 0), (0, 0)))
-    return coefficient_covariance(covariance, basis, 2 * CORRELATED_SEARCH_RADIUS).to(device or torch.device("cpu"),
-                                                                                     torch.float32)
+    return coefficient_covariance(covariance, basis, CORRELATED_TABLE_REACH).to(device or torch.device("cpu"),
+                                                                               torch.float32)
 
 
 def _reference_positions(length: int, step: int = STEP, patch: int = PATCH) -> torch.Tensor:
@@ -451,6 +459,8 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         radius, step, threshold = CORRELATED_SEARCH_RADIUS, CORRELATED_STEP, CORRELATED_HARD_THRESHOLD
         if wiener and d == 1:
             radius, step = CORRELATED_WIENER_RADIUS_2D, CORRELATED_WIENER_STEP_2D
+        elif wiener:
+            radius = CORRELATED_WIENER_RADIUS_ACROSS_SLICES
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
     dct2 = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).to(device, dtype)
