@@ -31,14 +31,14 @@ LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
 # before a run uses these; the time left while it runs comes from the worker.
 _CPU_SECONDS_PER_MEGAPIXEL = {
     "student": 2.7,
-    "bsn": 4.2,
-    "bsn_wide": 24.4,
-    "diffusion": 2.8,
-    "volumetric_filter": 14.4,
-    "filters_2d": 15.3,
-    "wiener_context": 10.4,
-    "correlated_filters_2d": 400.6,
-    "correlated_wiener_context": 53.5,
+    "bsn": 4.0,
+    "bsn_wide": 23.6,
+    "diffusion": 2.5,
+    "volumetric_filter": 14.2,
+    "filters_2d": 13.5,
+    "wiener_context": 9.9,
+    "correlated_filters_2d": 406.8,
+    "correlated_wiener_context": 85.5,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
 _GPU_SPEED_UP = 30.0
