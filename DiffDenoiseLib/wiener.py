@@ -101,7 +101,8 @@ CORRELATED_WIENER_STEP_2D = 6
 # The Wiener step's groups across slices (a 2.5D model's result matching them) gained from a wider window, on the
 # benchmark volumes' 8 held-out slabs (correlated 1.2, fresh draws; Full, Fast in brackets) against +-12: +-20
 # Colin27 +0.03 dB (+0.02), the InVesalius CT +0.21 (+0.22) for 1.15 times the time; +-24 +0.03 and +0.23; +-16
-# (Fast) +0.00 and +0.15; +-32 +0.01 and +0.22; +-6 and +-8 lost 0.15 to 0.46, with groups of 128 too.
+# (Fast) +0.00 and +0.15; +-32 +0.01 and +0.22; +-6 and +-8 lost 0.15 to 0.46, with groups of 128 too; groups of
+# 48 or 80 within +-20 -0.00 to -0.04. The CT's flat-tissue bias there went -1.44 -> -1.85 HU (antithetic pairs).
 CORRELATED_WIENER_RADIUS_ACROSS_SLICES = 20
 # the coefficient table covers every offset two members of a group can have: twice the widest window's radius
 CORRELATED_TABLE_REACH = 2 * max(CORRELATED_SEARCH_RADIUS, CORRELATED_WIENER_RADIUS_2D,
