@@ -153,6 +153,45 @@ def test_under_correlated_noise_each_coefficient_gets_its_exact_noise_and_neighb
     assert mse(alone, clean[2]) > 1.15 * mse(exact, clean[2])
 
 
+def test_under_correlated_noise_each_step_searches_its_own_window(monkeypatch):
+    """Hard thresholding, the Wiener step within a slice (groups of nearly its whole window) and the Wiener step
+    across slices each match with their own group size, search radius and reference spacing; the coefficient
+    table reaches every offset the widest window makes, so the variances of groups that span it are read."""
+    searched = []
+    match = wiener._match
+
+    def spy(pilot, centre, ref_y, ref_x, group, radius, *args, **kwargs):
+        searched.append((group, radius, int(ref_x[1] - ref_x[0])))
+        return match(pilot, centre, ref_y, ref_x, group, radius, *args, **kwargs)
+
+    monkeypatch.setattr(wiener, "_match", spy)
+    clean = np.stack([scan(64)] * 3)
+    noisy, pilot = under_correlated_noise(clean, np.random.default_rng(3), pilot_noise=0.02)
+    curve = noise_variance_curve(noisy)
+    steps = {
+        "hard": lambda: wiener.collaborative_hard_threshold(noisy[1], pilot[1], curve, correlated_noise=True),
+        "wiener in the slice": lambda: wiener.collaborative_wiener(noisy[1], pilot[1], curve, correlated_noise=True),
+        "wiener across slices": lambda: wiener.collaborative_wiener(noisy, pilot, curve, context=1, indices=[1],
+                                                                    correlated_noise=True)[0],
+    }
+    expected = {
+        "hard": (wiener.CORRELATED_HARD_GROUP, wiener.CORRELATED_SEARCH_RADIUS, wiener.CORRELATED_STEP),
+        "wiener in the slice": (wiener.CORRELATED_WIENER_GROUP, wiener.CORRELATED_WIENER_RADIUS_2D,
+                                wiener.CORRELATED_WIENER_STEP_2D),
+        "wiener across slices": (wiener.CORRELATED_WIENER_GROUP_ACROSS_SLICES,
+                                 wiener.CORRELATED_WIENER_RADIUS_ACROSS_SLICES, wiener.CORRELATED_STEP),
+    }
+    for name, run in steps.items():
+        searched.clear()
+        result = run()
+        assert set(searched) == {expected[name]}, name
+        assert np.isfinite(result).all() and mse(result, clean[1]) < mse(noisy[1], clean[1]), name
+    widest = max(wiener.CORRELATED_SEARCH_RADIUS, wiener.CORRELATED_WIENER_RADIUS_2D,
+                 wiener.CORRELATED_WIENER_RADIUS_ACROSS_SLICES)
+    table = wiener._coefficient_table(noisy, pilot, 1, None)
+    assert table.shape[1] == table.shape[2] >= 4 * widest + 1
+
+
 def test_where_no_window_is_flat_the_covariance_read_on_the_pilots_residual_filters_better():
     """Texture everywhere: read in the flattest windows the anatomy counts as noise and the filter smooths the
     texture away; read on y - pilot (a pilot that lost the fine texture and kept a little noise) it does not."""
