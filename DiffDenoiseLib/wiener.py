@@ -94,7 +94,7 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 CORRELATED_HARD_GROUP = 32
 CORRELATED_WIENER_GROUP = 400
 CORRELATED_WIENER_GROUP_ACROSS_SLICES = 64
-CORRELATED_SEARCH_RADIUS = 12
+CORRELATED_HARD_SEARCH_RADIUS = 12
 CORRELATED_STEP = 4
 CORRELATED_WIENER_RADIUS_2D = 10  # the search window and reference spacing of the Wiener step within the slice
 CORRELATED_WIENER_STEP_2D = 6
@@ -105,7 +105,7 @@ CORRELATED_WIENER_STEP_2D = 6
 # 48 or 80 within +-20 -0.00 to -0.04. The CT's flat-tissue bias there went -1.44 -> -1.85 HU (antithetic pairs).
 CORRELATED_WIENER_RADIUS_ACROSS_SLICES = 20
 # the coefficient table covers every offset two members of a group can have: twice the widest window's radius
-CORRELATED_TABLE_REACH = 2 * max(CORRELATED_SEARCH_RADIUS, CORRELATED_WIENER_RADIUS_2D,
+CORRELATED_TABLE_REACH = 2 * max(CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_WIENER_RADIUS_2D,
                                  CORRELATED_WIENER_RADIUS_ACROSS_SLICES)
 # Hard thresholding under correlated noise, then the Wiener step (the benchmark's three 2D images, exact variances):
 # 3.5 noise std gained 0.14 dB on average over 2.7 and 0.06 over 3.0. With the Wiener groups of 400, 3.0 read
@@ -455,13 +455,14 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     if table is None:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
     else:
-        group = (CORRELATED_HARD_GROUP if not wiener else CORRELATED_WIENER_GROUP if d == 1
-                 else CORRELATED_WIENER_GROUP_ACROSS_SLICES)
-        radius, step, threshold = CORRELATED_SEARCH_RADIUS, CORRELATED_STEP, CORRELATED_HARD_THRESHOLD
-        if wiener and d == 1:
-            radius, step = CORRELATED_WIENER_RADIUS_2D, CORRELATED_WIENER_STEP_2D
-        elif wiener:
-            radius = CORRELATED_WIENER_RADIUS_ACROSS_SLICES
+        threshold = CORRELATED_HARD_THRESHOLD
+        if not wiener:
+            group, radius, step = CORRELATED_HARD_GROUP, CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_STEP
+        elif d == 1:
+            group, radius, step = CORRELATED_WIENER_GROUP, CORRELATED_WIENER_RADIUS_2D, CORRELATED_WIENER_STEP_2D
+        else:
+            group, radius, step = (CORRELATED_WIENER_GROUP_ACROSS_SLICES, CORRELATED_WIENER_RADIUS_ACROSS_SLICES,
+                                   CORRELATED_STEP)
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
     dct2 = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).to(device, dtype)

@@ -168,25 +168,23 @@ def test_under_correlated_noise_each_step_searches_its_own_window(monkeypatch):
     clean = np.stack([scan(64)] * 3)
     noisy, pilot = under_correlated_noise(clean, np.random.default_rng(3), pilot_noise=0.02)
     curve = noise_variance_curve(noisy)
-    steps = {
-        "hard": lambda: wiener.collaborative_hard_threshold(noisy[1], pilot[1], curve, correlated_noise=True),
-        "wiener in the slice": lambda: wiener.collaborative_wiener(noisy[1], pilot[1], curve, correlated_noise=True),
-        "wiener across slices": lambda: wiener.collaborative_wiener(noisy, pilot, curve, context=1, indices=[1],
-                                                                    correlated_noise=True)[0],
+    steps = {  # name: (the step, the group, search radius and reference spacing it must match with)
+        "hard": (lambda: wiener.collaborative_hard_threshold(noisy[1], pilot[1], curve, correlated_noise=True),
+                 (wiener.CORRELATED_HARD_GROUP, wiener.CORRELATED_HARD_SEARCH_RADIUS, wiener.CORRELATED_STEP)),
+        "wiener in the slice": (lambda: wiener.collaborative_wiener(noisy[1], pilot[1], curve, correlated_noise=True),
+                                (wiener.CORRELATED_WIENER_GROUP, wiener.CORRELATED_WIENER_RADIUS_2D,
+                                 wiener.CORRELATED_WIENER_STEP_2D)),
+        "wiener across slices": (lambda: wiener.collaborative_wiener(noisy, pilot, curve, context=1, indices=[1],
+                                                                     correlated_noise=True)[0],
+                                 (wiener.CORRELATED_WIENER_GROUP_ACROSS_SLICES,
+                                  wiener.CORRELATED_WIENER_RADIUS_ACROSS_SLICES, wiener.CORRELATED_STEP)),
     }
-    expected = {
-        "hard": (wiener.CORRELATED_HARD_GROUP, wiener.CORRELATED_SEARCH_RADIUS, wiener.CORRELATED_STEP),
-        "wiener in the slice": (wiener.CORRELATED_WIENER_GROUP, wiener.CORRELATED_WIENER_RADIUS_2D,
-                                wiener.CORRELATED_WIENER_STEP_2D),
-        "wiener across slices": (wiener.CORRELATED_WIENER_GROUP_ACROSS_SLICES,
-                                 wiener.CORRELATED_WIENER_RADIUS_ACROSS_SLICES, wiener.CORRELATED_STEP),
-    }
-    for name, run in steps.items():
+    for name, (run, expected) in steps.items():
         searched.clear()
         result = run()
-        assert set(searched) == {expected[name]}, name
+        assert set(searched) == {expected}, name
         assert np.isfinite(result).all() and mse(result, clean[1]) < mse(noisy[1], clean[1]), name
-    widest = max(wiener.CORRELATED_SEARCH_RADIUS, wiener.CORRELATED_WIENER_RADIUS_2D,
+    widest = max(wiener.CORRELATED_HARD_SEARCH_RADIUS, wiener.CORRELATED_WIENER_RADIUS_2D,
                  wiener.CORRELATED_WIENER_RADIUS_ACROSS_SLICES)
     table = wiener._coefficient_table(noisy, pilot, 1, None)
     assert table.shape[1] == table.shape[2] >= 4 * widest + 1
