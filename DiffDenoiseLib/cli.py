@@ -35,7 +35,7 @@ from DiffDenoiseLib.device import select_device
 from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.networks import VIEW_COUNTS, NetworkConfig
-from DiffDenoiseLib.noise import CORRELATED_MIN_STRENGTH, binning_noise_reading, reading_looks_correlated
+from DiffDenoiseLib.noise import binning_noise_reading, reading_looks_correlated, strength_needed
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
@@ -338,16 +338,17 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                          f"guided by the networks' result{matched} computed each coefficient's noise from the noise's "
                          "covariance, read where the guide is flattest.")
         else:
-            strength = (reading or binning_noise_reading(image.array))[1]
+            ratio, strength = reading or binning_noise_reading(image.array)
+            needed = strength_needed(ratio)
             wider = None
             if model.config.blind_spot_radius == 0:
                 depth = image.array.shape[result.details["slice_axis"]] if image.array.ndim == 3 else 1
                 wider = model_for_correlated_noise(store.list(), depth)
-            if strength <= CORRELATED_MIN_STRENGTH:
+            if strength <= needed:
                 # Below that strength the reading cannot tell weak correlated noise from fine anatomy (noise.py).
                 reporter.log(f"The noise does not look white but is faint (its std about {strength:.2%} of the "
                              "intensity range; the model for correlated noise is chosen from "
-                             f"{CORRELATED_MIN_STRENGTH:.1%}): weak spatially correlated noise (a reconstruction "
+                             f"{needed:.1%}): weak spatially correlated noise (a reconstruction "
                              "kernel's) or fine anatomy, which the noise reading cannot tell apart. Observation "
                              "fusion and the Wiener filter, which need white noise, were skipped"
                              + (f"; if it is noise, --model {wider} separates it better, at some risk to fine detail"

@@ -157,8 +157,9 @@ def test_binning_tells_strong_correlated_noise_from_white_noise_and_from_clean_a
     from pydicom.data import get_testdata_file
 
     from DiffDenoiseLib.imageio import read_image
-    from DiffDenoiseLib.noise import (CORRELATED_BINNING_RATIO, CORRELATED_MIN_STRENGTH, binning_noise_reading,
-                                      noise_looks_correlated)
+    from DiffDenoiseLib.noise import (CORRELATED_BINNING_RATIO, CORRELATED_CLEAR_MIN_STRENGTH, CORRELATED_CLEAR_RATIO,
+                                      CORRELATED_MIN_STRENGTH, binning_noise_reading, noise_looks_correlated,
+                                      reading_looks_correlated)
 
     hu = read_image(get_testdata_file("CT_small.dcm")).array.reshape(128, 128).astype(np.float64)
     low, high = np.percentile(hu, [0.5, 99.5])
@@ -172,6 +173,12 @@ def test_binning_tells_strong_correlated_noise_from_white_noise_and_from_clean_a
         ratio, strength = binning_noise_reading(noisy * 1000 - 300)  # units do not matter
         assert ratio > 2 * CORRELATED_BINNING_RATIO and strength > CORRELATED_MIN_STRENGTH
         assert noise_looks_correlated(noisy)
+    for seed in (1, 2, 3, 4):  # clearly correlated (ratio about 100) but a little weaker than the first rule needs
+        ratio, strength = binning_noise_reading(add_noise(unit, "correlated", 1.2, np.random.default_rng(seed),
+                                                          sigma=0.085))
+        assert ratio > CORRELATED_CLEAR_RATIO and CORRELATED_CLEAR_MIN_STRENGTH < strength < CORRELATED_MIN_STRENGTH
+        assert reading_looks_correlated((ratio, strength))
+    assert not reading_looks_correlated((CORRELATED_CLEAR_RATIO - 1, strength)), "anatomy reads ratios up to 30"
     ratio, strength = binning_noise_reading(hu)
     assert ratio > CORRELATED_BINNING_RATIO and strength < CORRELATED_MIN_STRENGTH / 2
     assert not noise_looks_correlated(hu), "a clean slice must keep the modality's model"
