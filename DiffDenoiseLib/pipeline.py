@@ -66,6 +66,11 @@ STAGES = ("bsn", "diffusion", "student")
 # Working copies of a volume take about 40 bytes a voxel: above this, ask for a crop instead of running out of memory.
 MAX_VOXELS = 400_000_000
 MODES = ("fast", "full", "bsn", "single")
+# Under correlated noise a 2.5D result's Wiener groups gather patches from this many slices either way, beyond the
+# networks' own context of 2: on 8 held-out 14-slice slabs of the benchmark's two volumes (correlated 1.2, Full)
+# 3 slices gained 0.08 dB on Colin27 and 0.12 on the InVesalius CT over 2, 4 slices 0.09 and 0.18, for 1.3 and 1.6
+# times the Wiener step's time; with 4, groups of 96 or 128 instead of 64 gained 0.04 on the CT and -0.01 on Colin27.
+CORRELATED_FILTER_SLICE_REACH = 4
 NETWORK_SHARE_2D = 0.1  # of a 2D model's result in its Wiener pilot (white noise), the rest hard thresholding's
 
 
@@ -279,9 +284,10 @@ def denoise_image(
                                      progress=filtered_one)
         details.update(correlated_noise=False, wiener=True, fusion=False, filters_made_the_image="volumetric filter")
         return finished_result(image, z, axis, start, normalization, transform, denoised, None, started, details)
-    # the Wiener filter of a 2.5D model's result groups patches of k slices on each side, so the networks
-    # also run on those neighbours of the slice range
-    lo, hi = (start, stop) if not fuse else (max(0, start - k), min(n, stop + k))
+    # the Wiener filter of a 2.5D model's result groups patches of k slices on each side (more under correlated
+    # noise), so the networks also run on those neighbours of the slice range
+    reach = correlated_filter_reach(model.config) if fuse else 0
+    lo, hi = max(0, start - reach), min(n, stop + reach)
     indices = None if slice_range is None else list(range(lo, hi))
     passes = {"fast": 1 + fuse, "bsn": 1, "full": 2, "single": 2}[mode]
     timer.total = (hi - lo) * passes + fuse * (stop - start) * (1 if k else 2)
@@ -327,7 +333,7 @@ def denoise_image(
             timer.total += hi - lo
             gains = run_network_on_slices(model.network("student"), slices, indices=indices, **run)[:, 0]
             details["wiener_gains_from"] = "student"
-        denoised = correlated_noise_filters(slices[lo:hi], matched_on, white, k, gains_from=gains, **filtering)
+        denoised = correlated_noise_filters(slices[lo:hi], matched_on, white, reach, gains_from=gains, **filtering)
         if not k:  # the image owes the networks only where its noise was read: no uncertainty map of theirs
             uncertainty = None
             details.update(hard_threshold=True, filters_made_the_image="correlated-noise filters")
@@ -363,6 +369,14 @@ def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray) ->
     2.6) for 8 times the time; so only a wide blind spot's model is filtered there.
     """
     return model.config.blind_spot_radius > 0 and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
+
+
+def correlated_filter_reach(config: NetworkConfig) -> int:
+    """How many slices either way the filters of a model's result gather patches from: none for a 2D model, at
+    least CORRELATED_FILTER_SLICE_REACH for a 2.5D model with a wide blind spot (its filters under correlated
+    noise; the networks run on those slices too), the model's own context otherwise."""
+    k = config.context_slices
+    return max(k, CORRELATED_FILTER_SLICE_REACH) if k and config.blind_spot_radius > 0 else k
 
 
 def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Curve, context: int,

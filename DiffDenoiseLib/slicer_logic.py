@@ -282,7 +282,10 @@ class DenoiseLogic:
             advice.append("The noise looks spatially correlated: block-matching filters with its exact variances "
                           "take about %s of it." % worker_protocol.format_seconds(filters))
         if settings.mode == "full" and device.type == "cpu" and total > 120 and fast < total / 2:
-            one_slice = _STARTUP_SECONDS + (total - _STARTUP_SECONDS) / slices
+            # the networks also run on the neighbours a 2.5D model's filters gather patches from
+            neighbours = min(slices, 1 + 2 * filter_reach(card, side))
+            one_slice = seconds({stage: passes * (neighbours if stage in _NETWORK_STAGES else 1) / slices
+                                 for stage, passes in stages.items()})
             text = "Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s" % tuple(
                 worker_protocol.format_seconds(t) for t in (total, fast))
             if slices > 1:  # a single image is its own preview
@@ -601,6 +604,17 @@ def slice_axis_name(volume_node, slice_axis: str = "auto") -> str:
 
     dims = volume_node.GetImageData().GetDimensions()
     return "zyx"[choose_slice_axis(volume_node.GetSpacing(), dims[::-1]) if dims[2] > 1 else 0]
+
+
+def filter_reach(card: dict, side: int) -> int:
+    """How many slices either way of a slice range `card`'s model runs its networks on, for the filters after them
+    (`pipeline.correlated_filter_reach`), on slices of `side` voxels or more."""
+    from DiffDenoiseLib.networks import NetworkConfig
+    from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE
+    from DiffDenoiseLib.pipeline import SamplingConfig, correlated_filter_reach
+
+    fuse = SamplingConfig.from_dict(card.get("sampling") or {}).fusion and side >= MIN_SIDE_TO_JUDGE_NOISE
+    return correlated_filter_reach(NetworkConfig.from_dict(card.get("architecture") or {})) if fuse else 0
 
 
 def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side: int, white: bool) -> Dict[str, float]:

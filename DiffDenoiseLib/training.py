@@ -40,6 +40,7 @@ from DiffDenoiseLib.pipeline import (
     STAGES,
     DenoisingModel,
     SamplingConfig,
+    correlated_filter_reach,
     correlated_noise_filters,
     correlated_noise_filters_apply,
     prepare_array,
@@ -460,24 +461,24 @@ def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoise
     passing the noise through; the filtered image does not. As a guide of Fast's Wiener filter, whose groups are
     matched on it, a student that passes noise through groups patches by their noise.
     """
-    k, n = model.config.context_slices, volume.shape[0]
-    if not k:
+    reach, n = correlated_filter_reach(model.config), volume.shape[0]
+    if not reach:
         return correlated_noise_filters(volume[indices], denoised, white, 0, range(len(indices)), device=run.device)
     pilots = dict(zip((int(i) for i in indices), denoised))
-    near = sorted({j for i in pilots for j in range(max(0, i - k), min(n, i + k + 1))} - set(pilots))
+    near = sorted({j for i in pilots for j in range(max(0, i - reach), min(n, i + reach + 1))} - set(pilots))
     if near:
         pilots.update(zip(near, srds_of(near)))
     gains = None
     if student_gains:
         needed = sorted(pilots)
-        gains = dict(zip(needed, run_network_on_slices(model.network("student"), volume, k, run.device,
-                                                       cancel=run.cancel, indices=needed)[:, 0]))
+        gains = dict(zip(needed, run_network_on_slices(model.network("student"), volume, model.config.context_slices,
+                                                       run.device, cancel=run.cancel, indices=needed)[:, 0]))
     filtered = []
     for i in (int(i) for i in indices):
         run.cancel.raise_if_cancelled()
-        lo, hi = max(0, i - k), min(n, i + k + 1)
+        lo, hi = max(0, i - reach), min(n, i + reach + 1)
         stack = np.stack([pilots[j] for j in range(lo, hi)])
         gains_from = None if gains is None else np.stack([gains[j] for j in range(lo, hi)])
-        filtered.append(correlated_noise_filters(volume[lo:hi], stack, white, k, [i - lo], device=run.device,
+        filtered.append(correlated_noise_filters(volume[lo:hi], stack, white, reach, [i - lo], device=run.device,
                                                  gains_from=gains_from)[0])
     return np.stack(filtered)

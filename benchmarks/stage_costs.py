@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve  # noqa: E402
-from DiffDenoiseLib.pipeline import DenoisingModel, run_network_on_slices  # noqa: E402
+from DiffDenoiseLib.pipeline import CORRELATED_FILTER_SLICE_REACH, DenoisingModel, run_network_on_slices  # noqa: E402
 from DiffDenoiseLib.store import SHIPPED_DIR, load_model  # noqa: E402
 from DiffDenoiseLib.wiener import (  # noqa: E402
     collaborative_hard_threshold,
@@ -96,13 +96,13 @@ def filters_2d(correlated_noise: bool):
     return run
 
 
-def wiener_with_context(correlated_noise: bool):
-    """A 2.5D model's Wiener step on the middle slices, each with CONTEXT whole slices on either side (the pilot
+def wiener_with_context(correlated_noise: bool, context: int):
+    """A 2.5D model's Wiener step on the middle slices, each with `context` whole slices on either side (the pilot
     stands in for the networks' result: the cost does not depend on it)."""
     def run(white, correlated, models):
         noisy = correlated if correlated_noise else white
-        middle = range(CONTEXT, len(noisy) - CONTEXT)
-        collaborative_wiener(noisy, noisy, noise_variance_curve(noisy), context=CONTEXT, indices=middle,
+        middle = range(context, len(noisy) - context)
+        collaborative_wiener(noisy, noisy, noise_variance_curve(noisy), context=context, indices=middle,
                              correlated_noise=correlated_noise)
         return len(middle)
     return run
@@ -122,11 +122,12 @@ FILTER_STAGES = [
     Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise)", 8, volumetric),
     Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise)", 4, filters_2d(False)),
     Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)", 2 * CONTEXT + 2,
-          wiener_with_context(False)),
+          wiener_with_context(False, CONTEXT)),
     Stage("correlated_filters_2d", "both steps with each coefficient's exact variance (2D, correlated noise)", 2,
           filters_2d(True)),
-    Stage("correlated_wiener_context", "Wiener step with exact variances and 2 slices of context (2.5D, correlated)",
-          2 * CONTEXT + 2, wiener_with_context(True)),
+    Stage("correlated_wiener_context", f"Wiener step with exact variances, groups from {CORRELATED_FILTER_SLICE_REACH} "
+          "slices either way (2.5D, correlated)", 2 * CORRELATED_FILTER_SLICE_REACH + 2,
+          wiener_with_context(True, CORRELATED_FILTER_SLICE_REACH)),
 ]
 STAGES = NETWORK_STAGES + FILTER_STAGES
 
