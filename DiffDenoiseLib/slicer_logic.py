@@ -30,15 +30,15 @@ LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
 # A GPU is counted _GPU_SPEED_UP times faster, the filters too (they run in torch there). Only the estimate shown
 # before a run uses these; the time left while it runs comes from the worker.
 _CPU_SECONDS_PER_MEGAPIXEL = {
-    "student": 2.7,
-    "bsn": 4.0,
-    "bsn_wide": 23.6,
-    "diffusion": 2.5,
-    "volumetric_filter": 14.2,
-    "filters_2d": 13.5,
-    "wiener_context": 9.9,
-    "correlated_filters_2d": 406.8,
-    "correlated_wiener_context": 85.5,
+    "student": 2.4,
+    "bsn": 4.1,
+    "bsn_wide": 24.4,
+    "diffusion": 2.4,
+    "volumetric_filter": 14.0,
+    "filters_2d": 14.0,
+    "wiener_context": 9.7,
+    "correlated_filters_2d": 404.0,
+    "correlated_wiener_context": 127.8,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
 _GPU_SPEED_UP = 30.0
