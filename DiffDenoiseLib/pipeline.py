@@ -69,7 +69,8 @@ MODES = ("fast", "full", "bsn", "single")
 # Under correlated noise a 2.5D result's Wiener groups gather patches from this many slices either way, beyond the
 # networks' own context of 2: on 8 held-out 14-slice slabs of the benchmark's two volumes (correlated 1.2, Full)
 # 3 slices gained 0.08 dB on Colin27 and 0.12 on the InVesalius CT over 2, 4 slices 0.09 and 0.18, for 1.3 and 1.6
-# times the Wiener step's time; with 4, groups of 96 or 128 instead of 64 gained 0.04 on the CT and -0.01 on Colin27.
+# times the Wiener step's time; with 4, groups of 96 or 128 instead of 64 gained 0.04 on the CT and -0.01 on Colin27;
+# 6 slices gained nothing over 4 (-0.01 on both).
 CORRELATED_FILTER_SLICE_REACH = 4
 NETWORK_SHARE_2D = 0.1  # of a 2D model's result in its Wiener pilot (white noise), the rest hard thresholding's
 

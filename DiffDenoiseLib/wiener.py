@@ -124,7 +124,10 @@ KAISER_BETA = 2.0
 # noise std), CUBE_GROUP_WIENER for the Wiener step. Measured on the benchmark's two volumes under white noise
 # (mean PSNR of 9 conditions against these numbers): cubes of 5 -0.16 dB, Wiener groups of 64 -0.05, 16 -0.01,
 # reach of 2 slices -0.03, threshold 2.5 -0.18 and 3.3 -0.003 (2.7 -0.05), references every slice +0.00 for
-# twice the passes, every 2nd voxel +0.05 for 1.6 times the time, search radius 7 +0.08 for 4 times.
+# twice the passes, every 2nd voxel +0.05 for 1.6 times the time, search radius 7 +0.08 for 4 times. On the volumes'
+# held-out slabs (4 white-noise conditions, 2026-12-04): every 2nd voxel +0.04, a second Wiener pass guided by the
+# first -0.06 (Colin27 +0.02 to +0.12, the CT -0.04 to -0.35), cubes of 5 averaged with 4 +0.04, search radius 7 or
+# reach of 4 slices +0.01.
 CUBE = 4
 CUBE_SEARCH_RADIUS = 5
 CUBE_SLICE_REACH = 3
