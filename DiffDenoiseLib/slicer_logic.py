@@ -606,15 +606,25 @@ def slice_axis_name(volume_node, slice_axis: str = "auto") -> str:
     return "zyx"[choose_slice_axis(volume_node.GetSpacing(), dims[::-1]) if dims[2] > 1 else 0]
 
 
+def _card_run(card: dict, side: int):
+    """(architecture, sampling, whether fusion and the filters after the networks run) of `card`'s model on slices
+    of `side` voxels or more."""
+    from DiffDenoiseLib.networks import NetworkConfig
+    from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE
+    from DiffDenoiseLib.pipeline import SamplingConfig
+
+    architecture = NetworkConfig.from_dict(card.get("architecture") or {})
+    sampling = SamplingConfig.from_dict(card.get("sampling") or {})
+    return architecture, sampling, sampling.fusion and side >= MIN_SIDE_TO_JUDGE_NOISE
+
+
 def filter_reach(card: dict, side: int) -> int:
     """How many slices either way of a slice range `card`'s model runs its networks on, for the filters after them
     (`pipeline.correlated_filter_reach`), on slices of `side` voxels or more."""
-    from DiffDenoiseLib.networks import NetworkConfig
-    from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE
-    from DiffDenoiseLib.pipeline import SamplingConfig, correlated_filter_reach
+    from DiffDenoiseLib.pipeline import correlated_filter_reach
 
-    fuse = SamplingConfig.from_dict(card.get("sampling") or {}).fusion and side >= MIN_SIDE_TO_JUDGE_NOISE
-    return correlated_filter_reach(NetworkConfig.from_dict(card.get("architecture") or {})) if fuse else 0
+    architecture, _, fuse = _card_run(card, side)
+    return correlated_filter_reach(architecture) if fuse else 0
 
 
 def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side: int, white: bool) -> Dict[str, float]:
@@ -627,14 +637,10 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     matches the Wiener step's groups). `white` is the binning test's reading (Fast's and the volumetric
     filter's); Full's test of the networks' residual is taken to agree with it.
     """
-    from DiffDenoiseLib.networks import NetworkConfig
-    from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE
-    from DiffDenoiseLib.pipeline import SamplingConfig
     from DiffDenoiseLib.wiener import CUBE
 
-    architecture = NetworkConfig.from_dict(card.get("architecture") or {})
-    sampling = SamplingConfig.from_dict(card.get("sampling") or {})
-    context, fuse = architecture.context_slices, sampling.fusion and side >= MIN_SIDE_TO_JUDGE_NOISE
+    architecture, sampling, fuse = _card_run(card, side)
+    context = architecture.context_slices
     if fuse and context and slices >= CUBE and white:
         return {"volumetric_filter": 1}
     if mode == "fast":
