@@ -286,8 +286,10 @@ def denoise_image(
         details.update(correlated_noise=False, wiener=True, fusion=False, filters_made_the_image="volumetric filter")
         return finished_result(image, z, axis, start, normalization, transform, denoised, None, started, details)
     # the Wiener filter of a 2.5D model's result groups patches of k slices on each side (more under correlated
-    # noise), so the networks also run on those neighbours of the slice range
-    reach = correlated_filter_reach(model.config) if fuse else 0
+    # noise), so the networks also run on those neighbours of the slice range; slices too small to judge the
+    # noise get no filter, and so no neighbours
+    filters_may_run = fuse and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
+    reach = correlated_filter_reach(model.config) if filters_may_run else 0
     lo, hi = max(0, start - reach), min(n, stop + reach)
     indices = None if slice_range is None else list(range(lo, hi))
     passes = {"fast": 1 + fuse, "bsn": 1, "full": 2, "single": 2}[mode]
@@ -322,7 +324,7 @@ def denoise_image(
     correlated = bool(details.get("correlated_noise"))
     correlated_filters = fuse and correlated and correlated_noise_filters_apply(model, slices)
     if fuse:
-        details["wiener"] = (white_noise and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE) or correlated_filters
+        details["wiener"] = (white_noise and filters_may_run) or correlated_filters
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
     if correlated_filters:
         matched_on, gains = denoised, None

@@ -221,6 +221,26 @@ def test_a_slice_range_runs_the_networks_on_the_neighbours_the_2_5d_wiener_filte
     assert reports[-1].total == 2
 
 
+def test_a_slice_range_too_small_for_the_filters_runs_the_networks_on_those_slices_alone(
+        volume_and_model, networks_make_the_image, monkeypatch):
+    """Slices under MIN_SIDE_TO_JUDGE_NOISE a side get no filter, so the networks need no neighbours there."""
+    image, model = volume_and_model
+    ran_on = []
+    real = pipeline.run_network_on_slices
+
+    def counted(network, slices, indices=None, **run):
+        ran_on.append(len(slices) if indices is None else len(indices))
+        return real(network, slices, indices=indices, **run)
+
+    monkeypatch.setattr(pipeline, "run_network_on_slices", counted)
+    tiny = Image(array=np.ascontiguousarray(image.array[:, :12, :12]), spacing=image.spacing, modality="MR")
+    result = denoise_image(tiny, model, mode="bsn", slice_range=(5, 7))
+    assert ran_on == [2] and result.image.array.shape == (2, 12, 12) and not result.details["wiener"]
+    ran_on.clear()
+    denoise_image(image, model, mode="bsn", slice_range=(5, 7))
+    assert ran_on == [4], "slices of 36 voxels and more get the filter, and the networks run on its neighbours"
+
+
 class OversmoothingStudent(torch.nn.Module):
     """A student that blurs the centre slice (5x5 mean): too much for weak noise on fine texture."""
 
