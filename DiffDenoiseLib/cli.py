@@ -320,6 +320,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
             path.unlink()
         raise
     missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
+    suggested = None  # {"model", "noise"}: a model made for correlated noise, where the one run separates it poorly
     if result.details.get("filters_made_the_image") == "volumetric filter":
         reporter.log("The noise looks white, so the image is the volumetric filter's (BM4D's two steps on cubes of "
                      f"{CUBE} voxels), which beat every use of the networks' result measured on volumes; the networks "
@@ -353,12 +354,14 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                              "fusion and the Wiener filter, which need white noise, were skipped"
                              + (f"; if it is noise, --model {wider} separates it better, at some risk to fine detail"
                                 if wider else "") + ".")
+                suggested = wider and {"model": wider, "noise": "faint"}
             else:
                 advice = ""
                 if model.config.blind_spot_radius == 0:
                     advice = (", and a one-pixel blind spot cannot separate such noise well; "
                               + (f"--model {wider} can, or " if wider else "")
                               + "a model adapted with --blind-spot-radius 2 or 3 (diffdenoise train --help)")
+                    suggested = wider and {"model": wider, "noise": "correlated"}
                 reporter.log(f"The noise looks spatially correlated: observation fusion and the Wiener filter were "
                              f"skipped{advice}.")
     elif result.details.get("wiener"):
@@ -377,7 +380,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                      "preview": str(preview_path) if preview_path else None,
                      "model": folder.name, "model_path": str(folder), "mode": args.mode, "device": str(device),
                      "seconds": round(result.seconds, 3), "shape": list(result.image.array.shape),
-                     "details": result.details})
+                     "details": result.details, "suggested_model": suggested})
 
 
 def _duration(seconds: float) -> str:

@@ -453,6 +453,7 @@ class DenoiseLogic:
             elif uncertainty_path and uncertainty is None and made_by:
                 message += (" No uncertainty map: the noise looks spatially correlated, so block-matching filters "
                             "made the image (the networks' result only showed where to read the noise).")
+            message += suggestion_for_the_noise(result.get("suggested_model"))
             return JobOutcome(kind, "done", message, 0, result, output, uncertainty,
                               str(result.get("model", settings.model)))
 
@@ -616,6 +617,19 @@ def _card_run(card: dict, side: int):
     architecture = NetworkConfig.from_dict(card.get("architecture") or {})
     sampling = SamplingConfig.from_dict(card.get("sampling") or {})
     return architecture, sampling, sampling.fusion and side >= MIN_SIDE_TO_JUDGE_NOISE
+
+
+def suggestion_for_the_noise(suggested: Optional[dict]) -> str:
+    """The worker's `suggested_model` (a model made for spatially correlated noise, offered where the model run has
+    a one-pixel blind spot) in the panel's words, or ""."""
+    if not suggested:
+        return ""
+    if suggested.get("noise") == "faint":
+        return (" The noise does not look white but is faint: weak spatially correlated noise or fine anatomy, which "
+                "the noise reading cannot tell apart. If it is noise, the model '%s' (choose it under Model) "
+                "separates it better, at some risk to fine detail." % suggested["model"])
+    return (" The noise looks spatially correlated, which this model's one-pixel blind spot separates poorly: the "
+            "model '%s' (choose it under Model) separates it better." % suggested["model"])
 
 
 def filter_reach(card: dict, side: int) -> int:

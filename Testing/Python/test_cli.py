@@ -316,8 +316,11 @@ def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data
     code, out, err = run(capfd, "denoise", tmp_path / "correlated.nrrd", tmp_path / "tiny-out.nrrd", "--model", "tiny",
                          "--store", trained["store"], "--json")
     assert code == 0, err
-    messages = " ".join(e["message"] for e in of_kind(parse(out), "log"))
+    events = parse(out)
+    messages = " ".join(e["message"] for e in of_kind(events, "log"))
     assert "the Wiener filter were skipped" in messages and "--model wide-spot can" in messages
+    # the result names it too, for the Slicer panel to say in its own words
+    assert of_kind(events, "result")[0]["suggested_model"] == {"model": "wide-spot", "noise": "correlated"}
 
 
 def test_a_nearly_clean_textured_image_is_told_its_noise_is_faint_not_sent_to_a_wider_blind_spot(capfd, trained,
@@ -333,11 +336,13 @@ def test_a_nearly_clean_textured_image_is_told_its_noise_is_faint_not_sent_to_a_
     code, out, err = run(capfd, "denoise", tmp_path / "texture.nrrd", tmp_path / "texture-out.nrrd", "--model", "tiny",
                          "--store", trained["store"], "--json")
     assert code == 0, err
-    messages = " ".join(e["message"] for e in of_kind(parse(out), "log"))
+    events = parse(out)
+    messages = " ".join(e["message"] for e in of_kind(events, "log"))
     assert "does not look white but is faint (its std about 1.28% of the intensity range" in messages
     assert "or fine anatomy, which the noise reading cannot tell apart" in messages
     assert "if it is noise, --model correlated-noise-default separates it better" in messages
     assert "The noise looks spatially correlated" not in messages
+    assert of_kind(events, "result")[0]["suggested_model"] == {"model": "correlated-noise-default", "noise": "faint"}
 
 
 def test_under_correlated_noise_the_log_says_the_filters_made_the_image_and_no_uncertainty_map_is_written(

@@ -60,8 +60,12 @@ FAKE_CLI = textwrap.dedent(
         if "--uncertainty" in args and not made_by:
             sitk.WriteImage(sitk.Abs(sitk.Cast(image, sitk.sitkFloat32) - smooth), args[args.index("--uncertainty") + 1])
         say(event="progress", stage="denoise", step=1, total=1, loss=None, eta_s=0.0)
+        # the model "one-pixel" stands for a one-pixel blind spot's model under correlated noise: the worker
+        # suggests the model made for such noise
+        suggested = ({"model": "correlated-noise-default", "noise": "correlated"}
+                     if "--model" in args and args[args.index("--model") + 1] == "one-pixel" else None)
         say(event="result", output=target, model="fake-mean", seconds=0.5,
-            details={"filters_made_the_image": made_by} if made_by else {})
+            details={"filters_made_the_image": made_by} if made_by else {}, suggested_model=suggested)
     elif args[0] == "train":
         name = args[args.index("--name") + 1]
         inputs = args[1:args.index("--name")]
@@ -190,6 +194,24 @@ def test_full_mode_without_an_uncertainty_map_says_why(mrml, fake_logic, tmp_pat
     assert outcome.output_volume is not None and outcome.uncertainty_volume is None
     assert "No uncertainty map" in outcome.message and why in outcome.message
     assert os.listdir(fake_logic.temp_root) == []
+
+
+def test_a_model_that_separates_correlated_noise_poorly_is_followed_by_the_one_that_does(mrml, fake_logic,
+                                                                                           tmp_path):
+    """The worker's suggestion of a model made for correlated noise reaches the panel in its words, not the CLI's."""
+    from DiffDenoiseLib.slicer_logic import suggestion_for_the_noise
+
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    outcome = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="one-pixel"))
+    assert outcome.status == "done", outcome.message
+    assert ("one-pixel blind spot separates poorly: the model 'correlated-noise-default' (choose it under Model)"
+            in outcome.message) and "--model" not in outcome.message
+    plain = fake_logic.denoise(source, DenoiseSettings(mode="fast"))
+    assert "blind spot" not in plain.message
+    faint = suggestion_for_the_noise({"model": "wide", "noise": "faint"})
+    assert "is faint" in faint and "If it is noise, the model 'wide'" in faint and suggestion_for_the_noise(None) == ""
 
 
 def test_result_fills_a_chosen_output_volume(mrml, fake_logic, tmp_path):
