@@ -166,10 +166,15 @@ def dct_matrix(size: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _dct_on(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """dct_matrix(size) on `device` in `dtype`, made once: each chunk of references needs the group's, and building
-    it and copying it over per chunk (about 1,000 times a volume) made a GPU wait on the copies."""
-    return dct_matrix(size).to(device, dtype)
+def _dct_on(size: int, device: torch.device, dtype: torch.dtype, dims: int = 1) -> torch.Tensor:
+    """The orthonormal DCT of a block `size` voxels a side in `dims` dimensions (the Kronecker product of
+    dct_matrix(size) `dims` times, acting on the block's voxels in row-major order) on `device` in `dtype`, made
+    once: each chunk of references needs the group's, and building it and copying it over per chunk (about 1,000
+    times a volume) made a GPU wait on the copies."""
+    matrix = dct_matrix(size)
+    for _ in range(dims - 1):
+        matrix = torch.kron(matrix, dct_matrix(size))
+    return matrix.to(device, dtype)
 
 
 def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0, passes: int = 1,
@@ -288,7 +293,7 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
     ref_x = _reference_positions(w, CUBE_STEP, CUBE).to(device)
     steps = torch.arange(CUBE, device=device)
     inside = ((steps[:, None, None] * h + steps[:, None]) * w + steps).reshape(-1)  # a cube's voxels from its corner
-    dct_cube = torch.kron(torch.kron(dct_matrix(CUBE), dct_matrix(CUBE)), dct_matrix(CUBE)).to(device, torch.float32)
+    dct_cube = _dct_on(CUBE, device, torch.float32, dims=3)
     kaiser = torch.kaiser_window(CUBE, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
     window = torch.outer(kaiser, kaiser).reshape(-1).repeat(CUBE).to(device, torch.float32)  # the same in each slice
     group, radius = (CUBE_GROUP_WIENER, CUBE_SEARCH_RADIUS) if wiener else (CUBE_GROUP_HARD, CUBE_HARD_SEARCH_RADIUS)
@@ -369,7 +374,7 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, context: int, device: Opt
     first = max(0, (n - COVARIANCE_SLICES) // 2)
     chosen = slice(first, first + COVARIANCE_SLICES)
     covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(2 * context, n - 1), residual=residual)
-    basis = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).reshape(PATCH * PATCH, PATCH, PATCH)
+    basis = _dct_on(PATCH, torch.device("cpu"), torch.float64, dims=2).reshape(PATCH * PATCH, PATCH, PATCH)
     if covariance.shape[0] < 4 * context + 1:  # too few slices to read the farthest offsets: taken as uncorrelated
         extra = (4 * context + 1 - covariance.shape[0]) // 2
         covariance = np.pad(covariance, ((extra, extra), (0, 0), (0, 0)))
@@ -472,7 +477,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
                                    CORRELATED_STEP)
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
-    dct2 = torch.kron(dct_matrix(PATCH), dct_matrix(PATCH)).to(device, dtype)
+    dct2 = _dct_on(PATCH, device, dtype, dims=2)
     kaiser = torch.kaiser_window(PATCH, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
     window = torch.outer(kaiser, kaiser).reshape(-1).to(device, dtype)
     flat_y, flat_s = ys.reshape(-1), s.reshape(-1)
