@@ -107,7 +107,10 @@ CORRELATED_WIENER_RADIUS_ACROSS_SLICES = 20
 # Cubes instead of patches gathered across slices (BM4D's Wiener stage, 4x4x4 cubes, told the true spectrum, guided by
 # the student's result) on the same slabs, 9 slices deep (2026-12-05): Colin27 +0.40 dB over Fast (27.37 -> 27.77), the
 # InVesalius CT -0.75 (30.98 -> 30.23, one slab -2.7); averaged with this step's image, no better than the better
-# one. Choosing per volume would need a risk estimate that holds under correlated noise.
+# one. Choosing per volume would need a risk estimate that holds under correlated noise. BM4D's Wiener stage on 8x8
+# patches one slice deep, guided likewise, gained as much on Colin27 (+0.30) and lost 0.83 on the CT, so Colin27's
+# gain is not the cubes'; nor is it the covariance: told the true one, this step changed by -0.03 (Colin27) and
+# -0.02 dB (the CT), the read one scaled by 0.6, 0.8 or 1.25 by -0.31 to +0.04.
 # the coefficient table covers every offset two members of a group can have: twice the widest window's radius
 CORRELATED_TABLE_REACH = 2 * max(CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_WIENER_RADIUS_2D,
                                  CORRELATED_WIENER_RADIUS_ACROSS_SLICES)
