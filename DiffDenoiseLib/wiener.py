@@ -104,7 +104,7 @@ CORRELATED_WIENER_STEP_2D = 6
 # (Fast) +0.00 and +0.15; +-32 +0.01 and +0.22; +-6 and +-8 lost 0.15 to 0.46, with groups of 128 too; groups of
 # 48 or 80 within +-20 -0.00 to -0.04. The CT's flat-tissue bias there went -1.44 -> -1.85 HU (antithetic pairs).
 CORRELATED_WIENER_RADIUS_ACROSS_SLICES = 20
-# Cubes instead of patches gathered across slices (BM4D's Wiener stage, 4x4x4 cubes, told the true spectrum, guided by
+# Cubes instead of patches gathered across slices (BM4D's Wiener stage, 5x5x5 cubes, told the true spectrum, guided by
 # the student's result) on the same slabs, 9 slices deep (2026-12-05): Colin27 +0.40 dB over Fast (27.37 -> 27.77), the
 # InVesalius CT -0.75 (30.98 -> 30.23, one slab -2.7); averaged with this step's image, no better than the better
 # one. Choosing per volume would need a risk estimate that holds under correlated noise. BM4D's Wiener stage on 8x8
