@@ -60,6 +60,7 @@ from DiffDenoiseLib.wiener import (
     collaborative_wiener,
     volumetric_filter,
     volumetric_filter_steps,
+    wiener_reference_slices,
 )
 
 STAGES = ("bsn", "diffusion", "student")
@@ -336,6 +337,8 @@ def denoise_image(
             timer.total += hi - lo
             gains = run_network_on_slices(model.network("student"), slices, indices=indices, **run)[:, 0]
             details["wiener_gains_from"] = "student"
+        if k:  # the Wiener step's reference slices: those within reach of the range feed it too
+            timer.total += wiener_reference_slices(hi - lo, filtering["indices"], reach, True) - (stop - start)
         denoised = correlated_noise_filters(slices[lo:hi], matched_on, white, reach, gains_from=gains, **filtering)
         if not k:  # the image owes the networks only where its noise was read: no uncertainty map of theirs
             uncertainty = None

@@ -282,9 +282,11 @@ class DenoiseLogic:
             advice.append("The noise looks spatially correlated: block-matching filters with its exact variances "
                           "take about %s of it." % worker_protocol.format_seconds(filters))
         if settings.mode == "full" and device.type == "cpu" and total > 120 and fast < total / 2:
-            # the networks also run on the neighbours a 2.5D model's filters gather patches from
+            # the networks also run on the neighbours a 2.5D model's filters gather patches from, and under
+            # correlated noise those neighbours' Wiener groups feed the slice too (wiener.spreads)
             neighbours = min(slices, 1 + 2 * filter_reach(card, side))
-            one_slice = seconds({stage: passes * (neighbours if stage in _NETWORK_STAGES else 1) / slices
+            on_neighbours = _NETWORK_STAGES + ("correlated_wiener_context",)
+            one_slice = seconds({stage: passes * (neighbours if stage in on_neighbours else 1) / slices
                                  for stage, passes in stages.items()})
             text = "Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s" % tuple(
                 worker_protocol.format_seconds(t) for t in (total, fast))

@@ -49,7 +49,7 @@ Block matching runs on the pilot, whose noise is low, with a search window of
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -111,12 +111,12 @@ CORRELATED_WIENER_RADIUS_ACROSS_SLICES = 20
 # patches one slice deep, guided likewise, gained as much on Colin27 (+0.30) and lost 0.83 on the CT, so Colin27's
 # gain is not the cubes'; nor is it the covariance: told the true one, this step changed by -0.03 (Colin27) and
 # -0.02 dB (the CT), the read one scaled by 0.6, 0.8 or 1.25 by -0.31 to +0.04. Matching on the student's result
-# lost 0.21 and 1.83 dB, groups of 32 within +-3 0.06 and 0.95. What BM4D does that this step does not is aggregate
-# each group into every slice its members lie in: done so here, the references of the slices within reach feeding
-# the slice wanted, Fast gained +0.11 dB on Colin27 and +0.06 on the CT (7 of 8 slabs), Full +0.11 and +0.08 (all
-# 8). A whole volume needs no more references for it, a slice range 1 + 2 * reach times the Wiener step's (Fast
-# 3.9 -> 14.8 s per test slice); it is not in place yet: the progress, the panel's preview estimate and the
-# student's distillation targets count the step per slice wanted.
+# lost 0.21 and 1.83 dB, groups of 32 within +-3 0.06 and 0.95. What BM4D does that this step did not is aggregate
+# each group into every slice its members lie in. So each group of the Wiener step across slices now goes back to
+# every slice its members lie in (`spreads`), and the reference slices within reach of a slice feed it too: on the
+# same slabs Fast gained +0.11 dB on Colin27 and +0.06 on the CT (7 of 8 slabs), Full +0.11 and +0.08 (all 8), over
+# writing back the reference slice's own patches alone. A whole volume needs no more reference slices for it, a
+# slice range 1 + 2 * reach times as many (Fast 3.9 -> 14.8 s per benchmark test slice).
 # the coefficient table covers every offset two members of a group can have: twice the widest window's radius
 CORRELATED_TABLE_REACH = 2 * max(CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_WIENER_RADIUS_2D,
                                  CORRELATED_WIENER_RADIUS_ACROSS_SLICES)
@@ -195,10 +195,12 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     `noisy` and `pilot` are (n, H, W), or (H, W) for one slice; the inputs are not modified. With
     `context` > 0 a slice's groups also gather patches from that many slices on each side (within
     the array), whose pilot must be there too. With `passes` > 1 each pass's result is the next
-    one's pilot. `progress` is called after every slice filtered (it may raise to stop the filter).
-    With `correlated_noise` each coefficient's noise variance is the exact one of its group, from the noise
-    covariance read where `pilot` is flattest (see above), on y - `pilot` with `covariance_on_residual` (for a
-    pilot that kept little of the noise: covariance.py). `gains_from`, of `noisy`'s shape, sets the first pass's
+    one's pilot. `progress` is called after every reference slice (`wiener_reference_slices` of them; it may
+    raise to stop the filter). With `correlated_noise` each coefficient's noise variance is the exact one of its
+    group, from the noise covariance read where `pilot` is flattest (see above), on y - `pilot` with
+    `covariance_on_residual` (for a pilot that kept little of the noise: covariance.py); with a `context` too,
+    every group goes back to each slice its members lie in (`spreads`), so the slices within
+    `context` of those wanted are reference slices too. `gains_from`, of `noisy`'s shape, sets the first pass's
     Wiener gains instead of `pilot`, which then only matches the groups: an estimate whose errors follow the noise
     at each voxel groups patches by their noise, yet may know the coefficients better. Returns (len(indices), H, W),
     or (H, W) for a 2D input, in float64.
@@ -212,9 +214,9 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     table = _coefficient_table(y3, m3, context, device, covariance_on_residual) if correlated_noise else None
     for done in range(passes):
         reach = context * (passes - 1 - done)  # the slices later passes will look at
-        todo = sorted({j for i in wanted for j in range(max(0, i - reach), min(n, i + reach + 1))})
+        todo = reference_slices(n, wanted, reach)
         filtered = _filter_slices(y3, guide, guide, curve, todo, context, device, progress, wiener=True, table=table,
-                                  gains_on=g3 if done == 0 else None)
+                                  gains_on=g3 if done == 0 else None, spread=spreads(correlated_noise, context))
         for i, a in filtered.items():
             guide[i] = a
     result = guide[wanted].astype(np.float64)
@@ -352,23 +354,57 @@ def _checked(name: str, noisy, pilot, context: int, indices: Optional[Sequence[i
 
 def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, todo: Sequence[int],
                    context: int, device: Optional[torch.device], progress: Optional[Callable[[], None]],
-                   gains_on: Optional[np.ndarray] = None, **options) -> dict:
-    """{slice: filtered slice} for the slices `todo`, each with the `context` slices on either side; the Wiener
-    gains come from `gains_on` (default `match_on`)."""
+                   gains_on: Optional[np.ndarray] = None, spread: bool = False, **options) -> dict:
+    """{slice: filtered slice} for the slices `todo`, each reference slice's groups drawn from the `context` slices
+    on either side; the Wiener gains come from `gains_on` (default `match_on`). With `spread` every group goes back
+    to each slice its members lie in, as BM4D aggregates, so the reference slices within `context` of those in
+    `todo` feed them too (see `reference_slices`); otherwise only a reference slice's own patches go back to it.
+    `progress` is called after every reference slice."""
     device = device or torch.device("cpu")
-    n, filtered = y3.shape[0], {}
+    n = y3.shape[0]
+    wanted, references = set(todo), reference_slices(n, todo, context if spread else 0)
+    sums, filtered = {}, {}  # sums: slice -> [total, weights], while references that reach it remain
 
     def on_device(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
 
-    for i in todo:
-        lo, hi = max(0, i - context), min(n, i + context + 1)
+    for j in references:
+        lo, hi = max(0, j - context), min(n, j + context + 1)
         ys, ms, s = (on_device(a) for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
         gs = None if gains_on is None else on_device(gains_on[lo:hi])
-        filtered[i] = _filter_slice(ys, ms, s, centre=i - lo, gains_on=gs, **options).cpu().numpy()
+        total, weights = _filter_slice_sums(ys, ms, s, centre=j - lo, gains_on=gs, every_slice=spread, **options)
+        for k in (range(lo, hi) if spread else [j]):
+            if k in wanted:
+                part = sums.setdefault(k, [0.0, 0.0])
+                part[0] = part[0] + total[k - lo].cpu().numpy()
+                part[1] = part[1] + weights[k - lo].cpu().numpy()
+        for k in [k for k in sums if k + (context if spread else 0) <= j or j == references[-1]]:
+            total_k, weights_k = sums.pop(k)
+            filtered[k] = np.where(weights_k > 0, total_k / np.where(weights_k > 0, weights_k, 1.0), match_on[k])
         if progress is not None:
             progress()
     return filtered
+
+
+def spreads(correlated_noise: bool, context: int) -> bool:
+    """Whether the Wiener step's groups go back to every slice their members lie in: across slices under correlated
+    noise (measured above, beside CORRELATED_WIENER_RADIUS_ACROSS_SLICES)."""
+    return correlated_noise and context > 0
+
+
+def wiener_reference_slices(n: int, indices: Sequence[int], context: int, correlated_noise: bool,
+                            passes: int = 1) -> int:
+    """How many reference slices (`progress` calls) `collaborative_wiener` filters for the slices `indices` of an
+    n-slice stack."""
+    reach = context if spreads(correlated_noise, context) else 0
+    return sum(len(reference_slices(n, reference_slices(n, indices, context * (passes - 1 - done)), reach))
+               for done in range(passes))
+
+
+def reference_slices(n: int, todo: Sequence[int], reach: int) -> List[int]:
+    """The slices of an n-slice stack whose reference patches feed the slices `todo` when groups go back to every
+    slice within `reach` of their reference slice (0: each slice feeds itself alone)."""
+    return sorted({j for i in todo for j in range(max(0, i - reach), min(n, i + reach + 1))})
 
 
 COVARIANCE_SLICES = 16  # the middle slices of a longer stack that the noise covariance is read on
@@ -460,11 +496,14 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     return torch.stack([k, y, x], dim=-1)
 
 
-def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
-                  table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Collaborative filtering of slice `centre` of the stacks (d, H, W) of y, the image the groups are matched on
-    and the noise variance: Wiener gains from the coefficients of `gains_on` (default: the matched image, the
-    pilot), or, without `wiener`, hard thresholding of y's. Under correlated noise (a coefficient covariance
+def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
+                       table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None,
+                       every_slice: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The weighted sums of the filtered patches and their weights, each (d, H, W), from the groups of slice
+    `centre`'s reference patches in the stacks (d, H, W) of y, the image the groups are matched on and the noise
+    variance: only the centre slice's patches, or with `every_slice` every member's, go back. Wiener gains from
+    the coefficients of `gains_on` (default: the matched image, the pilot), or, without `wiener`, hard
+    thresholding of y's. Under correlated noise (a coefficient covariance
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
     (covariance.py), with the CORRELATED_ groups, search, spacing and threshold.
 
@@ -491,7 +530,7 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
     window = torch.outer(kaiser, kaiser).reshape(-1).to(device, dtype)
     flat_y, flat_s = ys.reshape(-1), s.reshape(-1)
     flat_g = (ms if gains_on is None else gains_on).reshape(-1)
-    total = torch.zeros(h * w, dtype=dtype, device=device)
+    total = torch.zeros(d * h * w, dtype=dtype, device=device)
     weights = torch.zeros_like(total)
     rows_at_once = max(1, (REFERENCE_CHUNK if table is None else CORRELATED_REFERENCE_CHUNK) // len(ref_x))
     for chunk in torch.split(ref_y, rows_at_once):
@@ -506,14 +545,10 @@ def _filter_slice(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: i
         cm = dct1 @ (flat_g[pixels] @ dct2.T) if wiener else None
         filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
         weight = weight * window  # (R, 1, 64)
-        in_centre = where[..., 0] == centre  # only the centre slice's patches are written back
-        targets = pixels[in_centre] - centre * h * w
-        total.index_add_(0, targets.reshape(-1), (filtered * weight)[in_centre].reshape(-1))
-        weights.index_add_(0, targets.reshape(-1), weight.expand_as(filtered)[in_centre].reshape(-1))
-    covered = weights > 0
-    averaged = total / torch.where(covered, weights, torch.ones_like(weights))
-    result = torch.where(covered, averaged, ms[centre].reshape(-1))
-    return result.reshape(h, w)
+        back = torch.ones_like(where[..., 0], dtype=torch.bool) if every_slice else where[..., 0] == centre
+        total.index_add_(0, pixels[back].reshape(-1), (filtered * weight)[back].reshape(-1))
+        weights.index_add_(0, pixels[back].reshape(-1), weight.expand_as(filtered)[back].reshape(-1))
+    return total.reshape(d, h, w), weights.reshape(d, h, w)
 
 
 def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor, dct1: torch.Tensor,

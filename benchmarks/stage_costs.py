@@ -39,6 +39,7 @@ from DiffDenoiseLib.wiener import (  # noqa: E402
     collaborative_wiener,
     volumetric_filter,
     volumetric_filter_steps,
+    wiener_reference_slices,
 )
 
 from benchmarks.measure import measured  # noqa: E402
@@ -104,7 +105,8 @@ def wiener_with_context(correlated_noise: bool, context: int):
         middle = range(context, len(noisy) - context)
         collaborative_wiener(noisy, noisy, noise_variance_curve(noisy), context=context, indices=middle,
                              correlated_noise=correlated_noise)
-        return len(middle)
+        # the slices filtered: under correlated noise the middle slices' neighbours are reference slices too
+        return wiener_reference_slices(len(noisy), middle, context, correlated_noise)
     return run
 
 

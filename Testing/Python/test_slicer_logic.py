@@ -374,7 +374,8 @@ def test_estimate_names_the_device_and_warns_about_full_on_cpu(mrml, fake_logic)
 
 def test_the_preview_estimate_counts_the_neighbours_a_2_5d_model_runs_its_networks_on(mrml, fake_logic):
     """Under correlated noise a wide blind spot's 2.5D model runs its networks on the slices its filters gather
-    patches from (4 either way), so one slice's preview costs those networks 9 times, its filter once."""
+    patches from (4 either way), whose Wiener groups feed the slice too, so one slice's preview costs those
+    networks and the Wiener step 9 times."""
     from DiffDenoiseLib import worker_protocol
     from DiffDenoiseLib.slicer_logic import _CPU_SECONDS_PER_MEGAPIXEL, _NETWORK_STAGES, filter_reach, run_stages
     from DiffDenoiseLib.slicing import tiled_pixels
@@ -389,7 +390,8 @@ def test_the_preview_estimate_counts_the_neighbours_a_2_5d_model_runs_its_networ
     stages = run_stages(card, "full", 0, 0, 40, 512, white=False)
     assert "correlated_wiener_context" in stages
     one_slice = 5.0 + sum(passes * _CPU_SECONDS_PER_MEGAPIXEL[stage] * (
-        9 * tiled_pixels(512, 512) / 1e6 if stage in _NETWORK_STAGES else 512 * 512 / 1e6)
+        9 * tiled_pixels(512, 512) / 1e6 if stage in _NETWORK_STAGES else
+        9 * 512 * 512 / 1e6 if stage == "correlated_wiener_context" else 512 * 512 / 1e6)
         for stage, passes in stages.items())
     assert "Preview slice shows Full mode on one slice in about %s." % worker_protocol.format_seconds(one_slice) in (
         full.advice), full.advice

@@ -324,6 +324,27 @@ def test_a_large_slice_filtered_a_few_rows_of_references_at_a_time_gives_the_sam
                                atol=1e-6)
 
 
+def test_under_correlated_noise_the_groups_of_the_neighbouring_slices_feed_a_slice_too():
+    """Across slices under correlated noise every group goes back to each slice its members lie in (as BM4D
+    aggregates), so one slice of a 7-slice stack takes the reference slices within the context, each counted by
+    `progress`; a slice range then gives what the whole stack gives there. Under white noise a slice feeds itself."""
+    rng = np.random.default_rng(6)
+    clean = np.stack([scan(48)] * 7)
+    noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.05)
+    pilot = np.stack([gaussian_blur(s, 1.0) for s in noisy])
+    curve = noise_variance_curve(noisy)
+    calls = []
+    one = wiener.collaborative_wiener(noisy, pilot, curve, context=2, indices=[3], correlated_noise=True,
+                                      progress=lambda: calls.append(1))
+    assert len(calls) == 5 == wiener.wiener_reference_slices(7, [3], 2, True)
+    whole = wiener.collaborative_wiener(noisy, pilot, curve, context=2, correlated_noise=True)
+    np.testing.assert_allclose(one[0], whole[3], atol=1e-6)
+    calls.clear()
+    wiener.collaborative_wiener(noisy, pilot, curve, context=2, indices=[3], progress=lambda: calls.append(1))
+    assert len(calls) == 1 == wiener.wiener_reference_slices(7, [3], 2, False)
+    assert wiener.wiener_reference_slices(7, [0], 2, True) == 3 and wiener.wiener_reference_slices(7, [3], 0, True) == 1
+
+
 def test_groups_matched_on_an_estimate_whose_errors_do_not_follow_the_noise_keep_less_of_it():
     """Under correlated noise: an estimate whose errors follow the noise at each voxel (a student's, which sees
     it) groups patches by their noise, which the group's average keeps; matching on an estimate with errors of
@@ -340,7 +361,9 @@ def test_groups_matched_on_an_estimate_whose_errors_do_not_follow_the_noise_keep
     on_itself = wiener.collaborative_wiener(noisy, follows_noise, curve, **options)[0]
     matched_apart = wiener.collaborative_wiener(noisy, own_errors, curve, gains_from=follows_noise, **options)[0]
     own_gains = wiener.collaborative_wiener(noisy, own_errors, curve, **options)[0]
-    assert mse(matched_apart, clean[2]) < 0.9 * mse(on_itself, clean[2])
+    # (0.84 of it when only the reference slice's own patches went back, 0.91 now that every group goes back to
+    # each slice its members lie in: the groups of the neighbouring slices average some of that noise away too)
+    assert mse(matched_apart, clean[2]) < 0.95 * mse(on_itself, clean[2])
     assert mse(matched_apart, clean[2]) < 0.5 * mse(own_gains, clean[2])
     np.testing.assert_array_equal(wiener.collaborative_wiener(noisy, own_errors, curve, **options),
                                   wiener.collaborative_wiener(noisy, own_errors, curve, gains_from=own_errors,
