@@ -40,7 +40,9 @@ the benchmark's volumes, so the pipeline gives a 2.5D model's volume under white
 
 For a volume the candidates also come from the neighbouring slices (`context` slices on
 each side, as BM4D's groups do), whose noise is independent: a 2.5D slice has more alike
-patches to average than a 2D image. Only the centre slice's patches are written back.
+patches to average than a 2D image. Under white noise only the centre slice's patches are written back; under
+correlated noise every group goes back to each slice its members lie in (BM4D's aggregation, `spreads`), so a
+slice also gets the groups of the reference slices within `context` of it.
 
 Block matching runs on the pilot, whose noise is low, with a search window of
 2 * SEARCH_RADIUS + 1 voxels a side (wider under correlated noise). Everything runs in torch, on the device given.
