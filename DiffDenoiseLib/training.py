@@ -51,6 +51,7 @@ from DiffDenoiseLib.pipeline import (
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress, ProgressTimer
 from DiffDenoiseLib.settings import JsonSettings
 from DiffDenoiseLib.slicing import as_slice_stack, choose_slice_axis, context_stack
+from DiffDenoiseLib.wiener import reference_slices
 
 __all__ = ["TrainConfig", "PatchSampler", "train_model", "Progress", "CancelToken", "Cancelled"]
 
@@ -465,7 +466,7 @@ def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoise
     if not reach:
         return correlated_noise_filters(volume[indices], denoised, white, 0, range(len(indices)), device=run.device)
     pilots = dict(zip((int(i) for i in indices), denoised))
-    near = sorted({j for i in pilots for j in range(max(0, i - reach), min(n, i + reach + 1))} - set(pilots))
+    near = [j for j in reference_slices(n, pilots, reach) if j not in pilots]
     if near:
         pilots.update(zip(near, srds_of(near)))
     gains = None
