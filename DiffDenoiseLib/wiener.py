@@ -375,11 +375,12 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
         ys, ms, s = (on_device(a) for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
         gs = None if gains_on is None else on_device(gains_on[lo:hi])
         total, weights = _filter_slice_sums(ys, ms, s, centre=j - lo, gains_on=gs, every_slice=spread, **options)
-        for k in (range(lo, hi) if spread else [j]):
+        first = lo if spread else j  # the slice of the sums' first
+        for k in range(first, first + len(total)):
             if k in wanted:
                 part = sums.setdefault(k, [0.0, 0.0])
-                part[0] = part[0] + total[k - lo].cpu().numpy()
-                part[1] = part[1] + weights[k - lo].cpu().numpy()
+                part[0] = part[0] + total[k - first].cpu().numpy()
+                part[1] = part[1] + weights[k - first].cpu().numpy()
         for k in [k for k in sums if k + (context if spread else 0) <= j or j == references[-1]]:
             total_k, weights_k = sums.pop(k)
             filtered[k] = np.where(weights_k > 0, total_k / np.where(weights_k > 0, weights_k, 1.0), match_on[k])
@@ -501,10 +502,10 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
 def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
                        table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None,
                        every_slice: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The weighted sums of the filtered patches and their weights, each (d, H, W), from the groups of slice
-    `centre`'s reference patches in the stacks (d, H, W) of y, the image the groups are matched on and the noise
-    variance: only the centre slice's patches, or with `every_slice` every member's, go back. Wiener gains from
-    the coefficients of `gains_on` (default: the matched image, the pilot), or, without `wiener`, hard
+    """The weighted sums of the filtered patches and their weights, from the groups of slice `centre`'s reference
+    patches in the stacks (d, H, W) of y, the image the groups are matched on and the noise variance: only the
+    centre slice's patches go back, each (1, H, W), or with `every_slice` every member's, each (d, H, W). Wiener
+    gains from the coefficients of `gains_on` (default: the matched image, the pilot), or, without `wiener`, hard
     thresholding of y's. Under correlated noise (a coefficient covariance
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
     (covariance.py), with the CORRELATED_ groups, search, spacing and threshold.
@@ -532,7 +533,9 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     window = torch.outer(kaiser, kaiser).reshape(-1).to(device, dtype)
     flat_y, flat_s = ys.reshape(-1), s.reshape(-1)
     flat_g = (ms if gains_on is None else gains_on).reshape(-1)
-    total = torch.zeros(d * h * w, dtype=dtype, device=device)
+    kept = d if every_slice else 1
+    offset = 0 if every_slice else centre * h * w  # the flat index of the first slice kept
+    total = torch.zeros(kept * h * w, dtype=dtype, device=device)
     weights = torch.zeros_like(total)
     rows_at_once = max(1, (REFERENCE_CHUNK if table is None else CORRELATED_REFERENCE_CHUNK) // len(ref_x))
     for chunk in torch.split(ref_y, rows_at_once):
@@ -548,9 +551,10 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
         filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
         weight = weight * window  # (R, 1, 64)
         back = torch.ones_like(where[..., 0], dtype=torch.bool) if every_slice else where[..., 0] == centre
-        total.index_add_(0, pixels[back].reshape(-1), (filtered * weight)[back].reshape(-1))
-        weights.index_add_(0, pixels[back].reshape(-1), weight.expand_as(filtered)[back].reshape(-1))
-    return total.reshape(d, h, w), weights.reshape(d, h, w)
+        at = pixels[back].reshape(-1) - offset
+        total.index_add_(0, at, (filtered * weight)[back].reshape(-1))
+        weights.index_add_(0, at, weight.expand_as(filtered)[back].reshape(-1))
+    return total.reshape(kept, h, w), weights.reshape(kept, h, w)
 
 
 def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor, dct1: torch.Tensor,

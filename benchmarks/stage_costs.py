@@ -37,6 +37,7 @@ from DiffDenoiseLib.store import SHIPPED_DIR, load_model  # noqa: E402
 from DiffDenoiseLib.wiener import (  # noqa: E402
     collaborative_hard_threshold,
     collaborative_wiener,
+    spreads,
     volumetric_filter,
     volumetric_filter_steps,
     wiener_reference_slices,
@@ -99,18 +100,23 @@ def filters_2d(correlated_noise: bool):
 
 def wiener_with_context(correlated_noise: bool, context: int):
     """A 2.5D model's Wiener step on the middle slices, each with `context` whole slices on either side (the pilot
-    stands in for the networks' result: the cost does not depend on it). Under correlated noise every slice of the
-    stack is then a reference slice (wiener.spreads), and the ones near its ends have fewer neighbours, so the
-    average over them reads low for a long volume: 6.9 s per 256x256 slice on 2026-12-05 against 8.4 s for the
-    middle slices alone the day before (stage_costs.json, which the panel's constants still come from)."""
+    stands in for the networks' result: the cost does not depend on it). Under correlated noise the slices within
+    `context` of those are reference slices too (wiener.spreads); the stack (`context_stack`) is long enough that
+    each of them has its full `context` on either side, as in a long volume."""
     def run(white, correlated, models):
         noisy = correlated if correlated_noise else white
-        middle = range(context, len(noisy) - context)
+        margin = context + (context if spreads(correlated_noise, context) else 0)
+        middle = range(margin, len(noisy) - margin)
         collaborative_wiener(noisy, noisy, noise_variance_curve(noisy), context=context, indices=middle,
                              correlated_noise=correlated_noise)
-        # the slices filtered: under correlated noise the middle slices' neighbours are reference slices too
         return wiener_reference_slices(len(noisy), middle, context, correlated_noise)
     return run
+
+
+def context_stack(correlated_noise: bool, context: int) -> int:
+    """The slices `wiener_with_context` is given: two middle slices, the reference slices around them, and the
+    context of each reference slice."""
+    return 2 + 2 * context + (2 * context if spreads(correlated_noise, context) else 0)
 
 
 NETWORK_STAGES = [
@@ -126,12 +132,12 @@ NETWORK_STAGES = [
 FILTER_STAGES = [
     Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise)", 8, volumetric),
     Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise)", 4, filters_2d(False)),
-    Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)", 2 * CONTEXT + 2,
-          wiener_with_context(False, CONTEXT)),
+    Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)",
+          context_stack(False, CONTEXT), wiener_with_context(False, CONTEXT)),
     Stage("correlated_filters_2d", "both steps with each coefficient's exact variance (2D, correlated noise)", 2,
           filters_2d(True)),
     Stage("correlated_wiener_context", f"Wiener step with exact variances, groups from {CORRELATED_FILTER_SLICE_REACH} "
-          "slices either way (2.5D, correlated)", 2 * CORRELATED_FILTER_SLICE_REACH + 2,
+          "slices either way (2.5D, correlated)", context_stack(True, CORRELATED_FILTER_SLICE_REACH),
           wiener_with_context(True, CORRELATED_FILTER_SLICE_REACH)),
 ]
 STAGES = NETWORK_STAGES + FILTER_STAGES
