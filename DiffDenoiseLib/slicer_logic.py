@@ -282,11 +282,11 @@ class DenoiseLogic:
             advice.append("The noise looks spatially correlated: block-matching filters with its exact variances "
                           "take about %s of it." % worker_protocol.format_seconds(filters))
         if settings.mode == "full" and device.type == "cpu" and total > 120 and fast < total / 2:
-            # the networks also run on the neighbours a 2.5D model's filters gather patches from, and under
-            # correlated noise those neighbours' Wiener groups feed the slice too (wiener.spreads)
-            neighbours = min(slices, 1 + 2 * filter_reach(card, side))
-            on_neighbours = _NETWORK_STAGES + ("correlated_wiener_context",)
-            one_slice = seconds({stage: passes * (neighbours if stage in on_neighbours else 1) / slices
+            # under correlated noise the Wiener groups of the neighbours a 2.5D model's filters gather patches from
+            # feed the slice too (wiener.spreads), and the networks run on every slice those groups read
+            filtered, read = (min(slices, 1 + 2 * reach) for reach in filter_reach(card, side))
+            on_neighbours = {**{stage: read for stage in _NETWORK_STAGES}, "correlated_wiener_context": filtered}
+            one_slice = seconds({stage: passes * on_neighbours.get(stage, 1) / slices
                                  for stage, passes in stages.items()})
             text = "Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s" % tuple(
                 worker_protocol.format_seconds(t) for t in (total, fast))
@@ -634,13 +634,14 @@ def suggestion_for_the_noise(suggested: Optional[dict]) -> str:
             "model '%s' (choose it under Model) separates it better." % suggested["model"])
 
 
-def filter_reach(card: dict, side: int) -> int:
-    """How many slices either way of a slice range `card`'s model runs its networks on, for the filters after them
-    (`pipeline.correlated_filter_reach`), on slices of `side` voxels or more."""
-    from DiffDenoiseLib.pipeline import correlated_filter_reach
+def filter_reach(card: dict, side: int) -> Tuple[int, int]:
+    """How many slices either way of a slice range the filters after `card`'s model's networks gather patches from
+    (`pipeline.correlated_filter_reach`) and the networks run on (`pipeline.networks_reach`), on slices of `side`
+    voxels or more."""
+    from DiffDenoiseLib.pipeline import correlated_filter_reach, networks_reach
 
     architecture, _, fuse = _card_run(card, side)
-    return correlated_filter_reach(architecture) if fuse else 0
+    return (correlated_filter_reach(architecture), networks_reach(architecture)) if fuse else (0, 0)
 
 
 def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side: int, white: bool) -> Dict[str, float]:

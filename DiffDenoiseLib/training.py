@@ -43,6 +43,7 @@ from DiffDenoiseLib.pipeline import (
     correlated_filter_reach,
     correlated_noise_filters,
     correlated_noise_filters_apply,
+    networks_reach,
     prepare_array,
     residual_scale,
     run_network_on_slices,
@@ -454,19 +455,19 @@ def _targets_described(indices: Sequence[np.ndarray], kinds: Sequence[str]) -> s
 def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoised: np.ndarray, white,
                       srds_of: Callable[[List[int]], np.ndarray], run, student_gains: bool = False) -> np.ndarray:
     """Full's image of the slices `indices` of a volume whose noise looks correlated: the correlated-noise filters
-    guided by SRDS's result `denoised` there, and, for a 2.5D model, on the slices either side of each, whose
-    result `srds_of` gives; with `student_gains` (a 2.5D model's student trained further) the Wiener gains come
+    guided by SRDS's result `denoised` there, and, for a 2.5D model, on the slices either side of each that the
+    filters read (`networks_reach`, as in a slice range of Full mode), whose result `srds_of` gives; with `student_gains` (a 2.5D model's student trained further) the Wiener gains come
     from that student's result as it was, as Full mode's do.
 
     SRDS's own result carries blobs of the correlated noise, which a student fitted to it can only imitate by
     passing the noise through; the filtered image does not. As a guide of Fast's Wiener filter, whose groups are
     matched on it, a student that passes noise through groups patches by their noise.
     """
-    reach, n = correlated_filter_reach(model.config), volume.shape[0]
+    reach, margin, n = correlated_filter_reach(model.config), networks_reach(model.config), volume.shape[0]
     if not reach:
         return correlated_noise_filters(volume[indices], denoised, white, 0, range(len(indices)), device=run.device)
     pilots = dict(zip((int(i) for i in indices), denoised))
-    near = [j for j in reference_slices(n, pilots, reach) if j not in pilots]
+    near = [j for j in reference_slices(n, pilots, margin) if j not in pilots]
     if near:
         pilots.update(zip(near, srds_of(near)))
     gains = None
@@ -477,7 +478,7 @@ def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoise
     filtered = []
     for i in (int(i) for i in indices):
         run.cancel.raise_if_cancelled()
-        lo, hi = max(0, i - reach), min(n, i + reach + 1)
+        lo, hi = max(0, i - margin), min(n, i + margin + 1)
         stack = np.stack([pilots[j] for j in range(lo, hi)])
         gains_from = None if gains is None else np.stack([gains[j] for j in range(lo, hi)])
         filtered.append(correlated_noise_filters(volume[lo:hi], stack, white, reach, [i - lo], device=run.device,

@@ -395,6 +395,13 @@ def spreads(correlated_noise: bool, context: int) -> bool:
     return correlated_noise and context > 0
 
 
+def slices_read(context: int, correlated_noise: bool) -> int:
+    """How many slices either way of a slice its Wiener step reads: the context of its groups, and with `spreads`
+    that of the reference slices within `context` of it too (a slice range given these neighbours gets what the
+    whole stack gives there)."""
+    return context * (2 if spreads(correlated_noise, context) else 1)
+
+
 def wiener_reference_slices(n: int, indices: Sequence[int], context: int, correlated_noise: bool,
                             passes: int = 1) -> int:
     """How many reference slices (`progress` calls) `collaborative_wiener` filters for the slices `indices` of an

@@ -221,6 +221,17 @@ def test_a_slice_range_runs_the_networks_on_the_neighbours_the_2_5d_wiener_filte
     assert reports[-1].total == 2
 
 
+def test_a_wide_blind_spots_2_5d_model_runs_its_networks_on_every_slice_its_wiener_step_reads():
+    """Its Wiener groups under correlated noise reach CORRELATED_FILTER_SLICE_REACH slices either way and go back to
+    every slice their members lie in, so a slice range's networks run twice that far; a one-pixel blind spot's
+    filters read its own context, a 2D model's none."""
+    def config(context, radius):
+        return NetworkConfig(context_slices=context, blind_spot_radius=radius)
+    reach = pipeline.CORRELATED_FILTER_SLICE_REACH
+    assert pipeline.networks_reach(config(2, 3)) == 2 * reach == 2 * pipeline.correlated_filter_reach(config(2, 3))
+    assert pipeline.networks_reach(config(2, 0)) == 2 and pipeline.networks_reach(config(0, 3)) == 0
+
+
 def test_a_slice_range_too_small_for_the_filters_runs_the_networks_on_those_slices_alone(
         volume_and_model, networks_make_the_image, monkeypatch):
     """Slices under MIN_SIDE_TO_JUDGE_NOISE a side get no filter, so the networks need no neighbours there."""

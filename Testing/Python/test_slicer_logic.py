@@ -373,16 +373,16 @@ def test_estimate_names_the_device_and_warns_about_full_on_cpu(mrml, fake_logic)
 
 
 def test_the_preview_estimate_counts_the_neighbours_a_2_5d_model_runs_its_networks_on(mrml, fake_logic):
-    """Under correlated noise a wide blind spot's 2.5D model runs its networks on the slices its filters gather
-    patches from (4 either way), whose Wiener groups feed the slice too, so one slice's preview costs those
-    networks and the Wiener step 9 times."""
+    """Under correlated noise a wide blind spot's 2.5D model's filters gather patches from 4 slices either way,
+    whose Wiener groups feed the slice too and read 4 slices beyond them: one slice's preview costs the Wiener
+    step 9 times and the networks 17 times."""
     from DiffDenoiseLib import worker_protocol
     from DiffDenoiseLib.slicer_logic import _CPU_SECONDS_PER_MEGAPIXEL, _NETWORK_STAGES, filter_reach, run_stages
     from DiffDenoiseLib.slicing import tiled_pixels
 
     assert [filter_reach(_card(name, context, radius), 128) for name, context, radius in (
-        ("2d", 0, 3), ("one-pixel-2.5d", 2, 0), ("wide-2.5d", 2, 3))] == [0, 2, 4]
-    assert filter_reach(_card("unfused", 2, 3, fusion=False), 128) == 0 and filter_reach(_card("w", 2, 3), 8) == 0
+        ("2d", 0, 3), ("one-pixel-2.5d", 2, 0), ("wide-2.5d", 2, 3))] == [(0, 0), (2, 2), (4, 8)]
+    assert filter_reach(_card("unfused", 2, 3, fusion=False), 128) == (0, 0) == filter_reach(_card("w", 2, 3), 8)
     volume = _volume_with_noise("head", (40, 512, 512), correlated=True)
     # long sampling, so that Full takes more than twice Fast's time and the panel offers the preview
     card = dict(_card("wide-2.5d", context=2, radius=3), sampling={"fusion": True, "steps": 20, "pairs": 2})
@@ -390,7 +390,7 @@ def test_the_preview_estimate_counts_the_neighbours_a_2_5d_model_runs_its_networ
     stages = run_stages(card, "full", 0, 0, 40, 512, white=False)
     assert "correlated_wiener_context" in stages
     one_slice = 5.0 + sum(passes * _CPU_SECONDS_PER_MEGAPIXEL[stage] * (
-        9 * tiled_pixels(512, 512) / 1e6 if stage in _NETWORK_STAGES else
+        17 * tiled_pixels(512, 512) / 1e6 if stage in _NETWORK_STAGES else
         9 * 512 * 512 / 1e6 if stage == "correlated_wiener_context" else 512 * 512 / 1e6)
         for stage, passes in stages.items())
     assert "Preview slice shows Full mode on one slice in about %s." % worker_protocol.format_seconds(one_slice) in (

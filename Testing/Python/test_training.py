@@ -174,8 +174,9 @@ def test_a_student_trained_alone_estimates_only_its_own_slices(tmp_path):
 @pytest.mark.parametrize("kind", ["correlated", "gaussian"])
 def test_under_correlated_noise_the_student_learns_the_filtered_image(tmp_path, monkeypatch, kind):
     """A 2.5D model with a wide blind spot: under correlated noise each distillation target is the correlated-noise
-    filters' image of its slice, guided by SRDS's result there and on the slices its groups reach (Full's image: 4
-    either way, more than the networks' context of 1); under white noise the filters do not run and the target is
+    filters' image of its slice, guided by SRDS's result there and on the slices its Wiener step reads (Full's
+    image: 4 either way, more than the networks' context of 1, and 4 beyond those, whose groups feed the slice
+    too); under white noise the filters do not run and the target is
     the fused SRDS result."""
     z, y, x = np.mgrid[:9, :40, :48]
     clean = 0.5 + 0.3 * np.sin(x / 5.0) * np.cos(y / 7.0)
@@ -209,10 +210,10 @@ def test_under_correlated_noise_the_student_learns_the_filtered_image(tmp_path, 
     if kind == "gaussian":
         assert calls == []
         return
-    # one filtering per target slice, of the slice and its neighbours within the volume, the centre written back
+    # one filtering per target slice, of the slice and its neighbours within 8 (the whole volume here)
     assert [(len(noisy_slices), context, indices) for noisy_slices, _, context, indices, _ in calls] == [
-        (5, 4, [0]), (9, 4, [4]), (5, 4, [4])]
-    for (noisy_slices, pilots, _, _, filtered), lo, target in zip(calls, (0, 0, 4), (0, 4, 8)):
+        (9, 4, [0]), (9, 4, [4]), (9, 4, [8])]
+    for (noisy_slices, pilots, _, _, filtered), lo, target in zip(calls, (0, 0, 0), (0, 4, 8)):
         np.testing.assert_array_equal(noisy_slices, volume[lo:lo + len(noisy_slices)])
         assert not np.array_equal(pilots, noisy_slices)
         np.testing.assert_allclose(targets[target], filtered[0], atol=1e-6)
@@ -222,8 +223,8 @@ def test_under_correlated_noise_the_student_learns_the_filtered_image(tmp_path, 
 
 def test_a_student_trained_further_sets_the_gains_of_its_correlated_noise_targets(tmp_path, monkeypatch):
     """As in Full mode, the Wiener gains of a 2.5D model's filtered targets come from the student's result: the
-    student as it was before this training, on every slice the target's groups reach; the card says so."""
-    z, y, x = np.mgrid[:7, :40, :48]
+    student as it was before this training, on every slice the target's Wiener step reads; the card says so."""
+    z, y, x = np.mgrid[:13, :40, :48]
     clean = 0.5 + 0.3 * np.sin(x / 5.0) * np.cos(y / 7.0)
     noisy = add_noise(clean, "correlated", 1.5, np.random.default_rng(2), sigma=0.1)
     image = Image(array=noisy.astype(np.float32), spacing=(1.0, 1.0, 1.0), modality="CT")
@@ -245,8 +246,8 @@ def test_a_student_trained_further_sets_the_gains_of_its_correlated_noise_target
     config = TrainConfig(stages=("student",), max_steps=2, batch_size=2, student_patch=16, student_slices=2,
                          checkpoint_seconds=1e9)
     student = train_model([image], tmp_path / "student", "student", train_config=config, init_from=base)
-    assert len(gains) == 2  # the targets on slices 0 and 6, each filtered with the 4 slices its groups reach
-    np.testing.assert_allclose(gains[0], before[0:5], atol=1e-5)
-    np.testing.assert_allclose(gains[1], before[2:7], atol=1e-5)
+    assert len(gains) == 2  # the targets on slices 0 and 12, each filtered with the 8 slices its Wiener step reads
+    np.testing.assert_allclose(gains[0], before[0:9], atol=1e-5)
+    np.testing.assert_allclose(gains[1], before[4:13], atol=1e-5)
     assert "gains from the earlier student's on 1 of 1 volume(s)" in student.card["training"]["stages"]["student"][
         "targets"]

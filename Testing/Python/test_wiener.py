@@ -345,6 +345,27 @@ def test_under_correlated_noise_the_groups_of_the_neighbouring_slices_feed_a_sli
     assert wiener.wiener_reference_slices(7, [0], 2, True) == 3 and wiener.wiener_reference_slices(7, [3], 0, True) == 1
 
 
+def test_a_slice_given_the_slices_its_wiener_step_reads_gets_what_the_whole_stack_gives_there(monkeypatch):
+    """Under correlated noise a slice's reference slices within the context read the context beyond them too
+    (`slices_read`: twice the context), so the slice filtered in that sub-stack equals the whole stack's; with
+    the context alone on either side its outer reference slices see fewer neighbours and it differs. (The noise
+    covariance, read on the slices given, is the whole stack's in both.)"""
+    rng = np.random.default_rng(7)
+    clean = np.stack([np.roll(scan(48), k, axis=1) for k in range(11)])
+    noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.05)
+    pilot = np.stack([gaussian_blur(s, 1.0) for s in noisy])
+    curve = noise_variance_curve(noisy)
+    covariance = wiener.estimate_noise_covariance(noisy, pilot, depth=4)
+    monkeypatch.setattr(wiener, "estimate_noise_covariance", lambda *args, **kwargs: covariance)
+    assert wiener.slices_read(2, True) == 4 and wiener.slices_read(2, False) == 2
+    whole = wiener.collaborative_wiener(noisy, pilot, curve, context=2, correlated_noise=True)
+    for reach, same in ((4, True), (2, False)):
+        lo, hi = 5 - reach, 5 + reach + 1
+        part = wiener.collaborative_wiener(noisy[lo:hi], pilot[lo:hi], curve, context=2, indices=[5 - lo],
+                                           correlated_noise=True)[0]
+        assert np.allclose(part, whole[5], atol=1e-6) == same, reach
+
+
 def test_groups_matched_on_an_estimate_whose_errors_do_not_follow_the_noise_keep_less_of_it():
     """Under correlated noise: an estimate whose errors follow the noise at each voxel (a student's, which sees
     it) groups patches by their noise, which the group's average keeps; matching on an estimate with errors of
