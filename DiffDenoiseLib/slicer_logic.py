@@ -30,15 +30,15 @@ LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
 # A GPU is counted _GPU_SPEED_UP times faster, the filters too (they run in torch there). Only the estimate shown
 # before a run uses these; the time left while it runs comes from the worker.
 _CPU_SECONDS_PER_MEGAPIXEL = {
-    "student": 2.4,
-    "bsn": 4.1,
-    "bsn_wide": 24.4,
-    "diffusion": 2.4,
-    "volumetric_filter": 14.0,
-    "filters_2d": 14.0,
-    "wiener_context": 9.7,
-    "correlated_filters_2d": 404.0,
-    "correlated_wiener_context": 127.8,
+    "student": 2.9,
+    "bsn": 4.6,
+    "bsn_wide": 27.5,
+    "diffusion": 3.3,
+    "volumetric_filter": 16.0,
+    "filters_2d": 16.2,
+    "wiener_context": 10.8,
+    "correlated_filters_2d": 454.6,
+    "correlated_wiener_context": 137.0,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
 _GPU_SPEED_UP = 30.0
