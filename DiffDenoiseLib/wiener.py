@@ -118,7 +118,11 @@ CORRELATED_WIENER_RADIUS_ACROSS_SLICES = 20
 # every slice its members lie in (`spreads`), and the reference slices within reach of a slice feed it too: on the
 # same slabs Fast gained +0.11 dB on Colin27 and +0.06 on the CT (7 of 8 slabs), Full +0.11 and +0.08 (all 8), over
 # writing back the reference slice's own patches alone. A whole volume needs no more reference slices for it, a
-# slice range 1 + 2 * reach times as many (Fast 3.9 -> 14.8 s per benchmark test slice).
+# slice range 1 + 2 * reach times as many (Fast 3.9 -> 14.8 s per benchmark test slice). A second pass of this step
+# after it (the same slabs, Fast, 2026-12-05) did not pay: guided by the first pass's image (matching and gains)
+# Colin27 -0.04 dB, the InVesalius CT -1.56 (-0.4 to -4.2 per slab: that image's errors follow the noise, as the
+# student's do); matched on the blind-spot estimate again with the gains from the first pass's image, -0.02 and
+# +0.14 (one CT slab +0.66, the other seven -0.10 to +0.06), for 2.5 times the step's time.
 # the coefficient table covers every offset two members of a group can have: twice the widest window's radius
 CORRELATED_TABLE_REACH = 2 * max(CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_WIENER_RADIUS_2D,
                                  CORRELATED_WIENER_RADIUS_ACROSS_SLICES)
