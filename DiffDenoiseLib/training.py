@@ -456,8 +456,9 @@ def _filtered_targets(model, volume: np.ndarray, indices: Sequence[int], denoise
                       srds_of: Callable[[List[int]], np.ndarray], run, student_gains: bool = False) -> np.ndarray:
     """Full's image of the slices `indices` of a volume whose noise looks correlated: the correlated-noise filters
     guided by SRDS's result `denoised` there, and, for a 2.5D model, on the slices either side of each that the
-    filters read (`networks_reach`, as in a slice range of Full mode), whose result `srds_of` gives; with `student_gains` (a 2.5D model's student trained further) the Wiener gains come
-    from that student's result as it was, as Full mode's do.
+    filters read (`networks_reach`, as in a slice range of Full mode), whose result `srds_of` gives; with
+    `student_gains` (a 2.5D model's student trained further) the Wiener gains come from that student's result as
+    it was, as Full mode's do.
 
     SRDS's own result carries blobs of the correlated noise, which a student fitted to it can only imitate by
     passing the noise through; the filtered image does not. As a guide of Fast's Wiener filter, whose groups are

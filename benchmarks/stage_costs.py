@@ -37,7 +37,7 @@ from DiffDenoiseLib.store import SHIPPED_DIR, load_model  # noqa: E402
 from DiffDenoiseLib.wiener import (  # noqa: E402
     collaborative_hard_threshold,
     collaborative_wiener,
-    spreads,
+    slices_read,
     volumetric_filter,
     volumetric_filter_steps,
     wiener_reference_slices,
@@ -105,8 +105,7 @@ def wiener_with_context(correlated_noise: bool, context: int):
     each of them has its full `context` on either side, as in a long volume."""
     def run(white, correlated, models):
         noisy = correlated if correlated_noise else white
-        margin = context + (context if spreads(correlated_noise, context) else 0)
-        middle = range(margin, len(noisy) - margin)
+        middle = range(slices_read(context, correlated_noise), len(noisy) - slices_read(context, correlated_noise))
         collaborative_wiener(noisy, noisy, noise_variance_curve(noisy), context=context, indices=middle,
                              correlated_noise=correlated_noise)
         return wiener_reference_slices(len(noisy), middle, context, correlated_noise)
@@ -114,9 +113,8 @@ def wiener_with_context(correlated_noise: bool, context: int):
 
 
 def context_stack(correlated_noise: bool, context: int) -> int:
-    """The slices `wiener_with_context` is given: two middle slices, the reference slices around them, and the
-    context of each reference slice."""
-    return 2 + 2 * context + (2 * context if spreads(correlated_noise, context) else 0)
+    """The slices `wiener_with_context` is given: two middle slices and all their Wiener step reads either side."""
+    return 2 + 2 * slices_read(context, correlated_noise)
 
 
 NETWORK_STAGES = [
