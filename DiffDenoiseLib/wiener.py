@@ -218,11 +218,10 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
     table = _coefficient_table(y3, m3, context, device, covariance_on_residual) if correlated_noise else None
-    for done in range(passes):
-        reach = context * (passes - 1 - done)  # the slices later passes will look at
-        todo = reference_slices(n, wanted, reach)
-        filtered = _filter_slices(y3, guide, guide, curve, todo, context, device, progress, wiener=True, table=table,
-                                  gains_on=g3 if done == 0 else None, spread=spreads(correlated_noise, context))
+    spread = spreads(correlated_noise, context)
+    for done, (todo, references) in enumerate(_wiener_passes(n, wanted, context, passes, spread)):
+        filtered = _filter_slices(y3, guide, guide, curve, todo, references, context, device, progress, wiener=True,
+                                  table=table, gains_on=g3 if done == 0 else None, spread=spread)
         for i, a in filtered.items():
             guide[i] = a
     result = guide[wanted].astype(np.float64)
@@ -243,8 +242,8 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
     """
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
     table = _coefficient_table(y3, m3, context, device) if correlated_noise else None
-    filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, context, device, progress,
-                              wiener=False, table=table)
+    filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, wanted, context, device,
+                              progress, wiener=False, table=table)
     result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
     return result[0] if np.ndim(noisy) == 2 else result
 
@@ -359,16 +358,18 @@ def _checked(name: str, noisy, pilot, context: int, indices: Optional[Sequence[i
 
 
 def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, todo: Sequence[int],
-                   context: int, device: Optional[torch.device], progress: Optional[Callable[[], None]],
-                   gains_on: Optional[np.ndarray] = None, spread: bool = False, **options) -> dict:
-    """{slice: filtered slice} for the slices `todo`, each reference slice's groups drawn from the `context` slices
-    on either side; the Wiener gains come from `gains_on` (default `match_on`). With `spread` every group goes back
-    to each slice its members lie in, as BM4D aggregates, so the reference slices within `context` of those in
-    `todo` feed them too (see `reference_slices`); otherwise only a reference slice's own patches go back to it.
-    `progress` is called after every reference slice."""
+                   references: Sequence[int], context: int, device: Optional[torch.device],
+                   progress: Optional[Callable[[], None]], gains_on: Optional[np.ndarray] = None, spread: bool = False,
+                   **options) -> dict:
+    """{slice: filtered slice} for the slices `todo` from the groups of the sorted slices `references`, each
+    reference slice's groups drawn from the `context` slices on either side; the Wiener gains come from `gains_on`
+    (default `match_on`). With `spread` every group goes back to each slice its members lie in, as BM4D
+    aggregates, so the references are those within `context` of the slices in `todo` (`_wiener_passes`);
+    otherwise only a reference slice's own patches go back to it, and the references are `todo`. `progress` is
+    called after every reference slice."""
     device = device or torch.device("cpu")
     n = y3.shape[0]
-    wanted, references = set(todo), reference_slices(n, todo, context if spread else 0)
+    wanted = set(todo)
     sums, filtered = {}, {}  # sums: slice -> [total, weights], while references that reach it remain
 
     def on_device(a: np.ndarray) -> torch.Tensor:
@@ -410,9 +411,20 @@ def wiener_reference_slices(n: int, indices: Sequence[int], context: int, correl
                             passes: int = 1) -> int:
     """How many reference slices (`progress` calls) `collaborative_wiener` filters for the slices `indices` of an
     n-slice stack."""
-    reach = context if spreads(correlated_noise, context) else 0
-    return sum(len(reference_slices(n, reference_slices(n, indices, context * (passes - 1 - done)), reach))
-               for done in range(passes))
+    return sum(len(references) for _, references in
+               _wiener_passes(n, indices, context, passes, spreads(correlated_noise, context)))
+
+
+def _wiener_passes(n: int, wanted: Sequence[int], context: int, passes: int,
+                   spread: bool) -> List[Tuple[List[int], List[int]]]:
+    """(slices filtered, reference slices) of each pass of the Wiener step for the slices `wanted` of an n-slice
+    stack: a pass filters the slices later passes will look at, and with `spread` its references reach `context`
+    slices beyond them."""
+    plan = []
+    for done in range(passes):
+        todo = reference_slices(n, wanted, context * (passes - 1 - done))
+        plan.append((todo, reference_slices(n, todo, context if spread else 0)))
+    return plan
 
 
 def reference_slices(n: int, todo: Sequence[int], reach: int) -> List[int]:
