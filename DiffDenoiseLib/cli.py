@@ -34,6 +34,7 @@ from DiffDenoiseLib import __version__
 from DiffDenoiseLib.device import select_device
 from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
+from DiffDenoiseLib.magnitude import MODES as RICIAN_MODES
 from DiffDenoiseLib.networks import VIEW_COUNTS, NetworkConfig
 from DiffDenoiseLib.noise import binning_noise_reading, reading_looks_correlated, strength_needed
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     denoise.add_argument("--no-fusion", dest="fusion", action="store_false", default=None,
                          help="keep the networks' estimate as it is instead of giving each voxel's own noisy "
                               "value back (in fast mode: the share Stein's risk estimate prefers; for comparison)")
+    denoise.add_argument("--rician-bias", choices=RICIAN_MODES, default="auto",
+                         help="MR magnitude images: auto removes the bias Rician noise leaves in the result "
+                              "(brighter air and dark tissue) when the image reads as magnitude data (MR, no "
+                              "voxel below 0, noise following the Rician law); remove always; keep never")
     denoise.add_argument("--slice-axis", choices=tuple(SLICE_AXES), default="auto",
                          help="voxel axis the slices are taken across: z (the third index, axial for most "
                               "scans), y or x; auto takes the coarsest spacing")
@@ -300,7 +305,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
 
     result = denoise_image(image, model, mode=args.mode, steps=args.steps, pairs=args.pairs, device=device,
                            slice_axis=slice_axis, progress=on_progress, cancel=cancel, fusion=args.fusion,
-                           slice_range=args.slices, self_ensemble=args.self_ensemble)
+                           slice_range=args.slices, self_ensemble=args.self_ensemble, rician_bias=args.rician_bias)
     cancel.raise_if_cancelled()
     written = []
     try:
@@ -369,6 +374,12 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                  if result.details.get("hard_threshold") else "the networks' result")
         reporter.log(f"A collaborative Wiener filter of the input, guided by {guide}, gave back the fine structure "
                      "that similar patches agree on (--no-fusion turns it off).")
+    if result.details.get("rician_bias_removed"):
+        why = ("The image reads as MR magnitude data, whose" if args.rician_bias == "auto" else
+               "As --rician-bias remove asked, the image was taken as MR magnitude data, whose")
+        reporter.log(f"{why} Rician noise (sigma {result.details['rician_sigma']:.4g} in the image's units) "
+                     "brightens air and dark tissue on average: that bias was removed from the result "
+                     "(--rician-bias keep keeps it).")
     if result.details.get("observation_share"):
         reporter.log(f"Fast mode gave back {result.details['observation_share']:.0%} of the difference between the "
                      "input and the student's estimate (the share Stein's risk estimate preferred; --no-fusion "

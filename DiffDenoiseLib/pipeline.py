@@ -39,6 +39,7 @@ from DiffDenoiseLib.fusion import (
     probe_step,
 )
 from DiffDenoiseLib.imageio import Image
+from DiffDenoiseLib.magnitude import MODES as RICIAN_MODES, remove_rician_bias, rician_bias_sigma
 from DiffDenoiseLib.networks import (
     VIEW_COUNTS,
     BlindSpotNet,
@@ -241,6 +242,7 @@ def denoise_image(
     fusion: Optional[bool] = None,
     slice_range: Optional[Tuple[int, int]] = None,
     self_ensemble: Optional[int] = None,
+    rician_bias: str = "auto",
 ) -> DenoiseResult:
     """Denoise a 2D image or a volume; the input image is never modified.
 
@@ -248,6 +250,9 @@ def denoise_image(
     `fusion=None` keeps the model's setting for observation fusion (in Fast mode: the share of each
     voxel's own value that Stein's estimate gives back, `keep_observation_share`);
     `self_ensemble=None` the model's number of views averaged in the blind-spot estimate.
+    `rician_bias` "auto" removes the Rician bias of MR magnitude data from the result when the image reads as such
+    (magnitude.py), "remove" always, "keep" never; a model trained with a variance-stabilising transform keeps its
+    own inverse instead.
     `slice_range=(start, stop)` denoises only those slices along the slice axis (a preview
     of the slice in view, say) and returns them as a sub-volume in place; their
     neighbours still feed a 2.5D model. The networks' outputs are exactly those slices of
@@ -257,17 +262,26 @@ def denoise_image(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    if rician_bias not in RICIAN_MODES:
+        raise ValueError(f"unknown Rician bias mode '{rician_bias}'; choose one of {', '.join(RICIAN_MODES)}")
     started = time.monotonic()
     device = device or torch.device("cpu")
     model.to(device).eval()
     k = model.config.context_slices
-    z, normalization, transform = prepare_array(image.array, model.card.get("transform", {"name": "none"}))
+    transform_spec = model.card.get("transform", {"name": "none"})
+    z, normalization, transform = prepare_array(image.array, transform_spec)
+    # a model with a variance-stabilising transform has its own inverse for the bias
+    rician_sigma = rician_bias_sigma(image.array, image.modality,
+                                     rician_bias if transform_spec.get("name", "none") == "none" else "keep")
     axis = choose_slice_axis(image.spacing, z.shape) if slice_axis is None else slice_axis
     slices = as_slice_stack(z, axis)
     n = slices.shape[0]
     start, stop = (0, n) if slice_range is None else checked_slice_range(slice_range, n)
     fuse = bool(model.sampling.fusion if fusion is None else fusion)
-    details: dict = {"mode": mode, "slice_axis": int(axis), "slices": stop - start}
+    details: dict = {"mode": mode, "slice_axis": int(axis), "slices": stop - start,
+                     "rician_bias_removed": rician_sigma is not None}
+    if rician_sigma is not None:
+        details["rician_sigma"] = rician_sigma
     if slice_range is not None:
         details["slice_range"] = [start, stop]
     timer = ProgressTimer(total=1)
@@ -287,7 +301,8 @@ def denoise_image(
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
                                      progress=filtered_one)
         details.update(correlated_noise=False, wiener=True, fusion=False, filters_made_the_image="volumetric filter")
-        return finished_result(image, z, axis, start, normalization, transform, denoised, None, started, details)
+        return finished_result(image, z, axis, start, normalization, transform, denoised, None, started, details,
+                               rician_sigma)
     # the Wiener filter of a 2.5D model's result reads k slices on each side (more under correlated noise), so the
     # networks also run on those neighbours of the slice range; slices too small to judge the noise get no
     # filter, and so no neighbours
@@ -365,7 +380,8 @@ def denoise_image(
         advance(timer.total - timer.done)
     if uncertainty is not None:
         uncertainty = uncertainty[start - lo:stop - lo]
-    return finished_result(image, z, axis, start, normalization, transform, denoised, uncertainty, started, details)
+    return finished_result(image, z, axis, start, normalization, transform, denoised, uncertainty, started, details,
+                           rician_sigma)
 
 
 def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray) -> bool:
@@ -455,15 +471,21 @@ def volumetric_filter_makes_the_image(slices: np.ndarray) -> bool:
 
 def finished_result(image: Image, z: np.ndarray, axis: int, start: int, normalization: Normalization, transform,
                     denoised: np.ndarray, uncertainty: Optional[np.ndarray], started: float,
-                    details: dict) -> DenoiseResult:
-    """The denoised slices (and their uncertainty) back in the input's units and geometry."""
+                    details: dict, rician_sigma: Optional[float] = None) -> DenoiseResult:
+    """The denoised slices (and their uncertainty) back in the input's units and geometry, with the Rician bias
+    removed for a `rician_sigma` (magnitude.py)."""
     denoised_z = from_slice_stack(denoised, axis, z.ndim)
-    output = normalization.inverse(transform.inverse_denoised(denoised_z.astype(np.float64)))
+
+    def in_units(values: np.ndarray) -> np.ndarray:
+        output = normalization.inverse(transform.inverse_denoised(values))
+        return output if rician_sigma is None else remove_rician_bias(output, rician_sigma)
+
+    output = in_units(denoised_z.astype(np.float64))
     result_image = slice_range_image(image, axis, start, output.astype(np.float32))
     uncertainty_image = None
     if uncertainty is not None:
         spread = from_slice_stack(uncertainty, axis, z.ndim).astype(np.float64)
-        upper = normalization.inverse(transform.inverse_denoised(denoised_z + spread))
+        upper = in_units(denoised_z + spread)
         uncertainty_image = slice_range_image(image, axis, start, np.abs(upper - output).astype(np.float32))
     return DenoiseResult(result_image, uncertainty_image, time.monotonic() - started, details)
 

@@ -455,6 +455,10 @@ class DenoiseLogic:
             elif uncertainty_path and uncertainty is None and made_by:
                 message += (" No uncertainty map: the noise looks spatially correlated, so block-matching filters "
                             "made the image (the networks' result only showed where to read the noise).")
+            if result.get("details", {}).get("rician_bias_removed"):
+                output.SetAttribute("DiffDenoise.RicianSigma", "%g" % result["details"]["rician_sigma"])
+                message += (" The volume reads as MR magnitude data: the bias its Rician noise leaves (brighter air "
+                            "and dark tissue) was removed from the result.")
             message += suggestion_for_the_noise(result.get("suggested_model"))
             return JobOutcome(kind, "done", message, 0, result, output, uncertainty,
                               str(result.get("model", settings.model)))

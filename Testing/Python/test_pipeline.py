@@ -1,5 +1,7 @@
 """Denoising an image end to end: units, geometry, graceful degradation, quality on a real CT slice."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -7,6 +9,7 @@ import torch
 
 from DiffDenoiseLib import pipeline
 from DiffDenoiseLib.imageio import Image, read_image, write_image
+from DiffDenoiseLib.magnitude import rician_mean
 from DiffDenoiseLib.metrics import psnr
 from DiffDenoiseLib.noise import add_noise
 from DiffDenoiseLib.normalization import Normalization
@@ -422,3 +425,29 @@ def test_a_slice_range_outside_the_image_is_refused(volume_and_model, bad):
     image, model = volume_and_model
     with pytest.raises(ValueError, match="slice range .* not within the image's 9 slice"):
         denoise_image(image, model, mode="fast", slice_range=bad)
+
+
+def test_the_rician_bias_of_mr_magnitude_data_is_removed_from_the_result(trained):
+    """A magnitude phantom with Rician noise: the result's air, which keeps the noise's floor (sigma sqrt(pi/2))
+    when the bias is kept, comes down to the true 0; tissue loses the law's bias; a CT is left alone."""
+    z, y, x = np.meshgrid(np.zeros(1), np.linspace(-1, 1, 96), np.linspace(-1, 1, 96), indexing="ij")
+    clean = np.where(np.hypot(y[0] / 0.8, x[0] / 0.6) < 1.0, 400.0 + 300.0 * (y[0] + 1) / 2, 0.0)
+    noisy = add_noise(clean / 1000.0, "rician", 0.05, np.random.default_rng(0)) * 1000.0
+    image = Image(array=noisy.astype(np.float32), spacing=(1.0, 1.0), modality="MR")
+    before = image.array.copy()
+    removed = denoise_image(image, trained, mode="fast")
+    kept = denoise_image(image, trained, mode="fast", rician_bias="keep")
+    assert np.array_equal(image.array, before)
+    assert removed.details["rician_bias_removed"] and removed.details["rician_sigma"] == pytest.approx(50.0, rel=0.1)
+    assert not kept.details["rician_bias_removed"]
+    air, tissue = clean == 0, clean > 0
+    assert kept.image.array[air].mean() > 40.0  # the floor, 1.25 sigma = 63 before the networks smooth it
+    assert abs(removed.image.array[air].mean()) < 0.3 * kept.image.array[air].mean()
+    # in tissue the bias is about sigma^2 / (2 nu): what came off is the law's bias at the true intensities
+    sigma = removed.details["rician_sigma"]
+    expected = float((rician_mean(clean, sigma) - clean)[tissue].mean())
+    assert float((kept.image.array - removed.image.array)[tissue].mean()) == pytest.approx(expected, rel=0.15)
+    as_ct = denoise_image(replace(image, modality="CT"), trained, mode="fast")
+    assert not as_ct.details["rician_bias_removed"]
+    with pytest.raises(ValueError, match="unknown Rician bias mode"):
+        denoise_image(image, trained, rician_bias="sometimes")
