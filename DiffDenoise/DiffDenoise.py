@@ -74,6 +74,7 @@ class DiffDenoiseParameterNode:
     pairs: Annotated[int, WithinRange(0, 16)] = 0
     uncertainty: bool = False
     sliceAxis: Annotated[str, Choice(["auto", "z", "y", "x"])] = "auto"
+    ricianBias: Annotated[str, Choice(["auto", "remove", "keep"])] = "auto"
     trainBsn: bool = True
     trainDiffusion: bool = True
     trainStudent: bool = True

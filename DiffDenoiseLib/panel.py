@@ -47,7 +47,7 @@ WIDGET_NAMES = (
     "inputSelector", "outputSelector", "fastRadioButton", "fullRadioButton", "modelComboBox", "modelInfoLabel",
     "estimateLabel", "previewButton", "denoiseButton", "progressBar", "logTextEdit",
     "advancedCollapsibleButton", "deviceComboBox", "stepsSpinBox", "pairsSpinBox", "uncertaintyCheckBox",
-    "sliceAxisComboBox", "noiseComboBox", "contextSlicesSpinBox", "blindSpotRadiusSpinBox",
+    "sliceAxisComboBox", "ricianBiasComboBox", "noiseComboBox", "contextSlicesSpinBox", "blindSpotRadiusSpinBox",
     "trainingCollapsibleButton", "trainVolumesSelector", "bsnCheckBox", "diffusionCheckBox", "studentCheckBox",
     "trainStepsSpinBox", "fromModelComboBox", "modelNameLineEdit", "trainButton", "trainProgressBar", "lossLabel",
     "compareCollapsibleButton", "fadeSlider", "overlayButton", "sideBySideButton", "uncertaintyButton",
@@ -178,7 +178,7 @@ class Panel:
 
         p = self.params
         return DenoiseSettings(mode=p.mode, model=p.model, device=p.device, steps=p.steps, pairs=p.pairs,
-                               uncertainty=p.uncertainty, slice_axis=p.sliceAxis)
+                               uncertainty=p.uncertainty, slice_axis=p.sliceAxis, rician_bias=p.ricianBias)
 
     def train_settings(self):
         from DiffDenoiseLib.slicer_logic import TrainSettings
@@ -351,7 +351,8 @@ class Panel:
         for widget in (ui.inputSelector, ui.outputSelector, ui.fastRadioButton, ui.fullRadioButton,
                        ui.modelComboBox, ui.deviceComboBox, ui.stepsSpinBox, ui.pairsSpinBox, ui.uncertaintyCheckBox,
                        ui.trainVolumesSelector, ui.bsnCheckBox, ui.diffusionCheckBox, ui.studentCheckBox,
-                       ui.trainStepsSpinBox, ui.fromModelComboBox, ui.modelNameLineEdit, ui.sliceAxisComboBox):
+                       ui.trainStepsSpinBox, ui.fromModelComboBox, ui.modelNameLineEdit, ui.sliceAxisComboBox,
+                       ui.ricianBiasComboBox):
             widget.setEnabled(idle)
         # an adapted model keeps its architecture and noise transform
         for widget in (ui.noiseComboBox, ui.contextSlicesSpinBox, ui.blindSpotRadiusSpinBox):

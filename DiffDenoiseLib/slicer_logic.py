@@ -60,6 +60,7 @@ class DenoiseSettings:
     pairs: int = 0
     uncertainty: bool = False
     slice_axis: str = "auto"  # auto | z | y | x (voxel axes)
+    rician_bias: str = "auto"  # auto | remove | keep: the Rician bias of MR magnitude data (magnitude.py)
 
 
 @dataclass
@@ -431,7 +432,7 @@ class DenoiseLogic:
         args = worker_protocol.denoise_command(self.python, input_path, output_path, settings.mode, settings.model,
                                                settings.device, settings.steps, settings.pairs, uncertainty_path,
                                                stop_file, settings.slice_axis,
-                                               str(one_slice[1]) if one_slice else "")
+                                               str(one_slice[1]) if one_slice else "", settings.rician_bias)
 
         def on_success(result: dict) -> JobOutcome:
             output = self._import_result(output_path, input_node, output_node, "denoised", one_slice)

@@ -59,13 +59,13 @@ def _base(python: Sequence[str], command: str) -> List[str]:
 def denoise_command(python: Sequence[str], input_path: str, output_path: str, mode: str = "fast",
                    model: str = "", device: str = "auto", steps: int = 0, pairs: int = 0,
                    uncertainty_path: str = "", stop_file: str = "", slice_axis: str = "auto",
-                   slices: str = "") -> List[str]:
+                   slices: str = "", rician_bias: str = "auto") -> List[str]:
     """`denoise` command line; `model=""` lets the worker choose the shipped default, 0 keeps the model's steps/pairs.
 
     `slices` ("START:STOP" or one index along the slice axis) denoises only those slices.
     """
     args = _base(python, "denoise") + [input_path, output_path, "--mode", mode, "--device", device,
-                                       "--slice-axis", slice_axis]
+                                       "--slice-axis", slice_axis, "--rician-bias", rician_bias]
     if slices:
         args += ["--slices", slices]
     if model:

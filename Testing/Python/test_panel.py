@@ -245,6 +245,7 @@ def panel(app):
         selector.addNode(knee)
     ui.deviceComboBox.addItems(["auto", "cpu", "cuda", "mps"])  # what Slicer's Choice connector does
     ui.sliceAxisComboBox.addItems(["auto", "z", "y", "x"])
+    ui.ricianBiasComboBox.addItems(["auto", "remove", "keep"])
     ui.noiseComboBox.addItems(["gaussian", "poisson", "gamma", "rician"])
     params = types.SimpleNamespace(**parameter_fields())
     params.inputVolume = head
@@ -315,9 +316,10 @@ def test_denoise_run_cancel_and_done(panel):
 
     assert panel.panel.state == RUNNING
     job = logic.jobs[-1]
-    assert job.started and logic.calls[0][2].mode == "full"
+    assert job.started and logic.calls[0][2].mode == "full" and logic.calls[0][2].rician_bias == "auto"
     assert ui.denoiseButton.text() == "Cancel" and ui.denoiseButton.isEnabled()
     assert not ui.trainButton.isEnabled() and not ui.inputSelector.isEnabled()
+    assert not ui.ricianBiasComboBox.isEnabled()
 
     job.progress.emit({"event": "progress", "stage": "denoise", "step": 30, "total": 120, "eta_s": 65.0})
     assert ui.progressBar.value() == 25

@@ -13,9 +13,11 @@ def test_denoise_command_carries_every_setting_and_parses():
     assert (parsed.mode, parsed.model, parsed.device, parsed.steps, parsed.pairs) == (
         "full", "mr-brain-default", "cpu", 4, 2)
     assert (parsed.uncertainty, parsed.stop_file, parsed.slice_axis, parsed.json) == ("u.nrrd", "stop", "y", True)
-    assert parsed.slices is None
-    preview = worker_protocol.denoise_command(PYTHON, "in.nrrd", "out.nrrd", slice_axis="z", slices="17")
-    assert build_parser().parse_args(preview[preview.index("denoise"):]).slices == (17, 18)
+    assert parsed.slices is None and parsed.rician_bias == "auto"
+    preview = worker_protocol.denoise_command(PYTHON, "in.nrrd", "out.nrrd", slice_axis="z", slices="17",
+                                              rician_bias="keep")
+    parsed = build_parser().parse_args(preview[preview.index("denoise"):])
+    assert (parsed.slices, parsed.rician_bias) == ((17, 18), "keep")
 
 
 def test_train_command_sends_architecture_only_for_a_new_model():
