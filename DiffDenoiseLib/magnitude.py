@@ -14,6 +14,8 @@ lies below 0 (a magnitude cannot; a real-valued or phase-corrected reconstructio
 variance against intensity follows the Rician law (flat in tissue, lower towards the floor, where Rayleigh
 noise has 0.43 sigma^2) instead of growing with intensity as Poisson or Gamma noise does. Gaussian noise
 added to a magnitude image, which no scanner makes, also reads as Rician where it drives no voxel below 0.
+A sum-of-squares image of L coils (noncentral chi noise) carries about (2L - 1) sigma^2 / (2 nu) in tissue:
+the Rician law takes out a part of that, never too much.
 """
 
 from __future__ import annotations

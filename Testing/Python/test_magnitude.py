@@ -78,3 +78,14 @@ def test_the_modes_choose_when_the_bias_is_removed():
     with pytest.raises(ValueError, match="too little of the image"):
         rician_bias_sigma(np.random.default_rng(4).random((32, 32)) * 0.01 + 100.0 * (np.arange(32) > 30), "MR",
                           "remove")
+
+
+def test_real_scans_read_as_magnitude_data_only_where_they_are():
+    """The shoulder MRI of pydicom-data (a real magnitude image) reads as such; the head CT (below 0) and the
+    chest radiograph (Poisson-like noise, growing with intensity) do not, even with their modality unknown."""
+    from DiffDenoiseLib.datasets import pydicom_file
+
+    shoulder = pydicom_file("MR2_UNCR.dcm")
+    assert shoulder.modality == "MR" and 15.0 < magnitude_noise_sigma(shoulder.array, "MR") < 30.0
+    for name in ("693_UNCR.dcm", "RG1_UNCR.dcm"):
+        assert magnitude_noise_sigma(pydicom_file(name).array, None) is None, name
