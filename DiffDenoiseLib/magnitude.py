@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from DiffDenoiseLib.noise import noise_variance_curve, reading_looks_correlated, binning_noise_reading
+from DiffDenoiseLib.noise import binning_noise_reading, noise_variance_curve, reading_looks_correlated
 
 # The slope of log(measured / Rician variance) against log intensity, over the noise curve's bins above
 # TISSUE_SNR sigma, below which the noise counts as Rician: Poisson and Gamma noise tilt it up, edges between air
@@ -120,8 +120,7 @@ def rician_bias_sigma(array, modality: Optional[str], mode: str = "auto") -> Opt
     """The sigma with which to remove the Rician bias from the image's denoised result, or None to keep it:
     `mode` "auto" when the image reads as MR magnitude data (`magnitude_noise_sigma`), "remove" always (sigma read
     on the noise curve), "keep" never."""
-    if mode not in MODES:
-        raise ValueError(f"unknown Rician bias mode '{mode}'; choose one of {', '.join(MODES)}")
+    check_mode(mode)
     if mode == "keep":
         return None
     if mode == "auto":
@@ -131,3 +130,9 @@ def rician_bias_sigma(array, modality: Optional[str], mode: str = "auto") -> Opt
         raise ValueError("cannot read the noise's sigma to remove the Rician bias: too little of the image lies "
                          "well above its noise")
     return sigma
+
+
+def check_mode(mode: str) -> None:
+    """Refuse a Rician bias mode other than MODES, naming them."""
+    if mode not in MODES:
+        raise ValueError(f"unknown Rician bias mode '{mode}'; choose one of {', '.join(MODES)}")

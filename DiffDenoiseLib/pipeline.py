@@ -39,7 +39,7 @@ from DiffDenoiseLib.fusion import (
     probe_step,
 )
 from DiffDenoiseLib.imageio import Image
-from DiffDenoiseLib.magnitude import MODES as RICIAN_MODES, remove_rician_bias, rician_bias_sigma
+from DiffDenoiseLib.magnitude import check_mode as check_rician_bias_mode, remove_rician_bias, rician_bias_sigma
 from DiffDenoiseLib.networks import (
     VIEW_COUNTS,
     BlindSpotNet,
@@ -262,8 +262,7 @@ def denoise_image(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
-    if rician_bias not in RICIAN_MODES:
-        raise ValueError(f"unknown Rician bias mode '{rician_bias}'; choose one of {', '.join(RICIAN_MODES)}")
+    check_rician_bias_mode(rician_bias)
     started = time.monotonic()
     device = device or torch.device("cpu")
     model.to(device).eval()
