@@ -51,8 +51,9 @@ import torch.nn.functional as F
 # InVesalius CT's): a 128-voxel strip offers 3 to 9 flat windows, and R(0) read 0.84 to 1.8 times the true one (3.1
 # on a brain crop), its shape off too where R(0) came right (+0.2 dB there). Windows of 24 gained +0.24, +0.17 and
 # +0.08 on Colin27, the 693 CT and the X-ray and lost 0.05 and 0.04 on the InVesalius CT and the MRI; 48 lost
-# 0.15 to 1.3 on three and gained 0.03 on two; reading 35 % of the windows, or keeping every read (SIGNIFICANCE 0)
-# or fewer (3), did not help.
+# 0.15 to 1.3 on three and gained 0.03 on two; reading 35 % of the windows, windows a quarter side apart instead
+# of half (-0.31 on the 693 CT, the others within 0.07), or keeping every read (SIGNIFICANCE 0) or fewer (3), did
+# not help.
 WINDOW = 32  # side of the windows the covariance is read in
 FLATTEST_SHARE = 0.2  # of the windows (by the pilot's std within them) that are read
 REACH = 8  # in-plane offsets beyond this many voxels are taken as uncorrelated
