@@ -52,8 +52,8 @@ import torch.nn.functional as F
 # on a brain crop), its shape off too where R(0) came right (+0.2 dB there). Windows of 24 gained +0.24, +0.17 and
 # +0.08 on Colin27, the 693 CT and the X-ray and lost 0.05 and 0.04 on the InVesalius CT and the MRI; 48 lost
 # 0.15 to 1.3 on three and gained 0.03 on two; reading 35 % of the windows, windows a quarter side apart instead
-# of half (-0.31 on the 693 CT, the others within 0.07), or keeping every read (SIGNIFICANCE 0) or fewer (3), did
-# not help.
+# of half (-0.31 on the 693 CT, the others within 0.07), a plane taken out of each window instead of its mean
+# (Colin27 +0.08, the others within 0.04), or keeping every read (SIGNIFICANCE 0) or fewer (3), did not help.
 WINDOW = 32  # side of the windows the covariance is read in
 FLATTEST_SHARE = 0.2  # of the windows (by the pilot's std within them) that are read
 REACH = 8  # in-plane offsets beyond this many voxels are taken as uncorrelated
