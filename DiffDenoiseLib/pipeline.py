@@ -270,8 +270,8 @@ def denoise_image(
     transform_spec = model.card.get("transform", {"name": "none"})
     z, normalization, transform = prepare_array(image.array, transform_spec)
     # a model with a variance-stabilising transform has its own inverse for the bias
-    rician_sigma = rician_bias_sigma(image.array, image.modality,
-                                     rician_bias if transform_spec.get("name", "none") == "none" else "keep")
+    rician_sigma = (rician_bias_sigma(image.array, image.modality, rician_bias)
+                    if transform_spec.get("name", "none") == "none" else None)
     axis = choose_slice_axis(image.spacing, z.shape) if slice_axis is None else slice_axis
     slices = as_slice_stack(z, axis)
     n = slices.shape[0]

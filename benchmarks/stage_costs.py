@@ -105,7 +105,8 @@ def wiener_with_context(correlated_noise: bool, context: int):
     each of them has its full `context` on either side, as in a long volume."""
     def run(white, correlated, models):
         noisy = correlated if correlated_noise else white
-        middle = range(slices_read(context, correlated_noise), len(noisy) - slices_read(context, correlated_noise))
+        margin = slices_read(context, correlated_noise)
+        middle = range(margin, len(noisy) - margin)
         collaborative_wiener(noisy, noisy, noise_variance_curve(noisy), context=context, indices=middle,
                              correlated_noise=correlated_noise)
         return wiener_reference_slices(len(noisy), middle, context, correlated_noise)

@@ -8,13 +8,14 @@ from DiffDenoiseLib.magnitude import (magnitude_noise_sigma, remove_rician_bias,
 from DiffDenoiseLib.noise import add_noise
 
 
-def phantom(shape=(2, 96, 96)) -> np.ndarray:
-    """Air (0) around an ellipse of tissue with a dark ventricle-like region and a smooth brighter rim, 0..1."""
-    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+def phantom() -> np.ndarray:
+    """Two 96x96 slices: air (0) around an ellipse of tissue with a dark ventricle-like region and a smooth brighter
+    rim, 0..1."""
+    _, y, x = np.meshgrid(np.zeros(2), np.linspace(-1, 1, 96), np.linspace(-1, 1, 96), indexing="ij")
     r = np.sqrt((y / 0.85) ** 2 + (x / 0.7) ** 2)
     image = np.where(r < 1.0, 0.45 + 0.35 * r, 0.0)
     image = np.where(np.hypot(y - 0.1, x) < 0.25, 0.12, image)
-    return image[0] if len(shape) == 3 and shape[0] == 1 else image
+    return image
 
 
 def test_the_mean_follows_the_rice_law_drawn_by_monte_carlo():

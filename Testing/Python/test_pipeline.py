@@ -430,8 +430,8 @@ def test_a_slice_range_outside_the_image_is_refused(volume_and_model, bad):
 def test_the_rician_bias_of_mr_magnitude_data_is_removed_from_the_result(trained):
     """A magnitude phantom with Rician noise: the result's air, which keeps the noise's floor (sigma sqrt(pi/2))
     when the bias is kept, comes down to the true 0; tissue loses the law's bias; a CT is left alone."""
-    z, y, x = np.meshgrid(np.zeros(1), np.linspace(-1, 1, 96), np.linspace(-1, 1, 96), indexing="ij")
-    clean = np.where(np.hypot(y[0] / 0.8, x[0] / 0.6) < 1.0, 400.0 + 300.0 * (y[0] + 1) / 2, 0.0)
+    y, x = np.meshgrid(np.linspace(-1, 1, 96), np.linspace(-1, 1, 96), indexing="ij")
+    clean = np.where(np.hypot(y / 0.8, x / 0.6) < 1.0, 400.0 + 300.0 * (y + 1) / 2, 0.0)
     noisy = add_noise(clean / 1000.0, "rician", 0.05, np.random.default_rng(0)) * 1000.0
     image = Image(array=noisy.astype(np.float32), spacing=(1.0, 1.0), modality="MR")
     before = image.array.copy()
