@@ -445,19 +445,14 @@ def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Cur
     draws on the 8 training slabs of its two volumes (never its test slices): Colin27 +0.12 to +0.34 dB (Full;
     Fast +0.08 to +0.31), the InVesalius CT +0.01 to +0.05 (Fast +0.03 to +0.08). A 2D model's result and the
     hard-thresholding estimate keep much of the noise, so their residuals read it 30 to 40 % low: there it is
-    read in the flattest windows of y, for the hard thresholding with the 2D result's own covariance in those
-    windows taken out (the anatomy left there cancels). Measured on held-out regions of the benchmark's images
-    (correlated 1.2, fresh draws, Fast's inputs) against y's windows for both steps: Colin27's brain crops +0.27
-    dB, the 693 CT's strips +0.18, the chest X-ray's +0.04, the shoulder MRI's 0.00, the InVesalius CT's crops
-    -0.02; taking the estimate's covariance out for the Wiener step too moved those by +0.16, 0.00, +0.01, -0.09
-    and -0.08 more (the estimate keeps more of the noise than the network's result).
+    read in the flattest windows of y.
     """
     filtering = dict(indices=indices, device=device, progress=progress, correlated_noise=True)
     if not context:
-        estimate = collaborative_hard_threshold(noisy, denoised, white, covariance_reading="difference", **filtering)
+        estimate = collaborative_hard_threshold(noisy, denoised, white, **filtering)
         return collaborative_wiener(noisy[list(indices)], estimate, white, **{**filtering, "indices": None})
     return collaborative_wiener(noisy, denoised, white, context=context, gains_from=gains_from,
-                                covariance_reading="residual", **filtering)
+                                covariance_on_residual=True, **filtering)
 
 
 def volumetric_filter_makes_the_image(slices: np.ndarray) -> bool:

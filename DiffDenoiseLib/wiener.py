@@ -25,7 +25,7 @@ earlier variances read on the residual y - m in the same groups: on the three 2D
 thresholding and then the Wiener step guided by it gained 0.4 to 1.5 dB (and beat BM3D given the true
 spectrum by 0.2 to 0.5 dB on two of them); on the two volumes, the Wiener step of a 2.5D result
 -0.1 and +0.4 dB (the brain crop has no flat window, so anatomy adds to the covariance read). A 2.5D result,
-which keeps little of the noise, now has the covariance read on y - m instead (`covariance_reading`).
+which keeps little of the noise, now has the covariance read on y - m instead (`covariance_on_residual`).
 
 BM3D's first step, `collaborative_hard_threshold`, is here too: groups matched on y itself,
 coefficients below HARD_THRESHOLD noise std dropped. Its estimate owes nothing to the networks,
@@ -195,7 +195,7 @@ def _dct_on(size: int, device: torch.device, dtype: torch.dtype, dims: int = 1) 
 def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0, passes: int = 1,
                          indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
                          progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False,
-                         gains_from: Optional[np.ndarray] = None, covariance_reading: str = "noisy") -> np.ndarray:
+                         gains_from: Optional[np.ndarray] = None, covariance_on_residual: bool = False) -> np.ndarray:
     """The collaborative Wiener filter of the slices `indices` (all by default) of `noisy`, guided by `pilot`.
 
     `noisy` and `pilot` are (n, H, W), or (H, W) for one slice; the inputs are not modified. With
@@ -203,8 +203,8 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     the array), whose pilot must be there too. With `passes` > 1 each pass's result is the next
     one's pilot. `progress` is called after every reference slice (`wiener_reference_slices` of them; it may
     raise to stop the filter). With `correlated_noise` each coefficient's noise variance is the exact one of its
-    group, from the noise covariance read where `pilot` is flattest (see above) as `covariance_reading` says
-    (covariance.READINGS: on y - `pilot` for a pilot that kept little of the noise); with a `context` too,
+    group, from the noise covariance read where `pilot` is flattest (see above), on y - `pilot` with
+    `covariance_on_residual` (for a pilot that kept little of the noise: covariance.py); with a `context` too,
     every group goes back to each slice its members lie in (`spreads`), so the slices within
     `context` of those wanted are reference slices too. `gains_from`, of `noisy`'s shape, sets the first pass's
     Wiener gains instead of `pilot`, which then only matches the groups: an estimate whose errors follow the noise
@@ -217,7 +217,7 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
-    table = _coefficient_table(y3, m3, context, device, covariance_reading) if correlated_noise else None
+    table = _coefficient_table(y3, m3, context, device, covariance_on_residual) if correlated_noise else None
     spread = spreads(correlated_noise, context)
     for done, (todo, references) in enumerate(_wiener_passes(n, wanted, context, passes, spread)):
         filtered = _filter_slices(y3, guide, guide, curve, todo, references, context, device, progress, wiener=True,
@@ -230,18 +230,18 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
 
 def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0,
                                  indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
-                                 progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False,
-                                 covariance_reading: str = "noisy") -> np.ndarray:
+                                 progress: Optional[Callable[[], None]] = None,
+                                 correlated_noise: bool = False) -> np.ndarray:
     """BM3D's first step on the slices `indices` (all by default) of `noisy`: an estimate of the image's own.
 
     Groups are matched on `noisy` itself within HARD_SEARCH_RADIUS voxels, and every coefficient of a group's 3D
     transform below HARD_THRESHOLD noise standard deviations is dropped (weights 1 / (s * coefficients kept)). The
     `pilot` only says at which intensity to read the noise curve, and, with `correlated_noise`, where the
     image is flat enough to read the noise covariance (the threshold is then CORRELATED_HARD_THRESHOLD). Shapes,
-    `context`, `indices`, `progress` and `covariance_reading` as in `collaborative_wiener`; returns float64.
+    `context`, `indices` and `progress` as in `collaborative_wiener`; returns float64.
     """
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
-    table = _coefficient_table(y3, m3, context, device, covariance_reading) if correlated_noise else None
+    table = _coefficient_table(y3, m3, context, device) if correlated_noise else None
     filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, wanted, context, device,
                               progress, wiener=False, table=table)
     result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
@@ -437,14 +437,14 @@ COVARIANCE_SLICES = 16  # the middle slices of a longer stack that the noise cov
 
 
 def _coefficient_table(y3: np.ndarray, m3: np.ndarray, context: int, device: Optional[torch.device],
-                       reading: str = "noisy") -> torch.Tensor:
+                       residual: bool = False) -> torch.Tensor:
     """The covariance of the patches' DCT coefficients at every offset two members of a correlated-noise group can
     have (2 * context slices, CORRELATED_TABLE_REACH voxels), from the noise covariance read where the
-    pilot is flattest, as `reading` says (covariance.py), on the device."""
+    pilot is flattest (on y - pilot with `residual`; covariance.py), on the device."""
     n = y3.shape[0]
     first = max(0, (n - COVARIANCE_SLICES) // 2)
     chosen = slice(first, first + COVARIANCE_SLICES)
-    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(2 * context, n - 1), reading=reading)
+    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(2 * context, n - 1), residual=residual)
     basis = _dct_on(PATCH, torch.device("cpu"), torch.float64, dims=2).reshape(PATCH * PATCH, PATCH, PATCH)
     if covariance.shape[0] < 4 * context + 1:  # too few slices to read the farthest offsets: taken as uncorrelated
         extra = (4 * context + 1 - covariance.shape[0]) // 2

@@ -137,26 +137,6 @@ def test_on_the_residual_of_a_pilot_that_kept_little_noise_anatomy_is_no_longer_
     noise = noisy - clean
     truth = empirical_covariance(noise, 0, 0, 0)
     assert estimate_noise_covariance(noisy, pilot, depth=1)[1, 8, 8] > 2.0 * truth
-    assert estimate_noise_covariance(noisy, pilot, depth=1, reading="residual")[1, 8, 8] == pytest.approx(truth, rel=0.2)
+    assert estimate_noise_covariance(noisy, pilot, depth=1, residual=True)[1, 8, 8] == pytest.approx(truth, rel=0.2)
     leaky = clean + 0.5 * noise
-    assert estimate_noise_covariance(noisy, leaky, depth=1, reading="residual")[1, 8, 8] < 0.3 * truth
-
-
-def test_the_pilots_own_covariance_taken_out_cancels_the_anatomy_and_misses_kept_noise_once():
-    """Texture everywhere: y's windows read R(0) about three times the noise's. With the pilot's own covariance
-    taken out window by window, a pilot that is the anatomy itself leaves the noise's within 15 %; one that kept
-    half the noise misses a quarter of R(0) (0.5 to 0.85 of it read), where its residual keeps only a quarter.
-    A pilot as noisy as y leaves nothing, which is named, as is a reading not offered."""
-    clean = np.stack([textured(64)] * 5)
-    noisy, _ = under_correlated_noise(clean, np.random.default_rng(0), pilot_noise=0.01)
-    noise = noisy - clean
-    truth = empirical_covariance(noise, 0, 0, 0)
-    assert estimate_noise_covariance(noisy, clean, depth=1, reading="difference")[1, 8, 8] == pytest.approx(truth,
-                                                                                                          rel=0.15)
-    leaky = clean + 0.5 * noise
-    assert 0.5 * truth < estimate_noise_covariance(noisy, leaky, depth=1, reading="difference")[1, 8, 8] < 0.85 * truth
-    assert estimate_noise_covariance(noisy, leaky, depth=1, reading="residual")[1, 8, 8] < 0.3 * truth
-    with pytest.raises(ValueError, match="left no noise variance"):
-        estimate_noise_covariance(noisy, noisy, reading="difference")
-    with pytest.raises(ValueError, match="read as one of noisy, residual, difference, not 'windows'"):
-        estimate_noise_covariance(noisy, clean, reading="windows")
+    assert estimate_noise_covariance(noisy, leaky, depth=1, residual=True)[1, 8, 8] < 0.3 * truth

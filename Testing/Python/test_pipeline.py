@@ -192,21 +192,20 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
 
 def test_a_2_5d_result_has_the_noise_covariance_read_on_its_residual_and_a_2d_one_in_the_windows(monkeypatch):
     """A 2.5D model's result keeps little of correlated noise, so the covariance is read on y - result; a 2D
-    model's result and the hard-thresholding estimate keep much of it, so both steps read it in the windows, the
-    hard thresholding with the 2D result's own covariance there taken out."""
+    model's result and the hard-thresholding estimate keep much of it, so both steps read it in the windows."""
     from DiffDenoiseLib import wiener
     from DiffDenoiseLib.noise import noise_variance_curve
 
     reads, read = [], wiener.estimate_noise_covariance
     monkeypatch.setattr(wiener, "estimate_noise_covariance",
-                        lambda *args, **options: reads.append(options["reading"]) or read(*args, **options))
+                        lambda *args, **options: reads.append(options["residual"]) or read(*args, **options))
     noisy = add_noise(np.full((5, 48, 48), 0.5), "correlated", 1.2, np.random.default_rng(1), sigma=0.05)
     result, white = np.full_like(noisy, 0.5), noise_variance_curve(noisy)
     pipeline.correlated_noise_filters(noisy, result, white, 2, [2])
-    assert reads == ["residual"]
+    assert reads == [True]
     reads.clear()
     pipeline.correlated_noise_filters(noisy[2:3], result[2:3], white, 0, [0])
-    assert reads == ["difference", "noisy"]
+    assert reads == [False, False]
 
 
 def test_a_slice_range_runs_the_networks_on_the_neighbours_the_2_5d_wiener_filter_groups(volume_and_model,

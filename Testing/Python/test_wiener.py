@@ -198,7 +198,7 @@ def test_where_no_window_is_flat_the_covariance_read_on_the_pilots_residual_filt
     curve = noise_variance_curve(noisy)
     options = dict(context=2, indices=[2], correlated_noise=True)
     in_windows = wiener.collaborative_wiener(noisy, pilot, curve, **options)[0]
-    on_residual = wiener.collaborative_wiener(noisy, pilot, curve, covariance_reading="residual", **options)[0]
+    on_residual = wiener.collaborative_wiener(noisy, pilot, curve, covariance_on_residual=True, **options)[0]
     assert mse(on_residual, clean[2]) < 0.7 * mse(in_windows, clean[2])
 
 
