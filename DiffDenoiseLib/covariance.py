@@ -58,7 +58,7 @@ import torch.nn.functional as F
 # pilot kept goes missing once) for the hard thresholding, the 2D result as that pilot: R(0) read 0.80 to 1.40
 # times the noise's own instead of 0.93 to 1.94 on those regions, +0.27 dB on Colin27's, +0.18 on the 693 CT's,
 # +0.04 on the X-ray's, 0.00 and -0.02 on the MRI's and the InVesalius CT's; but on the benchmark's own 2D test
-# crops (its 31st quick run) +0.03, +0.05 and -0.10 dB (the X-ray), and with fresh draws on the X-ray's crop the
+# crops (a quick run) +0.03, +0.05 and -0.10 dB (693 CT, MRI, X-ray), and with fresh draws on the X-ray's crop the
 # windows read R(0) within 3 % and the true covariance gained 0.02 dB there: not shipped. A robust level (the
 # median of second differences 3 or 4 voxels apart over the whole image) read 1.1 to 2.2 times R(0); clipping
 # R's spectrum at 0 raised R(0) and lost 0.1 to 0.2 dB.

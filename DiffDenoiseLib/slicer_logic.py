@@ -457,9 +457,12 @@ class DenoiseLogic:
                 message += (" No uncertainty map: the noise looks spatially correlated, so block-matching filters "
                             "made the image (the networks' result only showed where to read the noise).")
             if result.get("details", {}).get("rician_bias_removed"):
-                output.SetAttribute("DiffDenoise.RicianSigma", "%g" % result["details"]["rician_sigma"])
-                message += (" The volume reads as MR magnitude data: the bias its Rician noise leaves (brighter air "
-                            "and dark tissue) was removed from the result.")
+                sigma = result["details"]["rician_sigma"]
+                output.SetAttribute("DiffDenoise.RicianSigma", "%g" % sigma)
+                why = ("The volume reads as MR magnitude data" if settings.rician_bias == "auto" else
+                       "As Rician bias 'remove' asked, the volume was taken as MR magnitude data")
+                message += (" %s: the bias its Rician noise (sigma %.4g in its units) leaves, brighter air and dark "
+                            "tissue, was removed from the result." % (why, sigma))
             message += suggestion_for_the_noise(result.get("suggested_model"))
             return JobOutcome(kind, "done", message, 0, result, output, uncertainty,
                               str(result.get("model", settings.model)))

@@ -64,8 +64,14 @@ FAKE_CLI = textwrap.dedent(
         # suggests the model made for such noise
         suggested = ({"model": "correlated-noise-default", "noise": "correlated"}
                      if "--model" in args and args[args.index("--model") + 1] == "one-pixel" else None)
-        say(event="result", output=target, model="fake-mean", seconds=0.5,
-            details={"filters_made_the_image": made_by} if made_by else {}, suggested_model=suggested)
+        details = {"filters_made_the_image": made_by} if made_by else {}
+        # the model "magnitude" stands for an MR magnitude volume: its Rician bias is removed unless kept
+        bias = args[args.index("--rician-bias") + 1]
+        model = args[args.index("--model") + 1] if "--model" in args else ""
+        if bias == "remove" or (bias == "auto" and model == "magnitude"):
+            details.update(rician_bias_removed=True, rician_sigma=21.5)
+        say(event="result", output=target, model="fake-mean", seconds=0.5, details=details,
+            suggested_model=suggested)
     elif args[0] == "train":
         name = args[args.index("--name") + 1]
         inputs = args[1:args.index("--name")]
@@ -194,6 +200,22 @@ def test_full_mode_without_an_uncertainty_map_says_why(mrml, fake_logic, tmp_pat
     assert outcome.output_volume is not None and outcome.uncertainty_volume is None
     assert "No uncertainty map" in outcome.message and why in outcome.message
     assert os.listdir(fake_logic.temp_root) == []
+
+
+def test_the_status_says_when_and_why_the_rician_bias_was_removed(mrml, fake_logic, tmp_path):
+    """Read as magnitude data (auto), forced (remove) or not at all: the status line tells the three apart and the
+    result carries the noise's sigma."""
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    read = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="magnitude"))
+    assert "The volume reads as MR magnitude data: the bias its Rician noise (sigma 21.5 in its units)" in read.message
+    assert read.output_volume.GetAttribute("DiffDenoise.RicianSigma") == "21.5"
+    forced = fake_logic.denoise(source, DenoiseSettings(mode="fast", rician_bias="remove"))
+    assert "As Rician bias 'remove' asked, the volume was taken as MR magnitude data" in forced.message
+    assert "reads as MR magnitude" not in forced.message
+    kept = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="magnitude", rician_bias="keep"))
+    assert "Rician" not in kept.message and kept.output_volume.GetAttribute("DiffDenoise.RicianSigma") is None
 
 
 def test_a_model_that_separates_correlated_noise_poorly_is_followed_by_the_one_that_does(mrml, fake_logic,
