@@ -1,7 +1,9 @@
 """The peers DiffDenoise is measured against, each given what makes it strongest.
 
 BM3D and BM4D get the true noise level (and, for correlated noise, its true power
-spectrum); non-local means, total variation and SimpleITK's curvature anisotropic
+spectrum); under Rician noise they run inside the Rician variance-stabilising transform with its true
+sigma, as BM4D's authors denoise MR magnitude data (the transform's unbiased inverse takes the
+Rician bias out of their result, which a Gaussian denoiser of the magnitude keeps); non-local means, total variation and SimpleITK's curvature anisotropic
 diffusion get the true sigma and have their one or two free parameters tuned on the
 image's training regions with the same noise (never on the test crop). Noise2Void is
 trained for each condition on the noisy test slice and the noisy training regions, by
@@ -15,7 +17,7 @@ import importlib.util
 import itertools
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from DiffDenoiseLib.metrics import psnr
+from DiffDenoiseLib.noise import RicianTransform
 
 from benchmarks.suite import Noise, correlated_psd
 
@@ -46,6 +49,21 @@ def numpy_compatible_bm4d():
 def psd_or_sigma(noise: Noise, sigma: float, shape) -> object:
     """bm3d/bm4d's `sigma_psd`: the true spectrum for correlated noise, else the std."""
     return correlated_psd(shape, noise.level) if noise.kind == "correlated" else sigma
+
+
+def rician_stabilised(run: Callable[[np.ndarray, Condition], Optional[np.ndarray]]):
+    """A Gaussian denoiser run inside the Rician VST under Rician noise (given its true sigma and the stabilised
+    noise's std, which is that sigma), its result taken back by the unbiased inverse; as it is under other noise.
+    Measured on the quick benchmark's Rician 0.05 test crops (one draw): BM4D 35.95 -> 36.34 dB on Colin27,
+    BM3D 31.52 -> 32.00 on the shoulder MRI."""
+    def stabilised(noisy: np.ndarray, cond: Condition) -> Optional[np.ndarray]:
+        if cond.noise.kind != "rician":
+            return run(noisy, cond)
+        vst = RicianTransform(cond.noise.level)
+        inside = replace(cond, sigma=cond.noise.level, slab=None if cond.slab is None else vst.forward(cond.slab))
+        out = run(vst.forward(noisy), inside)
+        return None if out is None else vst.inverse_denoised(out)
+    return stabilised
 
 
 def run_bm3d(noisy: np.ndarray, cond: Condition) -> np.ndarray:
@@ -109,8 +127,8 @@ class Peer:
 
 
 PEERS = (
-    Peer("bm3d", run_bm3d, "bm3d"),
-    Peer("bm4d", run_bm4d, "bm4d"),
+    Peer("bm3d", rician_stabilised(run_bm3d), "bm3d"),
+    Peer("bm4d", rician_stabilised(run_bm4d), "bm4d"),
     Peer("nl-means", tuned(nl_means, {"h": (0.6, 0.8, 1.0, 1.3)}), "skimage"),
     Peer("tv", tuned(total_variation, {"weight": (0.5, 1.0, 2.0, 4.0)}), "skimage"),
     Peer("sitk-curvature", tuned(curvature_diffusion, {"iterations": (5, 10, 20), "conductance": (0.5, 1.0, 2.0)})),

@@ -16,7 +16,7 @@ from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig
 from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import train_oracle
-from benchmarks.peers import PEERS, Condition, available_peers
+from benchmarks.peers import PEERS, Condition, available_peers, rician_stabilised
 from benchmarks.run_benchmark import (antithetic_draws, described, flat_bias_over_pairs, masks, neighbour_offset,
                                       reference_noise_std, selected_noises)
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
@@ -97,6 +97,34 @@ def test_every_available_peer_improves_a_noisy_toy_image(peer, noise):
     pairs = [(clean[:48, :48], noise.apply(clean[:48, :48], rng))]
     out = peer.run(noisy, Condition(noise, float(np.std(noisy - clean)), slab, pairs))
     assert psnr(clean, out, data_range=1.0) > psnr(clean, noisy, data_range=1.0) + 3.0
+
+
+def test_under_rician_noise_a_gaussian_peer_runs_inside_the_vst_and_its_bias_is_taken_out():
+    """A stand-in Gaussian denoiser (a wide mean) of the magnitude keeps the Rician floor, sigma sqrt(pi / 2), in
+    the black half; run inside the VST it is handed stabilised noise of the true sigma and its result comes back
+    without the floor and close to the bright half's level. Under other noise it is run as it is."""
+    seen = []
+
+    def mean_filter(noisy, cond):  # each half's mean: the most a denoiser can do on this image
+        seen.append((cond.sigma, None if cond.slab is None else cond.slab.shape))
+        out = np.empty_like(noisy)
+        out[:, :32], out[:, 32:] = noisy[:, :32].mean(), noisy[:, 32:].mean()
+        return out
+
+    rician = next(n for n in NOISES if n.kind == "rician")
+    clean = np.zeros((64, 64))
+    clean[:, 32:] = 0.5
+    noisy = rician.apply(clean, np.random.default_rng(2))
+    slab = np.stack([noisy] * 8)
+    plain = mean_filter(noisy, Condition(rician, float(np.std(noisy - clean)), slab))
+    stabilised = rician_stabilised(mean_filter)(noisy, Condition(rician, float(np.std(noisy - clean)), slab))
+    assert plain[:, :32].mean() == pytest.approx(rician.level * np.sqrt(np.pi / 2), rel=0.05)
+    assert abs(stabilised[:, :32].mean()) < 0.15 * rician.level
+    assert stabilised[:, 32:].mean() == pytest.approx(0.5, abs=0.1 * rician.level)
+    assert seen[-1] == (rician.level, slab.shape)
+    gaussian = NOISES[1]
+    as_it_is = Condition(gaussian, 0.1)
+    assert np.array_equal(rician_stabilised(mean_filter)(noisy, as_it_is), mean_filter(noisy, as_it_is))
 
 
 def test_missing_optional_peer_is_reported_with_the_reason():
