@@ -1,14 +1,14 @@
 """The peers DiffDenoise is measured against, each given what makes it strongest.
 
-BM3D and BM4D get the true noise level (and, for correlated noise, its true power
-spectrum); under Rician noise they run inside the Rician variance-stabilising transform with its true
-sigma, as BM4D's authors denoise MR magnitude data (the transform's unbiased inverse takes the
-Rician bias out of their result, which a Gaussian denoiser of the magnitude keeps); non-local means, total variation and SimpleITK's curvature anisotropic
-diffusion get the true sigma and have their one or two free parameters tuned on the
-image's training regions with the same noise (never on the test crop). Noise2Void is
-trained for each condition on the noisy test slice and the noisy training regions, by
-CAREamics in a separate Python environment. Optional peers whose package is missing are
-reported with the reason instead of a number.
+BM3D and BM4D get the true noise level (and, for correlated noise, its true power spectrum); under
+Rician noise they run inside the Rician variance-stabilising transform with its true sigma, as BM4D's
+authors denoise MR magnitude data (the transform's unbiased inverse takes the Rician bias out of their
+result, which a Gaussian denoiser of the magnitude keeps). Non-local means, total variation and
+SimpleITK's curvature anisotropic diffusion get the true sigma and have their one or two free
+parameters tuned on the image's training regions with the same noise (never on the test crop), and
+keep the Rician bias. Noise2Void is trained for each condition on the noisy test slice and the noisy
+training regions, by CAREamics in a separate Python environment. Optional peers whose package is
+missing are reported with the reason instead of a number.
 """
 
 from __future__ import annotations
