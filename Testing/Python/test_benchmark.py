@@ -16,7 +16,7 @@ from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig
 from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import train_oracle
-from benchmarks.peers import PEERS, Condition, available_peers, rician_stabilised
+from benchmarks.peers import PEERS, Condition, available_peers, stabilised, stabilising_transform
 from benchmarks.run_benchmark import (antithetic_draws, described, flat_bias_over_pairs, masks, neighbour_offset,
                                       reference_noise_std, selected_noises)
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
@@ -99,32 +99,52 @@ def test_every_available_peer_improves_a_noisy_toy_image(peer, noise):
     assert psnr(clean, out, data_range=1.0) > psnr(clean, noisy, data_range=1.0) + 3.0
 
 
-def test_under_rician_noise_a_gaussian_peer_runs_inside_the_vst_and_its_bias_is_taken_out():
-    """A stand-in Gaussian denoiser (a wide mean) of the magnitude keeps the Rician floor, sigma sqrt(pi / 2), in
-    the black half; run inside the VST it is handed stabilised noise of the true sigma and its result comes back
-    without the floor and close to the bright half's level. Under other noise it is run as it is."""
+def halves_mean(noisy, cond):
+    """A stand-in Gaussian denoiser: each half's mean, the most a denoiser can do on a two-level image."""
+    out = np.empty_like(noisy)
+    out[:, :64], out[:, 64:] = noisy[:, :64].mean(), noisy[:, 64:].mean()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["poisson", "gamma", "rician"])
+def test_under_signal_dependent_noise_a_gaussian_peer_runs_inside_the_vst_told_the_stabilised_std(kind):
+    """Inside the VST the stand-in is told the std that the noise really has there, gets the slab transformed, and
+    its result comes back without the bias of the transform (Gamma: the log's mean, -1/(2 alpha); Rician: the
+    floor sigma sqrt(pi / 2) in the black half, which the stand-in on the magnitude keeps)."""
     seen = []
 
-    def mean_filter(noisy, cond):  # each half's mean: the most a denoiser can do on this image
+    def stand_in(noisy, cond):
         seen.append((cond.sigma, None if cond.slab is None else cond.slab.shape))
-        out = np.empty_like(noisy)
-        out[:, :32], out[:, 32:] = noisy[:, :32].mean(), noisy[:, 32:].mean()
-        return out
+        return halves_mean(noisy, cond)
 
-    rician = next(n for n in NOISES if n.kind == "rician")
-    clean = np.zeros((64, 64))
-    clean[:, 32:] = 0.5
-    noisy = rician.apply(clean, np.random.default_rng(2))
+    noise = next(n for n in NOISES if n.kind == kind)
+    clean = np.zeros((128, 128))
+    clean[:, 64:] = 0.5
+    noisy = noise.apply(clean, np.random.default_rng(2))
     slab = np.stack([noisy] * 8)
-    plain = mean_filter(noisy, Condition(rician, float(np.std(noisy - clean)), slab))
-    stabilised = rician_stabilised(mean_filter)(noisy, Condition(rician, float(np.std(noisy - clean)), slab))
-    assert plain[:, :32].mean() == pytest.approx(rician.level * np.sqrt(np.pi / 2), rel=0.05)
-    assert abs(stabilised[:, :32].mean()) < 0.15 * rician.level
-    assert stabilised[:, 32:].mean() == pytest.approx(0.5, abs=0.1 * rician.level)
-    assert seen[-1] == (rician.level, slab.shape)
-    gaussian = NOISES[1]
-    as_it_is = Condition(gaussian, 0.1)
-    assert np.array_equal(rician_stabilised(mean_filter)(noisy, as_it_is), mean_filter(noisy, as_it_is))
+    cond = Condition(noise, float(np.std(noisy - clean)), slab)
+    out = stabilised(stand_in)(noisy, cond)
+    transform, std = stabilising_transform(noise)
+    bright = transform.forward(noisy[:, 64:]) - transform.forward(clean[:, 64:])
+    assert std == pytest.approx(float(np.std(bright)), rel=0.05)
+    assert seen[-1] == (std, slab.shape)
+    # the bright half's level comes back within two standard errors of the raw mean
+    tolerance = 2 * np.std(noisy[:, 64:]) / 64
+    assert out[:, 64:].mean() == pytest.approx(0.5, abs=tolerance)
+    if kind == "gamma":  # the algebraic inverse keeps the log's bias, about three standard errors
+        assert transform.inverse(transform.forward(noisy[:, 64:]).mean()) < 0.5 - tolerance
+    if kind == "rician":
+        assert halves_mean(noisy, cond)[:, :64].mean() == pytest.approx(noise.level * np.sqrt(np.pi / 2), rel=0.05)
+        assert abs(out[:, :64].mean()) < 0.15 * noise.level
+
+
+def test_under_additive_noise_a_gaussian_peer_runs_as_it_is():
+    clean = np.zeros((128, 128))
+    for noise in (n for n in NOISES if n.kind in ("gaussian", "correlated")):
+        noisy = noise.apply(clean, np.random.default_rng(3))
+        cond = Condition(noise, 0.1)
+        assert stabilising_transform(noise) is None
+        assert np.array_equal(stabilised(halves_mean)(noisy, cond), halves_mean(noisy, cond))
 
 
 def test_missing_optional_peer_is_reported_with_the_reason():
