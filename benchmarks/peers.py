@@ -4,10 +4,10 @@ BM3D and BM4D get the true noise level (and, for correlated noise, its true powe
 signal-dependent noise (Poisson, Gamma, Rician) they run inside its variance-stabilising transform, told the
 stabilised std, as their authors apply them to such data (the transform's unbiased inverse takes their result
 back without bias). Non-local means, total variation and SimpleITK's curvature anisotropic diffusion get the
-true sigma, have their one or two free parameters tuned on the image's training regions with the same noise
-(never on the test crop) and work on the raw intensities (keeping the Rician bias). Noise2Void is trained for
-each condition on the noisy test slice and the noisy training regions, by CAREamics in a separate Python
-environment. Optional peers whose package is missing are reported with the reason instead of a number.
+true sigma and have their one or two free parameters, and under signal-dependent noise whether they run inside
+its transform, tuned on the image's training regions with the same noise (never on the test crop). Noise2Void
+is trained for each condition on the noisy test slice and the noisy training regions, by CAREamics in a
+separate Python environment. Optional peers whose package is missing are reported with the reason instead of a number.
 """
 
 from __future__ import annotations
@@ -107,17 +107,30 @@ def run_bm4d(noisy: np.ndarray, cond: Condition) -> Optional[np.ndarray]:
 
 
 def tuned(denoise: Callable[[np.ndarray, float, dict], np.ndarray], grid: Dict[str, Sequence]):
-    """A peer whose parameters are chosen by mean PSNR on the training pairs, then applied to the test slice."""
+    """A peer whose parameters, and under signal-dependent noise whether it runs inside the noise's VST
+    (`stabilising_transform`), are chosen by mean PSNR on the training pairs, then applied to the test slice.
+    The transform is chosen as the parameters are, not imposed: on the quick run's test crops the choice gained up
+    to 3.2 dB (the curvature diffusion under the shoulder MRI's Gamma noise) and lost up to 0.85 (TV under its
+    Rician noise) where the training regions' preference did not carry over."""
 
     def run(noisy: np.ndarray, cond: Condition) -> np.ndarray:
+        vst = stabilising_transform(cond.noise)
         settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-        if len(settings) > 1 and cond.train_pairs:
-            scores = [np.mean([psnr(c, denoise(n, cond.sigma, s), data_range=1.0) for c, n in cond.train_pairs])
-                      for s in settings]
-            best = settings[int(np.argmax(scores))]
+        options = list(itertools.product([None] if vst is None else [None, vst], settings))
+
+        def apply(way: Optional[Tuple[Transform, float]], setting: dict, image: np.ndarray) -> np.ndarray:
+            if way is None:
+                return denoise(image, cond.sigma, setting)
+            transform, std = way
+            return transform.inverse_denoised(denoise(transform.forward(image), std, setting))
+
+        if len(options) > 1 and cond.train_pairs:
+            scores = [np.mean([psnr(c, apply(way, setting, n), data_range=1.0) for c, n in cond.train_pairs])
+                      for way, setting in options]
+            chosen = options[int(np.argmax(scores))]
         else:
-            best = settings[0]
-        return denoise(noisy, cond.sigma, best)
+            chosen = options[0]
+        return apply(*chosen, noisy)
 
     return run
 

@@ -16,7 +16,7 @@ from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig
 from benchmarks import ours, report
 from benchmarks.measure import measured
 from benchmarks.oracle import train_oracle
-from benchmarks.peers import PEERS, Condition, available_peers, stabilised, stabilising_transform
+from benchmarks.peers import PEERS, Condition, available_peers, stabilised, stabilising_transform, tuned
 from benchmarks.run_benchmark import (antithetic_draws, described, flat_bias_over_pairs, masks, neighbour_offset,
                                       reference_noise_std, selected_noises)
 from benchmarks.suite import NOISES, QUICK_NOISES, Case, correlated_psd, crop_box, image_case, noises_for
@@ -136,6 +136,30 @@ def test_under_signal_dependent_noise_a_gaussian_peer_runs_inside_the_vst_told_t
     if kind == "rician":
         assert halves_mean(noisy, cond)[:, :64].mean() == pytest.approx(noise.level * np.sqrt(np.pi / 2), rel=0.05)
         assert abs(out[:, :64].mean()) < 0.15 * noise.level
+
+
+@pytest.mark.parametrize("works_inside", [True, False])
+def test_a_tuned_peer_runs_inside_the_vst_only_where_its_training_regions_prefer_it(works_inside):
+    """The stand-in denoises (each half's mean) only on one side of the transform and hands the image back on the
+    other; the side that scores better on the training pairs is the one the test slice gets."""
+    noise = next(n for n in NOISES if n.kind == "gamma")
+    transform, std = stabilising_transform(noise)
+
+    def stand_in(image, sigma, setting):
+        inside = sigma == std
+        return halves_mean(image, None) if inside == works_inside else image
+
+    clean = np.zeros((128, 128))
+    clean[:, 64:] = 0.5
+    rng = np.random.default_rng(4)
+    noisy = noise.apply(clean, rng)
+    cond = Condition(noise, float(np.std(noisy - clean)), None, [(clean, noise.apply(clean, rng)) for _ in range(2)])
+    out = tuned(stand_in, {"unused": (1,)})(noisy, cond)
+    if works_inside:  # the transform's way back: the bright half's level without the log's bias
+        assert out[:, 64:].mean() == pytest.approx(0.5, abs=2 * np.std(noisy[:, 64:]) / 64)
+        assert np.ptp(out[:, 64:]) < 1e-6 and not np.array_equal(out, halves_mean(noisy, None))
+    else:
+        assert np.array_equal(out, halves_mean(noisy, None))
 
 
 def test_under_additive_noise_a_gaussian_peer_runs_as_it_is():
