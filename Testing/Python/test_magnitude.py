@@ -66,6 +66,26 @@ def test_noise_that_is_not_rician_does_not_read_as_magnitude_data():
     assert magnitude_noise_sigma(with_nan, "MR") is None
 
 
+def test_poisson_and_gamma_noise_on_a_magnitude_image_do_not_read_as_magnitude_data():
+    """A real MR image carries Rician noise of its own, which flattens the variance's growth with intensity that
+    tells Poisson and Gamma noise apart in tissue; their dark voxels still read far below Rician noise's floor."""
+    for kind, level in (("poisson", 700), ("poisson", 200), ("gamma", 500)):
+        for seed in range(4):
+            rng = np.random.default_rng(seed)
+            image = add_noise(add_noise(phantom(), "rician", 0.02, rng), kind, level, rng) * 1000.0
+            assert magnitude_noise_sigma(image, "MR") is None, (kind, seed)
+
+
+def test_a_masked_background_does_not_hide_magnitude_data():
+    """Skull-stripped or masked magnitude images hold exact zeros outside the mask: no noise to read there."""
+    clean = phantom()
+    for seed in range(4):
+        masked = add_noise(clean, "rician", 0.05, np.random.default_rng(seed)) * 1000.0
+        masked[clean == 0] = 0.0
+        assert magnitude_noise_sigma(masked, "MR") == pytest.approx(50.0, rel=0.15)
+    assert magnitude_noise_sigma(np.zeros((2, 64, 64)), "MR") is None
+
+
 def test_the_modes_choose_when_the_bias_is_removed():
     rng = np.random.default_rng(3)
     rician = add_noise(phantom(), "rician", 0.05, rng)
