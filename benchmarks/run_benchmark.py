@@ -240,7 +240,7 @@ def machine() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="128x128 crops, one test slice, six noise settings "
+    mode.add_argument("--quick", action="store_true", help="128x128 crops, one test slice, seven noise settings "
                       "(the default)")
     mode.add_argument("--full", action="store_true", help="192x192 crops, three test slices per volume, the whole "
                       "noise suite, a longer oracle (meant for a GPU machine)")

@@ -56,6 +56,9 @@ def test_signal_dependent_noise_std_follows_the_intensity_and_is_floored_in_blac
 def test_quick_subset_and_rician_only_on_mr():
     labels = {n.label for n in NOISES}
     assert set(QUICK_NOISES) <= labels
+    # a setting added to the quick list comes last, so the earlier settings keep their place and their draws
+    assert [n.label for n in noises_for("MR", quick=True)] == list(QUICK_NOISES)
+    assert [n.label for n in noises_for("CT", quick=True)][:5] == list(QUICK_NOISES[:5])
     assert "rician 0.05" in {n.label for n in noises_for("MR", quick=True)}
     assert "rician 0.05" not in {n.label for n in noises_for("CT", quick=False)}
     assert len(noises_for("CT", quick=False)) == 8

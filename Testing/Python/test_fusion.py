@@ -118,6 +118,20 @@ def test_correlated_noise_is_recognised_and_white_noise_or_a_biased_estimate_is_
     assert not correlated and np.array_equal(fused, fuse_with_observation(white, estimate)[0])
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_mildly_correlated_noise_that_the_residual_misses_is_not_fused(seed):
+    """Noise of a 0.5-pixel kernel leaves a residual the high-pass curve nearly accounts for, but the image's
+    binning reading, which keeps Fast's share from such noise, keeps fusion from it too."""
+    clean = phantom(160)
+    noisy = add_noise(clean, "correlated", 0.5, np.random.default_rng(seed), sigma=0.05)
+    estimate = clean + np.random.default_rng(seed + 10).normal(0, 0.015, clean.shape)
+    assert not looks_correlated(noisy, estimate)
+    handed_back, _ = fuse_with_observation(noisy, estimate)
+    assert mse(handed_back, clean) > 1.5 * mse(estimate, clean), "the reason fusion must be skipped"
+    kept, weight, correlated = fuse_unless_correlated(noisy, estimate)
+    assert correlated and weight is None and np.array_equal(kept, estimate)
+
+
 @pytest.mark.parametrize("noisy,estimate,window,message", [
     (np.zeros((8, 8)), np.zeros((8, 9)), 9, "one 2D or 3D shape"),
     (np.zeros(8), np.zeros(8), 9, "one 2D or 3D shape"),
