@@ -31,8 +31,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from DiffDenoiseLib.noise import (binned_variance, binning_noise_reading, highpass, local_mean, noise_variance_curve,
-                                  reading_looks_correlated, sample_slices)
+from DiffDenoiseLib.noise import (binned_variance, binning_noise_reading, noise_samples, noise_variance_curve,
+                                  reading_looks_correlated)
 
 # The slope of log(measured / Rician variance) against log intensity, over the noise curve's bins above
 # TISSUE_SNR sigma, below which the noise counts as Rician: Poisson and Gamma noise tilt it up, edges between air
@@ -54,7 +54,7 @@ DARK_MIN_VARIANCE = 0.1
 MIN_BINS = 4  # bins above TISSUE_SNR sigma needed to judge the slope
 TABLE_SNR = 60.0  # the mean's table reaches nu = TABLE_SNR sigma; beyond it E[M]^2 = nu^2 + sigma^2 closely
 MODES = ("auto", "remove", "keep")
-MAX_SLICES, MIN_COUNT = 32, 50  # the noise curve's sample of a volume's slices and its least voxels per bin
+MIN_READ_VOXELS = 100  # two of the noise curve's bins (`noise.binned_variance`'s least voxels per bin)
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,12 +94,10 @@ def magnitude_noise_sigma(array, modality: Optional[str]) -> Optional[float]:
     a = np.asarray(array)
     if a.ndim not in (2, 3) or min(a.shape[-2:]) < 8 or not np.isfinite(a).all() or a.min() < 0:
         return None
-    sampled = sample_slices(a, MAX_SLICES)
-    means, samples = local_mean(sampled).ravel(), highpass(sampled).ravel()
-    read = ~constant_neighbourhoods(sampled).ravel()  # a masked background (one value) holds no noise to read
-    if read.sum() < 2 * MIN_COUNT:
+    means, samples = noise_samples(a, skip_constant=True)  # a masked background (one value) holds no noise to read
+    if means.size < MIN_READ_VOXELS:
         return None
-    intensities, variances = binned_variance(means[read], samples[read], min_count=MIN_COUNT)
+    intensities, variances = binned_variance(means, samples)
     sigma = curve_sigma(intensities, variances)
     if sigma is None:
         return None
@@ -115,13 +113,6 @@ def magnitude_noise_sigma(array, modality: Optional[str]) -> Optional[float]:
     if slope > RICIAN_MAX_SLOPE or reading_looks_correlated(binning_noise_reading(a)):
         return None
     return sigma
-
-
-def constant_neighbourhoods(a: np.ndarray) -> np.ndarray:
-    """Where a voxel's 3x3 in-plane neighbourhood holds one value, over the (valid) region of `noise.highpass`."""
-    h, w = a.shape[-2] - 2, a.shape[-1] - 2
-    centre = a[..., 1:1 + h, 1:1 + w]
-    return np.logical_and.reduce([a[..., i:i + h, j:j + w] == centre for i in range(3) for j in range(3)])
 
 
 def robust_slope(x: np.ndarray, y: np.ndarray) -> float:

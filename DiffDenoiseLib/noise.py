@@ -364,8 +364,26 @@ def noise_variance_curve(array, bins: int = 20, min_count: int = 50, max_slices:
     the noise is white (uncorrelated between voxels); evaluate it with `np.interp` (constant
     beyond the ends). A volume is sampled at `max_slices` evenly spaced slices.
     """
+    return binned_variance(*noise_samples(array, max_slices), bins, min_count)
+
+
+def noise_samples(array, max_slices: int = 32, skip_constant: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """(3x3 local means, high-pass values), flattened, of the voxels a noise curve reads; a volume is sampled at
+    `max_slices` evenly spaced slices. With `skip_constant`, voxels whose 3x3 in-plane neighbourhood holds one
+    value (a masked background) are left out: they hold no noise to read."""
     a = sample_slices(array, max_slices)
-    return binned_variance(local_mean(a).ravel(), highpass(a).ravel(), bins, min_count)
+    means, samples = local_mean(a).ravel(), highpass(a).ravel()
+    if not skip_constant:
+        return means, samples
+    read = ~constant_neighbourhoods(a).ravel()
+    return means[read], samples[read]
+
+
+def constant_neighbourhoods(a: np.ndarray) -> np.ndarray:
+    """Where a voxel's 3x3 in-plane neighbourhood holds one value, over the (valid) region of `highpass`."""
+    h, w = a.shape[-2] - 2, a.shape[-1] - 2
+    centre = a[..., 1:1 + h, 1:1 + w]
+    return np.logical_and.reduce([a[..., i:i + h, j:j + w] == centre for i in range(3) for j in range(3)])
 
 
 FLAT_SHARE = 0.5  # a voxel counts as flat where a first estimate's high-pass stays below this many noise std
