@@ -44,7 +44,7 @@ from DiffDenoiseLib.slicing import choose_slice_axis
 from DiffDenoiseLib.store import ModelStore, load_model, model_for_correlated_noise, save_model, validate_name
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.wiener import CUBE
-from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, format_seconds
+from DiffDenoiseLib.worker_protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_OK, describe_padding, format_seconds
 
 EXIT_INTERNAL = 1
 MODE_STAGES = {"fast": ("student",), "full": ("bsn", "diffusion"), "single": ("bsn", "diffusion"), "bsn": ("bsn",)}
@@ -380,6 +380,8 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         reporter.log(f"{why} Rician noise (sigma {result.details['rician_sigma']:.4g} in the image's units) "
                      "brightens air and dark tissue on average: that bias was removed from the result "
                      "(--rician-bias keep keeps it).")
+    if result.details.get("padding"):
+        reporter.log(describe_padding(result.details["padding"]))
     if result.details.get("observation_share"):
         reporter.log(f"Fast mode gave back {result.details['observation_share']:.0%} of the difference between the "
                      "input and the student's estimate (the share Stein's risk estimate preferred; --no-fusion "

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from DiffDenoiseLib.imageio import Image, read_image
+from DiffDenoiseLib.normalization import raise_padding
 
 COLIN27_PATH = Path("/usr/share/mricron/templates/ch2.nii.gz")
 INVESALIUS_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
@@ -79,12 +80,11 @@ def foreground_mask(image: Union[Image, np.ndarray]) -> np.ndarray:
 
     Metrics inside it ignore the air around the patient, which dominates whole-image PSNR.
     Padding outside a CT's field of view (one value far below air, e.g. -3024 HU) is first
-    raised to the lowest real intensity, so that Otsu separates air from the body, not padding from air.
+    raised to the lowest real intensity, so that Otsu separates air from the body, not padding from air
+    (the image's minimum, whatever its gap to the rest: a background of zeros rises to its lowest noise).
     """
-    array = np.array(image.array if isinstance(image, Image) else image, dtype=np.float32)
-    padding = array == array.min()
-    if not padding.all():
-        array[padding] = array[~padding].min()
+    array = np.asarray(image.array if isinstance(image, Image) else image)
+    array = raise_padding(array, array == array.min()).astype(np.float32)
     mask = sitk.OtsuThreshold(sitk.GetImageFromArray(array), 0, 1, 256)
     radius = [2, 2] + ([0] if array.ndim == 3 else [])
     mask = sitk.BinaryMorphologicalClosing(mask, radius, sitk.sitkBall, 1)

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from DiffDenoiseLib.normalization import HIGH_PERCENTILE, LOW_PERCENTILE
+from DiffDenoiseLib.normalization import HIGH_PERCENTILE, LOW_PERCENTILE, padding_mask, raise_padding
 
 NOISE_KINDS = ("gaussian", "poisson", "gamma", "correlated", "rician")
 # `binning_noise_reading` thresholds: the ratio lies between white noise (up to 4) and correlated
@@ -428,6 +428,7 @@ def binning_noise_reading(array, max_slices: int = 32) -> Tuple[float, float]:
         raise ValueError("the image has NaN or infinite voxels, so its noise cannot be read")
     if min(a.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         raise ValueError(f"the image ({' x '.join(map(str, a.shape))}) is too small to judge its noise")
+    a = raise_padding(a, padding_mask(a))  # padding would stretch the range the strength is read against
     low, high = np.percentile(a, [LOW_PERCENTILE, HIGH_PERCENTILE])
     a = (a[..., : a.shape[-2] // 2 * 2, : a.shape[-1] // 2 * 2] - low) / max(high - low, 1e-12)
     binned = 0.25 * (a[..., ::2, ::2] + a[..., 1::2, ::2] + a[..., ::2, 1::2] + a[..., 1::2, 1::2])

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from DiffDenoiseLib.networks import (
 from DiffDenoiseLib.noise import (
     MIN_SIDE_TO_JUDGE_NOISE, Curve, estimate_transform_params, get_transform, noise_variance_curve,
 )
-from DiffDenoiseLib.normalization import Normalization
+from DiffDenoiseLib.normalization import Normalization, padding_mask, raise_padding
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
 from DiffDenoiseLib.settings import JsonSettings
 from DiffDenoiseLib.slicing import TILE, as_slice_stack, choose_slice_axis, context_stack, from_slice_stack, map_tiled
@@ -166,8 +166,18 @@ class DenoiseResult:
     details: dict = field(default_factory=dict)
 
 
-def prepare_array(array: np.ndarray, transform_spec: dict):
-    """Normalise and stabilise an image for the networks; returns (z, normalization, transform)."""
+class Prepared(NamedTuple):
+    """An image as the networks get it: `z`, normalised and stabilised, with its padding outside the field of view
+    (None when it has none; normalization.padding_mask) raised to the lowest real intensity first."""
+
+    z: np.ndarray
+    normalization: Normalization
+    transform: object
+    padding: Optional[np.ndarray]
+
+
+def prepare_array(array: np.ndarray, transform_spec: dict) -> Prepared:
+    """Normalise and stabilise an image for the networks."""
     if np.size(array) > MAX_VOXELS:
         raise ValueError(f"the image has {np.size(array):,} voxels, more than the {MAX_VOXELS:,} DiffDenoise "
                          f"processes at once (about {np.size(array) * 40 / 2 ** 30:.0f} GiB of working memory); "
@@ -175,6 +185,8 @@ def prepare_array(array: np.ndarray, transform_spec: dict):
     data = np.asarray(array, dtype=np.float64)
     if not np.all(np.isfinite(data)):
         raise ValueError(f"the image has {int(np.size(data) - np.isfinite(data).sum())} NaN or infinite voxels")
+    padding = padding_mask(data)
+    data = raise_padding(data, padding) if padding is not None else data
     normalization = Normalization.fit(data)
     normalized = normalization.forward(data)
     name = transform_spec.get("name", "none")
@@ -182,7 +194,7 @@ def prepare_array(array: np.ndarray, transform_spec: dict):
     if not params:
         params = estimate_transform_params(name, normalized)
     transform = get_transform(name, **params)
-    return transform.forward(normalized), normalization, transform
+    return Prepared(transform.forward(normalized), normalization, transform, padding)
 
 
 def run_network_on_slices(
@@ -268,7 +280,8 @@ def denoise_image(
     model.to(device).eval()
     k = model.config.context_slices
     transform_spec = model.card.get("transform", {"name": "none"})
-    z, normalization, transform = prepare_array(image.array, transform_spec)
+    prepared = prepare_array(image.array, transform_spec)
+    z = prepared.z
     # a model with a variance-stabilising transform has its own inverse for the bias
     rician_sigma = (rician_bias_sigma(image.array, image.modality, rician_bias)
                     if transform_spec.get("name", "none") == "none" else None)
@@ -300,7 +313,7 @@ def denoise_image(
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
                                      progress=filtered_one)
         details.update(correlated_noise=False, wiener=True, fusion=False, filters_made_the_image="volumetric filter")
-        return finished_result(image, z, axis, start, normalization, transform, denoised, None, started, details,
+        return finished_result(image, prepared, axis, start, denoised, None, started, details,
                                rician_sigma)
     # the Wiener filter of a 2.5D model's result reads k slices on each side (more under correlated noise), so the
     # networks also run on those neighbours of the slice range; slices too small to judge the noise get no
@@ -379,7 +392,7 @@ def denoise_image(
         advance(timer.total - timer.done)
     if uncertainty is not None:
         uncertainty = uncertainty[start - lo:stop - lo]
-    return finished_result(image, z, axis, start, normalization, transform, denoised, uncertainty, started, details,
+    return finished_result(image, prepared, axis, start, denoised, uncertainty, started, details,
                            rician_sigma)
 
 
@@ -468,24 +481,36 @@ def volumetric_filter_makes_the_image(slices: np.ndarray) -> bool:
             and noise_is_white_enough_for_the_share(slices))
 
 
-def finished_result(image: Image, z: np.ndarray, axis: int, start: int, normalization: Normalization, transform,
-                    denoised: np.ndarray, uncertainty: Optional[np.ndarray], started: float,
-                    details: dict, rician_sigma: Optional[float] = None) -> DenoiseResult:
+def finished_result(image: Image, prepared: Prepared, axis: int, start: int, denoised: np.ndarray,
+                    uncertainty: Optional[np.ndarray], started: float, details: dict,
+                    rician_sigma: Optional[float] = None) -> DenoiseResult:
     """The denoised slices (and their uncertainty) back in the input's units and geometry, with the Rician bias
-    removed for a `rician_sigma` (magnitude.py)."""
-    denoised_z = from_slice_stack(denoised, axis, z.ndim)
+    removed for a `rician_sigma` (magnitude.py); padding outside the field of view keeps its value (and no
+    uncertainty)."""
+    ndim = prepared.z.ndim
+    denoised_z = from_slice_stack(denoised, axis, ndim)
 
     def in_units(values: np.ndarray) -> np.ndarray:
-        output = normalization.inverse(transform.inverse_denoised(values))
+        output = prepared.normalization.inverse(prepared.transform.inverse_denoised(values))
         return output if rician_sigma is None else remove_rician_bias(output, rician_sigma)
 
     output = in_units(denoised_z.astype(np.float64))
+    padding = None
+    if prepared.padding is not None:
+        within = [slice(None)] * ndim
+        within[axis] = slice(start, start + denoised_z.shape[axis])
+        padding = prepared.padding[tuple(within)]
+        output[padding] = np.asarray(image.array)[tuple(within)][padding]
+        details["padding"] = {"value": float(np.min(image.array)), "voxels": int(padding.sum())}
     result_image = slice_range_image(image, axis, start, output.astype(np.float32))
     uncertainty_image = None
     if uncertainty is not None:
-        spread = from_slice_stack(uncertainty, axis, z.ndim).astype(np.float64)
+        spread = from_slice_stack(uncertainty, axis, ndim).astype(np.float64)
         upper = in_units(denoised_z + spread)
-        uncertainty_image = slice_range_image(image, axis, start, np.abs(upper - output).astype(np.float32))
+        spread = np.abs(upper - output)
+        if padding is not None:
+            spread[padding] = 0.0
+        uncertainty_image = slice_range_image(image, axis, start, spread.astype(np.float32))
     return DenoiseResult(result_image, uncertainty_image, time.monotonic() - started, details)
 
 

@@ -334,7 +334,7 @@ class DenoiseLogic:
         def read() -> bool:
             stack = as_slice_stack(volume_array(input_node), numpy_axis)
             return noise_is_white_enough_for_the_share(
-                prepare_array(sample_slices(stack, NOISE_READING_SLICES), transform)[0])
+                prepare_array(sample_slices(stack, NOISE_READING_SLICES), transform).z)
 
         return self._reading(input_node, ("white noise", axis, tuple(sorted(transform.items()))), read)
 
@@ -463,6 +463,8 @@ class DenoiseLogic:
                        "As Rician bias 'remove' asked, the volume was taken as MR magnitude data")
                 message += (" %s: the bias its Rician noise (sigma %.4g in its units) leaves, brighter air and dark "
                             "tissue, was removed from the result." % (why, sigma))
+            if result.get("details", {}).get("padding"):
+                message += " " + worker_protocol.describe_padding(result["details"]["padding"])
             message += suggestion_for_the_noise(result.get("suggested_model"))
             return JobOutcome(kind, "done", message, 0, result, output, uncertainty,
                               str(result.get("model", settings.model)))

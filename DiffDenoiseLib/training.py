@@ -226,7 +226,7 @@ def _training_slices(images: Sequence[Image], transform: str):
     """Normalised, stabilised (n, H, W) slice stacks of every training image, and a privacy-free summary."""
     volumes, summary = [], []
     for image in images:
-        z, _, _ = prepare_array(image.array, {"name": transform})
+        z = prepare_array(image.array, {"name": transform}).z
         axis = choose_slice_axis(image.spacing, z.shape)
         volumes.append(np.ascontiguousarray(as_slice_stack(z, axis), dtype=np.float32))
         summary.append({"shape": list(image.array.shape), "spacing": [round(float(s), 4) for s in image.spacing],

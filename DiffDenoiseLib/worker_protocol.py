@@ -52,6 +52,12 @@ def format_seconds(seconds: Optional[float]) -> str:
     return "%d h %02d min" % (seconds // 3600, (seconds % 3600) // 60)
 
 
+def describe_padding(padding: dict) -> str:
+    """What the result's `details["padding"]` ({"value", "voxels"}) means, for the log and the module's message."""
+    return (f"{padding['voxels']:,} voxels of padding outside the field of view (the value {padding['value']:g}, "
+            "far below the rest) were kept out of the intensity range the networks work in and left as they were.")
+
+
 def _base(python: Sequence[str], command: str) -> List[str]:
     return list(python) + ["-m", "DiffDenoiseLib", command]
 

@@ -36,7 +36,7 @@ def pair(stack: np.ndarray, noise: Noise, case: Case, context: int, model: Denoi
     centre = stack.shape[0] // 2
     clean = stack[centre - context:centre + context + 1]
     noisy = noise.apply(clean, rng)
-    z, normalization, transform = prepare_array(case.to_units(noisy), model.card.get("transform", {"name": "none"}))
+    z, normalization, transform, _ = prepare_array(case.to_units(noisy), model.card.get("transform", {"name": "none"}))
     target = transform.forward(normalization.forward(case.to_units(clean[context])))
     return z, target
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from DiffDenoiseLib import datasets
 from DiffDenoiseLib.noise import add_noise, gaussian_kernel
+from DiffDenoiseLib.normalization import raise_padding
 
 CORRELATED_SIGMA = 0.1  # std of the correlated noise (add_noise's default), so only the correlation varies
 STD_FLOOR_INTENSITY = 0.01  # where signal-dependent noise vanishes (black), its std is read at this intensity
@@ -116,12 +117,9 @@ class Case:
 def without_padding(array: np.ndarray) -> np.ndarray:
     """CT padding outside the field of view (one value far below air, e.g. -3024 HU) raised to the lowest real
     intensity, as `datasets.foreground_mask` does, so it neither stretches the [0, 1] scale nor smears when
-    downsampled."""
-    a = np.array(array, dtype=np.float64)
-    padding = a == a.min()
-    if not padding.all():
-        a[padding] = a[~padding].min()
-    return a
+    downsampled. Every image's minimum counts (Colin27's background of zeros is raised to 7), as since the first
+    run; the pipeline's own rule (`normalization.padding_mask`) also asks for a gap, which only CT padding has."""
+    return raise_padding(array, np.asarray(array) == np.min(array))
 
 
 def normaliser(array: np.ndarray) -> Tuple[float, float]:

@@ -135,6 +135,22 @@ def test_denoise_keeps_shape_and_geometry_of_2d_and_3d_images(capfd, data, train
     assert sorted(p.name for p in tmp_path.iterdir()) == ["denoised.nii.gz"], "no temporary file is left"
 
 
+def test_padding_outside_the_field_of_view_is_left_as_it_was_and_the_log_says_so(capfd, data, trained, tmp_path):
+    image = read_image(data / "radiograph.nrrd")
+    array = image.array.copy()
+    array[:6, :6] = -3024.0
+    source, output = tmp_path / "padded.nrrd", tmp_path / "out.nrrd"
+    write_image(Image(array=array, spacing=image.spacing, origin=image.origin, direction=image.direction,
+                      modality="CT"), source)
+    code, out, err = run(capfd, "denoise", source, output, "--model", "tiny", "--store", trained["store"], "--json")
+    assert code == 0, err
+    events = parse(out)
+    assert of_kind(events, "result")[0]["details"]["padding"] == {"value": -3024.0, "voxels": 36}
+    assert any("36 voxels of padding outside the field of view" in e["message"] for e in of_kind(events, "log"))
+    denoised = read_image(output).array
+    assert np.all(denoised[:6, :6] == -3024.0) and denoised[6:, 6:].min() > 0
+
+
 def test_full_mode_writes_the_uncertainty_map_and_people_get_a_progress_bar(capfd, data, trained, tmp_path):
     output, spread = tmp_path / "full.nrrd", tmp_path / "spread.nrrd"
     code, out, err = run(capfd, "denoise", data / "volume.nrrd", output, "--model", "tiny", "--mode", "full",

@@ -70,6 +70,8 @@ FAKE_CLI = textwrap.dedent(
         model = args[args.index("--model") + 1] if "--model" in args else ""
         if bias == "remove" or (bias == "auto" and model == "magnitude"):
             details.update(rician_bias_removed=True, rician_sigma=21.5)
+        if model == "padded":  # a CT with padding outside its field of view, which the worker leaves as it was
+            details.update(padding={"value": -3024.0, "voxels": 1200})
         say(event="result", output=target, model="fake-mean", seconds=0.5, details=details,
             suggested_model=suggested)
     elif args[0] == "train":
@@ -216,6 +218,16 @@ def test_the_status_says_when_and_why_the_rician_bias_was_removed(mrml, fake_log
     assert "reads as MR magnitude" not in forced.message
     kept = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="magnitude", rician_bias="keep"))
     assert "Rician" not in kept.message and kept.output_volume.GetAttribute("DiffDenoise.RicianSigma") is None
+
+
+def test_the_status_says_that_padding_outside_the_field_of_view_was_left_as_it_was(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    padded = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="padded"))
+    assert "1,200 voxels of padding outside the field of view (the value -3024" in padded.message
+    assert "left as they were" in padded.message
+    assert "padding" not in fake_logic.denoise(source, DenoiseSettings(mode="fast")).message
 
 
 def test_a_model_that_separates_correlated_noise_poorly_is_followed_by_the_one_that_does(mrml, fake_logic,
