@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from DiffDenoiseLib.noise import constant_neighbourhoods
+
 # What the read costs the 2D filters (held-out regions of the benchmark's images, correlated 1.2, fresh draws, Fast's
 # inputs, 2026-12-05): told the true covariance they gained +0.46 dB on the 693 CT's strips, +0.22 on the shoulder
 # MRI's, +0.20 on the chest X-ray's and +0.82 on Colin27's tissue-filled crops (+0.12 and +0.04 on two of the
@@ -74,7 +76,8 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     """The noise covariance R (2 * depth + 1, 2 * reach + 1, 2 * reach + 1) of the stack `noisy` (n, H, W), at
     offsets of up to `depth` slices and reach = REACH voxels (a quarter of the window on smaller images), read
     in the WINDOW-sided windows (half overlapping) of every slice where `pilot` (same shape) varies least (the
-    FLATTEST_SHARE of them), each window's mean taken out. Offsets to slices beyond the stack are read on the
+    FLATTEST_SHARE of them, leaving out windows that reach a 3x3 neighbourhood of one value: a masked background),
+    each window's mean taken out. Offsets to slices beyond the stack are read on the
     slices that have them (as 0, uncorrelated, when none of their windows is among the flattest); R(0) is the
     noise variance, and R(-d) = R(d) (which `group_variance` relies on). An offset whose read lies within
     SIGNIFICANCE standard errors of 0 (from the spread of the windows' own reads) is 0. With `residual` the
@@ -96,7 +99,13 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
         return a.unfold(1, side, step).unfold(2, side, step).reshape(n, -1, side, side)
 
     yw, spread = windows(y), windows(m).std(dim=(2, 3))  # views: only the windows read are copied
-    flattest = torch.argsort(spread.reshape(-1))[:max(1, int(FLATTEST_SHARE * spread.numel()))]
+    # a masked background (or a CT's padding raised to air) holds no noise: windows reaching into it are not read
+    constant = F.pad(torch.from_numpy(constant_neighbourhoods(y.numpy())).double(), (1, 1, 1, 1))
+    constant = windows(constant).amax(dim=(2, 3)) > 0
+    readable = int((~constant).sum()) if not constant.all() else spread.numel()
+    if readable < spread.numel():
+        spread = spread.masked_fill(constant, float("inf"))
+    flattest = torch.argsort(spread.reshape(-1))[:max(1, int(FLATTEST_SHARE * readable))]
     chosen = torch.zeros(spread.numel(), dtype=torch.bool)
     chosen[flattest] = True
     chosen = chosen.reshape(spread.shape)  # (n, windows)

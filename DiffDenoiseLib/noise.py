@@ -448,8 +448,13 @@ def noise_looks_correlated(array) -> bool:
 
 def reading_looks_correlated(reading: Tuple[float, float]) -> bool:
     """`noise_looks_correlated` from a `binning_noise_reading` (ratio, strength) already taken."""
+    return reading[0] > CORRELATED_BINNING_RATIO and reading_is_strong(reading)
+
+
+def reading_is_strong(reading: Tuple[float, float]) -> bool:
+    """Whether a `binning_noise_reading` (ratio, strength) is of noise strong enough to tell from fine anatomy."""
     ratio, strength = reading
-    return ratio > CORRELATED_BINNING_RATIO and strength > strength_needed(ratio)
+    return strength > strength_needed(ratio)
 
 
 def strength_needed(ratio: float) -> float:

@@ -249,7 +249,7 @@ class DenoiseLogic:
         run (`run_stages`) for the model it will use, among the cards in `models` (as `list_models` gives them;
         none known: a 2D model's defaults), and the noise the volume shows."""
         from DiffDenoiseLib.device import select_device
-        from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE
+        from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE, reading_is_strong
         from DiffDenoiseLib.slicing import tiled_pixels
 
         device, message = select_device(settings.device)
@@ -261,6 +261,8 @@ class DenoiseLogic:
         card = self._model_card(input_node, settings, models, slices)
         white = side >= MIN_SIDE_TO_JUDGE_NOISE and self._noise_looks_white(
             input_node, axis, card.get("transform", {"name": "none"}))
+        strong = side >= MIN_SIDE_TO_JUDGE_NOISE and reading_is_strong(
+            self._binning_reading(input_node, 2 - IJK_AXIS[axis]))
         megapixels = slices * height * width / 1e6
         network_megapixels = slices * tiled_pixels(height, width) / 1e6  # the tiles of a large slice overlap
         speed_up = 1.0 if device.type == "cpu" else _GPU_SPEED_UP
@@ -270,9 +272,9 @@ class DenoiseLogic:
                                           * (network_megapixels if stage in _NETWORK_STAGES else megapixels)
                                           for stage, passes in stages.items()) / speed_up
 
-        stages = run_stages(card, settings.mode, settings.steps, settings.pairs, slices, side, white)
+        stages = run_stages(card, settings.mode, settings.steps, settings.pairs, slices, side, white, strong)
         total = seconds(stages)
-        fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white))
+        fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white, strong))
         advice = []
         if "volumetric_filter" in stages:
             advice.append("The noise looks white: the volumetric filter makes the image (Fast and Full alike), "
@@ -654,16 +656,19 @@ def filter_reach(card: dict, side: int) -> Tuple[int, int]:
     return (correlated_filter_reach(architecture), networks_reach(architecture)) if fuse else (0, 0)
 
 
-def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side: int, white: bool) -> Dict[str, float]:
+def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side: int, white: bool,
+               strong: bool) -> Dict[str, float]:
     """{stage of benchmarks/stage_costs.py: passes over the image} of a run of `card`'s model in `mode` (0 steps or
     pairs: the model's) on `slices` slices of `side` voxels or more, as `pipeline.denoise_image` chooses them.
 
     Under white noise a 2.5D model's volume goes to the volumetric filter alone; otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
-    exact variances after a wide blind spot only (a 2.5D model's Fast mode also runs that blind spot, whose estimate
-    matches the Wiener step's groups). `white` is the binning test's reading (Fast's and the volumetric
-    filter's); Full's test of the networks' residual is taken to agree with it.
+    exact variances after a wide blind spot, or a 2D model when the noise is `strong` (a 2.5D model's Fast mode
+    also runs that blind spot, whose estimate matches the Wiener step's groups). `white` and `strong` are the
+    binning reading's (Fast's and the volumetric filter's test, `noise.reading_is_strong`); Full's test of the
+    networks' residual is taken to agree with it.
     """
+    from DiffDenoiseLib.pipeline import correlated_filters_follow
     from DiffDenoiseLib.wiener import CUBE
 
     architecture, sampling, fuse = _card_run(card, side)
@@ -677,7 +682,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
                   "diffusion": 2 * (steps or sampling.steps) * (pairs or sampling.pairs)}
     if fuse and white:
         stages["wiener_context" if context else "filters_2d"] = 1
-    elif fuse and architecture.blind_spot_radius:
+    elif fuse and correlated_filters_follow(architecture, strong):
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
         if mode == "fast" and context:  # a blind-spot estimate matches the Wiener step's groups
             stages["bsn_wide"] = sampling.self_ensemble

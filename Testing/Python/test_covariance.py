@@ -39,6 +39,18 @@ def test_the_covariance_read_in_flat_windows_is_the_noises_in_plane_and_across_s
     assert estimate_noise_covariance(mixed, np.zeros_like(mixed), depth=1)[0, 8, 8] > 0.35
 
 
+def test_windows_of_one_value_are_not_read_as_noise_free_tissue():
+    """A slice whose left half is a masked background (one value, as a CT's padding raised to air is): its windows,
+    the flattest of all, would read R = 0; the noise's own covariance is read on the other half."""
+    rng = np.random.default_rng(2)
+    slice_ = add_noise(np.zeros((1, 128, 256)), "correlated", 1.2, rng, sigma=1.0)
+    slice_[..., :128] = 0.0
+    read = estimate_noise_covariance(slice_, np.zeros_like(slice_))
+    reach = read.shape[-1] // 2
+    assert read[0, reach, reach] == pytest.approx(empirical_covariance(slice_[..., 128:], 0, 0, 0), rel=0.15)
+    assert read[0, reach, reach + 1] > 0.5 * read[0, reach, reach]
+
+
 def test_offsets_read_within_two_standard_errors_of_zero_are_taken_as_uncorrelated(monkeypatch):
     """White noise on a 128x128 slice: without the test every offset but 0 reads sampling error (up to several
     percent of R(0)); with it most read exactly 0 (the windows half overlap, so their spread understates the

@@ -331,17 +331,38 @@ def test_fast_mode_gives_back_the_share_of_the_observation_stein_prefers():
     assert np.array_equal(image.array, (clean + np.random.default_rng(2).normal(0, 3.0, clean.shape)).astype(np.float32))
 
 
-def test_fusion_is_skipped_when_the_noise_is_spatially_correlated(ct_slice, trained):
-    """Fusing would hand correlated noise back; Full then returns the SRDS estimate as it is."""
+@pytest.mark.parametrize("kernel", [0.5, 1.2])
+def test_under_strong_correlated_noise_a_2d_models_image_is_the_correlated_noise_filters(ct_slice, trained, kernel):
+    """Fusing would hand correlated noise back, which a one-pixel blind spot's result keeps much of: a 2D model's
+    image is then the filters' with exact variances (its result only picks where the noise is read), above the
+    networks' result, in Full and Fast alike."""
     clean, _ = ct_slice
-    noise = add_noise(np.zeros_like(clean), "correlated", 1.2, np.random.default_rng(1), sigma=60.0)
+    noise = add_noise(np.zeros_like(clean), "correlated", kernel, np.random.default_rng(1), sigma=150.0)
     noisy = Image(array=(clean + noise).astype(np.float32), modality="CT")
+    data_range = float(clean.max() - clean.min())
     for mode in ("full", "fast"):
         asked = denoise_image(noisy, trained, mode=mode)
         unfused = denoise_image(noisy, trained, mode=mode, fusion=False)
         assert asked.details["correlated_noise"], mode
-        assert np.array_equal(asked.image.array, unfused.image.array)
+        assert asked.details["filters_made_the_image"] == "correlated-noise filters" and asked.uncertainty is None
+        gain = psnr(clean, asked.image.array, data_range=data_range) - psnr(clean, unfused.image.array,
+                                                                             data_range=data_range)
+        assert gain > 1.0, (mode, gain)
     assert asked.details["observation_share"] is None
+
+
+def test_under_faint_noise_that_does_not_look_white_a_2d_models_result_is_kept_as_it_is(trained):
+    """Fine texture under faint noise reads as not white, and the flattest windows hold texture as much as noise:
+    a one-pixel blind spot's result is returned as it is, with no filter after it."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    clean = (1500.0 + 10.0 * xx + 800.0 * ((yy - 32) ** 2 / 300 + (xx - 32) ** 2 / 150 < 1)
+             + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0))
+    noisy = clean + add_noise(np.zeros_like(clean), "gaussian", 2.0, np.random.default_rng(1))
+    image = Image(array=noisy.astype(np.float32), modality="DX")
+    for mode in ("full", "fast"):
+        asked = denoise_image(image, trained, mode=mode)
+        assert asked.details["correlated_noise"] and not asked.details["wiener"], mode
+        assert np.array_equal(asked.image.array, denoise_image(image, trained, mode=mode, fusion=False).image.array)
 
 
 def test_full_mode_gives_an_uncertainty_map_in_the_input_units(ct_slice, trained):

@@ -421,7 +421,7 @@ def test_the_preview_estimate_counts_the_neighbours_a_2_5d_model_runs_its_networ
     # long sampling, so that Full takes more than twice Fast's time and the panel offers the preview
     card = dict(_card("wide-2.5d", context=2, radius=3), sampling={"fusion": True, "steps": 20, "pairs": 2})
     full = fake_logic.estimate(volume, DenoiseSettings(mode="full", model="wide-2.5d", device="cpu"), [card])
-    stages = run_stages(card, "full", 0, 0, 40, 512, white=False)
+    stages = run_stages(card, "full", 0, 0, 40, 512, white=False, strong=True)
     assert "correlated_wiener_context" in stages
     one_slice = 5.0 + sum(passes * _CPU_SECONDS_PER_MEGAPIXEL[stage] * (
         17 * tiled_pixels(512, 512) / 1e6 if stage in _NETWORK_STAGES else
@@ -440,12 +440,26 @@ def test_estimate_of_a_white_noise_volume_for_a_2_5d_model_is_the_volumetric_fil
     assert full.seconds == filtered.seconds, "the networks do not run, in Full mode either"
 
 
-@pytest.mark.parametrize("context", [0, 2])
-def test_estimate_under_correlated_noise_with_a_one_pixel_model_is_the_networks_alone(mrml, fake_logic, context):
+def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_networks_alone(mrml, fake_logic):
     volume = _volume_with_noise("head", (12, 96, 96), correlated=True)
     for mode in ("fast", "full"):
-        one_pixel, networks = _estimates(fake_logic, volume, _card("one-pixel", context=context), mode)
+        one_pixel, networks = _estimates(fake_logic, volume, _card("one-pixel", context=2), mode)
         assert one_pixel.seconds == pytest.approx(networks.seconds) and one_pixel.advice == ""
+
+
+def test_estimate_of_a_2d_model_counts_the_exact_filters_under_strong_correlated_noise_only(mrml, fake_logic):
+    """Strong correlated noise: the filters run after a 2D model of any blind spot; faint noise that does not look
+    white (texture under noise of 2 units in 1500): the networks alone."""
+    strong = _volume_with_noise("x-ray", (1, 128, 128), correlated=True)
+    one_pixel, networks = _estimates(fake_logic, strong, _card("one-pixel"))
+    filters = 128 * 128 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL["correlated_filters_2d"]
+    assert one_pixel.seconds - networks.seconds == pytest.approx(filters) and "spatially correlated" in one_pixel.advice
+    yy, xx = np.mgrid[0:64, 0:64]
+    texture = (1500.0 + 10.0 * xx + 800.0 * ((yy - 32) ** 2 / 300 + (xx - 32) ** 2 / 150 < 1)
+               + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0) + np.random.default_rng(1).normal(0, 2.0, (64, 64)))
+    faint = slicer.util.addVolumeFromArray(texture[None].astype(np.float32), name="texture")
+    one_pixel, networks = _estimates(fake_logic, faint, _card("one-pixel"))
+    assert one_pixel.seconds == pytest.approx(networks.seconds) and one_pixel.advice == ""
 
 
 def test_estimate_of_a_single_image_does_not_offer_a_preview_of_one_slice(mrml, fake_logic):
