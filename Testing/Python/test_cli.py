@@ -269,6 +269,27 @@ def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tm
     assert not (tmp_path / "r.nrrd").exists()
 
 
+def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_model_made_for_it(capfd, data,
+                                                                                               tmp_path):
+    """A 2.5D model's one-pixel result keeps such noise and no filter follows it: the log says so and names the
+    shipped 2.5D model for correlated noise, and the result names it for the Slicer panel."""
+    store = tmp_path / "store"
+    code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "one-pixel-2.5d", "--store", store,
+                         "--config", data / "tiny.json", "--max-steps", 2, "--context-slices", 1, "--json")
+    assert code == 0, err
+    z, y, x = np.mgrid[0:6, 0:48, 0:48]
+    clean = 100.0 * ((y - 24) ** 2 + (x - 24) ** 2 < 150) + 20.0
+    noisy = clean + add_noise(np.zeros(clean.shape), "correlated", 1.2, np.random.default_rng(3), sigma=0.1) * 1000
+    write_image(Image(array=noisy.astype(np.float32), modality="MR"), tmp_path / "correlated.nrrd")
+    code, out, err = run(capfd, "denoise", tmp_path / "correlated.nrrd", tmp_path / "out.nrrd", "--model",
+                         "one-pixel-2.5d", "--store", store, "--slice-axis", "z", "--json")
+    assert code == 0, err
+    events = parse(out)
+    messages = " ".join(e["message"] for e in of_kind(events, "log"))
+    assert "a one-pixel blind spot cannot separate such noise well; --model correlated-noise-2.5d can" in messages
+    assert of_kind(events, "result")[0]["suggested_model"] == {"model": "correlated-noise-2.5d", "noise": "correlated"}
+
+
 def test_json_mode_keeps_stray_prints_off_stdout(capfd, data, trained, tmp_path, monkeypatch):
     real = cli.denoise_image
 
