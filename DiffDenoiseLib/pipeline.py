@@ -76,6 +76,10 @@ MODES = ("fast", "full", "bsn", "single")
 # times the Wiener step's time; with 4, groups of 96 or 128 instead of 64 gained 0.04 on the CT and -0.01 on Colin27;
 # 6 slices gained nothing over 4 (-0.01 on both).
 CORRELATED_FILTER_SLICE_REACH = 4
+# A one-pixel 2D model's result is followed by the correlated-noise filters only on slices this large: a 64-pixel
+# crop offers one window of covariance.WINDOW to read the noise in, and on 2 of 8 such crops of pydicom-data's real
+# chest radiograph (strong noise of its own, read as not white) the filters left a grid pattern.
+MIN_SIDE_FOR_ONE_PIXEL_FILTERS = 96
 NETWORK_SHARE_2D = 0.1  # of a 2D model's result in its Wiener pilot (white noise), the rest hard thresholding's
 
 
@@ -405,6 +409,8 @@ def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray) ->
     config = model.config
     if config.blind_spot_radius > 0:
         return correlated_filters_follow(config, strong_noise=False)
+    if min(slices.shape[-2:]) < MIN_SIDE_FOR_ONE_PIXEL_FILTERS:
+        return False
     return correlated_filters_follow(config, strong_noise=reading_is_strong(binning_noise_reading(slices)))
 
 

@@ -663,12 +663,13 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
 
     Under white noise a 2.5D model's volume goes to the volumetric filter alone; otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
-    exact variances after a wide blind spot, or a 2D model when the noise is `strong` (a 2.5D model's Fast mode
+    exact variances after a wide blind spot, or a 2D model when the noise is `strong` and the slices large enough
+    (`pipeline.MIN_SIDE_FOR_ONE_PIXEL_FILTERS`; a 2.5D model's Fast mode
     also runs that blind spot, whose estimate matches the Wiener step's groups). `white` and `strong` are the
     binning reading's (Fast's and the volumetric filter's test, `noise.reading_is_strong`); Full's test of the
     networks' residual is taken to agree with it.
     """
-    from DiffDenoiseLib.pipeline import correlated_filters_follow
+    from DiffDenoiseLib.pipeline import MIN_SIDE_FOR_ONE_PIXEL_FILTERS, correlated_filters_follow
     from DiffDenoiseLib.wiener import CUBE
 
     architecture, sampling, fuse = _card_run(card, side)
@@ -682,7 +683,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
                   "diffusion": 2 * (steps or sampling.steps) * (pairs or sampling.pairs)}
     if fuse and white:
         stages["wiener_context" if context else "filters_2d"] = 1
-    elif fuse and correlated_filters_follow(architecture, strong):
+    elif fuse and correlated_filters_follow(architecture, strong and side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS):
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
         if mode == "fast" and context:  # a blind-spot estimate matches the Wiener step's groups
             stages["bsn_wide"] = sampling.self_ensemble

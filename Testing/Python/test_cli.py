@@ -349,9 +349,23 @@ def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data
         assert of_kind(events, "result")[0]["model"] == expected
         if kind == "correlated":
             assert any("the default for spatially correlated noise" in e["message"] for e in of_kind(events, "log"))
-    # with a 2D one-pixel blind spot chosen by hand, the filters make the image as after the model made for such
-    # noise (a 2D model's result only picks where the noise is read), so no other model is suggested
+    # with a 2D one-pixel blind spot chosen by hand on an image too small for its filters (48 x 40), the advice names
+    # the model made for such noise that fits a 2D image
     code, out, err = run(capfd, "denoise", tmp_path / "correlated.nrrd", tmp_path / "tiny-out.nrrd", "--model", "tiny",
+                         "--store", trained["store"], "--json")
+    assert code == 0, err
+    events = parse(out)
+    messages = " ".join(e["message"] for e in of_kind(events, "log"))
+    assert "the Wiener filter were skipped" in messages and "--model wide-spot can" in messages
+    # the result names it too, for the Slicer panel to say in its own words
+    assert of_kind(events, "result")[0]["suggested_model"] == {"model": "wide-spot", "noise": "correlated"}
+    # on a larger image the filters make the image as after the model made for such noise (a 2D model's result
+    # only picks where the noise is read), so no other model is suggested
+    yy, xx = np.mgrid[0:128, 0:112]
+    clean = 1500.0 + 8.0 * xx + 800.0 * ((yy - 64) ** 2 / 1600 + (xx - 56) ** 2 / 900 < 1)
+    noisy = add_noise(np.zeros_like(clean), "correlated", 1.2, rng) * 1600 + clean
+    write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / "larger.nrrd")
+    code, out, err = run(capfd, "denoise", tmp_path / "larger.nrrd", tmp_path / "larger-out.nrrd", "--model", "tiny",
                          "--store", trained["store"], "--json")
     assert code == 0, err
     events = parse(out)
