@@ -24,6 +24,7 @@ BM4D's two steps on cubes), which beat the networks there; the networks do not r
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -37,6 +38,7 @@ from DiffDenoiseLib.fusion import (
     fuse_unless_correlated,
     noise_is_white_enough_for_the_share,
     probe_step,
+    reading_is_white_enough_for_the_share,
 )
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.magnitude import check_mode as check_rician_bias_mode, remove_rician_bias, rician_bias_sigma
@@ -80,7 +82,8 @@ CORRELATED_FILTER_SLICE_REACH = 4
 # crop offers one window of covariance.WINDOW to read the noise in, and on 2 of 8 such crops of pydicom-data's real
 # chest radiograph (strong noise of its own, read as not white) the filters left a grid pattern.
 MIN_SIDE_FOR_ONE_PIXEL_FILTERS = 96
-NETWORK_SHARE_2D = 0.1  # of a 2D model's result in its Wiener pilot (white noise), the rest hard thresholding's
+NETWORK_SHARE_2D = 0.1
+NoiseReading = Callable[[], Tuple[float, float]]  # a binning_noise_reading of the image, taken once when first asked  # of a 2D model's result in its Wiener pilot (white noise), the rest hard thresholding's
 
 
 @dataclass
@@ -313,7 +316,9 @@ def denoise_image(
             cancel.raise_if_cancelled()
         advance(1)
 
-    if fuse and k > 0 and volumetric_filter_makes_the_image(slices):
+    # the binning reading of the whole image (fusion.py, noise.py), read once, where a step needs it
+    noise_reading = functools.cache(lambda: binning_noise_reading(slices))
+    if fuse and k > 0 and volumetric_filter_makes_the_image(slices, noise_reading):
         timer.total = volumetric_filter_steps(n, range(start, stop))
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
                                      progress=filtered_one)
@@ -341,7 +346,7 @@ def denoise_image(
         details["fusion"] = fuse
         if fuse:
             denoised, details["observation_share"], details["correlated_noise"] = keep_observation_share(
-                model, slices, denoised, lo, hi, indices, run, seed, white)
+                model, slices, denoised, lo, hi, indices, run, seed, white, noise_reading)
             white_noise = details["observation_share"] is not None
     else:
         details["self_ensemble"] = int(self_ensemble or model.sampling.self_ensemble)
@@ -358,7 +363,7 @@ def denoise_image(
             if weight is not None and uncertainty is not None:
                 uncertainty = uncertainty * weight
     correlated = bool(details.get("correlated_noise"))
-    correlated_filters = fuse and correlated and correlated_noise_filters_apply(model, slices)
+    correlated_filters = fuse and correlated and correlated_noise_filters_apply(model, slices, noise_reading)
     if fuse:
         details["wiener"] = (white_noise and filters_may_run) or correlated_filters
     filtering = dict(indices=range(start - lo, stop - lo), device=device, progress=filtered_one)
@@ -401,9 +406,11 @@ def denoise_image(
                            rician_sigma)
 
 
-def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray) -> bool:
+def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray,
+                                   noise_reading: Optional[NoiseReading] = None) -> bool:
     """Whether the correlated-noise filters make the image of `slices` (n, H, W) when their noise looks correlated
-    (`correlated_filters_follow` the model, and the slices are large enough to read the noise on)."""
+    (`correlated_filters_follow` the model, and the slices are large enough to read the noise on); `noise_reading`
+    gives the binning reading of `slices` where it was already taken."""
     if min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         return False
     config = model.config
@@ -411,7 +418,8 @@ def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray) ->
         return correlated_filters_follow(config, strong_noise=False)
     if min(slices.shape[-2:]) < MIN_SIDE_FOR_ONE_PIXEL_FILTERS:
         return False
-    return correlated_filters_follow(config, strong_noise=reading_is_strong(binning_noise_reading(slices)))
+    reading = noise_reading() if noise_reading is not None else binning_noise_reading(slices)
+    return correlated_filters_follow(config, strong_noise=reading_is_strong(reading))
 
 
 def correlated_filters_follow(config: NetworkConfig, strong_noise: bool) -> bool:
@@ -493,17 +501,20 @@ def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Cur
                                 covariance_on_residual=True, **filtering)
 
 
-def volumetric_filter_makes_the_image(slices: np.ndarray) -> bool:
+def volumetric_filter_makes_the_image(slices: np.ndarray, noise_reading: Optional[NoiseReading] = None) -> bool:
     """Whether a 2.5D model's volume gets the volumetric filter's estimate instead of the networks': a volume
-    of CUBE slices or more, large enough to judge its noise, whose noise looks white.
+    of CUBE slices or more, large enough to judge its noise, whose noise looks white (by `noise_reading`, the
+    binning reading of `slices`, where it was already taken).
 
     On the benchmark's two volumes under white noise (Gaussian, Poisson, Gamma, Rician) the filter's two steps
     alone beat the networks' result filtered with 2D patches from five slices by 0.6 to 2.2 dB, and every way
     measured of adding the networks' result to them (as a share of the pilot, as the guide of block matching, as
     a share of the output) lost or tied; so the networks do not run there.
     """
-    return (slices.shape[0] >= CUBE and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
-            and noise_is_white_enough_for_the_share(slices))
+    if slices.shape[0] < CUBE or min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
+        return False
+    return (reading_is_white_enough_for_the_share(noise_reading()) if noise_reading is not None
+            else noise_is_white_enough_for_the_share(slices))
 
 
 def finished_result(image: Image, prepared: Prepared, axis: int, start: int, denoised: np.ndarray,
@@ -539,10 +550,10 @@ def finished_result(image: Image, prepared: Prepared, axis: int, start: int, den
     return DenoiseResult(result_image, uncertainty_image, time.monotonic() - started, details)
 
 
-def keep_observation_share(model, slices, denoised, start, stop, indices, run, seed, white):
+def keep_observation_share(model, slices, denoised, start, stop, indices, run, seed, white, noise_reading):
     """(Fast's result with the share of y - m that Stein's estimate prefers given back, that share or None,
     whether the noise looks correlated); `denoised` holds the student's output m on slices start..stop, `white`
-    the image's noise variance curve.
+    the image's noise variance curve, `noise_reading` its binning reading.
 
     The student runs once more on the image plus a small random-sign probe, which measures how
     much of each voxel's own noise m kept (fusion.choose_observation_share). Unless the noise
@@ -551,7 +562,7 @@ def keep_observation_share(model, slices, denoised, start, stop, indices, run, s
     noisy = slices[start:stop]
     if min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:  # too small to judge the noise
         return denoised, None, False
-    if not noise_is_white_enough_for_the_share(slices):
+    if not reading_is_white_enough_for_the_share(noise_reading()):
         return denoised, None, True
     step = probe_step(white)
     probe = np.random.default_rng(seed).choice(np.array([-1.0, 1.0], dtype=np.float32), size=slices.shape)

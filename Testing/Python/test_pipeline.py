@@ -351,6 +351,21 @@ def test_under_strong_correlated_noise_a_2d_models_image_is_the_correlated_noise
     assert asked.details["observation_share"] is None
 
 
+def test_fast_reads_the_images_noise_once(ct_slice, trained, monkeypatch):
+    """The binning reading (a second of work on a large volume) is taken once for Fast's share and the filters'
+    choice, which both ask for it under strong correlated noise."""
+    from DiffDenoiseLib import fusion
+
+    clean, _ = ct_slice
+    noise = add_noise(np.zeros_like(clean), "correlated", 0.5, np.random.default_rng(1), sigma=150.0)
+    readings = []
+    for module in (pipeline, fusion):
+        read = module.binning_noise_reading
+        monkeypatch.setattr(module, "binning_noise_reading", lambda a, read=read: readings.append(1) or read(a))
+    result = denoise_image(Image(array=(clean + noise).astype(np.float32), modality="CT"), trained, mode="fast")
+    assert result.details["filters_made_the_image"] == "correlated-noise filters" and len(readings) == 1
+
+
 def test_under_faint_noise_that_does_not_look_white_a_2d_models_result_is_kept_as_it_is(trained):
     """Fine texture under faint noise reads as not white, and the flattest windows hold texture as much as noise:
     a one-pixel blind spot's result is returned as it is, with no filter after it."""
@@ -449,7 +464,7 @@ def volume_and_model():
 @pytest.fixture
 def networks_make_the_image(monkeypatch):
     """The toy volume's networks' result filtered as under correlated noise, instead of the volumetric filter's."""
-    monkeypatch.setattr(pipeline, "volumetric_filter_makes_the_image", lambda slices: False)
+    monkeypatch.setattr(pipeline, "volumetric_filter_makes_the_image", lambda slices, noise_reading=None: False)
 
 
 @pytest.mark.parametrize("mode", ["fast", "bsn"])
