@@ -41,7 +41,7 @@ then returns the estimate as it is.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -155,7 +155,8 @@ def fuse_with_observation(
     return fused, weight
 
 
-def fuse_unless_correlated(noisy: np.ndarray, estimate: np.ndarray, white: Optional[Curve] = None
+def fuse_unless_correlated(noisy: np.ndarray, estimate: np.ndarray, white: Optional[Curve] = None,
+                           noise_reading: Optional[Callable[[], Tuple[float, float]]] = None
                            ) -> Tuple[np.ndarray, Optional[np.ndarray], bool]:
     """(result, weight of the estimate or None, whether the noise looks correlated).
 
@@ -165,11 +166,14 @@ def fuse_unless_correlated(noisy: np.ndarray, estimate: np.ndarray, white: Optio
     unchanged and the weight is None. The residual alone read noise of a 0.5-pixel kernel as white on the
     benchmark's five test crops: Full fused it with the high-pass curve, which sees only part of it, and its
     Wiener filter kept the noise (24.3 to 25.4 dB against Fast's 25.7 to 32.1). Slices too small for the binning
-    reading (`noise.MIN_SIDE_TO_JUDGE_NOISE`) are judged by the residual alone.
+    reading (`noise.MIN_SIDE_TO_JUDGE_NOISE`) are judged by the residual alone. `white` and `noise_reading` (the
+    binning reading, taken when first asked) may come from the whole image that `noisy` is a range of slices of,
+    so that a range judges its noise as the whole image's run does.
     """
     white = noise_variance_curve(noisy) if white is None else white
     judged = min(np.shape(noisy)[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
-    if (judged and not noise_is_white_enough_for_the_share(noisy)) or looks_correlated(noisy, estimate, white):
+    reading = noise_reading or (lambda: binning_noise_reading(noisy))
+    if (judged and not reading_is_white_enough_for_the_share(reading())) or looks_correlated(noisy, estimate, white):
         return np.asarray(estimate), None, True
     fused, weight = fuse_with_observation(noisy, estimate, curve=white)
     return fused, weight, False

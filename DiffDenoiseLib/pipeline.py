@@ -278,7 +278,8 @@ def denoise_image(
     neighbours still feed a 2.5D model. The networks' outputs are exactly those slices of
     the whole-image run; fusion's margin or share and Full's residual scale come from these
     slices alone, as does the noise covariance of the filters under correlated noise
-    (`networks_reach`), so the result can differ slightly.
+    (`networks_reach`), so the result can differ slightly; whether the noise looks white or correlated, and
+    how strong, is read on the whole image, as in its run.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
@@ -358,7 +359,8 @@ def denoise_image(
             details.update(sampling)
         details["fusion"] = fuse
         if fuse:
-            denoised, weight, details["correlated_noise"] = fuse_unless_correlated(slices[lo:hi], denoised, white=white)
+            denoised, weight, details["correlated_noise"] = fuse_unless_correlated(slices[lo:hi], denoised, white,
+                                                                                   noise_reading)
             details["fusion"] = white_noise = weight is not None
             if weight is not None and uncertainty is not None:
                 uncertainty = uncertainty * weight

@@ -351,9 +351,10 @@ def test_under_strong_correlated_noise_a_2d_models_image_is_the_correlated_noise
     assert asked.details["observation_share"] is None
 
 
-def test_fast_reads_the_images_noise_once(ct_slice, trained, monkeypatch):
-    """The binning reading (a second of work on a large volume) is taken once for Fast's share and the filters'
-    choice, which both ask for it under strong correlated noise."""
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_a_run_reads_the_images_noise_once(ct_slice, trained, monkeypatch, mode):
+    """The binning reading (a second of work on a large volume) is taken once for Fast's share or Full's fusion and
+    the filters' choice, which both ask for it under strong correlated noise."""
     from DiffDenoiseLib import fusion
 
     clean, _ = ct_slice
@@ -362,7 +363,7 @@ def test_fast_reads_the_images_noise_once(ct_slice, trained, monkeypatch):
     for module in (pipeline, fusion):
         read = module.binning_noise_reading
         monkeypatch.setattr(module, "binning_noise_reading", lambda a, read=read: readings.append(1) or read(a))
-    result = denoise_image(Image(array=(clean + noise).astype(np.float32), modality="CT"), trained, mode="fast")
+    result = denoise_image(Image(array=(clean + noise).astype(np.float32), modality="CT"), trained, mode=mode)
     assert result.details["filters_made_the_image"] == "correlated-noise filters" and len(readings) == 1
 
 
