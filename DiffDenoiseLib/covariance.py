@@ -102,9 +102,9 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     # a masked background (or a CT's padding raised to air) holds no noise: windows reaching into it are not read
     constant = F.pad(torch.from_numpy(constant_neighbourhoods(y.numpy())).double(), (1, 1, 1, 1))
     constant = windows(constant).amax(dim=(2, 3)) > 0
-    readable = int((~constant).sum()) if not constant.all() else spread.numel()
-    if readable < spread.numel():
+    if not constant.all():  # windows all of one value: read as they are
         spread = spread.masked_fill(constant, float("inf"))
+    readable = int((~constant).sum()) or spread.numel()
     flattest = torch.argsort(spread.reshape(-1))[:max(1, int(FLATTEST_SHARE * readable))]
     chosen = torch.zeros(spread.numel(), dtype=torch.bool)
     chosen[flattest] = True

@@ -36,7 +36,6 @@ from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
 from DiffDenoiseLib.fusion import (
     choose_observation_share,
     fuse_unless_correlated,
-    noise_is_white_enough_for_the_share,
     probe_step,
     reading_is_white_enough_for_the_share,
 )
@@ -82,8 +81,8 @@ CORRELATED_FILTER_SLICE_REACH = 4
 # crop offers one window of covariance.WINDOW to read the noise in, and on 2 of 8 such crops of pydicom-data's real
 # chest radiograph (strong noise of its own, read as not white) the filters left a grid pattern.
 MIN_SIDE_FOR_ONE_PIXEL_FILTERS = 96
-NETWORK_SHARE_2D = 0.1
-NoiseReading = Callable[[], Tuple[float, float]]  # a binning_noise_reading of the image, taken once when first asked  # of a 2D model's result in its Wiener pilot (white noise), the rest hard thresholding's
+NETWORK_SHARE_2D = 0.1  # of a 2D model's result in its Wiener pilot (white noise), the rest hard thresholding's
+NoiseReading = Callable[[], Tuple[float, float]]  # a binning_noise_reading of the image, taken once when first asked
 
 
 @dataclass
@@ -420,8 +419,8 @@ def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray,
         return correlated_filters_follow(config, strong_noise=False)
     if min(slices.shape[-2:]) < MIN_SIDE_FOR_ONE_PIXEL_FILTERS:
         return False
-    reading = noise_reading() if noise_reading is not None else binning_noise_reading(slices)
-    return correlated_filters_follow(config, strong_noise=reading_is_strong(reading))
+    reading = noise_reading or (lambda: binning_noise_reading(slices))
+    return correlated_filters_follow(config, strong_noise=reading_is_strong(reading()))
 
 
 def correlated_filters_follow(config: NetworkConfig, strong_noise: bool) -> bool:
@@ -503,10 +502,10 @@ def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Cur
                                 covariance_on_residual=True, **filtering)
 
 
-def volumetric_filter_makes_the_image(slices: np.ndarray, noise_reading: Optional[NoiseReading] = None) -> bool:
+def volumetric_filter_makes_the_image(slices: np.ndarray, noise_reading: NoiseReading) -> bool:
     """Whether a 2.5D model's volume gets the volumetric filter's estimate instead of the networks': a volume
     of CUBE slices or more, large enough to judge its noise, whose noise looks white (by `noise_reading`, the
-    binning reading of `slices`, where it was already taken).
+    binning reading of `slices`).
 
     On the benchmark's two volumes under white noise (Gaussian, Poisson, Gamma, Rician) the filter's two steps
     alone beat the networks' result filtered with 2D patches from five slices by 0.6 to 2.2 dB, and every way
@@ -515,8 +514,7 @@ def volumetric_filter_makes_the_image(slices: np.ndarray, noise_reading: Optiona
     """
     if slices.shape[0] < CUBE or min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         return False
-    return (reading_is_white_enough_for_the_share(noise_reading()) if noise_reading is not None
-            else noise_is_white_enough_for_the_share(slices))
+    return reading_is_white_enough_for_the_share(noise_reading())
 
 
 def finished_result(image: Image, prepared: Prepared, axis: int, start: int, denoised: np.ndarray,
@@ -559,7 +557,7 @@ def keep_observation_share(model, slices, denoised, start, stop, indices, run, s
 
     The student runs once more on the image plus a small random-sign probe, which measures how
     much of each voxel's own noise m kept (fusion.choose_observation_share). Unless the noise
-    looks white (fusion.noise_is_white_enough_for_the_share), m is returned as it is.
+    looks white (fusion.reading_is_white_enough_for_the_share), m is returned as it is.
     """
     noisy = slices[start:stop]
     if min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:  # too small to judge the noise

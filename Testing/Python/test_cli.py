@@ -58,6 +58,14 @@ def run(capfd, *args):
     return code, out, err
 
 
+def denoised_with_log(capfd, *args):
+    """`denoise *args --json`, which must succeed: (its events, its log messages joined)."""
+    code, out, err = run(capfd, "denoise", *args, "--json")
+    assert code == 0, err
+    events = parse(out)
+    return events, " ".join(e["message"] for e in of_kind(events, "log"))
+
+
 def assert_filters_made_the_image(capfd, args, spread, made_by: str, log_says: str):
     """`denoise *args --uncertainty spread --json` succeeds, its result says `made_by` made the image, no
     uncertainty map is written, and a log line says `log_says` and that no map was written."""
@@ -178,11 +186,8 @@ def test_no_fusion_keeps_the_blind_estimate_for_comparison(capfd, data, trained,
 def test_fast_mode_says_what_share_of_the_input_it_gave_back_and_that_it_filtered(capfd, data, trained, tmp_path, monkeypatch):
     monkeypatch.setattr("DiffDenoiseLib.pipeline.choose_observation_share", lambda *args: 0.2)
     for flags in ((), ("--no-fusion",)):
-        code, out, err = run(capfd, "denoise", data / "radiograph.nrrd", tmp_path / f"fast{len(flags)}.nrrd",
-                             "--model", "tiny", *flags, "--store", trained["store"], "--json")
-        assert code == 0, err
-        events = parse(out)
-        messages = " ".join(e["message"] for e in of_kind(events, "log"))
+        events, messages = denoised_with_log(capfd, data / "radiograph.nrrd", tmp_path / f"fast{len(flags)}.nrrd",
+                                             "--model", "tiny", *flags, "--store", trained["store"])
         (result,) = of_kind(events, "result")
         if flags:
             assert "gave back" not in messages and "observation_share" not in result["details"]
@@ -281,11 +286,8 @@ def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_mod
     clean = 100.0 * ((y - 24) ** 2 + (x - 24) ** 2 < 150) + 20.0
     noisy = clean + add_noise(np.zeros(clean.shape), "correlated", 1.2, np.random.default_rng(3), sigma=0.1) * 1000
     write_image(Image(array=noisy.astype(np.float32), modality="MR"), tmp_path / "correlated.nrrd")
-    code, out, err = run(capfd, "denoise", tmp_path / "correlated.nrrd", tmp_path / "out.nrrd", "--model",
-                         "one-pixel-2.5d", "--store", store, "--slice-axis", "z", "--json")
-    assert code == 0, err
-    events = parse(out)
-    messages = " ".join(e["message"] for e in of_kind(events, "log"))
+    events, messages = denoised_with_log(capfd, tmp_path / "correlated.nrrd", tmp_path / "out.nrrd", "--model",
+                                         "one-pixel-2.5d", "--store", store, "--slice-axis", "z")
     assert "a one-pixel blind spot cannot separate such noise well; --model correlated-noise-2.5d can" in messages
     assert of_kind(events, "result")[0]["suggested_model"] == {"model": "correlated-noise-2.5d", "noise": "correlated"}
 
@@ -351,11 +353,8 @@ def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data
             assert any("the default for spatially correlated noise" in e["message"] for e in of_kind(events, "log"))
     # with a 2D one-pixel blind spot chosen by hand on an image too small for its filters (48 x 40), the advice names
     # the model made for such noise that fits a 2D image
-    code, out, err = run(capfd, "denoise", tmp_path / "correlated.nrrd", tmp_path / "tiny-out.nrrd", "--model", "tiny",
-                         "--store", trained["store"], "--json")
-    assert code == 0, err
-    events = parse(out)
-    messages = " ".join(e["message"] for e in of_kind(events, "log"))
+    events, messages = denoised_with_log(capfd, tmp_path / "correlated.nrrd", tmp_path / "tiny-out.nrrd", "--model",
+                                         "tiny", "--store", trained["store"])
     assert "the Wiener filter were skipped" in messages and "--model wide-spot can" in messages
     # the result names it too, for the Slicer panel to say in its own words
     assert of_kind(events, "result")[0]["suggested_model"] == {"model": "wide-spot", "noise": "correlated"}
@@ -365,11 +364,8 @@ def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data
     clean = 1500.0 + 8.0 * xx + 800.0 * ((yy - 64) ** 2 / 1600 + (xx - 56) ** 2 / 900 < 1)
     noisy = add_noise(np.zeros_like(clean), "correlated", 1.2, rng) * 1600 + clean
     write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / "larger.nrrd")
-    code, out, err = run(capfd, "denoise", tmp_path / "larger.nrrd", tmp_path / "larger-out.nrrd", "--model", "tiny",
-                         "--store", trained["store"], "--json")
-    assert code == 0, err
-    events = parse(out)
-    messages = " ".join(e["message"] for e in of_kind(events, "log"))
+    events, messages = denoised_with_log(capfd, tmp_path / "larger.nrrd", tmp_path / "larger-out.nrrd", "--model",
+                                         "tiny", "--store", trained["store"])
     assert "the image is hard thresholding's and the Wiener filter's" in messages and "--model" not in messages
     assert of_kind(events, "result")[0]["suggested_model"] is None
 
@@ -384,11 +380,8 @@ def test_a_nearly_clean_textured_image_is_told_its_noise_is_faint_not_sent_to_a_
              + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0))
     noisy = clean + add_noise(np.zeros_like(clean), "gaussian", 2.0, np.random.default_rng(1))
     write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / "texture.nrrd")
-    code, out, err = run(capfd, "denoise", tmp_path / "texture.nrrd", tmp_path / "texture-out.nrrd", "--model", "tiny",
-                         "--store", trained["store"], "--json")
-    assert code == 0, err
-    events = parse(out)
-    messages = " ".join(e["message"] for e in of_kind(events, "log"))
+    events, messages = denoised_with_log(capfd, tmp_path / "texture.nrrd", tmp_path / "texture-out.nrrd", "--model",
+                                         "tiny", "--store", trained["store"])
     assert "does not look white but is faint (its std about 1.28% of the intensity range" in messages
     assert "or fine anatomy, which the noise reading cannot tell apart" in messages
     assert "if it is noise, --model correlated-noise-default separates it better" in messages
