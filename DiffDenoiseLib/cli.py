@@ -326,7 +326,18 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         raise
     missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
     suggested = None  # {"model", "noise"}: a model made for correlated noise, where the one run separates it poorly
-    if result.details.get("filters_made_the_image") == "volumetric filter":
+    if result.details.get("filters_made_the_image") == "volumetric filter" and result.details["correlated_noise"]:
+        # under noise of a 1.2-pixel kernel a wide blind spot's result and its filters beat this filter (pipeline.py)
+        wider = (model_for_correlated_noise(store.list(), image.array.shape[result.details["slice_axis"]])
+                 if reading_looks_correlated(reading or binning_noise_reading(image.array)) else None)
+        suggested = wider and {"model": wider, "noise": "correlated"}
+        reporter.log("The noise looks spatially correlated, which a one-pixel blind spot passes, so the image is the "
+                     f"volumetric filter's (BM4D's two steps on cubes of {CUBE} voxels), each coefficient's noise "
+                     "computed from the noise's covariance, read where the image is flattest; the networks did not "
+                     f"run{missing}. --no-fusion runs the networks alone."
+                     + (f" The noise is correlated widely enough for --model {wider}, made for such noise, which "
+                        "separates it better." if wider else ""))
+    elif result.details.get("filters_made_the_image") == "volumetric filter":
         reporter.log("The noise looks white, so the image is the volumetric filter's (BM4D's two steps on cubes of "
                      f"{CUBE} voxels), which beat every use of the networks' result measured on volumes; the networks "
                      f"did not run{missing}. --no-fusion runs the networks alone.")

@@ -40,6 +40,7 @@ the 2D network's result and the hard-thresholding estimate kept so much of the n
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -142,20 +143,27 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     return np.where(np.abs(covariance) < SIGNIFICANCE * error, 0.0, covariance)
 
 
-def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offset: int) -> torch.Tensor:
-    """C_k(dz, dy, dx): the covariance of the k-th coefficient of two patches offset by (dz, dy, dx), for
-    in-plane offsets of up to `max_offset`; `basis` (K, P, P) holds the 2D transform's basis patches as rows.
-    Returns (2 * depth + 1, 2 * max_offset + 1, 2 * max_offset + 1, K), float64, contiguous, so that
+def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offset: int,
+                           max_slices: Optional[int] = None) -> torch.Tensor:
+    """C_k(dz, dy, dx): the covariance of the k-th coefficient of two blocks offset by (dz, dy, dx), for
+    in-plane offsets of up to `max_offset` and, with `max_slices`, offsets of up to that many slices (else as many
+    as `covariance` reads); `basis` (K, P, P) holds the 2D transform's basis patches as rows, or (K, D, P, P) a 3D
+    transform's basis blocks D slices deep (the volumetric filter's cubes). Returns
+    (2 * depth + 1, 2 * max_offset + 1, 2 * max_offset + 1, K), float64, contiguous, so that
     `group_variance` reads all coefficients of an offset as one row."""
-    patch = basis.shape[-1]
+    b = basis.double()[:, None] if basis.ndim == 4 else basis.double()[:, None, None]  # (K, 1, D, P, P)
+    deep, patch = b.shape[2], b.shape[-1]
     r = torch.from_numpy(covariance).double()
-    reach = r.shape[-1] // 2
+    depth, reach = r.shape[0] // 2, r.shape[-1] // 2
+    slices = depth if max_slices is None else max_slices
     pad = max_offset + patch - 1 - reach
     r = F.pad(r, (pad, pad, pad, pad)) if pad > 0 else r[:, -pad:r.shape[1] + pad, -pad:r.shape[2] + pad]
-    b = basis.double()[:, None]
-    # each basis patch's autocorrelation A_k(s) = sum_u B_k(u) B_k(u + s), then C_k(d) = sum_s A_k(s) R(d + s)
-    autocorrelation = F.conv2d(b.transpose(0, 1), b, padding=patch - 1, groups=basis.shape[0]).transpose(0, 1)
-    return F.conv2d(r[:, None], autocorrelation).permute(0, 2, 3, 1).contiguous()  # (depth, side, side, K)
+    pad_z = slices + deep - 1 - depth  # offsets beyond those read are taken as uncorrelated
+    r = F.pad(r, (0, 0, 0, 0, pad_z, pad_z)) if pad_z > 0 else r[-pad_z:r.shape[0] + pad_z]
+    # each basis block's autocorrelation A_k(s) = sum_u B_k(u) B_k(u + s), then C_k(d) = sum_s A_k(s) R(d + s)
+    autocorrelation = F.conv3d(b.transpose(0, 1), b, padding=(deep - 1, patch - 1, patch - 1),
+                               groups=basis.shape[0]).transpose(0, 1)
+    return F.conv3d(r[None, None], autocorrelation)[0].permute(1, 2, 3, 0).contiguous()  # (depth, side, side, K)
 
 
 def group_variance(table: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "bsn_wide": 27.5,
     "diffusion": 3.3,
     "volumetric_filter": 16.0,
+    "correlated_volumetric_filter": 14.0,
     "filters_2d": 16.2,
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
@@ -279,7 +280,11 @@ class DenoiseLogic:
         if "volumetric_filter" in stages:
             advice.append("The noise looks white: the volumetric filter makes the image (Fast and Full alike), "
                           "not the networks.")
-        correlated = {stage: passes for stage, passes in stages.items() if stage.startswith("correlated_")}
+        if "correlated_volumetric_filter" in stages:
+            advice.append("The noise looks mildly correlated: the volumetric filter makes the image (Fast and Full "
+                          "alike), not the networks, whose one-pixel blind spot would pass such noise.")
+        correlated = {stage: passes for stage, passes in stages.items()
+                      if stage.startswith("correlated_") and stage != "correlated_volumetric_filter"}
         if correlated:
             filters = seconds(correlated) - _STARTUP_SECONDS
             advice.append("The noise looks spatially correlated: block-matching filters with its exact variances "
@@ -661,7 +666,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     """{stage of benchmarks/stage_costs.py: passes over the image} of a run of `card`'s model in `mode` (0 steps or
     pairs: the model's) on `slices` slices of `side` voxels or more, as `pipeline.denoise_image` chooses them.
 
-    Under white noise a 2.5D model's volume goes to the volumetric filter alone; otherwise the networks run, and
+    Under white noise a 2.5D model's volume goes to the volumetric filter alone, and a one-pixel 2.5D model's under
+    `strong` noise that is not white to that filter with exact variances; otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
     exact variances after a wide blind spot, or a 2D model when the noise is `strong` and the slices large enough
     (`pipeline.MIN_SIDE_FOR_ONE_PIXEL_FILTERS`; a 2.5D model's Fast mode
@@ -674,8 +680,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
 
     architecture, sampling, fuse = _card_run(card, side)
     context = architecture.context_slices
-    if fuse and context and slices >= CUBE and white:
-        return {"volumetric_filter": 1}
+    if fuse and context and slices >= CUBE and (white or (strong and not architecture.blind_spot_radius)):
+        return {"volumetric_filter" if white else "correlated_volumetric_filter": 1}
     if mode == "fast":
         stages = {"student": 2 if fuse and white else 1}  # the second pass measures the share of the input kept
     else:

@@ -159,6 +159,7 @@ CUBE_HARD_THRESHOLD = 3.0
 # voxels gained 0.08 dB on average over +-5 on those 9 conditions (+0.34 on the head CT at Gaussian 25/255), for
 # about 1.9 times the time of both steps; +-7 gained 0.05, +-12 0.10 for 3 times. The Wiener step's +-4 lost 0.02.
 CUBE_HARD_SEARCH_RADIUS = 9
+CUBE_TABLE_REACH = 2 * max(CUBE_SEARCH_RADIUS, CUBE_HARD_SEARCH_RADIUS)  # in-plane offsets two members' cubes can have
 HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise standard deviations are dropped
 # BM3D's first step matches on y itself, whose noise misleads the nearest few: a search window as wide as BM3D's
 # (39 voxels a side) finds better groups. On the benchmark's three 2D images (the Wiener step after it, Full's
@@ -217,7 +218,7 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
-    table = _coefficient_table(y3, m3, context, device, covariance_on_residual) if correlated_noise else None
+    table = _coefficient_table(y3, m3, device, context, covariance_on_residual) if correlated_noise else None
     spread = spreads(correlated_noise, context)
     for done, (todo, references) in enumerate(_wiener_passes(n, wanted, context, passes, spread)):
         filtered = _filter_slices(y3, guide, guide, curve, todo, references, context, device, progress, wiener=True,
@@ -241,7 +242,7 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
     `context`, `indices` and `progress` as in `collaborative_wiener`; returns float64.
     """
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
-    table = _coefficient_table(y3, m3, context, device) if correlated_noise else None
+    table = _coefficient_table(y3, m3, device, context) if correlated_noise else None
     filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, wanted, context, device,
                               progress, wiener=False, table=table)
     result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
@@ -249,8 +250,8 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
 
 
 def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequence[int]] = None,
-                      device: Optional[torch.device] = None, progress: Optional[Callable[[], None]] = None
-                      ) -> np.ndarray:
+                      device: Optional[torch.device] = None, progress: Optional[Callable[[], None]] = None,
+                      correlated_noise: bool = False) -> np.ndarray:
     """BM4D's two steps on the slices `indices` (all by default) of the volume `noisy` (n, H, W), n >= CUBE: cubes
     hard-thresholded in groups matched on y itself (within CUBE_HARD_SEARCH_RADIUS voxels), then the Wiener filter
     of y guided by that estimate (within CUBE_SEARCH_RADIUS).
@@ -258,7 +259,13 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     The noise variance of a group is the image's noise curve at its mean intensity (y's in the first step,
     the estimate's in the second, with the curve read again where the estimate is flat: `refined_noise_curve`;
     +0.14 dB on the benchmark's head CT at Gaussian 6/255, whose bone the first reading took as 1.7 times
-    noisier). Cubes of any slice within reach feed the slices wanted, so the whole
+    noisier). With `correlated_noise` each coefficient of a group's transform gets its exact noise variance
+    instead, from the noise covariance and the cubes' positions (covariance.py, as the 2D filters under such noise):
+    read in the windows where y is flattest for the first step, and on y minus the first step's estimate, where the
+    estimate is flattest, for the second. On the benchmark's two volumes under noise of a 0.5-pixel kernel (test
+    and three held-out slabs, fresh draws) the second read gained 0.45 to 0.6 dB on Colin27's brain crops, whose
+    windows hold anatomy (R(0) read 1.5 to 1.6 times the noise's own there), and -0.17 to +0.13 on the CT's. Cubes
+    of any slice within reach feed the slices wanted, so the whole
     volume should be given even when a few slices are wanted. `progress` is called
     `volumetric_filter_steps(n, indices)` times (it may raise to stop the filter). Returns
     (len(indices), H, W) in float64; the input is not modified.
@@ -269,11 +276,15 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     y3 = np.asarray(y3, dtype=np.float32)
     wiener_starts, hard_starts = _cube_starts(y3.shape[0], wanted)
     options = dict(device=device or torch.device("cpu"), progress=progress)
-    estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, **options)
+    table = _coefficient_table(y3, y3, device, cubes=True) if correlated_noise else None
+    estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, **options)
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
-    curve = refined_noise_curve(y3[covered], estimate[covered], curve)
-    return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, **options)[wanted].astype(
-        np.float64)
+    if correlated_noise:
+        table = _coefficient_table(y3[covered], estimate[covered], device, residual=True, cubes=True)
+    else:
+        curve = refined_noise_curve(y3[covered], estimate[covered], curve)
+    return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table,
+                         **options)[wanted].astype(np.float64)
 
 
 def volumetric_filter_steps(n: int, indices: Sequence[int]) -> int:
@@ -297,9 +308,11 @@ def _cube_starts(n: int, wanted: Sequence[int]):
 
 
 def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, starts: Sequence[int],
-                  wiener: bool, device: torch.device, progress: Optional[Callable[[], None]]) -> np.ndarray:
+                  wiener: bool, device: torch.device, progress: Optional[Callable[[], None]],
+                  table: Optional[torch.Tensor] = None) -> np.ndarray:
     """The volume with the voxels that the groups of the reference cubes starting in `starts` cover replaced by
-    their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's)."""
+    their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's); the noise
+    variance from `curve`, or under correlated noise each coefficient's exact one from the coefficient `table`."""
     n, h, w = y3.shape
     # the slices the groups reach
     first, last = max(0, starts[0] - CUBE_SLICE_REACH), min(n, starts[-1] + CUBE_SLICE_REACH + CUBE)
@@ -324,8 +337,8 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
             pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
             cy = dct1 @ (ys[pixels] @ dct_cube.T)
             cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
-            filtered, weight = _shrink(cy, cm, s[pixels].mean(dim=(1, 2))[:, None, None], dct1, dct_cube,
-                                       CUBE_HARD_THRESHOLD)
+            variance = s[pixels].mean(dim=(1, 2))[:, None, None] if table is None else group_variance(table, where)
+            filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, CUBE_HARD_THRESHOLD)
             weight = (weight * window).expand_as(filtered)
             targets = (pixels + (lo - first) * h * w).reshape(-1)
             total.index_add_(0, targets, (filtered * weight).reshape(-1))
@@ -436,21 +449,24 @@ def reference_slices(n: int, todo: Sequence[int], reach: int) -> List[int]:
 COVARIANCE_SLICES = 16  # the middle slices of a longer stack that the noise covariance is read on
 
 
-def _coefficient_table(y3: np.ndarray, m3: np.ndarray, context: int, device: Optional[torch.device],
-                       residual: bool = False) -> torch.Tensor:
-    """The covariance of the patches' DCT coefficients at every offset two members of a correlated-noise group can
-    have (2 * context slices, CORRELATED_TABLE_REACH voxels), from the noise covariance read where the
-    pilot is flattest (on y - pilot with `residual`; covariance.py), on the device."""
+def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.device], context: int = 0,
+                       residual: bool = False, cubes: bool = False) -> torch.Tensor:
+    """The covariance of the blocks' DCT coefficients at every offset two members of a correlated-noise group can
+    have, from the noise covariance read where the pilot is flattest (on y - pilot with `residual`; covariance.py),
+    on the device: the 2D filters' patches (2 * context slices, CORRELATED_TABLE_REACH voxels apart), or with `cubes`
+    the volumetric filter's (2 * CUBE_SLICE_REACH slices, CUBE_TABLE_REACH voxels; the noise covariance read up to
+    CUBE - 1 slices apart, the cube's depth, and taken as uncorrelated farther)."""
     n = y3.shape[0]
     first = max(0, (n - COVARIANCE_SLICES) // 2)
     chosen = slice(first, first + COVARIANCE_SLICES)
-    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(2 * context, n - 1), residual=residual)
-    basis = _dct_on(PATCH, torch.device("cpu"), torch.float64, dims=2).reshape(PATCH * PATCH, PATCH, PATCH)
-    if covariance.shape[0] < 4 * context + 1:  # too few slices to read the farthest offsets: taken as uncorrelated
-        extra = (4 * context + 1 - covariance.shape[0]) // 2
-        covariance = np.pad(covariance, ((extra, extra), (0, 0), (0, 0)))
-    return coefficient_covariance(covariance, basis, CORRELATED_TABLE_REACH).to(device or torch.device("cpu"),
-                                                                               torch.float32)
+    if cubes:
+        block, dims, depth, slices, reach = CUBE, 3, CUBE - 1, 2 * CUBE_SLICE_REACH, CUBE_TABLE_REACH
+    else:
+        block, dims, depth, slices, reach = PATCH, 2, 2 * context, 2 * context, CORRELATED_TABLE_REACH
+    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(depth, n - 1), residual=residual)
+    basis = _dct_on(block, torch.device("cpu"), torch.float64, dims=dims).reshape((-1,) + (block,) * dims)
+    return coefficient_covariance(covariance, basis, reach, max_slices=slices).to(device or torch.device("cpu"),
+                                                                                 torch.float32)
 
 
 def _reference_positions(length: int, step: int = STEP, patch: int = PATCH) -> torch.Tensor:

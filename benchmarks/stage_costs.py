@@ -5,7 +5,8 @@
 Each stage runs once, on the CPU, through the library's public functions on synthetic slices of each
 side: a smooth phantom under white Gaussian noise, or under that noise blurred in-plane by a Gaussian
 of 1.2 pixels for the correlated-noise filters. The networks are the shipped models' (their weights do
-not change the cost). Writes stage_costs.json (machine, date, torch, the load average before and after,
+not change the cost). `--stages` measures only the stages named and keeps the others' figures from the JSON
+already in the output folder. Writes stage_costs.json (machine, date, torch, the load average before and after,
 each stage's seconds per megapixel and per slice at each side) and stage_costs.md. A few minutes on
 two cores; on a machine busy with other work the numbers come out high (compare the load averages, or
 keep the fastest of a few --repeats).
@@ -20,7 +21,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -79,12 +80,15 @@ def diffusion_evaluation(models):
     return lambda stack: unet(stack, torch.full((stack.shape[0],), 100, dtype=torch.long), stack)
 
 
-def volumetric(white, correlated, models):
+def volumetric(correlated_noise: bool):
     """The volumetric filter on the whole stack, in slices of a long scan: a short stack has fewer passes per slice."""
-    n = len(white)
-    volumetric_filter(white, noise_variance_curve(white))
-    passes_per_slice = volumetric_filter_steps(LONG_VOLUME, range(LONG_VOLUME)) / LONG_VOLUME
-    return volumetric_filter_steps(n, range(n)) / passes_per_slice
+    def run(white, correlated, models):
+        noisy = correlated if correlated_noise else white
+        n = len(noisy)
+        volumetric_filter(noisy, noise_variance_curve(noisy), correlated_noise=correlated_noise)
+        passes_per_slice = volumetric_filter_steps(LONG_VOLUME, range(LONG_VOLUME)) / LONG_VOLUME
+        return volumetric_filter_steps(n, range(n)) / passes_per_slice
+    return run
 
 
 def filters_2d(correlated_noise: bool):
@@ -129,7 +133,10 @@ NETWORK_STAGES = [
           networks(diffusion_evaluation)),
 ]
 FILTER_STAGES = [
-    Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise)", 8, volumetric),
+    Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise)", 8,
+          volumetric(False)),
+    Stage("correlated_volumetric_filter", "the volumetric filter with exact variances (a 2.5D one-pixel model, "
+          "correlated noise)", 8, volumetric(True)),
     Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise)", 4, filters_2d(False)),
     Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)",
           context_stack(False, CONTEXT), wiener_with_context(False, CONTEXT)),
@@ -155,18 +162,21 @@ def phantom(slices: int, side: int) -> np.ndarray:
     return np.stack(out)
 
 
-def measure(sides: List[int], repeats: int) -> Dict[str, dict]:
+def measure(sides: List[int], repeats: int, names: Optional[List[str]] = None) -> Dict[str, dict]:
     """{stage: {what, seconds_per_megapixel {side: s}, seconds_per_slice {side: s}, load_average {side: 1-minute
-    load after it}}}, each the least of `repeats` runs (other work on the machine only ever adds time)."""
+    load after it}}} of the stages `names` (all by default), each the least of `repeats` runs (other work on the
+    machine only ever adds time)."""
+    chosen = [stage for stage in STAGES if names is None or stage.name in names]
     models = {key: load_model(SHIPPED_DIR / name) for key, name in MODELS.items()}
     warm = phantom(2, 32).astype(np.float32)
     for stage in NETWORK_STAGES:  # torch's first calls pay for its set-up
         stage.run(warm, warm, models)
     rng = np.random.default_rng(0)
-    results = {stage.name: {"what": stage.what, "seconds_per_megapixel": {}, "seconds_per_slice": {},
-                            "load_average": {}} for stage in STAGES}
+    today = datetime.date.today().isoformat()
+    results = {stage.name: {"what": stage.what, "date": today, "seconds_per_megapixel": {}, "seconds_per_slice": {},
+                            "load_average": {}} for stage in chosen}
     for side in sides:
-        for stage in STAGES:
+        for stage in chosen:
             clean = phantom(stage.slices, side)
             white = add_noise(clean, "gaussian", WHITE_NOISE_STD, rng).astype(np.float32)
             correlated = add_noise(clean, "correlated", CORRELATED_KERNEL, rng).astype(np.float32)
@@ -188,14 +198,16 @@ def markdown(results: dict) -> str:
              f"{results['repeats']} run(s) a stage. The run's own threads make a load of about their number: more "
              "means other work shared the cores and the numbers are high. Written by "
              "`python benchmarks/stage_costs.py`; `DiffDenoiseLib/slicer_logic.py` quotes them for the estimate "
-             "shown before a run.", "",
+             "shown before a run. A stage measured on another date kept that run's figures (`--stages`), taken "
+             "on its machine.", "",
              "| stage | what | " + " | ".join(f"s/megapixel at {s}" for s in sides) + " | "
-             + " | ".join(f"s per {s}x{s} slice" for s in sides) + " | load after |",
-             "|---|---|" + "---:|" * (2 * len(sides)) + "---|"]
+             + " | ".join(f"s per {s}x{s} slice" for s in sides) + " | load after | measured |",
+             "|---|---|" + "---:|" * (2 * len(sides)) + "---|---|"]
     for name, stage in results["stages"].items():
         cells = [f"{stage['seconds_per_megapixel'][str(s)]:.2f}" for s in sides]
         cells += [f"{stage['seconds_per_slice'][str(s)]:.3f}" for s in sides]
         cells.append(" / ".join(f"{stage['load_average'][str(s)]:.1f}" for s in sides))
+        cells.append(stage["date"])
         lines.append(f"| `{name}` | {stage['what']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -205,13 +217,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the results")
     parser.add_argument("--sides", type=int, nargs="+", default=[128, 256], help="slice sides to measure")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each stage, the fastest kept (default 1)")
+    parser.add_argument("--stages", nargs="+", choices=[stage.name for stage in STAGES],
+                        help="only these stages; the others keep their figures from the earlier stage_costs.json")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    earlier = json.loads((out / "stage_costs.json").read_text()) if args.stages else {}
+    if earlier and earlier.get("sides") != args.sides:
+        parser.error(f"--stages needs the earlier run's sides ({earlier.get('sides')}) to keep its figures")
     before = os.getloadavg()
-    stages = measure(args.sides, args.repeats)
+    measured_now = measure(args.sides, args.repeats, args.stages)
+    kept = {name: {"date": earlier["date"][:10], **stage} for name, stage in earlier.get("stages", {}).items()}
+    stages = {stage.name: measured_now.get(stage.name) or kept[stage.name] for stage in STAGES
+              if stage.name in measured_now or stage.name in kept}
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(), "load_average": {"before": before, "after": os.getloadavg()},
                "sides": args.sides, "repeats": args.repeats, "stages": stages}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("stage_costs.json", json.dumps(results, indent=2) + "\n"),
                        ("stage_costs.md", markdown(results))):

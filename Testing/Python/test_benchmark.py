@@ -479,6 +479,18 @@ def test_stage_costs_measure_every_stage_the_slicer_estimate_counts(tmp_path):
     table = (tmp_path / "stage_costs.md").read_text()
     assert all(f"| `{name}` |" in table for name in results["stages"])
 
+    # one stage measured again: the others keep their figures, and the sides must be the earlier run's
+    for stage in results["stages"].values():
+        stage["date"] = "2000-01-01"
+    (tmp_path / "stage_costs.json").write_text(json.dumps(results))
+    assert stage_costs.main(["--sides", "32", "--out", str(tmp_path), "--stages", "volumetric_filter"]) == 0
+    again = json.loads((tmp_path / "stage_costs.json").read_text())
+    assert set(again["stages"]) == set(results["stages"])
+    assert [name for name, stage in again["stages"].items() if stage["date"] != "2000-01-01"] == ["volumetric_filter"]
+    assert again["stages"]["student"] == results["stages"]["student"]
+    with pytest.raises(SystemExit):
+        stage_costs.main(["--sides", "48", "--out", str(tmp_path), "--stages", "student"])
+
 
 def test_the_gpu_check_compares_two_devices_and_refuses_to_run_without_cuda(monkeypatch, capsys, tmp_path):
     """benchmarks/gpu_check.py: its comparison, run here with the CPU in both places, finds the same image

@@ -21,6 +21,7 @@ from DiffDenoiseLib import store as store_module
 from DiffDenoiseLib.cli import main
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.noise import add_noise
+from DiffDenoiseLib.wiener import CUBE
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -276,17 +277,29 @@ def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tm
 
 def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_model_made_for_it(capfd, data,
                                                                                                tmp_path):
-    """A 2.5D model's one-pixel result keeps such noise and no filter follows it: the log says so and names the
-    shipped 2.5D model for correlated noise, and the result names it for the Slicer panel."""
+    """A 2.5D model's one-pixel result would keep correlated noise, so the volumetric filter with exact variances
+    makes the image, and the log says so; under noise of a 1.2-pixel kernel, which the shipped 2.5D model for
+    correlated noise separates better, it also names that model, and the result names it for the Slicer panel;
+    under noise of a 0.5-pixel kernel, which that filter suits best, it names none."""
     store = tmp_path / "store"
     code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "one-pixel-2.5d", "--store", store,
                          "--config", data / "tiny.json", "--max-steps", 2, "--context-slices", 1, "--json")
     assert code == 0, err
     z, y, x = np.mgrid[0:6, 0:48, 0:48]
     clean = 100.0 * ((y - 24) ** 2 + (x - 24) ** 2 < 150) + 20.0
-    noisy = clean + add_noise(np.zeros(clean.shape), "correlated", 1.2, np.random.default_rng(3), sigma=0.1) * 1000
-    write_image(Image(array=noisy.astype(np.float32), modality="MR"), tmp_path / "correlated.nrrd")
-    events, messages = denoised_with_log(capfd, tmp_path / "correlated.nrrd", tmp_path / "out.nrrd", "--model",
+    for kernel, named in ((1.2, "correlated-noise-2.5d"), (0.5, None)):
+        noise = add_noise(np.zeros(clean.shape), "correlated", kernel, np.random.default_rng(3), sigma=0.1) * 1000
+        write_image(Image(array=(clean + noise).astype(np.float32), modality="MR"), tmp_path / "correlated.nrrd")
+        events, messages = denoised_with_log(capfd, tmp_path / "correlated.nrrd", tmp_path / "out.nrrd", "--model",
+                                             "one-pixel-2.5d", "--store", store, "--slice-axis", "z")
+        assert "so the image is the volumetric filter's" in messages and "covariance" in messages, kernel
+        suggested = of_kind(events, "result")[0].get("suggested_model")
+        assert suggested == (named and {"model": named, "noise": "correlated"}), kernel
+        assert (f"--model {named}, made for such noise" in messages) == bool(named)
+    # too few slices for the volumetric filter: the networks' result, and the advice to take the model for such noise
+    noise = add_noise(np.zeros(clean.shape), "correlated", 1.2, np.random.default_rng(3), sigma=0.1) * 1000
+    write_image(Image(array=(clean + noise)[:CUBE - 1].astype(np.float32), modality="MR"), tmp_path / "short.nrrd")
+    events, messages = denoised_with_log(capfd, tmp_path / "short.nrrd", tmp_path / "out.nrrd", "--model",
                                          "one-pixel-2.5d", "--store", store, "--slice-axis", "z")
     assert "a one-pixel blind spot cannot separate such noise well; --model correlated-noise-2.5d can" in messages
     assert of_kind(events, "result")[0]["suggested_model"] == {"model": "correlated-noise-2.5d", "noise": "correlated"}

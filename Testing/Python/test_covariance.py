@@ -94,6 +94,30 @@ def test_the_exact_group_variances_match_the_variances_of_noise_groups():
     assert exact[0, 0] > 2.5 * exact[1:, 0].mean()
 
 
+def test_the_exact_variances_of_a_group_of_cubes_match_those_of_noise_cubes():
+    """The volumetric filter's 4x4x4 cubes under noise correlated in the slice and independent across slices: the
+    coefficient table of a 3D basis gives each coefficient of a group's transform the variance measured by sliding
+    the group over a noise volume, members one or two slices apart included (the cubes of two members a slice
+    apart share three slices' noise)."""
+    rng = np.random.default_rng(4)
+    field = add_noise(np.zeros((24, 96, 96)), "correlated", 0.5, rng, sigma=1.0)
+    covariance = np.array([[[empirical_covariance(field, dz, dy, dx) for dx in range(-8, 9)] for dy in range(-8, 9)]
+                           for dz in range(-3, 4)])
+    cube = torch.kron(torch.kron(dct_matrix(4), dct_matrix(4)), dct_matrix(4))
+    table = coefficient_covariance(covariance, cube.reshape(64, 4, 4, 4), 6, max_slices=2)
+    assert table.shape == (5, 13, 13, 64)
+    offsets = torch.tensor([[0, 0, 0], [0, 0, 2], [1, 1, 0], [2, 3, 3]])
+    exact = group_variance(table, offsets[None])[0]  # (4, 64)
+    t = torch.from_numpy(field)
+    cubes = torch.stack([t[dz:dz + 18, dy:dy + 88, dx:dx + 88].unfold(0, 4, 1).unfold(1, 4, 1).unfold(2, 4, 1)
+                         for dz, dy, dx in offsets.tolist()])  # (members, z, y, x, 4, 4, 4)
+    coefficients = torch.einsum("kv,gzyxv->zyxgk", cube.double(), cubes.flatten(-3))
+    measured = torch.einsum("ag,zyxgk->zyxak", dct_matrix(4), coefficients).pow(2).mean(dim=(0, 1, 2))  # (4, 64)
+    strong = measured > 0.1 * measured.max()
+    np.testing.assert_allclose(exact[strong].numpy(), measured[strong].numpy(), rtol=0.08)
+    assert exact[0, 0] > 2 * exact[1:, 0].mean(), "members that share noise: the group's mean carries more of it"
+
+
 @pytest.mark.parametrize("group", [1, 2, 5, 16])
 def test_the_group_variances_from_diagonal_sums_equal_the_sum_over_every_pair(group, monkeypatch):
     """group_variance sums the pairs' covariances along diagonals (G^2 work); that equals the sum over every

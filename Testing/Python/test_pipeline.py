@@ -163,20 +163,47 @@ def test_a_fused_2d_result_goes_through_the_wiener_filter_and_a_2_5d_models_volu
 
 def test_the_volumetric_filter_makes_a_2_5d_models_image_only_of_a_volume_with_white_noise(volume_and_model):
     """Its image owes nothing to the networks (every mode gives the same), its progress ends full, a slice range
-    gives nearly the whole result's slices (the groups near the range's ends differ), and correlated noise, a
-    volume of fewer than CUBE slices or too small slices send the image to the networks."""
+    gives nearly the whole result's slices (the groups near the range's ends differ), and a volume of fewer than
+    CUBE slices or too small slices send the image to the networks."""
     image, model = volume_and_model
     reports = []
     fast = denoise_image(image, model, mode="fast", progress=reports.append)
     assert reports[-1].step == reports[-1].total == volumetric_filter_steps(9, range(9))
+    assert fast.details["correlated_noise"] is False
     np.testing.assert_array_equal(fast.image.array, denoise_image(image, model, mode="full").image.array)
     part = denoise_image(image, model, mode="fast", slice_range=(4, 5)).image.array
     assert np.abs(part - fast.image.array[4:5]).mean() < 0.02 * np.abs(fast.image.array[4:5] - image.array[4:5]).mean()
-    rng = np.random.default_rng(5)
-    correlated = add_noise(np.full((9, 40, 36), 100.0), "correlated", 1.2, rng, sigma=20.0).astype(np.float32)
-    for array in (correlated, image.array[:CUBE - 1], image.array[:, :12, :12]):
+    for array in (image.array[:CUBE - 1], image.array[:, :12, :12]):
         details = denoise_image(Image(array=array, modality="MR"), model, mode="fast", slice_axis=0).details
         assert details.get("filters_made_the_image") != "volumetric filter", array.shape
+
+
+def test_strong_correlated_noise_sends_a_one_pixel_2_5d_models_volume_to_the_volumetric_filter_with_its_covariance(
+        volume_and_model):
+    """A one-pixel blind spot passes correlated noise, so its volume goes to the volumetric filter told the noise's
+    covariance (the image, in every mode, owes nothing to the networks); a wide blind spot's result, which removed
+    the noise, keeps making the image; and faint noise that does not look white (fine texture under noise of 2 units
+    in 1500) keeps the networks' result."""
+    _, model = volume_and_model
+    rng = np.random.default_rng(5)
+    correlated = Image(array=add_noise(np.full((9, 40, 36), 100.0), "correlated", 0.5, rng, sigma=20.0).astype(
+        np.float32), modality="MR")
+    fast = denoise_image(correlated, model, mode="fast", slice_axis=0)
+    assert fast.details["filters_made_the_image"] == "volumetric filter" and fast.details["correlated_noise"] is True
+    np.testing.assert_array_equal(fast.image.array, denoise_image(correlated, model, mode="full",
+                                                                  slice_axis=0).image.array)
+    assert np.std(fast.image.array) < 0.2 * np.std(correlated.array)
+    config = NetworkConfig(context_slices=1, blind_spot_radius=2, bsn_width=8, bsn_depth=2, unet_base=8,
+                           unet_mults=(1,), student_width=8)
+    wide = DenoisingModel.build(config, SamplingConfig(steps=2, t_start=60), {"name": "wide",
+                                                                              "transform": {"name": "none"}}).eval()
+    details = denoise_image(correlated, wide, mode="fast", slice_axis=0).details
+    assert details["correlated_noise"] is True and "filters_made_the_image" not in details
+    yy, xx = np.mgrid[0:40, 0:36]
+    texture = np.stack([1500.0 + 10.0 * xx + 800.0 * ((yy - 20) ** 2 / 120 + (xx - 18) ** 2 / 60 < 1)
+                        + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0) + rng.normal(0, 2.0, (40, 36)) for _ in range(9)])
+    faint = denoise_image(Image(array=texture.astype(np.float32), modality="MR"), model, mode="fast", slice_axis=0)
+    assert "filters_made_the_image" not in faint.details
 
 
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():
@@ -187,8 +214,8 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     the filter gained 0.13 dB here; on the benchmark's held-out slabs it gains 0.03 and 0.72 on average); Fast is
     then as good as Full (30.46 both), whose groups are matched on SRDS's result and whose gains come from the
     student's. The 2.5D CT
-    model's result (a one-pixel blind
-    spot, which leaves correlated noise in it) does not go through it. On one slice the 2D model's result only
+    model (a one-pixel blind spot, which leaves correlated noise in its result) hands the volume to the volumetric
+    filter with exact variances instead. On one slice the 2D model's result only
     picks the flat windows the noise covariance is read in: hard thresholding and the Wiener step guided by it,
     with exact variances, gain over the student's output too, Full gives no uncertainty map (the filters made the
     image); the progress ends full."""
@@ -221,7 +248,7 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     np.testing.assert_allclose(gains[0], normalized, atol=1e-4)  # the networks ran on all 5: 2 slices either way
     assert fast_psnr > psnr(clean[2], full.image.array[0], data_range=high - low) - 0.1
     one_pixel_spot = denoise_image(volume, load_model(SHIPPED_DIR / "ct-head-2.5d"), mode="fast", slice_axis=0).details
-    assert one_pixel_spot["correlated_noise"] is True and one_pixel_spot["wiener"] is False
+    assert one_pixel_spot["correlated_noise"] is True and one_pixel_spot["filters_made_the_image"] == "volumetric filter"
     one_slice = Image(array=volume.array[2], spacing=(1.0, 1.0), modality="CT")
     reports = []
     two_d = load_model(SHIPPED_DIR / "correlated-noise-default")
@@ -465,7 +492,7 @@ def volume_and_model():
 @pytest.fixture
 def networks_make_the_image(monkeypatch):
     """The toy volume's networks' result filtered as under correlated noise, instead of the volumetric filter's."""
-    monkeypatch.setattr(pipeline, "volumetric_filter_makes_the_image", lambda slices, noise_reading=None: False)
+    monkeypatch.setattr(pipeline, "volumetric_filter_makes_the_image", lambda config, slices, noise_reading: False)
 
 
 @pytest.mark.parametrize("mode", ["fast", "bsn"])
