@@ -22,13 +22,16 @@ FAKE_WORKER = textwrap.dedent(
     """
     import json, os, signal, sys, time
     steps, delay, pid_file, on_term = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
-    open(pid_file, "w").write(str(os.getpid()))
+    step = 0
     def say(**event):
         print(json.dumps(event), flush=True)
     def stop(*_):
         say(event="checkpoint", stage="bsn", step=step)
         sys.exit(3)
     signal.signal(signal.SIGTERM, stop if on_term == "graceful" else signal.SIG_IGN)
+    # the pid file says the worker is ready for a cancel: written once SIGTERM is handled as asked (a test that
+    # cancelled as soon as it appeared could otherwise kill the worker before it saved its checkpoint)
+    open(pid_file, "w").write(str(os.getpid()))
     stop_file = on_term[len("stopfile:"):] if on_term.startswith("stopfile:") else ""
     say(event="log", message="worker started")
     print("a line that is not JSON", flush=True)
