@@ -319,8 +319,8 @@ def denoise_image(
     # the binning reading of the whole image (fusion.py, noise.py), read once, where a step needs it
     noise_reading = functools.cache(lambda: binning_noise_reading(slices))
     if fuse and k > 0 and volumetric_filter_makes_the_image(model.config, slices, noise_reading):
-        timer.total = volumetric_filter_steps(n, range(start, stop))
         correlated = not reading_is_white_enough_for_the_share(noise_reading())
+        timer.total = volumetric_filter_steps(n, range(start, stop), correlated)
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
                                      progress=filtered_one, correlated_noise=correlated)
         details.update(correlated_noise=correlated, wiener=True, fusion=False,

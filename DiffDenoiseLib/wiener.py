@@ -160,6 +160,16 @@ CUBE_HARD_THRESHOLD = 3.0
 # about 1.9 times the time of both steps; +-7 gained 0.05, +-12 0.10 for 3 times. The Wiener step's +-4 lost 0.02.
 CUBE_HARD_SEARCH_RADIUS = 9
 CUBE_TABLE_REACH = 2 * max(CUBE_SEARCH_RADIUS, CUBE_HARD_SEARCH_RADIUS)  # in-plane offsets two members' cubes can have
+# Under correlated noise the covariance read in the flattest windows of y holds anatomy where no window is flat (a
+# brain crop), and the read on y minus the first step's estimate misses what that estimate kept of the noise. On the
+# benchmark volumes' held-out slabs (kernel 0.5, fresh draws) Colin27's brain crops read R(0) 1.5 to 2.7 times the
+# noise's own in the windows and 0.94 to 1.02 on the residual, the InVesalius CT's 0.95 to 1.07 and 0.85 to 0.88.
+# So where the windows read more than CUBE_ANATOMY_IN_WINDOWS times the residual's noise variance (1.57 to 2.6 on
+# Colin27, 1.12 to 1.22 on the CT), the first step runs again with the residual's read and the Wiener step takes the
+# residual's read of that estimate; otherwise both steps take the windows'. Against the windows' read for the first
+# step and the residual's for the Wiener step: Colin27 +0.42 dB, the CT +0.05 (8 slabs each); the residual's read
+# for both steps without the test: +0.42 and -0.17.
+CUBE_ANATOMY_IN_WINDOWS = 1.35
 HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise standard deviations are dropped
 # BM3D's first step matches on y itself, whose noise misleads the nearest few: a search window as wide as BM3D's
 # (39 voxels a side) finds better groups. On the benchmark's three 2D images (the Wiener step after it, Full's
@@ -261,13 +271,12 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     +0.14 dB on the benchmark's head CT at Gaussian 6/255, whose bone the first reading took as 1.7 times
     noisier). With `correlated_noise` each coefficient of a group's transform gets its exact noise variance
     instead, from the noise covariance and the cubes' positions (covariance.py, as the 2D filters under such noise):
-    read in the windows where y is flattest for the first step, and on y minus the first step's estimate, where the
-    estimate is flattest, for the second. On the benchmark's two volumes under noise of a 0.5-pixel kernel (test
-    and three held-out slabs, fresh draws) the second read gained 0.45 to 0.6 dB on Colin27's brain crops, whose
-    windows hold anatomy (R(0) read 1.5 to 1.6 times the noise's own there), and -0.17 to +0.13 on the CT's. Cubes
+    read in the windows where y is flattest, and on y minus the first step's estimate, where the estimate is
+    flattest: where the windows read much more noise than the residual, they held anatomy, and the first step runs
+    again with the residual's read (CUBE_ANATOMY_IN_WINDOWS says what that gained). Cubes
     of any slice within reach feed the slices wanted, so the whole
     volume should be given even when a few slices are wanted. `progress` is called
-    `volumetric_filter_steps(n, indices)` times (it may raise to stop the filter). Returns
+    `volumetric_filter_steps(n, indices, correlated_noise)` times (it may raise to stop the filter). Returns
     (len(indices), H, W) in float64; the input is not modified.
     """
     y3, _, wanted = _checked("volumetric filter", noisy, noisy, 0, indices)
@@ -280,16 +289,31 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, **options)
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
     if correlated_noise:
-        table = _coefficient_table(y3[covered], estimate[covered], device, residual=True, cubes=True)
+        on_residual = _coefficient_table(y3[covered], estimate[covered], device, residual=True, cubes=True)
+        if _noise_variance(table) > CUBE_ANATOMY_IN_WINDOWS * _noise_variance(on_residual):  # see there
+            estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=on_residual, **options)
+            table = _coefficient_table(y3[covered], estimate[covered], device, residual=True, cubes=True)
+        elif progress is not None:  # the first step's second run, counted in the steps, is not needed
+            for _ in hard_starts:
+                progress()
     else:
         curve = refined_noise_curve(y3[covered], estimate[covered], curve)
     return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table,
                          **options)[wanted].astype(np.float64)
 
 
-def volumetric_filter_steps(n: int, indices: Sequence[int]) -> int:
-    """How many times `volumetric_filter` calls its progress on a volume of n slices."""
-    return sum(len(starts) for starts in _cube_starts(n, sorted(set(indices))))
+def volumetric_filter_steps(n: int, indices: Sequence[int], correlated_noise: bool = False) -> int:
+    """How many times `volumetric_filter` calls its progress on a volume of n slices (under correlated noise, with
+    the first step's second run, which is counted whether it runs or not)."""
+    wiener_starts, hard_starts = _cube_starts(n, sorted(set(indices)))
+    return len(wiener_starts) + len(hard_starts) * (2 if correlated_noise else 1)
+
+
+def _noise_variance(table: torch.Tensor) -> float:
+    """The noise variance of a voxel from a cube coefficient table: a cube's coefficients at offset 0 carry its
+    voxels' variances between them (the DCT is orthonormal)."""
+    depth, side = table.shape[0] // 2, table.shape[1] // 2
+    return float(table[depth, side, side].sum()) / CUBE ** 3
 
 
 def _cube_starts(n: int, wanted: Sequence[int]):

@@ -136,7 +136,8 @@ FILTER_STAGES = [
     Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise)", 8,
           volumetric(False)),
     Stage("correlated_volumetric_filter", "the volumetric filter with exact variances (a 2.5D one-pixel model, "
-          "correlated noise)", 8, volumetric(True)),
+          "correlated noise; where the flattest windows hold anatomy its first step runs twice)", 8,
+          volumetric(True)),
     Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise)", 4, filters_2d(False)),
     Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)",
           context_stack(False, CONTEXT), wiener_with_context(False, CONTEXT)),

@@ -188,8 +188,10 @@ def test_strong_correlated_noise_sends_a_one_pixel_2_5d_models_volume_to_the_vol
     rng = np.random.default_rng(5)
     correlated = Image(array=add_noise(np.full((9, 40, 36), 100.0), "correlated", 0.5, rng, sigma=20.0).astype(
         np.float32), modality="MR")
-    fast = denoise_image(correlated, model, mode="fast", slice_axis=0)
+    reports = []
+    fast = denoise_image(correlated, model, mode="fast", slice_axis=0, progress=reports.append)
     assert fast.details["filters_made_the_image"] == "volumetric filter" and fast.details["correlated_noise"] is True
+    assert reports[-1].step == reports[-1].total == volumetric_filter_steps(9, range(9), correlated_noise=True)
     np.testing.assert_array_equal(fast.image.array, denoise_image(correlated, model, mode="full",
                                                                   slice_axis=0).image.array)
     assert np.std(fast.image.array) < 0.2 * np.std(correlated.array)

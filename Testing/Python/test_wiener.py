@@ -275,6 +275,29 @@ def test_under_mildly_correlated_noise_the_volumetric_filter_with_exact_variance
     assert mse(exact, clean) < 0.5 * mse(white, clean) < 0.5 * mse(noisy, clean)
 
 
+def test_where_every_window_holds_anatomy_the_volumetric_filter_runs_its_first_step_again_on_the_residuals_read():
+    """Texture everywhere under mildly correlated noise: the flattest windows read texture as noise, far more than
+    y minus the first step's estimate does, so the first step runs again with the residual's read, which keeps more
+    of the texture; on a flat volume the windows read the noise alone and it does not. The progress ends where
+    `volumetric_filter_steps` says either way."""
+    def run(noisy, again: bool):
+        calls = []
+        with pytest.MonkeyPatch.context() as patch:
+            if not again:
+                patch.setattr(wiener, "CUBE_ANATOMY_IN_WINDOWS", float("inf"))
+            out = wiener.volumetric_filter(noisy, noise_variance_curve(noisy), correlated_noise=True,
+                                           progress=lambda: calls.append(1))
+        assert len(calls) == wiener.volumetric_filter_steps(len(noisy), range(len(noisy)), correlated_noise=True)
+        return out
+
+    rng = np.random.default_rng(29)
+    clean = np.stack([textured(64) * (1 + 0.02 * z) for z in range(8)])
+    noisy = clean + 0.02 * correlated_gaussian(clean.shape, 0.5, rng)
+    assert mse(run(noisy, True), clean) < 0.85 * mse(run(noisy, False), clean)
+    flat = 0.5 + 0.02 * correlated_gaussian((8, 64, 64), 0.5, rng)
+    np.testing.assert_array_equal(run(flat, True), run(flat, False))
+
+
 def test_the_volumetric_filter_keeps_a_flat_level_and_reports_each_reference_slice():
     flat = add_noise(np.full((6, 40, 40), 0.4), "gaussian", 0.03, np.random.default_rng(16))
     calls = []
