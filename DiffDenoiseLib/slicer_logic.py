@@ -460,8 +460,9 @@ class DenoiseLogic:
             message = "Denoised %s%s." % (what, took)
             made_by = result.get("details", {}).get("filters_made_the_image")
             if uncertainty_path and uncertainty is None and made_by == "volumetric filter":
-                message += (" No uncertainty map: the noise looks white, so the volumetric filter made the image "
-                            "and the networks did not run.")
+                noise = "spatially correlated" if result["details"].get("correlated_noise") else "white"
+                message += (" No uncertainty map: the noise looks %s, so the volumetric filter made the image "
+                            "and the networks did not run." % noise)
             elif uncertainty_path and uncertainty is None and made_by:
                 message += (" No uncertainty map: the noise looks spatially correlated, so block-matching filters "
                             "made the image (the networks' result only showed where to read the noise).")
