@@ -250,7 +250,8 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
     np.testing.assert_allclose(gains[0], normalized, atol=1e-4)  # the networks ran on all 5: 2 slices either way
     assert fast_psnr > psnr(clean[2], full.image.array[0], data_range=high - low) - 0.1
     one_pixel_spot = denoise_image(volume, load_model(SHIPPED_DIR / "ct-head-2.5d"), mode="fast", slice_axis=0).details
-    assert one_pixel_spot["correlated_noise"] is True and one_pixel_spot["filters_made_the_image"] == "volumetric filter"
+    assert one_pixel_spot["correlated_noise"] is True
+    assert one_pixel_spot["filters_made_the_image"] == "volumetric filter"
     one_slice = Image(array=volume.array[2], spacing=(1.0, 1.0), modality="CT")
     reports = []
     two_d = load_model(SHIPPED_DIR / "correlated-noise-default")
