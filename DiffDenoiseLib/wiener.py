@@ -170,9 +170,9 @@ CUBE_TABLE_REACH = 2 * max(CUBE_SEARCH_RADIUS, CUBE_HARD_SEARCH_RADIUS)  # in-pl
 # step and the residual's for the Wiener step: Colin27 +0.42 dB, the CT +0.05 (8 slabs each); the residual's read
 # for both steps without the test: +0.42 and -0.17.
 CUBE_ANATOMY_IN_WINDOWS = 1.35
-# Hard thresholding's groups under correlated noise, whose low frequencies a group of 16 averages too little: on those
-# slabs, with the test above, 32 gained 0.09 dB on Colin27 and on the CT for 1.16 times the filter's time; 64 0.10 and
-# 0.15 for 2.1 times; a threshold of 2.7 with 32 -0.12 and +0.01.
+# Hard thresholding's groups under correlated noise: on those slabs, with the test above, 32 gained 0.09 dB on
+# Colin27 and on the CT for 1.16 to 1.22 times the filter's time (1.9 times on a 256x256 phantom under noise of a
+# 1.2-pixel kernel); 64 0.10 and 0.15 for 2.1 times; a threshold of 2.7 with 32 -0.12 and +0.01.
 CUBE_GROUP_HARD_CORRELATED = 32
 HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise standard deviations are dropped
 # BM3D's first step matches on y itself, whose noise misleads the nearest few: a search window as wide as BM3D's
