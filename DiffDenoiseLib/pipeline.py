@@ -318,7 +318,7 @@ def denoise_image(
 
     # the binning reading of the whole image (fusion.py, noise.py), read once, where a step needs it
     noise_reading = functools.cache(lambda: binning_noise_reading(slices))
-    if fuse and k > 0 and volumetric_filter_makes_the_image(model.config, slices, noise_reading):
+    if fuse and volumetric_filter_makes_the_image(model.config, slices, noise_reading):
         correlated = not reading_is_white_enough_for_the_share(noise_reading())
         timer.total = volumetric_filter_steps(n, range(start, stop), correlated)
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
@@ -520,11 +520,18 @@ def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray,
     that does not read white (a nearly clean scan's own, or fine texture) keeps the networks' result: the flattest
     windows there hold anatomy as much as noise.
     """
-    if slices.shape[0] < CUBE or min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
+    if config.context_slices == 0 or slices.shape[0] < CUBE or min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         return False
     reading = noise_reading()
-    return reading_is_white_enough_for_the_share(reading) or (config.blind_spot_radius == 0
-                                                             and reading_is_strong(reading))
+    return volumetric_filter_follows(config, reading_is_white_enough_for_the_share(reading), reading_is_strong(reading))
+
+
+def volumetric_filter_follows(config: NetworkConfig, white_noise: bool, strong_noise: bool) -> bool:
+    """Whether the volumetric filter makes the image of a volume (of CUBE slices or more) for a model, instead of its
+    networks, when the noise looks white (`white_noise`) or not, and strong or faint (`noise.reading_is_strong`):
+    for a 2.5D model under white noise, and for a one-pixel 2.5D model under strong noise of any kind (see
+    `volumetric_filter_makes_the_image` for why)."""
+    return config.context_slices > 0 and (white_noise or (config.blind_spot_radius == 0 and strong_noise))
 
 
 def finished_result(image: Image, prepared: Prepared, axis: int, start: int, denoised: np.ndarray,

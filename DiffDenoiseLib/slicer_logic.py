@@ -678,12 +678,14 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     binning reading's (Fast's and the volumetric filter's test, `noise.reading_is_strong`); Full's test of the
     networks' residual is taken to agree with it.
     """
-    from DiffDenoiseLib.pipeline import MIN_SIDE_FOR_ONE_PIXEL_FILTERS, correlated_filters_follow
+    from DiffDenoiseLib.pipeline import (
+        MIN_SIDE_FOR_ONE_PIXEL_FILTERS, correlated_filters_follow, volumetric_filter_follows,
+    )
     from DiffDenoiseLib.wiener import CUBE
 
     architecture, sampling, fuse = _card_run(card, side)
     context = architecture.context_slices
-    if fuse and context and slices >= CUBE and (white or (strong and not architecture.blind_spot_radius)):
+    if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong):
         return {"volumetric_filter" if white else "correlated_volumetric_filter": 1}
     if mode == "fast":
         stages = {"student": 2 if fuse and white else 1}  # the second pass measures the share of the input kept
