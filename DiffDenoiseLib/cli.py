@@ -333,14 +333,16 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         suggested = wider and {"model": wider, "noise": "correlated"}
         reporter.log("The noise looks spatially correlated, which a one-pixel blind spot passes, so the image is the "
                      f"volumetric filter's (BM4D's two steps on cubes of {CUBE} voxels), each coefficient's noise "
-                     "computed from the noise's covariance, read where the image is flattest; the networks did not "
-                     f"run{missing}. --no-fusion runs the networks alone."
+                     "computed from the noise's level and its spread between neighbouring voxels, read on the image; "
+                     f"the networks did not run{missing}. --no-fusion runs the networks alone."
                      + (f" The noise is correlated widely enough for --model {wider}, made for such noise, which "
                         "separates it better." if wider else ""))
     elif result.details.get("filters_made_the_image") == "volumetric filter":
         reporter.log("The noise looks white, so the image is the volumetric filter's (BM4D's two steps on cubes of "
                      f"{CUBE} voxels), which beat every use of the networks' result measured on volumes; the networks "
-                     f"did not run{missing}. --no-fusion runs the networks alone.")
+                     f"did not run{missing}. --no-fusion runs the networks alone."
+                     + (" The noise is strong enough that the filter read how it spreads between neighbouring voxels, "
+                        "as mildly correlated noise would." if result.details.get("noise_shape_read") else ""))
     elif result.details.get("correlated_noise"):
         if result.details.get("filters_made_the_image"):
             reporter.log("The noise looks spatially correlated: observation fusion was skipped, and the image is hard "

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from DiffDenoiseLib.noise import constant_neighbourhoods
+from DiffDenoiseLib.noise import constant_neighbourhoods, highpass
 
 # What the read costs the 2D filters (held-out regions of the benchmark's images, correlated 1.2, fresh draws, Fast's
 # inputs, 2026-12-05): told the true covariance they gained +0.46 dB on the 693 CT's strips, +0.22 on the shoulder
@@ -141,6 +141,32 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     covariance = (covariance + covariance[::-1, ::-1, ::-1]) / 2  # R(-d) = R(d); the windows' edges read them apart
     error = (error + error[::-1, ::-1, ::-1]) / 2
     return np.where(np.abs(covariance) < SIGNIFICANCE * error, 0.0, covariance)
+
+
+def highpass_reading(covariance: np.ndarray) -> float:
+    """The variance `noise.highpass` reads (and so a noise curve) of noise with the covariance R (as
+    `estimate_noise_covariance` returns it; the slice's own offsets): sum over offsets s of A(s) R(s), A the
+    high-pass kernel's autocorrelation. R(0) for white noise; less for correlated noise, whose low frequencies the
+    high-pass misses."""
+    delta = np.zeros((5, 5))
+    delta[2, 2] = 1.0
+    kernel = highpass(delta)  # the 3x3 kernel (it is symmetric)
+    autocorrelation = sum(kernel[i, j] * np.pad(kernel, ((2 - i, i), (2 - j, j))) for i in range(3) for j in range(3))
+    depth, reach = covariance.shape[0] // 2, covariance.shape[-1] // 2
+    plane = np.pad(covariance[depth], max(0, 2 - reach))  # offsets beyond those read are uncorrelated
+    centre = plane.shape[-1] // 2
+    return float(np.sum(autocorrelation * plane[centre - 2:centre + 3, centre - 2:centre + 3]))
+
+
+def noise_shape(covariance: np.ndarray) -> np.ndarray:
+    """The covariance R per unit of its `highpass_reading`: the noise's shape, which a noise curve's variance at an
+    intensity scales to that intensity's covariance (white noise: 1 at offset 0). Where no noise is read, white."""
+    reading = highpass_reading(covariance)
+    if reading > 0:
+        return covariance / reading
+    white = np.zeros_like(covariance)
+    white[tuple(size // 2 for size in covariance.shape)] = 1.0
+    return white
 
 
 def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offset: int,

@@ -50,8 +50,8 @@ from DiffDenoiseLib.networks import (
     dihedral_mean,
 )
 from DiffDenoiseLib.noise import (
-    MIN_SIDE_TO_JUDGE_NOISE, Curve, binning_noise_reading, estimate_transform_params, get_transform,
-    noise_variance_curve, reading_is_strong,
+    MIN_SIDE_TO_JUDGE_NOISE, NOISE_SHAPE_MIN_BINNING_RATIO, Curve, binning_noise_reading,
+    estimate_transform_params, get_transform, noise_variance_curve, reading_is_strong,
 )
 from DiffDenoiseLib.normalization import Normalization, padding_mask, raise_padding
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
@@ -319,12 +319,12 @@ def denoise_image(
     # the binning reading of the whole image (fusion.py, noise.py), read once, where a step needs it
     noise_reading = functools.cache(lambda: binning_noise_reading(slices))
     if fuse and volumetric_filter_makes_the_image(model.config, slices, noise_reading):
-        correlated = not reading_is_white_enough_for_the_share(noise_reading())
-        timer.total = volumetric_filter_steps(n, range(start, stop), correlated)
+        shape = volumetric_filter_reads_the_noise_shape(noise_reading())
+        timer.total = volumetric_filter_steps(n, range(start, stop), shape)
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
-                                     progress=filtered_one, correlated_noise=correlated)
-        details.update(correlated_noise=correlated, wiener=True, fusion=False,
-                       filters_made_the_image="volumetric filter")
+                                     progress=filtered_one, correlated_noise=shape)
+        details.update(correlated_noise=not reading_is_white_enough_for_the_share(noise_reading()),
+                       noise_shape_read=shape, wiener=True, fusion=False, filters_made_the_image="volumetric filter")
         return finished_result(image, prepared, axis, start, denoised, None, started, details,
                                rician_sigma)
     # the Wiener filter of a 2.5D model's result reads k slices on each side (more under correlated noise), so the
@@ -507,18 +507,18 @@ def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Cur
 def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray, noise_reading: NoiseReading) -> bool:
     """Whether the volume `slices` of a 2.5D model gets the volumetric filter's estimate instead of the networks':
     a volume of CUBE slices or more, large enough to judge its noise, whose noise looks white (by `noise_reading`,
-    the binning reading of `slices`), or, for a one-pixel blind spot, strong and not white (`noise.reading_is_strong`;
-    the filter then takes in the noise's covariance).
+    the binning reading of `slices`), or, for a one-pixel blind spot, strong and not white (`noise.reading_is_strong`);
+    the filter reads the noise's shape where `volumetric_filter_reads_the_noise_shape`.
 
     On the benchmark's two volumes under white noise (Gaussian, Poisson, Gamma, Rician) the filter's two steps
     alone beat the networks' result filtered with 2D patches from five slices by 0.6 to 2.2 dB, and every way
     measured of adding the networks' result to them (as a share of the pilot, as the guide of block matching, as
     a share of the output) lost or tied; so the networks do not run there. Under noise of a 0.5-pixel kernel,
-    which a one-pixel blind spot passes, the filter with exact variances beat the networks' result (Fast) by 1.5 to
+    which a one-pixel blind spot passes, the filter told the noise's covariance beat the networks' result (Fast) by 1.5 to
     2.6 dB on Colin27's test and held-out slabs and by 1.3 to 5.1 on the InVesalius CT's. Under noise of a 1.2-pixel
     kernel it lost 0.3 to 4.6 dB to a wide blind spot's result and its filters, which keep that case. Faint noise
-    that does not read white (a nearly clean scan's own, or fine texture) keeps the networks' result: the flattest
-    windows there hold anatomy as much as noise.
+    that does not read white (a nearly clean scan's own, or fine texture) keeps the networks' result: what the filter
+    would read as the noise's shape there holds anatomy as much as noise.
     """
     if config.context_slices == 0 or slices.shape[0] < CUBE or min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         return False
@@ -532,6 +532,15 @@ def volumetric_filter_follows(config: NetworkConfig, white_noise: bool, strong_n
     for a 2.5D model under white noise, and for a one-pixel 2.5D model under strong noise of any kind (see
     `volumetric_filter_makes_the_image` for why)."""
     return config.context_slices > 0 and (white_noise or (config.blind_spot_radius == 0 and strong_noise))
+
+
+def volumetric_filter_reads_the_noise_shape(reading: Tuple[float, float]) -> bool:
+    """Whether the volumetric filter reads the noise's shape on a volume (`wiener.SHAPE_ROUNDS`) whose binning
+    reading (ratio, strength) is `reading`: where strong noise reads a ratio above NOISE_SHAPE_MIN_BINNING_RATIO,
+    which noise of a 0.4-pixel kernel does and white noise often does too (the shape then leaves the filter of white
+    noise as it was, for about 4 times its time on a short slab). Faint noise keeps the filter of white noise:
+    its residual holds as much anatomy as noise."""
+    return reading_is_strong(reading) and reading[0] > NOISE_SHAPE_MIN_BINNING_RATIO
 
 
 def finished_result(image: Image, prepared: Prepared, axis: int, start: int, denoised: np.ndarray,

@@ -253,6 +253,7 @@ class DenoiseLogic:
         none known: a 2D model's defaults), and the noise the volume shows."""
         from DiffDenoiseLib.device import select_device
         from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE, reading_is_strong
+        from DiffDenoiseLib.pipeline import volumetric_filter_reads_the_noise_shape
         from DiffDenoiseLib.slicing import tiled_pixels
 
         device, message = select_device(settings.device)
@@ -264,8 +265,9 @@ class DenoiseLogic:
         card = self._model_card(input_node, settings, models, slices)
         white = side >= MIN_SIDE_TO_JUDGE_NOISE and self._noise_looks_white(
             input_node, axis, card.get("transform", {"name": "none"}))
-        strong = side >= MIN_SIDE_TO_JUDGE_NOISE and reading_is_strong(
-            self._binning_reading(input_node, 2 - IJK_AXIS[axis]))
+        reading = self._binning_reading(input_node, 2 - IJK_AXIS[axis]) if side >= MIN_SIDE_TO_JUDGE_NOISE else None
+        strong = reading is not None and reading_is_strong(reading)
+        shape = reading is not None and volumetric_filter_reads_the_noise_shape(reading)
         megapixels = slices * height * width / 1e6
         network_megapixels = slices * tiled_pixels(height, width) / 1e6  # the tiles of a large slice overlap
         speed_up = 1.0 if device.type == "cpu" else _GPU_SPEED_UP
@@ -275,14 +277,18 @@ class DenoiseLogic:
                                           * (network_megapixels if stage in _NETWORK_STAGES else megapixels)
                                           for stage, passes in stages.items()) / speed_up
 
-        stages = run_stages(card, settings.mode, settings.steps, settings.pairs, slices, side, white, strong)
+        stages = run_stages(card, settings.mode, settings.steps, settings.pairs, slices, side, white, strong, shape)
         total = seconds(stages)
-        fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white, strong))
+        fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white, strong, shape))
         advice = []
         if "volumetric_filter" in stages:
             advice.append("The noise looks white: the volumetric filter makes the image (Fast and Full alike), "
                           "not the networks.")
-        if "correlated_volumetric_filter" in stages:
+        if "correlated_volumetric_filter" in stages and white:
+            advice.append("The noise looks white, and strong enough to read how it spreads between neighbouring "
+                          "voxels, which the volumetric filter takes in: it makes the image (Fast and Full alike), "
+                          "not the networks.")
+        elif "correlated_volumetric_filter" in stages:
             advice.append("The noise looks mildly correlated: the volumetric filter makes the image (Fast and Full "
                           "alike), not the networks, whose one-pixel blind spot would pass such noise.")
         correlated = {stage: passes for stage, passes in stages.items()
@@ -665,12 +671,13 @@ def filter_reach(card: dict, side: int) -> Tuple[int, int]:
 
 
 def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side: int, white: bool,
-               strong: bool) -> Dict[str, float]:
+               strong: bool, noise_shape: bool = False) -> Dict[str, float]:
     """{stage of benchmarks/stage_costs.py: passes over the image} of a run of `card`'s model in `mode` (0 steps or
     pairs: the model's) on `slices` slices of `side` voxels or more, as `pipeline.denoise_image` chooses them.
 
     Under white noise a 2.5D model's volume goes to the volumetric filter alone, and a one-pixel 2.5D model's under
-    `strong` noise that is not white to that filter with exact variances; otherwise the networks run, and
+    `strong` noise that is not white to that filter too, which reads the noise's shape there and where `noise_shape`
+    (`pipeline.volumetric_filter_reads_the_noise_shape`, a stage of its own); otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
     exact variances after a wide blind spot, or a 2D model when the noise is `strong` and the slices large enough
     (`pipeline.MIN_SIDE_FOR_ONE_PIXEL_FILTERS`; a 2.5D model's Fast mode
@@ -686,7 +693,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     architecture, sampling, fuse = _card_run(card, side)
     context = architecture.context_slices
     if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong):
-        return {"volumetric_filter" if white else "correlated_volumetric_filter": 1}
+        return {"correlated_volumetric_filter" if noise_shape or not white else "volumetric_filter": 1}
     if mode == "fast":
         stages = {"student": 2 if fuse and white else 1}  # the second pass measures the share of the input kept
     else:

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from DiffDenoiseLib.covariance import coefficient_covariance, estimate_noise_covariance, group_variance
+from DiffDenoiseLib.covariance import coefficient_covariance, estimate_noise_covariance, group_variance, noise_shape
 from DiffDenoiseLib.noise import Curve, refined_noise_curve
 
 # Measured on the benchmark's images (Full's pilot): groups of 8 or 32 patches lost 0.05 to 0.1 dB on the volumes
@@ -160,19 +160,21 @@ CUBE_HARD_THRESHOLD = 3.0
 # about 1.9 times the time of both steps; +-7 gained 0.05, +-12 0.10 for 3 times. The Wiener step's +-4 lost 0.02.
 CUBE_HARD_SEARCH_RADIUS = 9
 CUBE_TABLE_REACH = 2 * max(CUBE_SEARCH_RADIUS, CUBE_HARD_SEARCH_RADIUS)  # in-plane offsets two members' cubes can have
-# Under correlated noise the covariance read in the flattest windows of y holds anatomy where no window is flat (a
-# brain crop), and the read on y minus the first step's estimate misses what that estimate kept of the noise. On the
-# benchmark volumes' held-out slabs (kernel 0.5, fresh draws) Colin27's brain crops read R(0) 1.5 to 2.7 times the
-# noise's own in the windows and 0.94 to 1.02 on the residual, the InVesalius CT's 0.95 to 1.07 and 0.85 to 0.88.
-# So where the windows read more than CUBE_ANATOMY_IN_WINDOWS times the residual's noise variance (1.57 to 2.6 on
-# Colin27, 1.12 to 1.22 on the CT), the first step runs again with the residual's read and the Wiener step takes the
-# residual's read of that estimate; otherwise both steps take the windows'. Against the windows' read for the first
-# step and the residual's for the Wiener step: Colin27 +0.42 dB, the CT +0.05 (8 slabs each); the residual's read
-# for both steps without the test: +0.42 and -0.17.
-CUBE_ANATOMY_IN_WINDOWS = 1.35
-# Hard thresholding's groups under correlated noise: on those slabs, with the test above, 32 gained 0.09 dB on
-# Colin27 and on the CT for 1.16 to 1.22 times the filter's time (1.9 times on a 256x256 phantom under noise of a
-# 1.2-pixel kernel); 64 0.10 and 0.15 for 2.1 times; a threshold of 2.7 with 32 -0.12 and +0.01.
+# Where the noise may be correlated the volumetric filter reads its shape on the image: how the noise of a voxel
+# spreads to its neighbours (the covariance on y minus a first-step estimate, where that estimate is flattest),
+# per unit of what the noise curve reads there (`covariance.highpass_reading`); a group's coefficients then get the
+# curve's variance at the group's intensity spread as that shape has it. So the level stays the curve's, which
+# follows Poisson and Gamma noise's intensity, and noise that reads white gets a shape of one voxel: the filter of
+# white noise. What the estimate kept of the noise goes missing from the residual, so the read starts from the
+# first step of white noise and is taken again on the first step with each new shape, SHAPE_ROUNDS times, on the
+# COVARIANCE_SLICES middle slices the shape is read on. On the benchmark volumes' held-out slabs (4 of each, fresh
+# draws, 2026-12-06) against the filter of white noise: Gaussian 25/255, Poisson 200, Gamma 100 -0.09 to +0.01 dB;
+# noise of kernel 0.4, 0.45 and 0.5 pixels (which read binning ratios of 1.4 to 1.7, 1.7 to 2.2, 2.7 to 3.0) +0.33
+# and +0.72, +2.02 and +2.95, +4.75 and +6.47 (Colin27, the InVesalius CT). Against the exact variances read in the
+# flattest windows of y (where they held anatomy, the first step again on the residual's): white noise +0.09 to
+# +2.77 (those took Poisson and Gamma noise's level as one), kernel 0.4 and 0.45 +0.03 to +0.08, kernel 0.5 -0.09
+# and -0.14 (three rounds -0.20 and -0.21, five -0.06 and -0.13).
+SHAPE_ROUNDS = 4
 CUBE_GROUP_HARD_CORRELATED = 32
 HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise standard deviations are dropped
 # BM3D's first step matches on y itself, whose noise misleads the nearest few: a search window as wide as BM3D's
@@ -273,51 +275,49 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     The noise variance of a group is the image's noise curve at its mean intensity (y's in the first step,
     the estimate's in the second, with the curve read again where the estimate is flat: `refined_noise_curve`;
     +0.14 dB on the benchmark's head CT at Gaussian 6/255, whose bone the first reading took as 1.7 times
-    noisier). With `correlated_noise` each coefficient of a group's transform gets its exact noise variance
-    instead, from the noise covariance and the cubes' positions (covariance.py, as the 2D filters under such noise):
-    read in the windows where y is flattest, and on y minus the first step's estimate, where the estimate is
-    flattest: where the windows read much more noise than the residual, they held anatomy, and the first step runs
-    again with the residual's read (CUBE_ANATOMY_IN_WINDOWS says what that gained). Cubes
-    of any slice within reach feed the slices wanted, so the whole
-    volume should be given even when a few slices are wanted. `progress` is called
-    `volumetric_filter_steps(n, indices, correlated_noise)` times (it may raise to stop the filter). Returns
-    (len(indices), H, W) in float64; the input is not modified.
+    noisier). Where the noise may be `correlated_noise`, each coefficient of a group's transform gets that variance
+    spread over the coefficients as the noise's shape, read on the image, has it (SHAPE_ROUNDS says how and what it
+    gained; covariance.py). Cubes of any slice within reach feed the slices wanted, so the whole volume should be
+    given even when a few slices are wanted. `progress` is called `volumetric_filter_steps(n, indices,
+    correlated_noise)` times (it may raise to stop the filter). Returns (len(indices), H, W) in float64; the input
+    is not modified.
     """
     y3, _, wanted = _checked("volumetric filter", noisy, noisy, 0, indices)
     if np.ndim(noisy) != 3 or y3.shape[0] < CUBE:
         raise ValueError(f"the volumetric filter needs a volume of at least {CUBE} slices, got {np.shape(noisy)}")
     y3 = np.asarray(y3, dtype=np.float32)
-    wiener_starts, hard_starts = _cube_starts(y3.shape[0], wanted)
+    wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted)
     options = dict(device=device or torch.device("cpu"), progress=progress)
-    table = _coefficient_table(y3, y3, device, cubes=True) if correlated_noise else None
+    table = None
+    if correlated_noise:  # the shape read on the first step's estimate, again after each step with the new shape
+        for _ in range(SHAPE_ROUNDS):
+            estimate = _filter_cubes(y3, y3, y3, curve, read_starts, wiener=False, table=table, **options)
+            table = _coefficient_table(y3[read], estimate[read], device, residual=True, cubes=True)
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, **options)
-    covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
     if correlated_noise:
-        on_residual = _coefficient_table(y3[covered], estimate[covered], device, residual=True, cubes=True)
-        if _noise_variance(table) > CUBE_ANATOMY_IN_WINDOWS * _noise_variance(on_residual):  # see there
-            estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=on_residual, **options)
-            table = _coefficient_table(y3[covered], estimate[covered], device, residual=True, cubes=True)
-        elif progress is not None:  # the first step's second run, counted in the steps, is not needed
-            for _ in hard_starts:
-                progress()
-    else:
-        curve = refined_noise_curve(y3[covered], estimate[covered], curve)
+        table = _coefficient_table(y3[read], estimate[read], device, residual=True, cubes=True)
+    covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
+    curve = refined_noise_curve(y3[covered], estimate[covered], curve)
     return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table,
                          **options)[wanted].astype(np.float64)
 
 
 def volumetric_filter_steps(n: int, indices: Sequence[int], correlated_noise: bool = False) -> int:
-    """How many times `volumetric_filter` calls its progress on a volume of n slices (under correlated noise, with
-    the first step's second run, which is counted whether it runs or not)."""
-    wiener_starts, hard_starts = _cube_starts(n, sorted(set(indices)))
-    return len(wiener_starts) + len(hard_starts) * (2 if correlated_noise else 1)
+    """How many times `volumetric_filter` calls its progress on a volume of n slices (with `correlated_noise`, the
+    first steps that read the noise's shape too)."""
+    wiener_starts, hard_starts, _, read_starts = _volumetric_starts(n, sorted(set(indices)))
+    return len(wiener_starts) + len(hard_starts) + (SHAPE_ROUNDS * len(read_starts) if correlated_noise else 0)
 
 
-def _noise_variance(table: torch.Tensor) -> float:
-    """The noise variance of a voxel from a cube coefficient table: a cube's coefficients at offset 0 carry its
-    voxels' variances between them (the DCT is orthonormal)."""
-    depth, side = table.shape[0] // 2, table.shape[1] // 2
-    return float(table[depth, side, side].sum()) / CUBE ** 3
+def _volumetric_starts(n: int, wanted: Sequence[int]):
+    """(the Wiener step's cube starts, the first step's, the slices the noise's shape is read on, the first step's
+    starts that cover them) for the slices `wanted` of a volume of n slices: the shape is read on the
+    COVARIANCE_SLICES middle slices of those the first step covers."""
+    wiener_starts, hard_starts = _cube_starts(n, wanted)
+    lo, hi = hard_starts[0], hard_starts[-1] + CUBE
+    first = lo + max(0, (hi - lo - COVARIANCE_SLICES) // 2)
+    read = slice(first, min(hi, first + COVARIANCE_SLICES))
+    return wiener_starts, hard_starts, read, _cube_starts(n, range(read.start, read.stop))[0]
 
 
 def _cube_starts(n: int, wanted: Sequence[int]):
@@ -340,7 +340,8 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
                   table: Optional[torch.Tensor] = None) -> np.ndarray:
     """The volume with the voxels that the groups of the reference cubes starting in `starts` cover replaced by
     their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's); the noise
-    variance from `curve`, or under correlated noise each coefficient's exact one from the coefficient `table`."""
+    variance from `curve` at the group's intensity, spread over each group's coefficients by the noise's shape
+    where a coefficient `table` of it is given (`_coefficient_table` with `cubes`)."""
     n, h, w = y3.shape
     # the slices the groups reach
     first, last = max(0, starts[0] - CUBE_SLICE_REACH), min(n, starts[-1] + CUBE_SLICE_REACH + CUBE)
@@ -366,7 +367,9 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
             pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
             cy = dct1 @ (ys[pixels] @ dct_cube.T)
             cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
-            variance = s[pixels].mean(dim=(1, 2))[:, None, None] if table is None else group_variance(table, where)
+            variance = s[pixels].mean(dim=(1, 2))[:, None, None]
+            if table is not None:
+                variance = variance * group_variance(table, where)
             filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, CUBE_HARD_THRESHOLD)
             weight = (weight * window).expand_as(filtered)
             targets = (pixels + (lo - first) * h * w).reshape(-1)
@@ -484,7 +487,8 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
     have, from the noise covariance read where the pilot is flattest (on y - pilot with `residual`; covariance.py),
     on the device: the 2D filters' patches (2 * context slices, CORRELATED_TABLE_REACH voxels apart), or with `cubes`
     the volumetric filter's (2 * CUBE_SLICE_REACH slices, CUBE_TABLE_REACH voxels; the noise covariance read up to
-    CUBE - 1 slices apart, the cube's depth, and taken as uncorrelated farther)."""
+    CUBE - 1 slices apart, the cube's depth, and taken as uncorrelated farther), per unit of what the noise curve
+    reads under that covariance (the noise's shape, which the volumetric filter scales by the curve)."""
     n = y3.shape[0]
     first = max(0, (n - COVARIANCE_SLICES) // 2)
     chosen = slice(first, first + COVARIANCE_SLICES)
@@ -493,6 +497,8 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
     else:
         block, dims, depth, slices, reach = PATCH, 2, 2 * context, 2 * context, CORRELATED_TABLE_REACH
     covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(depth, n - 1), residual=residual)
+    if cubes:
+        covariance = noise_shape(covariance)
     basis = _dct_on(block, torch.device("cpu"), torch.float64, dims=dims).reshape((-1,) + (block,) * dims)
     return coefficient_covariance(covariance, basis, reach, max_slices=slices).to(device or torch.device("cpu"),
                                                                                  torch.float32)

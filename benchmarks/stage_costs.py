@@ -140,8 +140,8 @@ NETWORK_STAGES = [
 FILTER_STAGES = [
     Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise)", 8,
           volumetric("white")),
-    Stage("correlated_volumetric_filter", "the volumetric filter with exact variances (a 2.5D one-pixel model, "
-          "noise of a 0.5-pixel kernel; where the flattest windows hold anatomy its first step runs twice)", 8,
+    Stage("correlated_volumetric_filter", "the volumetric filter reading the noise's shape (strong noise above a "
+          "binning ratio of 1.3; measured under noise of a 0.5-pixel kernel)", 8,
           volumetric("mild")),
     Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise)", 4, filters_2d(False)),
     Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)",

@@ -277,8 +277,8 @@ def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tm
 
 def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_model_made_for_it(capfd, data,
                                                                                                tmp_path):
-    """A 2.5D model's one-pixel result would keep correlated noise, so the volumetric filter with exact variances
-    makes the image, and the log says so; under noise of a 1.2-pixel kernel, which the shipped 2.5D model for
+    """A 2.5D model's one-pixel result would keep correlated noise, so the volumetric filter, which reads the
+    noise's shape, makes the image, and the log says so; under noise of a 1.2-pixel kernel, which the shipped 2.5D model for
     correlated noise separates better, it also names that model, and the result names it for the Slicer panel;
     under noise of a 0.5-pixel kernel, which that filter suits best, it names none."""
     store = tmp_path / "store"
@@ -292,7 +292,7 @@ def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_mod
         write_image(Image(array=(clean + noise).astype(np.float32), modality="MR"), tmp_path / "correlated.nrrd")
         events, messages = denoised_with_log(capfd, tmp_path / "correlated.nrrd", tmp_path / "out.nrrd", "--model",
                                              "one-pixel-2.5d", "--store", store, "--slice-axis", "z")
-        assert "so the image is the volumetric filter's" in messages and "covariance" in messages, kernel
+        assert "so the image is the volumetric filter's" in messages and "spread between neighbouring" in messages
         suggested = of_kind(events, "result")[0].get("suggested_model")
         assert suggested == (named and {"model": named, "noise": "correlated"}), kernel
         assert (f"--model {named}, made for such noise" in messages) == bool(named)

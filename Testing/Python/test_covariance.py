@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from DiffDenoiseLib import covariance as covariance_module
-from DiffDenoiseLib.covariance import coefficient_covariance, estimate_noise_covariance, group_variance
-from DiffDenoiseLib.noise import add_noise
+from DiffDenoiseLib.covariance import (
+    coefficient_covariance, estimate_noise_covariance, group_variance, highpass_reading, noise_shape,
+)
+from DiffDenoiseLib.noise import add_noise, noise_variance_curve
 from DiffDenoiseLib.wiener import dct_matrix
 
 from test_fusion import textured
@@ -176,3 +178,20 @@ def test_on_the_residual_of_a_pilot_that_kept_little_noise_anatomy_is_no_longer_
     assert estimate_noise_covariance(noisy, pilot, depth=1, residual=True)[1, 8, 8] == pytest.approx(truth, rel=0.2)
     leaky = clean + 0.5 * noise
     assert estimate_noise_covariance(noisy, leaky, depth=1, residual=True)[1, 8, 8] < 0.3 * truth
+
+
+def test_the_highpass_reading_of_a_covariance_is_what_the_noise_curve_reads_of_such_noise():
+    """White noise: the high-pass reads its variance; noise blurred by half a pixel: much less, and the reading
+    of its (read) covariance matches what the noise curve reads on the noise itself within 5 %. Its shape is the
+    covariance per unit of that reading; a covariance of no noise is taken as white."""
+    rng = np.random.default_rng(5)
+    white = np.zeros((1, 17, 17))
+    white[0, 8, 8] = 2.0
+    assert highpass_reading(white) == pytest.approx(2.0)
+    field = add_noise(np.zeros((4, 160, 160)), "correlated", 0.5, rng, sigma=1.0)
+    read = estimate_noise_covariance(field, np.zeros_like(field))
+    curve_read = float(np.median(noise_variance_curve(field)[1]))
+    assert highpass_reading(read) == pytest.approx(curve_read, rel=0.05)
+    assert highpass_reading(read) < 0.5 * read[0, 8, 8]
+    np.testing.assert_allclose(noise_shape(read), read / highpass_reading(read))
+    assert noise_shape(np.zeros((3, 9, 9)))[1, 4, 4] == 1.0 and noise_shape(np.zeros((3, 9, 9))).sum() == 1.0

@@ -11,10 +11,14 @@ from DiffDenoiseLib import pipeline
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.magnitude import rician_mean
 from DiffDenoiseLib.metrics import psnr
-from DiffDenoiseLib.noise import add_noise
+from DiffDenoiseLib.noise import (
+    NOISE_SHAPE_MIN_BINNING_RATIO, WHITE_NOISE_MAX_BINNING_RATIO, add_noise, binning_noise_reading,
+)
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.networks import NetworkConfig
-from DiffDenoiseLib.pipeline import DenoisingModel, SamplingConfig, denoise_image
+from DiffDenoiseLib.pipeline import (
+    DenoisingModel, SamplingConfig, denoise_image, volumetric_filter_reads_the_noise_shape,
+)
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.wiener import CUBE, volumetric_filter_steps
 
@@ -169,7 +173,7 @@ def test_the_volumetric_filter_makes_a_2_5d_models_image_only_of_a_volume_with_w
     reports = []
     fast = denoise_image(image, model, mode="fast", progress=reports.append)
     assert reports[-1].step == reports[-1].total == volumetric_filter_steps(9, range(9))
-    assert fast.details["correlated_noise"] is False
+    assert fast.details["correlated_noise"] is False and fast.details["noise_shape_read"] is False
     np.testing.assert_array_equal(fast.image.array, denoise_image(image, model, mode="full").image.array)
     part = denoise_image(image, model, mode="fast", slice_range=(4, 5)).image.array
     assert np.abs(part - fast.image.array[4:5]).mean() < 0.02 * np.abs(fast.image.array[4:5] - image.array[4:5]).mean()
@@ -191,6 +195,7 @@ def test_strong_correlated_noise_sends_a_one_pixel_2_5d_models_volume_to_the_vol
     reports = []
     fast = denoise_image(correlated, model, mode="fast", slice_axis=0, progress=reports.append)
     assert fast.details["filters_made_the_image"] == "volumetric filter" and fast.details["correlated_noise"] is True
+    assert fast.details["noise_shape_read"] is True
     assert reports[-1].step == reports[-1].total == volumetric_filter_steps(9, range(9), correlated_noise=True)
     np.testing.assert_array_equal(fast.image.array, denoise_image(correlated, model, mode="full",
                                                                   slice_axis=0).image.array)
@@ -206,6 +211,23 @@ def test_strong_correlated_noise_sends_a_one_pixel_2_5d_models_volume_to_the_vol
                         + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0) + rng.normal(0, 2.0, (40, 36)) for _ in range(9)])
     faint = denoise_image(Image(array=texture.astype(np.float32), modality="MR"), model, mode="fast", slice_axis=0)
     assert "filters_made_the_image" not in faint.details
+
+
+def test_strong_noise_that_reads_nearly_white_has_its_shape_read_by_the_volumetric_filter(volume_and_model):
+    """Noise of a 0.45-pixel kernel reads white by the binning ratio (so Fast's share and fusion would take it), yet
+    the filter of white noise leaves its low frequencies: strong, it has its shape read; faint noise, or noise whose
+    ratio is a white one's, keeps the filter of white noise."""
+    _, model = volume_and_model
+    noise = add_noise(np.zeros((9, 48, 48)), "correlated", 0.45, np.random.default_rng(8), sigma=20.0)
+    reading = binning_noise_reading(noise + 100.0)
+    assert NOISE_SHAPE_MIN_BINNING_RATIO < reading[0] <= WHITE_NOISE_MAX_BINNING_RATIO
+    details = denoise_image(Image(array=(noise + 100.0).astype(np.float32), modality="MR"), model, mode="fast",
+                            slice_axis=0).details
+    assert details["filters_made_the_image"] == "volumetric filter"
+    assert details["correlated_noise"] is False and details["noise_shape_read"] is True
+    assert volumetric_filter_reads_the_noise_shape(reading)
+    assert not volumetric_filter_reads_the_noise_shape((reading[0], 0.01))
+    assert not volumetric_filter_reads_the_noise_shape((1.1, reading[1]))
 
 
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():

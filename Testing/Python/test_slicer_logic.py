@@ -444,6 +444,20 @@ def test_estimate_of_a_white_noise_volume_for_a_2_5d_model_is_the_volumetric_fil
     assert full.seconds == filtered.seconds, "the networks do not run, in Full mode either"
 
 
+def test_estimate_of_strong_noise_that_reads_nearly_white_counts_the_volumetric_filter_reading_its_shape(mrml,
+                                                                                                       fake_logic):
+    """Noise of a 0.45-pixel kernel reads white by the binning ratio but has its shape read by the volumetric filter
+    (pipeline.volumetric_filter_reads_the_noise_shape): that stage's cost, and advice that says why."""
+    clean = np.zeros((12, 96, 96))
+    clean[:, 24:72, 24:72] = 0.5
+    noisy = add_noise(clean, "correlated", 0.45, np.random.default_rng(2))
+    volume = slicer.util.addVolumeFromArray(noisy.astype(np.float32), name="nearly white")
+    shaped, _ = _estimates(fake_logic, volume, _card("ct-2.5d", context=2))
+    assert shaped.seconds == pytest.approx(5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL[
+        "correlated_volumetric_filter"])
+    assert "The noise looks white, and strong enough to read how it spreads" in shaped.advice
+
+
 def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volumetric_filter_alone(mrml, fake_logic):
     """Strong noise that is not white: the volumetric filter with exact variances makes the image in both modes;
     faint such noise (texture under noise of 2 units in 1500): the networks alone."""
