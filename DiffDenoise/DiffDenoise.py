@@ -53,7 +53,7 @@ class DiffDenoise(ScriptedLoadableModule):
             "structure that similar patches agree on; a volume with white noise, given a 2.5D model, goes to a "
             "volumetric block-matching filter alone, which gave better images there than the networks; under "
             "spatially correlated noise the filters take each coefficient's noise from the noise's covariance, "
-            "read on the image where it is flat. "
+            "read on the image. "
             "Models can be trained or adapted on the volumes loaded in Slicer. "
             'See the <a href="%s">documentation</a>.' % DOCUMENTATION_URL)
         self.parent.acknowledgementText = (

@@ -35,9 +35,9 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "bsn_wide": 27.5,
     "diffusion": 3.3,
     "volumetric_filter": 16.0,
-    # measured on an AMD EPYC (2026-12-06) at 1.76 times the white filter's time on that machine (1.09 s against 0.62
-    # per 256x256 slice), so 1.76 times the figure above, which the other machine measured
-    "correlated_volumetric_filter": 28.2,
+    # reading the noise's shape: measured on an AMD EPYC (2026-12-06) at 2.12 times the white filter's time on that
+    # machine (1.35 s against 0.64 per 256x256 slice), so 2.12 times the figure above, which the other machine measured
+    "correlated_volumetric_filter": 33.9,
     "filters_2d": 16.2,
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,

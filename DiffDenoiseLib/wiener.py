@@ -36,7 +36,9 @@ For a volume with white noise, `volumetric_filter` runs both steps on cubes inst
 et al. 2013): 4x4x4 cubes, matched in the slice and three slices either way, take in that the anatomy
 goes on from slice to slice, which 2D patches gathered from neighbouring slices use far less. Guided
 by its own first step, without the networks, it beat every use of the networks' result measured on
-the benchmark's volumes, so the pipeline gives a 2.5D model's volume under white noise to it alone.
+the benchmark's volumes, so the pipeline gives a 2.5D model's volume under white noise to it alone. Where
+strong noise may be correlated it reads the noise's shape on the volume and spreads the noise curve's variance
+over each group's coefficients as that shape has it (SHAPE_ROUNDS).
 
 For a volume the candidates also come from the neighbouring slices (`context` slices on
 each side, as BM4D's groups do), whose noise is independent: a 2.5D slice has more alike

@@ -4,8 +4,8 @@
 
 Each stage runs once, on the CPU, through the library's public functions on synthetic slices of each
 side: a smooth phantom under white Gaussian noise, or under that noise blurred in-plane by a Gaussian
-of 1.2 pixels for the correlated-noise filters (of 0.5 for the volumetric filter with exact variances, the mildly
-correlated noise it is chosen for). The networks are the shipped models' (their weights do
+of 1.2 pixels for the correlated-noise filters (of 0.5 for the volumetric filter reading the noise's shape, the
+mildly correlated noise it is chosen for). The networks are the shipped models' (their weights do
 not change the cost). `--stages` measures only the stages named and keeps the others' figures from the JSON
 already in the output folder. Writes stage_costs.json (machine, date, torch, the load average before and after,
 each stage's seconds per megapixel and per slice at each side) and stage_costs.md. A few minutes on
@@ -84,8 +84,8 @@ def diffusion_evaluation(models):
 
 
 def volumetric(noise: str):
-    """The volumetric filter on the whole stack under `noise` ("white", or "mild" for its exact variances), in slices
-    of a long scan: a short stack has fewer passes per slice."""
+    """The volumetric filter on the whole stack under `noise` ("white", or "mild" for it reading the noise's shape), in
+    slices of a long scan: a short stack has fewer passes per slice."""
     correlated_noise = noise != "white"
 
     def run(noisy, models):
