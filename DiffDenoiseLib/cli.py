@@ -328,7 +328,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     suggested = None  # {"model", "noise"}: a model made for correlated noise, where the one run separates it poorly
     if result.details.get("filters_made_the_image") == "volumetric filter" and result.details["correlated_noise"]:
         # under noise of a 1.2-pixel kernel a wide blind spot's result and its filters beat this filter (pipeline.py)
-        wider = (model_for_correlated_noise(store.list(), image.array.shape[result.details["slice_axis"]])
+        wider = (_model_for_correlated_noise_of(store, image, result.details)
                  if reading_looks_correlated(reading or binning_noise_reading(image.array)) else None)
         suggested = wider and {"model": wider, "noise": "correlated"}
         reporter.log("The noise looks spatially correlated, which a one-pixel blind spot passes, so the image is the "
@@ -359,10 +359,8 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         else:
             ratio, strength = reading or binning_noise_reading(image.array)
             needed = strength_needed(ratio)
-            wider = None
-            if model.config.blind_spot_radius == 0:
-                depth = image.array.shape[result.details["slice_axis"]] if image.array.ndim == 3 else 1
-                wider = model_for_correlated_noise(store.list(), depth)
+            wider = (_model_for_correlated_noise_of(store, image, result.details)
+                     if model.config.blind_spot_radius == 0 else None)
             if strength <= needed:
                 # Below that strength the reading cannot tell weak correlated noise from fine anatomy (noise.py).
                 reporter.log(f"The noise does not look white but is faint (its std about {strength:.2%} of the "
@@ -407,6 +405,13 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                      "model": folder.name, "model_path": str(folder), "mode": args.mode, "device": str(device),
                      "seconds": round(result.seconds, 3), "shape": list(result.image.array.shape),
                      "details": result.details, "suggested_model": suggested})
+
+
+def _model_for_correlated_noise_of(store: ModelStore, image, details: dict) -> Optional[str]:
+    """The store's model made for correlated noise that suits `image` as the run sliced it (`details`): a 2.5D one
+    for a volume deep enough, a 2D one otherwise (`store.model_for_correlated_noise`)."""
+    depth = image.array.shape[details["slice_axis"]] if image.array.ndim == 3 else 1
+    return model_for_correlated_noise(store.list(), depth)
 
 
 def _duration(seconds: float) -> str:
