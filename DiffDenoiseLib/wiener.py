@@ -170,7 +170,7 @@ CUBE_TABLE_REACH = 2 * max(CUBE_SEARCH_RADIUS, CUBE_HARD_SEARCH_RADIUS)  # in-pl
 # white noise. What the estimate kept of the noise goes missing from the residual, so the read starts from the
 # first step of white noise and is taken again on the first step with each new shape, SHAPE_ROUNDS times, on the
 # COVARIANCE_SLICES middle slices the shape is read on. On the benchmark volumes' held-out slabs (4 of each, fresh
-# draws, 2026-12-06) against the filter of white noise: Gaussian 25/255, Poisson 200, Gamma 100 -0.09 to +0.01 dB;
+# draws, 2026-12-06) against the filter of white noise: Gaussian 25/255, Poisson 200, Gamma 100 -0.11 to +0.12 dB;
 # noise of kernel 0.4, 0.45 and 0.5 pixels (which read binning ratios of 1.4 to 1.7, 1.7 to 2.2, 2.7 to 3.0) +0.33
 # and +0.72, +2.02 and +2.95, +4.75 and +6.47 (Colin27, the InVesalius CT). Against the exact variances read in the
 # flattest windows of y (where they held anatomy, the first step again on the residual's): white noise +0.09 to
