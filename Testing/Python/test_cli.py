@@ -278,9 +278,9 @@ def test_train_flags_choose_2_5d_context_and_the_noise_transform(capfd, data, tm
 def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_model_made_for_it(capfd, data,
                                                                                                tmp_path):
     """A 2.5D model's one-pixel result would keep correlated noise, so the volumetric filter, which reads the
-    noise's shape, makes the image, and the log says so; under noise of a 1.2-pixel kernel, which the shipped 2.5D model for
-    correlated noise separates better, it also names that model, and the result names it for the Slicer panel;
-    under noise of a 0.5-pixel kernel, which that filter suits best, it names none."""
+    noise's shape, makes the image, and the log says so; under noise of a 1.2-pixel kernel, which the shipped 2.5D
+    model for correlated noise separates better, it also names that model, and the result names it for the Slicer
+    panel; under noise of a 0.5-pixel kernel, which that filter suits best, it names none."""
     store = tmp_path / "store"
     code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "one-pixel-2.5d", "--store", store,
                          "--config", data / "tiny.json", "--max-steps", 2, "--context-slices", 1, "--json")
