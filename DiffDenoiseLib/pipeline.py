@@ -515,10 +515,10 @@ def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray,
     measured of adding the networks' result to them (as a share of the pilot, as the guide of block matching, as
     a share of the output) lost or tied; so the networks do not run there. Under noise of a 0.5-pixel kernel,
     which a one-pixel blind spot passes, the filter told the noise's covariance beat the networks' result (Fast) by
-    1.5 to 2.6 dB on Colin27's test and held-out slabs and by 1.3 to 5.1 on the InVesalius CT's. Under noise of a 1.2-pixel
-    kernel it lost 0.3 to 4.6 dB to a wide blind spot's result and its filters, which keep that case. Faint noise
-    that does not read white (a nearly clean scan's own, or fine texture) keeps the networks' result: what the filter
-    would read as the noise's shape there holds anatomy as much as noise.
+    1.5 to 2.6 dB on Colin27's test and held-out slabs and by 1.3 to 5.1 on the InVesalius CT's. Under noise of a
+    1.2-pixel kernel it lost 0.3 to 4.6 dB to a wide blind spot's result and its filters, which keep that case.
+    Faint noise that does not read white (a nearly clean scan's own, or fine texture) keeps the networks' result:
+    what the filter would read as the noise's shape there holds anatomy as much as noise.
     """
     if config.context_slices == 0 or slices.shape[0] < CUBE or min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         return False
