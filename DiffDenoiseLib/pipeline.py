@@ -61,6 +61,7 @@ from DiffDenoiseLib.wiener import (
     CUBE,
     collaborative_hard_threshold,
     collaborative_wiener,
+    noise_shape_steps,
     slices_read,
     volumetric_filter,
     volumetric_filter_steps,
@@ -319,7 +320,7 @@ def denoise_image(
     # the binning reading of the whole image (fusion.py, noise.py), read once, where a step needs it
     noise_reading = functools.cache(lambda: binning_noise_reading(slices))
     if fuse and volumetric_filter_makes_the_image(model.config, slices, noise_reading):
-        shape = volumetric_filter_reads_the_noise_shape(noise_reading())
+        shape = filters_read_the_noise_shape(noise_reading())
         timer.total = volumetric_filter_steps(n, range(start, stop), shape)
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
                                      progress=filtered_one, correlated_noise=shape)
@@ -394,9 +395,14 @@ def denoise_image(
             # quarter 0.1 dB more on average; with the estimate's wider search a tenth 0.03 dB more than a quarter
             # (and than the estimate alone: 0.1 dB more on the shoulder MRI at Gaussian 6/255, 0.1 less on the head
             # CT at 25/255).
-            estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, **filtering)
+            # Strong noise that may be mildly correlated has its shape read by both steps.
+            shape = details["noise_shape_read"] = filters_2d_read_the_noise_shape(slices, noise_reading)
+            if shape:
+                timer.total += noise_shape_steps(filtering["indices"])
+            estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, noise_shape=shape, **filtering)
             denoised = NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
             details["hard_threshold"] = True
+            filtering["noise_shape"] = shape
         # a 2.5D model's result (too few slices for the volumetric filter) guides it alone
         denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, **filtering)
     else:
@@ -508,7 +514,7 @@ def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray,
     """Whether the volume `slices` of a 2.5D model gets the volumetric filter's estimate instead of the networks':
     a volume of CUBE slices or more, large enough to judge its noise, whose noise looks white (by `noise_reading`,
     the binning reading of `slices`), or, for a one-pixel blind spot, strong and not white (`noise.reading_is_strong`);
-    the filter reads the noise's shape where `volumetric_filter_reads_the_noise_shape`.
+    the filter reads the noise's shape where `filters_read_the_noise_shape`.
 
     On the benchmark's two volumes under white noise (Gaussian, Poisson, Gamma, Rician) the filter's two steps
     alone beat the networks' result filtered with 2D patches from five slices by 0.6 to 2.2 dB, and every way
@@ -534,13 +540,25 @@ def volumetric_filter_follows(config: NetworkConfig, white_noise: bool, strong_n
     return config.context_slices > 0 and (white_noise or (config.blind_spot_radius == 0 and strong_noise))
 
 
-def volumetric_filter_reads_the_noise_shape(reading: Tuple[float, float]) -> bool:
-    """Whether the volumetric filter reads the noise's shape on a volume (`wiener.SHAPE_ROUNDS`) whose binning
+def filters_read_the_noise_shape(reading: Tuple[float, float]) -> bool:
+    """Whether the filters read the noise's shape (`wiener.SHAPE_ROUNDS`; the volumetric filter, and a 2D model's
+    filters under noise that reads white: `filters_2d_read_the_noise_shape`) on an image whose binning
     reading (ratio, strength) is `reading`: where strong noise reads a ratio above NOISE_SHAPE_MIN_BINNING_RATIO,
     which noise of a 0.4-pixel kernel does and white noise often does too (the shape then leaves the filter of white
     noise as it was, for about 4 times its time on a short slab). Faint noise keeps the filter of white noise:
     its residual holds as much anatomy as noise."""
     return reading_is_strong(reading) and reading[0] > NOISE_SHAPE_MIN_BINNING_RATIO
+
+
+def filters_2d_read_the_noise_shape(slices: np.ndarray, noise_reading: NoiseReading) -> bool:
+    """Whether a 2D model's filters under white-looking noise read the noise's shape on `slices` (n, H, W): where
+    `filters_read_the_noise_shape` by the binning reading and the slices are large enough for the one-pixel filters
+    (MIN_SIDE_FOR_ONE_PIXEL_FILTERS). On 12 strips of the benchmark's three 2D images (44 to 84 by 256 voxels, fresh
+    draws, both steps alone) against the filters of white noise: noise of a 0.4-pixel kernel +0.5 to +1.9 dB, 0.45
+    +1.9 to +4.2 (binning ratios 1.2 to 1.6 and 1.6 to 2.1); Gaussian 25/255 and Poisson 200 -0.52 to +0.31 (the
+    shoulder MRI's Poisson noise -0.52 and -0.24: the image's own noise is correlated), for 1 to 2 s a strip
+    against 0.1 to 0.3."""
+    return min(slices.shape[-2:]) >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS and filters_read_the_noise_shape(noise_reading())
 
 
 def finished_result(image: Image, prepared: Prepared, axis: int, start: int, denoised: np.ndarray,

@@ -253,7 +253,7 @@ class DenoiseLogic:
         none known: a 2D model's defaults), and the noise the volume shows."""
         from DiffDenoiseLib.device import select_device
         from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE, reading_is_strong
-        from DiffDenoiseLib.pipeline import volumetric_filter_reads_the_noise_shape
+        from DiffDenoiseLib.pipeline import filters_read_the_noise_shape
         from DiffDenoiseLib.slicing import tiled_pixels
 
         device, message = select_device(settings.device)
@@ -267,7 +267,7 @@ class DenoiseLogic:
             input_node, axis, card.get("transform", {"name": "none"}))
         reading = self._binning_reading(input_node, 2 - IJK_AXIS[axis]) if side >= MIN_SIDE_TO_JUDGE_NOISE else None
         strong = reading is not None and reading_is_strong(reading)
-        shape = reading is not None and volumetric_filter_reads_the_noise_shape(reading)
+        shape = reading is not None and filters_read_the_noise_shape(reading)
         megapixels = slices * height * width / 1e6
         network_megapixels = slices * tiled_pixels(height, width) / 1e6  # the tiles of a large slice overlap
         speed_up = 1.0 if device.type == "cpu" else _GPU_SPEED_UP
@@ -677,7 +677,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
 
     Under white noise a 2.5D model's volume goes to the volumetric filter alone, and a one-pixel 2.5D model's under
     `strong` noise that is not white to that filter too, which reads the noise's shape there and where `noise_shape`
-    (`pipeline.volumetric_filter_reads_the_noise_shape`, a stage of its own); otherwise the networks run, and
+    (`pipeline.filters_read_the_noise_shape`, a stage of its own, as a 2D model's filters under white-looking noise
+    then read it, at about 6 times their cost); otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
     exact variances after a wide blind spot, or a 2D model when the noise is `strong` and the slices large enough
     (`pipeline.MIN_SIDE_FOR_ONE_PIXEL_FILTERS`; a 2.5D model's Fast mode
@@ -700,7 +701,9 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         stages = {"bsn_wide" if architecture.blind_spot_radius else "bsn": sampling.self_ensemble,
                   "diffusion": 2 * (steps or sampling.steps) * (pairs or sampling.pairs)}
     if fuse and white:
-        stages["wiener_context" if context else "filters_2d"] = 1
+        # a 2D model's filters reading the noise's shape took 0.9 to 1.9 s a 256-voxel strip against 0.1 to 0.3
+        shaped = not context and noise_shape and side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS
+        stages["wiener_context" if context else "filters_2d"] = 6 if shaped else 1
     elif fuse and correlated_filters_follow(architecture, strong and side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS):
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
         if mode == "fast" and context:  # a blind-spot estimate matches the Wiener step's groups

@@ -214,7 +214,8 @@ def _dct_on(size: int, device: torch.device, dtype: torch.dtype, dims: int = 1) 
 def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0, passes: int = 1,
                          indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
                          progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False,
-                         gains_from: Optional[np.ndarray] = None, covariance_on_residual: bool = False) -> np.ndarray:
+                         gains_from: Optional[np.ndarray] = None, covariance_on_residual: bool = False,
+                         noise_shape: bool = False) -> np.ndarray:
     """The collaborative Wiener filter of the slices `indices` (all by default) of `noisy`, guided by `pilot`.
 
     `noisy` and `pilot` are (n, H, W), or (H, W) for one slice; the inputs are not modified. With
@@ -228,7 +229,9 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     `context` of those wanted are reference slices too. `gains_from`, of `noisy`'s shape, sets the first pass's
     Wiener gains instead of `pilot`, which then only matches the groups: an estimate whose errors follow the noise
     at each voxel groups patches by their noise, yet may know the coefficients better. Returns (len(indices), H, W),
-    or (H, W) for a 2D input, in float64.
+    or (H, W) for a 2D input, in float64. With `noise_shape` (a 2D model's slices, noise that may be mildly
+    correlated though it reads white) the curve's variance is spread over each group's coefficients by the noise's
+    shape, read on y - `pilot` (`_coefficient_table` with `shape`), with the settings of white noise.
     """
     y3, m3, wanted = _checked("Wiener filter", noisy, pilot, context, indices)
     g3 = None if gains_from is None else _checked("Wiener filter", noisy, gains_from, context, indices)[1]
@@ -237,10 +240,12 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
     table = _coefficient_table(y3, m3, device, context, covariance_on_residual) if correlated_noise else None
+    if noise_shape:
+        table = _coefficient_table(y3[wanted], m3[wanted], device, residual=True, shape=True)
     spread = spreads(correlated_noise, context)
     for done, (todo, references) in enumerate(_wiener_passes(n, wanted, context, passes, spread)):
         filtered = _filter_slices(y3, guide, guide, curve, todo, references, context, device, progress, wiener=True,
-                                  table=table, gains_on=g3 if done == 0 else None, spread=spread)
+                                  table=table, gains_on=g3 if done == 0 else None, spread=spread, shape=noise_shape)
         for i, a in filtered.items():
             guide[i] = a
     result = guide[wanted].astype(np.float64)
@@ -250,19 +255,34 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
 def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, context: int = 0,
                                  indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
                                  progress: Optional[Callable[[], None]] = None,
-                                 correlated_noise: bool = False) -> np.ndarray:
+                                 correlated_noise: bool = False, noise_shape: bool = False) -> np.ndarray:
     """BM3D's first step on the slices `indices` (all by default) of `noisy`: an estimate of the image's own.
 
     Groups are matched on `noisy` itself within HARD_SEARCH_RADIUS voxels, and every coefficient of a group's 3D
     transform below HARD_THRESHOLD noise standard deviations is dropped (weights 1 / (s * coefficients kept)). The
     `pilot` only says at which intensity to read the noise curve, and, with `correlated_noise`, where the
-    image is flat enough to read the noise covariance (the threshold is then CORRELATED_HARD_THRESHOLD). Shapes,
-    `context`, `indices` and `progress` as in `collaborative_wiener`; returns float64.
+    image is flat enough to read the noise covariance (the threshold is then CORRELATED_HARD_THRESHOLD). With
+    `noise_shape` the noise's shape is read first, as the volumetric filter reads it (SHAPE_ROUNDS first steps on
+    the COVARIANCE_SLICES middle slices wanted, each read on the last one's residual), and spreads the curve's
+    variance over each group's coefficients (`noise_shape_steps` more calls of `progress`). Shapes, `context`,
+    `indices` and `progress` as in `collaborative_wiener`; returns float64.
     """
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
+    if noise_shape and context:
+        raise ValueError("the hard-thresholding filter reads the noise's shape only without context slices")
     table = _coefficient_table(y3, m3, device, context) if correlated_noise else None
-    filtered = _filter_slices(y3, np.asarray(y3, dtype=np.float32), m3, curve, wanted, wanted, context, device,
-                              progress, wiener=False, table=table)
+    y32 = np.asarray(y3, dtype=np.float32)
+    if noise_shape:
+        read = _middle(wanted)
+
+        def first_step(shape_table: Optional[torch.Tensor]) -> np.ndarray:
+            done = _filter_slices(y3, y32, m3, curve, read, read, context, device, progress, wiener=False,
+                                  table=shape_table, shape=True)
+            return np.stack([done[i] for i in read])
+
+        table = _read_noise_shape(y3[read], first_step, device, cubes=False)
+    filtered = _filter_slices(y3, y32, m3, curve, wanted, wanted, context, device,
+                              progress, wiener=False, table=table, shape=noise_shape)
     result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
     return result[0] if np.ndim(noisy) == 2 else result
 
@@ -291,13 +311,12 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = None
-    if correlated_noise:  # the shape read on the first step's estimate, again after each step with the new shape
-        for _ in range(SHAPE_ROUNDS):
-            estimate = _filter_cubes(y3, y3, y3, curve, read_starts, wiener=False, table=table, **options)
-            table = _coefficient_table(y3[read], estimate[read], device, residual=True, cubes=True)
+    if correlated_noise:
+        table = _read_noise_shape(y3[read], lambda shape_table: _filter_cubes(
+            y3, y3, y3, curve, read_starts, wiener=False, table=shape_table, **options)[read], device, cubes=True)
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, **options)
     if correlated_noise:
-        table = _coefficient_table(y3[read], estimate[read], device, residual=True, cubes=True)
+        table = _coefficient_table(y3[read], estimate[read], device, residual=True, cubes=True, shape=True)
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
     curve = refined_noise_curve(y3[covered], estimate[covered], curve)
     return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table,
@@ -309,6 +328,28 @@ def volumetric_filter_steps(n: int, indices: Sequence[int], correlated_noise: bo
     first steps that read the noise's shape too)."""
     wiener_starts, hard_starts, _, read_starts = _volumetric_starts(n, sorted(set(indices)))
     return len(wiener_starts) + len(hard_starts) + (SHAPE_ROUNDS * len(read_starts) if correlated_noise else 0)
+
+
+def noise_shape_steps(indices: Sequence[int]) -> int:
+    """How many more times `collaborative_hard_threshold` calls its progress with `noise_shape` (without context)."""
+    return SHAPE_ROUNDS * len(_middle(sorted(set(indices))))
+
+
+def _middle(wanted: Sequence[int]) -> List[int]:
+    """The COVARIANCE_SLICES middle slices of those `wanted`, which the noise's shape is read on."""
+    first = max(0, (len(wanted) - COVARIANCE_SLICES) // 2)
+    return list(wanted[first:first + COVARIANCE_SLICES])
+
+
+def _read_noise_shape(y3: np.ndarray, first_step: Callable[[Optional[torch.Tensor]], np.ndarray],
+                      device: Optional[torch.device], cubes: bool) -> torch.Tensor:
+    """The coefficient table of the noise's shape on the slices `y3`, read SHAPE_ROUNDS times on y minus
+    `first_step(table)` (the first step's estimate of those slices with the last read, white noise's to begin with):
+    what an estimate kept of the noise goes missing from its residual, less after each read."""
+    table = None
+    for _ in range(SHAPE_ROUNDS):
+        table = _coefficient_table(y3, first_step(table), device, residual=True, cubes=cubes, shape=True)
+    return table
 
 
 def _volumetric_starts(n: int, wanted: Sequence[int]):
@@ -484,13 +525,13 @@ COVARIANCE_SLICES = 16  # the middle slices of a longer stack that the noise cov
 
 
 def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.device], context: int = 0,
-                       residual: bool = False, cubes: bool = False) -> torch.Tensor:
+                       residual: bool = False, cubes: bool = False, shape: bool = False) -> torch.Tensor:
     """The covariance of the blocks' DCT coefficients at every offset two members of a correlated-noise group can
     have, from the noise covariance read where the pilot is flattest (on y - pilot with `residual`; covariance.py),
     on the device: the 2D filters' patches (2 * context slices, CORRELATED_TABLE_REACH voxels apart), or with `cubes`
     the volumetric filter's (2 * CUBE_SLICE_REACH slices, CUBE_TABLE_REACH voxels; the noise covariance read up to
-    CUBE - 1 slices apart, the cube's depth, and taken as uncorrelated farther), per unit of what the noise curve
-    reads under that covariance (the noise's shape, which the volumetric filter scales by the curve)."""
+    CUBE - 1 slices apart, the cube's depth, and taken as uncorrelated farther); with `shape`, per unit of what the
+    noise curve reads under that covariance (the noise's shape, which the filters then scale by the curve)."""
     n = y3.shape[0]
     first = max(0, (n - COVARIANCE_SLICES) // 2)
     chosen = slice(first, first + COVARIANCE_SLICES)
@@ -499,7 +540,7 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
     else:
         block, dims, depth, slices, reach = PATCH, 2, 2 * context, 2 * context, CORRELATED_TABLE_REACH
     covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(depth, n - 1), residual=residual)
-    if cubes:
+    if shape:
         covariance = noise_shape(covariance)
     basis = _dct_on(block, torch.device("cpu"), torch.float64, dims=dims).reshape((-1,) + (block,) * dims)
     return coefficient_covariance(covariance, basis, reach, max_slices=slices).to(device or torch.device("cpu"),
@@ -577,21 +618,22 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
 
 def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
                        table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None,
-                       every_slice: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                       every_slice: bool = False, shape: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The weighted sums of the filtered patches and their weights, from the groups of slice `centre`'s reference
     patches in the stacks (d, H, W) of y, the image the groups are matched on and the noise variance: only the
     centre slice's patches go back, each (1, H, W), or with `every_slice` every member's, each (d, H, W). Wiener
     gains from the coefficients of `gains_on` (default: the matched image, the pilot), or, without `wiener`, hard
     thresholding of y's. Under correlated noise (a coefficient covariance
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
-    (covariance.py), with the CORRELATED_ groups, search, spacing and threshold.
+    (covariance.py), with the CORRELATED_ groups, search, spacing and threshold; a `table` of the noise's `shape`
+    instead spreads the curve's variance over the coefficients, with the settings of white noise.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
     """
     d, h, w = ys.shape
     device, dtype = ys.device, ys.dtype
-    if table is None:
+    if table is None or shape:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
     else:
         threshold = CORRELATED_HARD_THRESHOLD
@@ -623,6 +665,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]
         else:  # each coefficient's own, from the members' positions: (R, group, 64)
             variance = group_variance(table, where)
+            if shape:  # spread over them as the noise's shape has it
+                variance = variance * flat_s[pixels].mean(dim=(1, 2))[:, None, None]
         cm = dct1 @ (flat_g[pixels] @ dct2.T) if wiener else None
         filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
         weight = weight * window  # (R, 1, 64)

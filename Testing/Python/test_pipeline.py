@@ -17,7 +17,7 @@ from DiffDenoiseLib.noise import (
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.pipeline import (
-    DenoisingModel, SamplingConfig, denoise_image, volumetric_filter_reads_the_noise_shape,
+    DenoisingModel, SamplingConfig, denoise_image, filters_read_the_noise_shape,
 )
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.wiener import CUBE, volumetric_filter_steps
@@ -225,9 +225,9 @@ def test_strong_noise_that_reads_nearly_white_has_its_shape_read_by_the_volumetr
                             slice_axis=0).details
     assert details["filters_made_the_image"] == "volumetric filter"
     assert details["correlated_noise"] is False and details["noise_shape_read"] is True
-    assert volumetric_filter_reads_the_noise_shape(reading)
-    assert not volumetric_filter_reads_the_noise_shape((reading[0], 0.01))
-    assert not volumetric_filter_reads_the_noise_shape((1.1, reading[1]))
+    assert filters_read_the_noise_shape(reading)
+    assert not filters_read_the_noise_shape((reading[0], 0.01))
+    assert not filters_read_the_noise_shape((1.1, reading[1]))
 
 
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():

@@ -447,7 +447,7 @@ def test_estimate_of_a_white_noise_volume_for_a_2_5d_model_is_the_volumetric_fil
 def test_estimate_of_strong_noise_that_reads_nearly_white_counts_the_volumetric_filter_reading_its_shape(mrml,
                                                                                                        fake_logic):
     """Noise of a 0.45-pixel kernel reads white by the binning ratio but has its shape read by the volumetric filter
-    (pipeline.volumetric_filter_reads_the_noise_shape): that stage's cost, and advice that says why."""
+    (pipeline.filters_read_the_noise_shape): that stage's cost, and advice that says why."""
     clean = np.zeros((12, 96, 96))
     clean[:, 24:72, 24:72] = 0.5
     noisy = add_noise(clean, "correlated", 0.45, np.random.default_rng(2))
