@@ -38,8 +38,9 @@ CORRELATED_CLEAR_MIN_STRENGTH = 0.040
 WHITE_NOISE_MAX_BINNING_RATIO = 2.5
 # Noise of a 0.4 or 0.45 px kernel reads white by that ratio (1.4 to 1.7 and 1.7 to 2.2 on the benchmark volumes'
 # held-out slabs) and still costs the volumetric filter of white noise 0.3 to 0.7 and 2.0 to 3.0 dB; kernel 0.3 (1.2)
-# costs it nothing. Above this ratio strong noise has its shape read on the image by that filter
-# (`pipeline.filters_read_the_noise_shape`), which white noise (read 1.0 to 2.4 there) leaves as it was.
+# costs it nothing. Above this ratio strong noise has its shape read on the image by that filter and by a 2D
+# model's filters (`pipeline.filters_read_the_noise_shape`), which white noise (read 1.0 to 2.4 there) leaves nearly
+# as it was.
 NOISE_SHAPE_MIN_BINNING_RATIO = 1.3
 # Noise of kernel 0.5 px (std 0.1 of the range) also reads a strength of 0.08 to 0.16 on the benchmark images, and
 # with a one-pixel model Full gave 25.5 to 32.3 dB on their test crops where the models for correlated noise gave

@@ -230,6 +230,26 @@ def test_strong_noise_that_reads_nearly_white_has_its_shape_read_by_the_volumetr
     assert not filters_read_the_noise_shape((1.1, reading[1]))
 
 
+def test_a_2d_models_filters_read_the_shape_of_strong_noise_that_reads_nearly_white(ct_slice, trained):
+    """The CT slice under noise of a 0.45-pixel kernel (it reads white by the binning ratio): the 2D filters after
+    the networks read the noise's shape and beat the same run without it; under its white Gaussian noise they do
+    not read it."""
+    hu, white = ct_slice
+    noisy = hu + add_noise(np.zeros(hu.shape), "correlated", 0.45, np.random.default_rng(12), sigma=150.0)
+    image = Image(array=noisy.astype(np.float32), modality="CT")
+    assert NOISE_SHAPE_MIN_BINNING_RATIO < binning_noise_reading(noisy)[0] <= WHITE_NOISE_MAX_BINNING_RATIO
+    reports = []
+    shaped = denoise_image(image, trained, mode="fast", progress=reports.append)
+    assert shaped.details["noise_shape_read"] is True and shaped.details["hard_threshold"] is True
+    assert reports[-1].step == reports[-1].total
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda slices, reading: False)
+        plain = denoise_image(image, trained, mode="fast")
+    peak = hu.max() - hu.min()
+    assert psnr(hu, shaped.image.array, peak) > psnr(hu, plain.image.array, peak) + 0.5
+    assert denoise_image(white, trained, mode="fast").details["noise_shape_read"] is False
+
+
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():
     """Five copies of pydicom's CT slice, each with its own noise blurred by 1.2 pixels: the shipped 2.5D
     correlated-noise model's Fast result goes through the filter (its groups reach the neighbouring slices, whose

@@ -458,6 +458,15 @@ def test_estimate_of_strong_noise_that_reads_nearly_white_counts_the_volumetric_
     assert "The noise looks white, and strong enough to read how it spreads" in shaped.advice
 
 
+def test_run_stages_of_a_2d_model_count_its_filters_reading_the_noise_shape():
+    from DiffDenoiseLib.slicer_logic import run_stages
+
+    card = _card("2d")
+    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)["filters_2d"] == 6
+    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True)["filters_2d"] == 1
+    assert run_stages(card, "fast", 0, 0, 1, 64, white=True, strong=True, noise_shape=True)["filters_2d"] == 1
+
+
 def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volumetric_filter_alone(mrml, fake_logic):
     """Strong noise that is not white: the volumetric filter with exact variances makes the image in both modes;
     faint such noise (texture under noise of 2 units in 1500): the networks alone."""

@@ -6,7 +6,9 @@ import torch
 
 from DiffDenoiseLib import wiener
 from DiffDenoiseLib.fusion import fuse_with_observation
-from DiffDenoiseLib.noise import add_noise, correlated_gaussian, noise_variance_curve
+from DiffDenoiseLib.noise import (
+    NOISE_SHAPE_MIN_BINNING_RATIO, add_noise, binning_noise_reading, correlated_gaussian, noise_variance_curve,
+)
 from DiffDenoiseLib.progress import CancelToken, Cancelled
 
 from test_fusion import mse, phantom, textured
@@ -217,6 +219,38 @@ def test_hard_thresholding_with_exact_variances_removes_correlated_noise_and_the
     assert mse(taken_as_white, clean) > 0.9 * mse(noisy, clean)
     assert mse(exact, clean) < 0.45 * mse(noisy, clean)
     assert mse(guided, clean) < mse(exact, clean)
+
+
+def _filters_2d(noisy, noise_shape: bool, progress=None):
+    curve = noise_variance_curve(noisy)
+    estimate = wiener.collaborative_hard_threshold(noisy, noisy, curve, noise_shape=noise_shape, progress=progress)
+    return wiener.collaborative_wiener(noisy, estimate.astype(np.float32), curve, noise_shape=noise_shape)
+
+
+def test_a_2d_images_filters_reading_the_noise_shape_remove_mildly_correlated_noise_that_reads_white():
+    """Noise blurred by 0.45 pixels reads white by the binning ratio; the filters of white noise leave its low
+    frequencies, the filters reading its shape on the image remove them. The progress counts the shape's reads."""
+    clean = phantom(128) + 0.05 * textured(128)
+    noisy = clean + 0.06 * correlated_gaussian(clean.shape, 0.45, np.random.default_rng(41))
+    calls = []
+    shaped = _filters_2d(noisy, True, progress=lambda: calls.append(1))
+    assert len(calls) == 1 + wiener.noise_shape_steps([0])
+    assert mse(shaped, clean) < 0.6 * mse(_filters_2d(noisy, False), clean)
+    with pytest.raises(ValueError, match="without context"):
+        wiener.collaborative_hard_threshold(np.stack([noisy] * 3), np.stack([noisy] * 3), WHITE, context=1,
+                                            noise_shape=True)
+
+
+@pytest.mark.parametrize("kind, level", [("gaussian", 0.05), ("poisson", 100)])
+def test_a_2d_images_filters_reading_the_shape_of_white_noise_are_the_white_filters(kind, level):
+    """White noise of any level reads a shape of one voxel: the image is the white filters', within 10 % of its
+    error. Fine texture everywhere leaves some of itself in the residual the shape is read on, which then reads as
+    noise: up to 1.3 times the error (such noise reads a binning ratio of about 1, below the 1.3 above which the
+    pipeline has the shape read)."""
+    for clean, worse in ((phantom(128) + 0.05 * textured(128), 1.1), (textured(128), 1.3)):
+        noisy = add_noise(clean, kind, level, np.random.default_rng(43))
+        assert binning_noise_reading(noisy)[0] < NOISE_SHAPE_MIN_BINNING_RATIO
+        assert mse(_filters_2d(noisy, True), clean) < worse * mse(_filters_2d(noisy, False), clean)
 
 
 def test_the_hard_thresholding_estimate_owes_nothing_to_the_pilot_and_averaged_with_it_guides_best():
