@@ -384,7 +384,9 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         guide = ("the networks' result, averaged with the image's own hard-thresholding estimate,"
                  if result.details.get("hard_threshold") else "the networks' result")
         reporter.log(f"A collaborative Wiener filter of the input, guided by {guide}, gave back the fine structure "
-                     "that similar patches agree on (--no-fusion turns it off).")
+                     "that similar patches agree on (--no-fusion turns it off)."
+                     + (" The noise is strong enough that both filters read how it spreads between neighbouring "
+                        "pixels, as mildly correlated noise would." if result.details.get("noise_shape_read") else ""))
     if result.details.get("rician_bias_removed"):
         why = ("The image reads as MR magnitude data, whose" if args.rician_bias == "auto" else
                "As --rician-bias remove asked, the image was taken as MR magnitude data, whose")

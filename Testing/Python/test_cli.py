@@ -646,3 +646,19 @@ def test_info_reports_devices_memory_and_versions(capfd):
     assert info["default_device"] in ("cpu", "cuda", "mps") and info["device_message"]
     code, out, err = run(capfd, "info")
     assert code == 0 and "torch" in out and "CPU cores" in out
+
+
+def test_the_log_says_when_a_2d_models_filters_read_the_noise_shape(capfd, trained, tmp_path):
+    """Strong noise of a 0.45-pixel kernel on a 128 x 128 image reads white, and the 2D filters read its shape: the
+    log says so; under white Gaussian noise it does not."""
+    y, x = np.mgrid[0:128, 0:128]
+    clean = 100.0 * ((y - 64) ** 2 + (x - 64) ** 2 < 1500) + 0.5 * x + 20.0
+    for noise, read in (("correlated", True), ("gaussian", False)):
+        rng = np.random.default_rng(4)
+        added = (add_noise(np.zeros(clean.shape), "correlated", 0.45, rng, sigma=0.1) if noise == "correlated"
+                 else rng.normal(0.0, 0.1, clean.shape)) * 150
+        write_image(Image(array=(clean + added).astype(np.float32), modality="MR"), tmp_path / "image.nrrd")
+        events, messages = denoised_with_log(capfd, tmp_path / "image.nrrd", tmp_path / "out.nrrd", "--model", "tiny",
+                                             "--store", trained["store"])
+        assert of_kind(events, "result")[0]["details"].get("noise_shape_read", False) is read, noise
+        assert ("read how it spreads between neighbouring pixels" in messages) is read, noise
