@@ -239,9 +239,14 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
     n = y3.shape[0]
     guide = np.array(m3, dtype=np.float32)
-    table = _coefficient_table(y3, m3, device, context, covariance_on_residual) if correlated_noise else None
+    if noise_shape and context:
+        raise ValueError("the Wiener filter reads the noise's shape only without context slices")
     if noise_shape:
         table = _coefficient_table(y3[wanted], m3[wanted], device, residual=True, shape=True)
+    elif correlated_noise:
+        table = _coefficient_table(y3, m3, device, context, covariance_on_residual)
+    else:
+        table = None
     spread = spreads(correlated_noise, context)
     for done, (todo, references) in enumerate(_wiener_passes(n, wanted, context, passes, spread)):
         filtered = _filter_slices(y3, guide, guide, curve, todo, references, context, device, progress, wiener=True,
@@ -335,10 +340,10 @@ def noise_shape_steps(indices: Sequence[int]) -> int:
     return SHAPE_ROUNDS * len(_middle(sorted(set(indices))))
 
 
-def _middle(wanted: Sequence[int]) -> List[int]:
-    """The COVARIANCE_SLICES middle slices of those `wanted`, which the noise's shape is read on."""
-    first = max(0, (len(wanted) - COVARIANCE_SLICES) // 2)
-    return list(wanted[first:first + COVARIANCE_SLICES])
+def _middle(slices: Sequence[int]) -> Sequence[int]:
+    """The COVARIANCE_SLICES middle ones of `slices` (a list or a range), which the noise is read on."""
+    first = max(0, (len(slices) - COVARIANCE_SLICES) // 2)
+    return slices[first:first + COVARIANCE_SLICES]
 
 
 def _read_noise_shape(y3: np.ndarray, first_step: Callable[[Optional[torch.Tensor]], np.ndarray],
@@ -357,10 +362,8 @@ def _volumetric_starts(n: int, wanted: Sequence[int]):
     starts that cover them) for the slices `wanted` of a volume of n slices: the shape is read on the
     COVARIANCE_SLICES middle slices of those the first step covers."""
     wiener_starts, hard_starts = _cube_starts(n, wanted)
-    lo, hi = hard_starts[0], hard_starts[-1] + CUBE
-    first = lo + max(0, (hi - lo - COVARIANCE_SLICES) // 2)
-    read = slice(first, min(hi, first + COVARIANCE_SLICES))
-    return wiener_starts, hard_starts, read, _cube_starts(n, range(read.start, read.stop))[0]
+    read = _middle(range(hard_starts[0], hard_starts[-1] + CUBE))
+    return wiener_starts, hard_starts, slice(read.start, read.stop), _cube_starts(n, read)[0]
 
 
 def _cube_starts(n: int, wanted: Sequence[int]):
@@ -533,8 +536,8 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
     CUBE - 1 slices apart, the cube's depth, and taken as uncorrelated farther); with `shape`, per unit of what the
     noise curve reads under that covariance (the noise's shape, which the filters then scale by the curve)."""
     n = y3.shape[0]
-    first = max(0, (n - COVARIANCE_SLICES) // 2)
-    chosen = slice(first, first + COVARIANCE_SLICES)
+    middle = _middle(range(n))
+    chosen = slice(middle.start, middle.stop)
     if cubes:
         block, dims, depth, slices, reach = CUBE, 3, CUBE - 1, 2 * CUBE_SLICE_REACH, CUBE_TABLE_REACH
     else:

@@ -239,6 +239,8 @@ def test_a_2d_images_filters_reading_the_noise_shape_remove_mildly_correlated_no
     with pytest.raises(ValueError, match="without context"):
         wiener.collaborative_hard_threshold(np.stack([noisy] * 3), np.stack([noisy] * 3), WHITE, context=1,
                                             noise_shape=True)
+    with pytest.raises(ValueError, match="without context"):
+        wiener.collaborative_wiener(np.stack([noisy] * 3), np.stack([noisy] * 3), WHITE, context=1, noise_shape=True)
 
 
 @pytest.mark.parametrize("kind, level", [("gaussian", 0.05), ("poisson", 100)])
