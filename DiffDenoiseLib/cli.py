@@ -36,7 +36,9 @@ from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.magnitude import MODES as RICIAN_MODES
 from DiffDenoiseLib.networks import VIEW_COUNTS, NetworkConfig
-from DiffDenoiseLib.noise import binning_noise_reading, reading_looks_correlated, strength_needed
+from DiffDenoiseLib.noise import (
+    binning_noise_reading, reading_is_strong, reading_looks_correlated, strength_needed,
+)
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
@@ -328,13 +330,17 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     suggested = None  # {"model", "noise"}: a model made for correlated noise, where the one run separates it poorly
     if result.details.get("filters_made_the_image") == "volumetric filter" and result.details["correlated_noise"]:
         # under noise of a 1.2-pixel kernel a wide blind spot's result and its filters beat this filter (pipeline.py)
-        wider = (_model_for_correlated_noise_of(store, image, result.details)
-                 if reading_looks_correlated(reading or binning_noise_reading(image.array)) else None)
+        reading = reading or binning_noise_reading(image.array)
+        wider = (_model_for_correlated_noise_of(store, image, result.details) if reading_looks_correlated(reading)
+                 else None)
         suggested = wider and {"model": wider, "noise": "correlated"}
-        reporter.log("The noise looks spatially correlated, which a one-pixel blind spot passes, so the image is the "
-                     f"volumetric filter's (BM4D's two steps on cubes of {CUBE} voxels), each coefficient's noise "
-                     "computed from the noise's level and its spread between neighbouring voxels, read on the image; "
-                     f"the networks did not run{missing}. --no-fusion runs the networks alone."
+        why = ("The noise is faint and looks mildly correlated (a sharp reconstruction kernel's), which a one-pixel "
+               "network would smooth away with fine anatomy" if not reading_is_strong(reading) else
+               "The noise looks spatially correlated, which a one-pixel blind spot passes")
+        reporter.log(f"{why}, so the image is the volumetric filter's (BM4D's two steps on cubes of {CUBE} voxels), "
+                     "each coefficient's noise computed from the noise's level and its spread between neighbouring "
+                     f"voxels, read on the image; the networks did not run{missing}. --no-fusion runs the networks "
+                     "alone."
                      + (f" The noise is correlated widely enough for --model {wider}, made for such noise, which "
                         "separates it better." if wider else ""))
     elif result.details.get("filters_made_the_image") == "volumetric filter":

@@ -42,6 +42,12 @@ WHITE_NOISE_MAX_BINNING_RATIO = 2.5
 # model's filters (`pipeline.filters_read_the_noise_shape`), which white noise (read 1.0 to 2.4 there) leaves nearly
 # as it was.
 NOISE_SHAPE_MIN_BINNING_RATIO = 1.3
+# Faint noise that does not read white (below the strength `reading_is_strong` asks) up to this ratio has its shape
+# read by the volumetric filter too, which then makes a one-pixel 2.5D model's image (pipeline.py). On the benchmark
+# volumes' held-out slabs correlated noise of a 0.5-pixel kernel at std 0.01 to 0.03 of the range read 2.8 to 9.8,
+# of a 0.6-pixel kernel on the CT 6.2 to 7.3; noise of a 0.7 to 1.2-pixel kernel 11 to 86 (at std 0.01 to 0.03),
+# where the networks' result beat the filter by up to 3.4 dB; the clean slabs 9.8 to 27 (their anatomy's ratio).
+FAINT_NOISE_SHAPE_MAX_BINNING_RATIO = 10.0
 # Noise of kernel 0.5 px (std 0.1 of the range) also reads a strength of 0.08 to 0.16 on the benchmark images, and
 # with a one-pixel model Full gave 25.5 to 32.3 dB on their test crops where the models for correlated noise gave
 # 27.2 to 35.2; but a rule of ratio above WHITE_NOISE_MAX_BINNING_RATIO and strength above 0.07 also flagged 975 of
@@ -461,6 +467,15 @@ def reading_is_strong(reading: Tuple[float, float]) -> bool:
     """Whether a `binning_noise_reading` (ratio, strength) is of noise strong enough to tell from fine anatomy."""
     ratio, strength = reading
     return strength > strength_needed(ratio)
+
+
+def reading_is_faint_and_mildly_correlated(reading: Tuple[float, float]) -> bool:
+    """Whether a `binning_noise_reading` (ratio, strength) is of faint noise that does not read white, with a ratio
+    up to FAINT_NOISE_SHAPE_MAX_BINNING_RATIO: what a nearly clean scan's own noise of a sharp reconstruction kernel
+    reads (the InVesalius head CT: 7.6, strength 0.003)."""
+    ratio, _ = reading
+    return (not reading_is_strong(reading)
+            and WHITE_NOISE_MAX_BINNING_RATIO < ratio <= FAINT_NOISE_SHAPE_MAX_BINNING_RATIO)
 
 
 def strength_needed(ratio: float) -> float:

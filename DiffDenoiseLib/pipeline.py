@@ -51,7 +51,8 @@ from DiffDenoiseLib.networks import (
 )
 from DiffDenoiseLib.noise import (
     MIN_SIDE_TO_JUDGE_NOISE, NOISE_SHAPE_MIN_BINNING_RATIO, Curve, binning_noise_reading,
-    estimate_transform_params, get_transform, noise_variance_curve, reading_is_strong,
+    estimate_transform_params, get_transform, noise_variance_curve, reading_is_faint_and_mildly_correlated,
+    reading_is_strong,
 )
 from DiffDenoiseLib.normalization import Normalization, padding_mask, raise_padding
 from DiffDenoiseLib.progress import CancelToken, Progress, ProgressTimer
@@ -523,21 +524,30 @@ def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray,
     which a one-pixel blind spot passes, the filter told the noise's covariance beat the networks' result (Fast) by
     1.5 to 2.6 dB on Colin27's test and held-out slabs and by 1.3 to 5.1 on the InVesalius CT's. Under noise of a
     1.2-pixel kernel it lost 0.3 to 4.6 dB to a wide blind spot's result and its filters, which keep that case.
-    Faint noise that does not read white (a nearly clean scan's own, or fine texture) keeps the networks' result:
-    what the filter would read as the noise's shape there holds anatomy as much as noise.
+    Faint noise that does not read white goes to the filter, which reads its shape, where its binning ratio is that
+    of mildly correlated noise (`noise.reading_is_faint_and_mildly_correlated`; a nearly clean scan's own noise of
+    a sharp kernel): on the benchmark volumes' held-out slabs under noise of a 0.5- or 0.6-pixel kernel at std 0.005
+    to 0.03 of the range (2 to 3 slabs each) the filter beat the networks' result by 0.9 to 5.6 dB, the networks
+    smoothing away fine anatomy at the fainter levels. Faint noise read at higher ratios (wider kernels, or fine
+    anatomy) keeps the networks' result: the filter, whose level comes from the noise curve's high-pass reading,
+    hardly sees such noise (0.4 to 3.4 dB below the networks under kernels of 0.7 to 1.2 pixels at std 0.01 to 0.03).
     """
     if config.context_slices == 0 or slices.shape[0] < CUBE or min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
         return False
     reading = noise_reading()
-    return volumetric_filter_follows(config, reading_is_white_enough_for_the_share(reading), reading_is_strong(reading))
+    return volumetric_filter_follows(config, reading_is_white_enough_for_the_share(reading), reading_is_strong(reading),
+                                     reading_is_faint_and_mildly_correlated(reading))
 
 
-def volumetric_filter_follows(config: NetworkConfig, white_noise: bool, strong_noise: bool) -> bool:
+def volumetric_filter_follows(config: NetworkConfig, white_noise: bool, strong_noise: bool,
+                              faint_mildly_correlated: bool = False) -> bool:
     """Whether the volumetric filter makes the image of a volume (of CUBE slices or more) for a model, instead of its
     networks, when the noise looks white (`white_noise`) or not, and strong or faint (`noise.reading_is_strong`):
-    for a 2.5D model under white noise, and for a one-pixel 2.5D model under strong noise of any kind (see
+    for a 2.5D model under white noise, and for a one-pixel 2.5D model under strong noise of any kind or faint noise
+    that reads mildly correlated (`noise.reading_is_faint_and_mildly_correlated`; see
     `volumetric_filter_makes_the_image` for why)."""
-    return config.context_slices > 0 and (white_noise or (config.blind_spot_radius == 0 and strong_noise))
+    return config.context_slices > 0 and (
+        white_noise or (config.blind_spot_radius == 0 and (strong_noise or faint_mildly_correlated)))
 
 
 def filters_read_the_noise_shape(reading: Tuple[float, float]) -> bool:
@@ -545,9 +555,11 @@ def filters_read_the_noise_shape(reading: Tuple[float, float]) -> bool:
     filters under noise that reads white: `filters_2d_read_the_noise_shape`) on an image whose binning
     reading (ratio, strength) is `reading`: where strong noise reads a ratio above NOISE_SHAPE_MIN_BINNING_RATIO,
     which noise of a 0.4-pixel kernel does and white noise often does too (the shape then leaves the filter of white
-    noise as it was, for about 4 times its time on a short slab). Faint noise keeps the filter of white noise:
+    noise as it was, for about 4 times its time on a short slab), and where faint noise reads mildly correlated
+    (`noise.reading_is_faint_and_mildly_correlated`). Faint noise that reads white keeps the filter of white noise:
     its residual holds as much anatomy as noise."""
-    return reading_is_strong(reading) and reading[0] > NOISE_SHAPE_MIN_BINNING_RATIO
+    return ((reading_is_strong(reading) and reading[0] > NOISE_SHAPE_MIN_BINNING_RATIO)
+            or reading_is_faint_and_mildly_correlated(reading))
 
 
 def filters_2d_read_the_noise_shape(slices: np.ndarray, noise_reading: NoiseReading) -> bool:

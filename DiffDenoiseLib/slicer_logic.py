@@ -288,6 +288,10 @@ class DenoiseLogic:
             advice.append("The noise looks white, and strong enough to read how it spreads between neighbouring "
                           "voxels, which the volumetric filter takes in: it makes the image (Fast and Full alike), "
                           "not the networks.")
+        elif "correlated_volumetric_filter" in stages and not strong:
+            advice.append("The noise is faint and looks mildly correlated (a sharp reconstruction kernel's): the "
+                          "volumetric filter makes the image (Fast and Full alike), not the networks, which would "
+                          "smooth fine anatomy away with it.")
         elif "correlated_volumetric_filter" in stages:
             advice.append("The noise looks mildly correlated: the volumetric filter makes the image (Fast and Full "
                           "alike), not the networks, whose one-pixel blind spot would pass such noise.")
@@ -676,7 +680,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     pairs: the model's) on `slices` slices of `side` voxels or more, as `pipeline.denoise_image` chooses them.
 
     Under white noise a 2.5D model's volume goes to the volumetric filter alone, and a one-pixel 2.5D model's under
-    `strong` noise that is not white to that filter too, which reads the noise's shape there and where `noise_shape`
+    `strong` noise that is not white, or faint noise whose shape is read, to that filter too, which reads the noise's
+    shape there and where `noise_shape`
     (`pipeline.filters_read_the_noise_shape`, a stage of its own, as a 2D model's filters under white-looking noise
     then read it, at about 6 times their cost); otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
@@ -693,7 +698,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
 
     architecture, sampling, fuse = _card_run(card, side)
     context = architecture.context_slices
-    if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong):
+    # the shape is read on faint noise only where it reads mildly correlated (`pipeline.filters_read_the_noise_shape`)
+    if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong, noise_shape and not strong):
         return {"correlated_volumetric_filter" if noise_shape or not white else "volumetric_filter": 1}
     if mode == "fast":
         stages = {"student": 2 if fuse and white else 1}  # the second pass measures the share of the input kept

@@ -280,7 +280,7 @@ def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_mod
     """A 2.5D model's one-pixel result would keep correlated noise, so the volumetric filter, which reads the
     noise's shape, makes the image, and the log says so; under noise of a 1.2-pixel kernel, which the shipped 2.5D
     model for correlated noise separates better, it also names that model, and the result names it for the Slicer
-    panel; under noise of a 0.5-pixel kernel, which that filter suits best, it names none."""
+    panel; under noise of a 0.5-pixel kernel, which that filter suits best, it names none, faint or strong."""
     store = tmp_path / "store"
     code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "one-pixel-2.5d", "--store", store,
                          "--config", data / "tiny.json", "--max-steps", 2, "--context-slices", 1, "--json")
@@ -303,6 +303,14 @@ def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_mod
                                          "one-pixel-2.5d", "--store", store, "--slice-axis", "z")
     assert "a one-pixel blind spot cannot separate such noise well; --model correlated-noise-2.5d can" in messages
     assert of_kind(events, "result")[0]["suggested_model"] == {"model": "correlated-noise-2.5d", "noise": "correlated"}
+    # faint noise of a 0.5-pixel kernel (a sharp reconstruction kernel's) goes to the filter too, and the log says why
+    noise = add_noise(np.zeros(clean.shape), "correlated", 0.5, np.random.default_rng(3), sigma=1.0)
+    write_image(Image(array=(clean + noise).astype(np.float32), modality="CT"), tmp_path / "faint.nrrd")
+    events, messages = denoised_with_log(capfd, tmp_path / "faint.nrrd", tmp_path / "out.nrrd", "--model",
+                                         "one-pixel-2.5d", "--store", store, "--slice-axis", "z")
+    assert "The noise is faint and looks mildly correlated" in messages
+    assert "so the image is the volumetric filter's" in messages and "does not look white but is faint" not in messages
+    assert of_kind(events, "result")[0].get("suggested_model") is None
 
 
 def test_json_mode_keeps_stray_prints_off_stdout(capfd, data, trained, tmp_path, monkeypatch):

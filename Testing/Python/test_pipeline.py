@@ -12,7 +12,8 @@ from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.magnitude import rician_mean
 from DiffDenoiseLib.metrics import psnr
 from DiffDenoiseLib.noise import (
-    NOISE_SHAPE_MIN_BINNING_RATIO, WHITE_NOISE_MAX_BINNING_RATIO, add_noise, binning_noise_reading,
+    FAINT_NOISE_SHAPE_MAX_BINNING_RATIO, NOISE_SHAPE_MIN_BINNING_RATIO, WHITE_NOISE_MAX_BINNING_RATIO, add_noise,
+    binning_noise_reading, reading_is_faint_and_mildly_correlated, reading_is_strong,
 )
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.networks import NetworkConfig
@@ -211,6 +212,28 @@ def test_strong_correlated_noise_sends_a_one_pixel_2_5d_models_volume_to_the_vol
                         + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0) + rng.normal(0, 2.0, (40, 36)) for _ in range(9)])
     faint = denoise_image(Image(array=texture.astype(np.float32), modality="MR"), model, mode="fast", slice_axis=0)
     assert "filters_made_the_image" not in faint.details
+
+
+def test_faint_noise_that_reads_mildly_correlated_sends_a_one_pixel_2_5d_models_volume_to_the_filter(
+        volume_and_model):
+    """Faint noise of a 0.5-pixel kernel (std 5 in a range of 500: a sharp reconstruction kernel's) reads neither
+    white nor strong: the volumetric filter reads its shape and makes the image, which it brings 4 dB or more closer
+    to the clean volume; the same reading at a ratio past FAINT_NOISE_SHAPE_MAX_BINNING_RATIO (fine anatomy, wide
+    kernels) does not count."""
+    _, model = volume_and_model
+    zz, yy, xx = np.mgrid[0:9, 0:48, 0:48]
+    clean = 1000.0 + 400.0 * ((yy - 24) ** 2 + (xx - 22) ** 2 < 150 + 10 * zz) + 2.0 * xx
+    noisy = clean + add_noise(np.zeros(clean.shape), "correlated", 0.5, np.random.default_rng(9), sigma=5.0)
+    reading = binning_noise_reading(noisy)
+    assert reading_is_faint_and_mildly_correlated(reading) and not reading_is_strong(reading)
+    result = denoise_image(Image(array=noisy.astype(np.float32), modality="CT"), model, mode="fast", slice_axis=0)
+    assert result.details["filters_made_the_image"] == "volumetric filter"
+    assert result.details["correlated_noise"] is True and result.details["noise_shape_read"] is True
+    assert psnr(clean, result.image.array, 500.0) > psnr(clean, noisy, 500.0) + 4.0
+    assert filters_read_the_noise_shape(reading)
+    for ratio in (WHITE_NOISE_MAX_BINNING_RATIO, FAINT_NOISE_SHAPE_MAX_BINNING_RATIO + 0.1):
+        assert not reading_is_faint_and_mildly_correlated((ratio, reading[1])), ratio
+    assert not reading_is_faint_and_mildly_correlated((reading[0], 0.1)), "strong noise has rules of its own"
 
 
 def test_strong_noise_that_reads_nearly_white_has_its_shape_read_by_the_volumetric_filter(volume_and_model):

@@ -458,6 +458,20 @@ def test_estimate_of_strong_noise_that_reads_nearly_white_counts_the_volumetric_
     assert "The noise looks white, and strong enough to read how it spreads" in shaped.advice
 
 
+def test_estimate_of_faint_mildly_correlated_noise_counts_the_volumetric_filter_reading_its_shape(mrml, fake_logic):
+    """Faint noise of a 0.5-pixel kernel (a sharp reconstruction kernel's) sends a one-pixel 2.5D model's volume to
+    the volumetric filter, which reads its shape (pipeline.volumetric_filter_makes_the_image): that stage's cost, and
+    advice that says why."""
+    zz, yy, xx = np.mgrid[0:12, 0:48, 0:48]
+    clean = 1000.0 + 400.0 * ((yy - 24) ** 2 + (xx - 22) ** 2 < 150 + 10 * zz) + 2.0 * xx
+    noisy = clean + add_noise(np.zeros(clean.shape), "correlated", 0.5, np.random.default_rng(9), sigma=5.0)
+    volume = slicer.util.addVolumeFromArray(noisy.astype(np.float32), name="faint")
+    shaped, networks = _estimates(fake_logic, volume, _card("ct-2.5d", context=2))
+    assert shaped.seconds == pytest.approx(5.0 + 12 * 48 * 48 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL[
+        "correlated_volumetric_filter"])
+    assert "The noise is faint and looks mildly correlated" in shaped.advice and networks.advice == ""
+
+
 def test_run_stages_of_a_2d_model_count_its_filters_reading_the_noise_shape():
     from DiffDenoiseLib.slicer_logic import run_stages
 
