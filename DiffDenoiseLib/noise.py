@@ -45,8 +45,9 @@ NOISE_SHAPE_MIN_BINNING_RATIO = 1.3
 # Faint noise that does not read white (below the strength `reading_is_strong` asks) up to this ratio has its shape
 # read by the volumetric filter too, which then makes a one-pixel 2.5D model's image (pipeline.py). On the benchmark
 # volumes' held-out slabs correlated noise of a 0.5-pixel kernel at std 0.01 to 0.03 of the range read 2.8 to 9.8,
-# of a 0.6-pixel kernel on the CT 6.2 to 7.3; noise of a 0.7 to 1.2-pixel kernel 11 to 86 (at std 0.01 to 0.03),
-# where the networks' result beat the filter by up to 3.4 dB; the clean slabs 9.8 to 27 (their anatomy's ratio).
+# of a 0.6-pixel kernel on the CT 6.2 to 7.3 (the filter gaining 0.08 to 3.60 dB there); noise of a 0.7 to 1.2-pixel
+# kernel 11 to 86 (at std 0.01 to 0.03), where the networks' result beat the filter by up to 3.4 dB; the clean slabs
+# 7.0 to 27 (their anatomy's ratio).
 FAINT_NOISE_SHAPE_MAX_BINNING_RATIO = 10.0
 # Noise of kernel 0.5 px (std 0.1 of the range) also reads a strength of 0.08 to 0.16 on the benchmark images, and
 # with a one-pixel model Full gave 25.5 to 32.3 dB on their test crops where the models for correlated noise gave
