@@ -53,7 +53,8 @@ Block matching runs on the pilot, whose noise is low, with a search window of
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -315,11 +316,14 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     y3 = np.asarray(y3, dtype=np.float32)
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted)
     options = dict(device=device or torch.device("cpu"), progress=progress)
-    table = None
+    table = groups = None
     if correlated_noise:
+        groups = MatchedGroups(max(CUBE_GROUP_HARD, CUBE_GROUP_HARD_CORRELATED))
         table = _read_noise_shape(y3[read], lambda shape_table: _filter_cubes(
-            y3, y3, y3, curve, read_starts, wiener=False, table=shape_table, **options)[read], device, cubes=True)
-    estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, **options)
+            y3, y3, y3, curve, read_starts, wiener=False, table=shape_table, groups=groups, **options)[read],
+            device, cubes=True)
+        groups.keep_new = False  # the remaining cubes are matched once only
+    estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, groups=groups, **options)
     if correlated_noise:
         table = _coefficient_table(y3[read], estimate[read], device, residual=True, cubes=True, shape=True)
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
@@ -381,13 +385,25 @@ def _cube_starts(n: int, wanted: Sequence[int]):
     return wiener_starts, covering(reach_lo, reach_hi)
 
 
+@dataclass
+class MatchedGroups:
+    """The hard-thresholding step's groups of the volumetric filter, matched on y: its runs that read the noise's
+    shape and the run after them match the same cubes alike, so each is matched once, `group` members deep (the
+    deepest group asked for; a shallower one takes its first members, the nearest), and kept while `keep_new`."""
+
+    group: int
+    keep_new: bool = True
+    kept: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
 def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, starts: Sequence[int],
                   wiener: bool, device: torch.device, progress: Optional[Callable[[], None]],
-                  table: Optional[torch.Tensor] = None) -> np.ndarray:
+                  table: Optional[torch.Tensor] = None, groups: Optional[MatchedGroups] = None) -> np.ndarray:
     """The volume with the voxels that the groups of the reference cubes starting in `starts` cover replaced by
     their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's); the noise
     variance from `curve` at the group's intensity, spread over each group's coefficients by the noise's shape
-    where a coefficient `table` of it is given (`_coefficient_table` with `cubes`)."""
+    where a coefficient `table` of it is given (`_coefficient_table` with `cubes`). The hard-thresholding step's
+    `groups` (matched on y, so the same in each of its runs) are taken from there where they were kept."""
     n, h, w = y3.shape
     # the slices the groups reach
     first, last = max(0, starts[0] - CUBE_SLICE_REACH), min(n, starts[-1] + CUBE_SLICE_REACH + CUBE)
@@ -408,7 +424,15 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
         ys, ms, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device).reshape(-1)
                      for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
         for chunk in torch.split(ref_y, rows_at_once):
-            where = _match(ms.reshape(hi - lo, h, w), start - lo, chunk, ref_x, group, radius, patch=CUBE, depth=CUBE)
+            key = (start, int(chunk[0]))
+            if groups is not None and key in groups.kept:
+                where = groups.kept[key][:, :group].to(device, torch.long)
+            else:
+                where = _match(ms.reshape(hi - lo, h, w), start - lo, chunk, ref_x,
+                               group if groups is None else groups.group, radius, patch=CUBE, depth=CUBE)
+                if groups is not None and groups.keep_new:
+                    groups.kept[key] = where.to(torch.int32)
+                where = where[:, :group]
             dct1 = _dct_on(where.shape[1], device, torch.float32)
             pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
             cy = dct1 @ (ys[pixels] @ dct_cube.T)
