@@ -35,9 +35,10 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "bsn_wide": 27.5,
     "diffusion": 3.3,
     "volumetric_filter": 16.0,
-    # reading the noise's shape: measured on an AMD EPYC (2026-12-06) at 2.12 times the white filter's time on that
-    # machine (1.35 s against 0.64 per 256x256 slice), so 2.12 times the figure above, which the other machine measured
-    "correlated_volumetric_filter": 33.9,
+    # reading the noise's shape: on the whole InVesalius CT (108 x 256 x 256) on an AMD EPYC (2026-12-06) 1.84 times
+    # the white filter's time on that machine (183 s against 100), so 1.84 times the figure above, which the other
+    # machine measured (the short stacks of benchmarks/stage_costs.py read the shape on every slice)
+    "correlated_volumetric_filter": 29.4,
     "filters_2d": 16.2,
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
