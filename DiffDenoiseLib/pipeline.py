@@ -389,6 +389,7 @@ def denoise_image(
             uncertainty = None
             details.update(hard_threshold=True, filters_made_the_image="correlated-noise filters")
     elif details.get("wiener"):
+        shape = False
         if not k:
             # A 2D model's result is averaged with the image's own hard-thresholding estimate (BM3D's first step),
             # and the average guides the Wiener filter: on the benchmark's 2D images under white noise half and half
@@ -403,9 +404,8 @@ def denoise_image(
             estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, noise_shape=shape, **filtering)
             denoised = NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
             details["hard_threshold"] = True
-            filtering["noise_shape"] = shape
         # a 2.5D model's result (too few slices for the volumetric filter) guides it alone
-        denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, **filtering)
+        denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, noise_shape=shape, **filtering)
     else:
         denoised = denoised[start - lo:stop - lo]
     if timer.done < timer.total:  # the bar counted steps the noise made unneeded (Fast's probe, the filter)
