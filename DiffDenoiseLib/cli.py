@@ -36,9 +36,7 @@ from DiffDenoiseLib.events import Reporter
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.magnitude import MODES as RICIAN_MODES
 from DiffDenoiseLib.networks import VIEW_COUNTS, NetworkConfig
-from DiffDenoiseLib.noise import (
-    binning_noise_reading, reading_is_strong, reading_looks_correlated, strength_needed,
-)
+from DiffDenoiseLib.noise import binning_noise_reading, reading_looks_correlated, strength_needed
 from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
@@ -335,7 +333,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                  else None)
         suggested = wider and {"model": wider, "noise": "correlated"}
         why = ("The noise is faint and looks mildly correlated (a sharp reconstruction kernel's), which a one-pixel "
-               "network would smooth away with fine anatomy" if not reading_is_strong(reading) else
+               "network would smooth away with fine anatomy" if result.details.get("faint_noise") else
                "The noise looks spatially correlated, which a one-pixel blind spot passes")
         reporter.log(f"{why}, so the image is the volumetric filter's (BM4D's two steps on cubes of {CUBE} voxels), "
                      "each coefficient's noise computed from the noise's level and its spread between neighbouring "

@@ -326,7 +326,8 @@ def denoise_image(
         denoised = volumetric_filter(slices, noise_variance_curve(slices), indices=range(start, stop), device=device,
                                      progress=filtered_one, correlated_noise=shape)
         details.update(correlated_noise=not reading_is_white_enough_for_the_share(noise_reading()),
-                       noise_shape_read=shape, wiener=True, fusion=False, filters_made_the_image="volumetric filter")
+                       faint_noise=not reading_is_strong(noise_reading()), noise_shape_read=shape, wiener=True,
+                       fusion=False, filters_made_the_image="volumetric filter")
         return finished_result(image, prepared, axis, start, denoised, None, started, details,
                                rician_sigma)
     # the Wiener filter of a 2.5D model's result reads k slices on each side (more under correlated noise), so the

@@ -471,7 +471,8 @@ class DenoiseLogic:
             message = "Denoised %s%s." % (what, took)
             made_by = result.get("details", {}).get("filters_made_the_image")
             if uncertainty_path and uncertainty is None and made_by == "volumetric filter":
-                noise = "spatially correlated" if result["details"].get("correlated_noise") else "white"
+                noise = ("faint and mildly correlated" if result["details"].get("faint_noise") else
+                         "spatially correlated") if result["details"].get("correlated_noise") else "white"
                 message += (" No uncertainty map: the noise looks %s, so the volumetric filter made the image "
                             "and the networks did not run." % noise)
             elif uncertainty_path and uncertainty is None and made_by:

@@ -196,7 +196,7 @@ def test_strong_correlated_noise_sends_a_one_pixel_2_5d_models_volume_to_the_vol
     reports = []
     fast = denoise_image(correlated, model, mode="fast", slice_axis=0, progress=reports.append)
     assert fast.details["filters_made_the_image"] == "volumetric filter" and fast.details["correlated_noise"] is True
-    assert fast.details["noise_shape_read"] is True
+    assert fast.details["noise_shape_read"] is True and fast.details["faint_noise"] is False
     assert reports[-1].step == reports[-1].total == volumetric_filter_steps(9, range(9), correlated_noise=True)
     np.testing.assert_array_equal(fast.image.array, denoise_image(correlated, model, mode="full",
                                                                   slice_axis=0).image.array)
@@ -229,6 +229,7 @@ def test_faint_noise_that_reads_mildly_correlated_sends_a_one_pixel_2_5d_models_
     result = denoise_image(Image(array=noisy.astype(np.float32), modality="CT"), model, mode="fast", slice_axis=0)
     assert result.details["filters_made_the_image"] == "volumetric filter"
     assert result.details["correlated_noise"] is True and result.details["noise_shape_read"] is True
+    assert result.details["faint_noise"] is True
     assert psnr(clean, result.image.array, 500.0) > psnr(clean, noisy, 500.0) + 4.0
     assert filters_read_the_noise_shape(reading)
     for ratio in (WHITE_NOISE_MAX_BINNING_RATIO, FAINT_NOISE_SHAPE_MAX_BINNING_RATIO + 0.1):

@@ -54,11 +54,12 @@ FAKE_CLI = textwrap.dedent(
         smooth = sitk.Mean(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 1])
         sitk.WriteImage(smooth, target)
         # the model "volumetric" stands for a 2.5D model on white noise (the volumetric filter), "volumetric-mild" for
-        # a one-pixel 2.5D one under mildly correlated noise (that filter with the noise's covariance), "correlated"
-        # for a 2D one under correlated noise (the correlated-noise filters): no uncertainty map
+        # a one-pixel 2.5D one under mildly correlated noise (that filter with the noise's covariance),
+        # "volumetric-faint" for one under faint such noise, "correlated" for a 2D one under correlated noise (the
+        # correlated-noise filters): no uncertainty map
         chosen = args[args.index("--model") + 1] if "--model" in args else None
         made_by = {"volumetric": "volumetric filter", "volumetric-mild": "volumetric filter",
-                   "correlated": "correlated-noise filters"}.get(chosen)
+                   "volumetric-faint": "volumetric filter", "correlated": "correlated-noise filters"}.get(chosen)
         if "--uncertainty" in args and not made_by:
             sitk.WriteImage(sitk.Abs(sitk.Cast(image, sitk.sitkFloat32) - smooth), args[args.index("--uncertainty") + 1])
         say(event="progress", stage="denoise", step=1, total=1, loss=None, eta_s=0.0)
@@ -66,7 +67,8 @@ FAKE_CLI = textwrap.dedent(
         # suggests the model made for such noise
         suggested = ({"model": "correlated-noise-default", "noise": "correlated"}
                      if "--model" in args and args[args.index("--model") + 1] == "one-pixel" else None)
-        details = {"filters_made_the_image": made_by, "correlated_noise": chosen != "volumetric"} if made_by else {}
+        details = {"filters_made_the_image": made_by, "correlated_noise": chosen != "volumetric",
+                   "faint_noise": chosen == "volumetric-faint"} if made_by else {}
         # the model "magnitude" stands for an MR magnitude volume: its Rician bias is removed unless kept
         bias = args[args.index("--rician-bias") + 1]
         model = args[args.index("--model") + 1] if "--model" in args else ""
@@ -195,6 +197,7 @@ def test_denoise_waits_for_the_worker_and_keeps_geometry_window_and_input(mrml, 
 
 @pytest.mark.parametrize("model, why", [("volumetric", "looks white, so the volumetric filter"),
                                         ("volumetric-mild", "looks spatially correlated, so the volumetric filter"),
+                                        ("volumetric-faint", "looks faint and mildly correlated, so the volumetric"),
                                         ("correlated", "spatially correlated, so block-matching filters")])
 def test_full_mode_without_an_uncertainty_map_says_why(mrml, fake_logic, tmp_path, model, why):
     """When filters alone made the image the worker writes no map: the result comes in alone and says why."""
