@@ -506,6 +506,9 @@ def test_the_gpu_check_compares_two_devices_and_refuses_to_run_without_cuda(monk
         assert r["cuda_seconds"] > 0 and r["cpu_seconds"] > 0 and r["cuda_peak_mib"] is None
         assert r["cuda_psnr"] == r["cpu_psnr"] > psnr(clean, noisy, 1000.0) + 3
         assert r["max_abs_diff_hu"] == 0.0
+    (named,) = gpu_check.agreement("ct-head-default", Image(array=noisy, spacing=(1.0, 1.0), modality="CT"), {},
+                                   clean, 1000.0, devices=(cpu, cpu), modes=("fast",), noise="white 40")
+    assert named["model"] == "ct-head-default (white 40)" and named["cuda_psnr"] == rows[0]["cuda_psnr"]
 
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
