@@ -270,7 +270,8 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
     image is flat enough to read the noise covariance (the threshold is then CORRELATED_HARD_THRESHOLD). With
     `noise_shape` the noise's shape is read first, as the volumetric filter reads it (SHAPE_ROUNDS first steps on
     the COVARIANCE_SLICES middle slices wanted, each read on the last one's residual), and spreads the curve's
-    variance over each group's coefficients (`noise_shape_steps` more calls of `progress`). Shapes, `context`,
+    variance over each group's coefficients (`noise_shape_steps` more calls of `progress`); the reads and the
+    step after them match each patch's group once (`MatchedGroups`). Shapes, `context`,
     `indices` and `progress` as in `collaborative_wiener`; returns float64.
     """
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
@@ -278,17 +279,19 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
         raise ValueError("the hard-thresholding filter reads the noise's shape only without context slices")
     table = _coefficient_table(y3, m3, device, context) if correlated_noise else None
     y32 = np.asarray(y3, dtype=np.float32)
+    groups = None
     if noise_shape:
-        read = _middle(wanted)
+        read, groups = _middle(wanted), MatchedGroups(GROUP)
 
         def first_step(shape_table: Optional[torch.Tensor]) -> np.ndarray:
             done = _filter_slices(y3, y32, m3, curve, read, read, context, device, progress, wiener=False,
-                                  table=shape_table, shape=True)
+                                  table=shape_table, shape=True, groups=groups)
             return np.stack([done[i] for i in read])
 
         table = _read_noise_shape(y3[read], first_step, device, cubes=False)
+        groups.keep_new = False  # the other slices' patches are matched once only
     filtered = _filter_slices(y3, y32, m3, curve, wanted, wanted, context, device,
-                              progress, wiener=False, table=table, shape=noise_shape)
+                              progress, wiener=False, table=table, shape=noise_shape, groups=groups)
     result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
     return result[0] if np.ndim(noisy) == 2 else result
 
@@ -387,13 +390,25 @@ def _cube_starts(n: int, wanted: Sequence[int]):
 
 @dataclass
 class MatchedGroups:
-    """The hard-thresholding step's groups of the volumetric filter, matched on y: its runs that read the noise's
-    shape and the run after them match the same cubes alike, so each is matched once, `group` members deep (the
-    deepest group asked for; a shallower one takes its first members, the nearest), and kept while `keep_new`."""
+    """The hard-thresholding step's groups, matched on y: its runs that read the noise's shape and the run after
+    them match the same blocks alike (the volumetric filter's cubes, a 2D image's patches), so each reference row of
+    each slice or cube start is matched once, `group` members deep (the deepest group asked for; a shallower one takes
+    its first members, the nearest), and kept while `keep_new`."""
 
     group: int
     keep_new: bool = True
     kept: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def of(self, start: int, rows: torch.Tensor, group: int, match: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """The groups (R, `group`, 3) of the reference blocks in `rows` (each row's in turn) of the slice or cube
+        start `start`: those kept, or `match(members)`'s, kept row by row while `keep_new`."""
+        keys = [(start, int(row)) for row in rows]
+        if all(key in self.kept for key in keys):
+            return torch.cat([self.kept[key] for key in keys])[:, :group].long()
+        where = match(self.group)
+        if self.keep_new:
+            self.kept.update(zip(keys, where.to(torch.int32).chunk(len(keys))))
+        return where[:, :group]
 
 
 def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, starts: Sequence[int],
@@ -424,15 +439,11 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
         ys, ms, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device).reshape(-1)
                      for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
         for chunk in torch.split(ref_y, rows_at_once):
-            key = (start, int(chunk[0]))
-            if groups is not None and key in groups.kept:
-                where = groups.kept[key][:, :group].to(device, torch.long)
-            else:
-                where = _match(ms.reshape(hi - lo, h, w), start - lo, chunk, ref_x,
-                               group if groups is None else groups.group, radius, patch=CUBE, depth=CUBE)
-                if groups is not None and groups.keep_new:
-                    groups.kept[key] = where.to(torch.int32)
-                where = where[:, :group]
+            def match(members: int) -> torch.Tensor:
+                return _match(ms.reshape(hi - lo, h, w), start - lo, chunk, ref_x, members, radius, patch=CUBE,
+                              depth=CUBE)
+
+            where = match(group) if groups is None else groups.of(start, chunk, group, match)
             dct1 = _dct_on(where.shape[1], device, torch.float32)
             pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
             cy = dct1 @ (ys[pixels] @ dct_cube.T)
@@ -475,13 +486,14 @@ def _checked(name: str, noisy, pilot, context: int, indices: Optional[Sequence[i
 def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, todo: Sequence[int],
                    references: Sequence[int], context: int, device: Optional[torch.device],
                    progress: Optional[Callable[[], None]], gains_on: Optional[np.ndarray] = None, spread: bool = False,
-                   **options) -> dict:
+                   groups: Optional[MatchedGroups] = None, **options) -> dict:
     """{slice: filtered slice} for the slices `todo` from the groups of the sorted slices `references`, each
     reference slice's groups drawn from the `context` slices on either side; the Wiener gains come from `gains_on`
     (default `match_on`). With `spread` every group goes back to each slice its members lie in, as BM4D
     aggregates, so the references are those within `context` of the slices in `todo` (`_wiener_passes`);
-    otherwise only a reference slice's own patches go back to it, and the references are `todo`. `progress` is
-    called after every reference slice."""
+    otherwise only a reference slice's own patches go back to it, and the references are `todo`. `groups` keeps
+    the groups matched under each reference slice's index (`MatchedGroups`). `progress` is called after every
+    reference slice."""
     device = device or torch.device("cpu")
     n = y3.shape[0]
     wanted = set(todo)
@@ -494,7 +506,8 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
         lo, hi = max(0, j - context), min(n, j + context + 1)
         ys, ms, s = (on_device(a) for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
         gs = None if gains_on is None else on_device(gains_on[lo:hi])
-        total, weights = _filter_slice_sums(ys, ms, s, centre=j - lo, gains_on=gs, every_slice=spread, **options)
+        total, weights = _filter_slice_sums(ys, ms, s, centre=j - lo, gains_on=gs, every_slice=spread,
+                                            groups=groups, start=j, **options)
         first = lo if spread else j  # the slice of the sums' first
         for k in range(first, first + len(total)):
             if k in wanted:
@@ -645,7 +658,8 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
 
 def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
                        table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None,
-                       every_slice: bool = False, shape: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                       every_slice: bool = False, shape: bool = False, groups: Optional[MatchedGroups] = None,
+                       start: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """The weighted sums of the filtered patches and their weights, from the groups of slice `centre`'s reference
     patches in the stacks (d, H, W) of y, the image the groups are matched on and the noise variance: only the
     centre slice's patches go back, each (1, H, W), or with `every_slice` every member's, each (d, H, W). Wiener
@@ -653,7 +667,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     thresholding of y's. Under correlated noise (a coefficient covariance
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
     (covariance.py), with the CORRELATED_ groups, search, spacing and threshold; a `table` of the noise's `shape`
-    instead spreads the curve's variance over the coefficients, with the settings of white noise.
+    instead spreads the curve's variance over the coefficients, with the settings of white noise. The groups are
+    taken from `groups` (`MatchedGroups`, under the slice's index `start` in the whole stack) where they were kept.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
@@ -684,7 +699,10 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     weights = torch.zeros_like(total)
     rows_at_once = max(1, (REFERENCE_CHUNK if table is None else CORRELATED_REFERENCE_CHUNK) // len(ref_x))
     for chunk in torch.split(ref_y, rows_at_once):
-        where = _match(ms, centre, chunk, ref_x, group, radius, NEAR_COPY_SHIFT if wiener else 0)  # (R, group, 3)
+        def match(members: int) -> torch.Tensor:  # (R, members, 3)
+            return _match(ms, centre, chunk, ref_x, members, radius, NEAR_COPY_SHIFT if wiener else 0)
+
+        where = match(group) if groups is None else groups.of(start, chunk, group, match)
         dct1 = _dct_on(where.shape[1], device, dtype)
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
         cy = dct1 @ (flat_y[pixels] @ dct2.T)  # the group's 3D spectrum

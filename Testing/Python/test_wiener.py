@@ -358,6 +358,32 @@ def test_the_shape_reads_match_the_first_steps_cubes_once():
     assert abs(mse(shaped, clean) - mse(anew, clean)) < 1e-3 * mse(anew, clean)
 
 
+def test_a_2d_images_shape_reads_match_its_patches_once():
+    """The same for a 2D image's hard-thresholding step: reading the shape matches no more patches than the step of
+    white noise, and its estimate is the one matching them anew each time gives."""
+    clean = phantom(64) + 0.05 * textured(64)
+    noisy = clean + 0.06 * correlated_gaussian(clean.shape, 0.45, np.random.default_rng(6))
+    curve = noise_variance_curve(noisy)
+    matched = []
+    real = wiener._match
+
+    def counted(*args, **kwargs):
+        matched.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wiener, "_match", counted)
+        shaped = wiener.collaborative_hard_threshold(noisy, noisy, curve, noise_shape=True)
+        once = len(matched)
+        matched.clear()
+        wiener.collaborative_hard_threshold(noisy, noisy, curve)
+        assert once == len(matched) > 0
+        keeping_none = wiener.MatchedGroups
+        patch.setattr(wiener, "MatchedGroups", lambda group: keeping_none(group, keep_new=False))  # each run anew
+        anew = wiener.collaborative_hard_threshold(noisy, noisy, curve, noise_shape=True)
+    assert abs(mse(shaped, clean) - mse(anew, clean)) < 1e-3 * mse(anew, clean)
+
+
 def test_the_noise_shape_is_read_on_the_middle_slices_so_its_cost_does_not_grow_with_the_volume():
     extra = [wiener.volumetric_filter_steps(n, range(n), correlated_noise=True) - wiener.volumetric_filter_steps(
         n, range(n)) for n in (wiener.COVARIANCE_SLICES, 40, 300, 1000)]
