@@ -331,13 +331,10 @@ def test_reading_the_noise_shape_leaves_the_filter_of_white_noise_of_any_kind_as
     assert mse(shaped, clean) < 1.1 * mse(white, clean) < 0.05 * mse(noisy, clean)
 
 
-def test_the_shape_reads_match_the_first_steps_cubes_once():
-    """The first step's groups are matched on y, the same in each of its runs: reading the shape SHAPE_ROUNDS times
-    matches no more cubes than the filter of white noise (on 20 slices, of which 16 are read), and gives the image
-    that matching them anew each time gives, within 0.1 % of its error."""
-    clean = np.stack([phantom(48) * (1 + 0.02 * z) + 0.05 * textured(48) for z in range(20)])
-    noisy = clean + 0.03 * correlated_gaussian(clean.shape, 0.5, np.random.default_rng(5))
-    curve = noise_variance_curve(noisy)
+def _matching_once(filtered, clean):
+    """The shape's reads of `filtered(shape)` (a filter with or without the shape read) match no more blocks than
+    the filter of white noise, and give the image that matching them anew each time gives, within 0.1 % of its
+    error."""
     matched = []
     real = wiener._match
 
@@ -347,15 +344,25 @@ def test_the_shape_reads_match_the_first_steps_cubes_once():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(wiener, "_match", counted)
-        shaped = wiener.volumetric_filter(noisy, curve, correlated_noise=True)
+        shaped = filtered(True)
         once = len(matched)
         matched.clear()
-        wiener.volumetric_filter(noisy, curve)
+        filtered(False)
         assert once == len(matched) > 0
         keeping_none = wiener.MatchedGroups
         patch.setattr(wiener, "MatchedGroups", lambda group: keeping_none(group, keep_new=False))  # each run anew
-        anew = wiener.volumetric_filter(noisy, curve, correlated_noise=True)
+        anew = filtered(True)
     assert abs(mse(shaped, clean) - mse(anew, clean)) < 1e-3 * mse(anew, clean)
+
+
+def test_the_shape_reads_match_the_first_steps_cubes_once():
+    """The first step's groups are matched on y, the same in each of its runs: reading the shape SHAPE_ROUNDS times
+    matches no more cubes than the filter of white noise (on 20 slices, of which 16 are read), and gives the image
+    that matching them anew each time gives, within 0.1 % of its error."""
+    clean = np.stack([phantom(48) * (1 + 0.02 * z) + 0.05 * textured(48) for z in range(20)])
+    noisy = clean + 0.03 * correlated_gaussian(clean.shape, 0.5, np.random.default_rng(5))
+    curve = noise_variance_curve(noisy)
+    _matching_once(lambda shape: wiener.volumetric_filter(noisy, curve, correlated_noise=shape), clean)
 
 
 def test_a_2d_images_shape_reads_match_its_patches_once():
@@ -364,24 +371,7 @@ def test_a_2d_images_shape_reads_match_its_patches_once():
     clean = phantom(64) + 0.05 * textured(64)
     noisy = clean + 0.06 * correlated_gaussian(clean.shape, 0.45, np.random.default_rng(6))
     curve = noise_variance_curve(noisy)
-    matched = []
-    real = wiener._match
-
-    def counted(*args, **kwargs):
-        matched.append(1)
-        return real(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wiener, "_match", counted)
-        shaped = wiener.collaborative_hard_threshold(noisy, noisy, curve, noise_shape=True)
-        once = len(matched)
-        matched.clear()
-        wiener.collaborative_hard_threshold(noisy, noisy, curve)
-        assert once == len(matched) > 0
-        keeping_none = wiener.MatchedGroups
-        patch.setattr(wiener, "MatchedGroups", lambda group: keeping_none(group, keep_new=False))  # each run anew
-        anew = wiener.collaborative_hard_threshold(noisy, noisy, curve, noise_shape=True)
-    assert abs(mse(shaped, clean) - mse(anew, clean)) < 1e-3 * mse(anew, clean)
+    _matching_once(lambda shape: wiener.collaborative_hard_threshold(noisy, noisy, curve, noise_shape=shape), clean)
 
 
 def test_the_noise_shape_is_read_on_the_middle_slices_so_its_cost_does_not_grow_with_the_volume():
