@@ -685,7 +685,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     `strong` noise that is not white, or faint noise whose shape is read, to that filter too, which reads the noise's
     shape there and where `noise_shape`
     (`pipeline.filters_read_the_noise_shape`, a stage of its own, as a 2D model's filters under white-looking noise
-    then read it, at about 6 times their cost); otherwise the networks run, and
+    then read it, at about twice their cost); otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
     exact variances after a wide blind spot, or a 2D model when the noise is `strong` and the slices large enough
     (`pipeline.MIN_SIDE_FOR_ONE_PIXEL_FILTERS`; a 2.5D model's Fast mode
@@ -709,9 +709,10 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         stages = {"bsn_wide" if architecture.blind_spot_radius else "bsn": sampling.self_ensemble,
                   "diffusion": 2 * (steps or sampling.steps) * (pairs or sampling.pairs)}
     if fuse and white:
-        # a 2D model's filters reading the noise's shape took 0.9 to 1.9 s a 256-voxel strip against 0.1 to 0.3
+        # a 2D model's filters reading the noise's shape, each patch matched once (wiener.MatchedGroups), took 1.4 to
+        # 1.9 s a 256x256 CT slice against 0.8 for the filters of white noise (2026-12-06)
         shaped = not context and noise_shape and side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS
-        stages["wiener_context" if context else "filters_2d"] = 6 if shaped else 1
+        stages["wiener_context" if context else "filters_2d"] = 2 if shaped else 1
     elif fuse and correlated_filters_follow(architecture, strong and side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS):
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
         if mode == "fast" and context:  # a blind-spot estimate matches the Wiener step's groups

@@ -479,7 +479,7 @@ def test_run_stages_of_a_2d_model_count_its_filters_reading_the_noise_shape():
     from DiffDenoiseLib.slicer_logic import run_stages
 
     card = _card("2d")
-    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)["filters_2d"] == 6
+    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)["filters_2d"] == 2
     assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True)["filters_2d"] == 1
     assert run_stages(card, "fast", 0, 0, 1, 64, white=True, strong=True, noise_shape=True)["filters_2d"] == 1
 
