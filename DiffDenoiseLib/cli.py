@@ -399,7 +399,13 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                      "(--rician-bias keep keeps it).")
     if result.details.get("padding"):
         reporter.log(describe_padding(result.details["padding"]))
-    if result.details.get("observation_share"):
+    if result.details.get("anatomy_given_back"):
+        reporter.log(f"What the networks removed follows the image's edges (correlation "
+                     f"{result.details['removed_edge_correlation']:.2f}): under faint noise they took fine anatomy "
+                     f"with it, so {result.details['observation_share']:.0%} of the difference between the input and "
+                     "their result was given back (the share Stein's risk estimate preferred; --no-fusion keeps their "
+                     "result as it is).")
+    elif result.details.get("observation_share"):
         reporter.log(f"Fast mode gave back {result.details['observation_share']:.0%} of the difference between the "
                      "input and the student's estimate (the share Stein's risk estimate preferred; --no-fusion "
                      "keeps the estimate as it is).")

@@ -478,6 +478,10 @@ class DenoiseLogic:
             elif uncertainty_path and uncertainty is None and made_by:
                 message += (" No uncertainty map: the noise looks spatially correlated, so block-matching filters "
                             "made the image (the networks' result only showed where to read the noise).")
+            if result.get("details", {}).get("anatomy_given_back"):
+                message += (" The noise is faint and what the networks removed followed the volume's edges (fine "
+                            "anatomy with the noise): %.0f%% of the input was given back." %
+                            (100 * result["details"]["observation_share"]))
             if result.get("details", {}).get("rician_bias_removed"):
                 sigma = result["details"]["rician_sigma"]
                 output.SetAttribute("DiffDenoise.RicianSigma", "%g" % sigma)
@@ -691,7 +695,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     (`pipeline.MIN_SIDE_FOR_ONE_PIXEL_FILTERS`; a 2.5D model's Fast mode
     also runs that blind spot, whose estimate matches the Wiener step's groups). `white` and `strong` are the
     binning reading's (Fast's and the volumetric filter's test, `noise.reading_is_strong`); Full's test of the
-    networks' residual is taken to agree with it.
+    networks' residual is taken to agree with it. Fast's student runs a second time for the share of the input it
+    gives back, under white noise and, for a 2.5D model, under faint noise (counted whether or not it is given).
     """
     from DiffDenoiseLib.pipeline import (
         MIN_SIDE_FOR_ONE_PIXEL_FILTERS, correlated_filters_follow, volumetric_filter_follows,
@@ -704,7 +709,9 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong, noise_shape and not strong):
         return {"correlated_volumetric_filter" if noise_shape or not white else "volumetric_filter": 1}
     if mode == "fast":
-        stages = {"student": 2 if fuse and white else 1}  # the second pass measures the share of the input kept
+        # the second pass measures the share of the input kept: under white noise, and where a 2.5D model's result
+        # under faint noise may have taken anatomy (`pipeline.give_back_where_anatomy_was_taken`)
+        stages = {"student": 2 if fuse and (white or (context and not strong)) else 1}
     else:
         stages = {"bsn_wide" if architecture.blind_spot_radius else "bsn": sampling.self_ensemble,
                   "diffusion": 2 * (steps or sampling.steps) * (pairs or sampling.pairs)}

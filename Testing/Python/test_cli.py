@@ -313,6 +313,31 @@ def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_mod
     assert of_kind(events, "result")[0].get("suggested_model") is None
 
 
+def test_the_log_says_when_the_input_was_given_back_because_the_networks_took_anatomy(capfd, data, tmp_path):
+    """A nearly clean volume (edges, faint noise of a 1.2-pixel kernel) and a barely trained 2.5D model, whose result
+    takes the edges with the noise: the log says how much of the input went back and why; --no-fusion keeps the
+    networks' result and says nothing of it."""
+    store = tmp_path / "store"
+    code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "one-pixel-2.5d", "--store", store,
+                         "--config", data / "tiny.json", "--max-steps", 2, "--context-slices", 1, "--json")
+    assert code == 0, err
+    z, y, x = np.mgrid[0:6, 0:48, 0:48]
+    clean = 1000.0 + 600.0 * ((y - 24) ** 2 + (x - 22) ** 2 < 150 + 10 * z) + 8.0 * x
+    noise = add_noise(np.zeros(clean.shape), "correlated", 1.2, np.random.default_rng(3), sigma=2.0)
+    write_image(Image(array=(clean + noise).astype(np.float32), modality="CT"), tmp_path / "clean.nrrd")
+    for flags in ((), ("--no-fusion",)):
+        events, messages = denoised_with_log(capfd, tmp_path / "clean.nrrd", tmp_path / "out.nrrd", "--model",
+                                             "one-pixel-2.5d", "--store", store, "--slice-axis", "z", *flags)
+        details = of_kind(events, "result")[0]["details"]
+        if flags:
+            assert "anatomy_given_back" not in details and "took fine anatomy" not in messages
+        else:
+            assert details["anatomy_given_back"] is True
+            assert (f"under faint noise they took fine anatomy with it, so {details['observation_share']:.0%} of the "
+                    "difference between the input and their result was given back") in messages
+            assert "Fast mode gave back" not in messages
+
+
 def test_json_mode_keeps_stray_prints_off_stdout(capfd, data, trained, tmp_path, monkeypatch):
     real = cli.denoise_image
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from DiffDenoiseLib.fusion import (
+    ANATOMY_EDGE_CORRELATION,
     FUSION_MARGINS,
+    GIVE_BACK_SHARES,
     OBSERVATION_SHARES,
     choose_margin,
     choose_observation_share,
@@ -12,6 +14,7 @@ from DiffDenoiseLib.fusion import (
     fuse_with_observation,
     looks_correlated,
     probe_step,
+    removed_follows_edges,
 )
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve
 
@@ -200,3 +203,23 @@ def test_the_probed_divergence_gives_the_choice_the_true_one_gives(kept):
     assert len(chosen_shares) > 1  # the noise level moves the choice
     flat = np.full_like(noisy, noisy.mean())
     assert choose_observation_share(noisy, flat, flat, probe, step, curve) == max(OBSERVATION_SHARES)
+
+
+def test_a_blind_estimates_share_needs_no_probe_and_one_that_took_anatomy_gets_most_of_the_input_back():
+    """With no probe the estimate counts as blind to each voxel's own value (D = 0): the share is the argmin of
+    (1 - a)^2 R - S + 2 a S. A blur of a nearly clean textured image took the texture, and what it removed follows
+    the edges (a volume is read slice by slice); the true clean image as the estimate removed only the noise, which
+    does not, and gets no share back."""
+    rng = np.random.default_rng(8)
+    clean = textured()
+    noisy = clean + rng.normal(0, 0.003, clean.shape)
+    curve = noise_variance_curve(noisy)
+    blurred = box_blur(noisy, 2)
+    share = choose_observation_share(noisy, blurred, None, None, None, curve, shares=GIVE_BACK_SHARES)
+    residual, variance = np.sum((blurred - noisy) ** 2), np.sum(np.interp(blurred, *curve))
+    risks = [(1 - a) ** 2 * residual - variance + 2 * a * variance for a in GIVE_BACK_SHARES]
+    assert share == GIVE_BACK_SHARES[int(np.argmin(risks))] and share >= 0.8
+    assert mse(blurred + share * (noisy - blurred), clean) < 0.1 * mse(blurred, clean)
+    assert removed_follows_edges(np.stack([noisy] * 3), np.stack([blurred] * 3)) > 3 * ANATOMY_EDGE_CORRELATION
+    assert abs(removed_follows_edges(noisy, clean)) < ANATOMY_EDGE_CORRELATION
+    assert choose_observation_share(noisy, clean, None, None, None, curve, shares=GIVE_BACK_SHARES) == 0.0

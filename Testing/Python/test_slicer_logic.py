@@ -76,6 +76,8 @@ FAKE_CLI = textwrap.dedent(
             details.update(rician_bias_removed=True, rician_sigma=21.5)
         if model == "padded":  # a CT with padding outside its field of view, which the worker leaves as it was
             details.update(padding={"value": -3024.0, "voxels": 1200})
+        if model == "anatomy":  # a nearly clean volume whose networks' result took anatomy: part of it given back
+            details.update(anatomy_given_back=True, observation_share=0.8, removed_edge_correlation=0.21)
         say(event="result", output=target, model="fake-mean", seconds=0.5, details=details,
             suggested_model=suggested)
     elif args[0] == "train":
@@ -225,6 +227,16 @@ def test_the_status_says_when_and_why_the_rician_bias_was_removed(mrml, fake_log
     assert "reads as MR magnitude" not in forced.message
     kept = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="magnitude", rician_bias="keep"))
     assert "Rician" not in kept.message and kept.output_volume.GetAttribute("DiffDenoise.RicianSigma") is None
+
+
+def test_the_status_says_when_the_input_was_given_back_because_the_networks_took_anatomy(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    given = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="anatomy"))
+    assert "what the networks removed followed the volume's edges (fine anatomy with the noise): 80% of the input " \
+           "was given back" in given.message
+    assert "given back" not in fake_logic.denoise(source, DenoiseSettings(mode="fast")).message
 
 
 def test_the_status_says_that_padding_outside_the_field_of_view_was_left_as_it_was(mrml, fake_logic, tmp_path):
@@ -486,7 +498,8 @@ def test_run_stages_of_a_2d_model_count_its_filters_reading_the_noise_shape():
 
 def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volumetric_filter_alone(mrml, fake_logic):
     """Strong noise that is not white: the volumetric filter with exact variances makes the image in both modes;
-    faint such noise (texture under noise of 2 units in 1500): the networks alone."""
+    faint such noise (texture under noise of 2 units in 1500): the networks, and in Fast the student's second pass
+    for the share of the input given back where they took anatomy."""
     volume = _volume_with_noise("head", (12, 96, 96), correlated=True)
     filters = 5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL["correlated_volumetric_filter"]
     for mode in ("fast", "full"):
@@ -498,7 +511,8 @@ def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volu
                         + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0) + rng.normal(0, 2.0, (64, 64)) for _ in range(8)])
     faint = slicer.util.addVolumeFromArray(texture.astype(np.float32), name="texture")
     one_pixel, networks = _estimates(fake_logic, faint, _card("one-pixel", context=2))
-    assert one_pixel.seconds == pytest.approx(networks.seconds) and one_pixel.advice == ""
+    probe = 8 * 64 * 64 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL["student"]
+    assert one_pixel.seconds == pytest.approx(networks.seconds + probe) and one_pixel.advice == ""
 
 
 def test_estimate_of_a_2d_model_counts_the_exact_filters_under_strong_correlated_noise_only(mrml, fake_logic):
