@@ -19,9 +19,9 @@ correlated noise (a wide blind spot's result only) each coefficient's noise is i
 from the noise covariance read on the image (covariance.py), and a 2D model's image is the
 filters' alone, its result only showing where the image is flat. A 2.5D model's
 volume whose noise looks white goes to the volumetric filter instead (wiener.volumetric_filter,
-BM4D's two steps on cubes), which beat the networks there; the networks do not run then. Where a 2.5D
-model's result is the image under faint noise that does not read white, and what it removed follows the edges, it
-took anatomy with the noise: the share of the input Stein's estimate prefers goes back (fusion.py).
+BM4D's two steps on cubes), which beat the networks there; the networks do not run then. Where the networks'
+result is the image under faint noise that does not read white, and what it removed follows the edges, it took
+anatomy with the noise: the share of the input Stein's estimate prefers goes back (fusion.py).
 """
 
 from __future__ import annotations
@@ -413,7 +413,7 @@ def denoise_image(
         # a 2.5D model's result (too few slices for the volumetric filter) guides it alone
         denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, noise_shape=shape, **filtering)
     else:
-        if fuse and correlated and anatomy_guard_applies(model.config, slices, noise_reading):
+        if fuse and correlated and anatomy_guard_applies(slices, noise_reading):
             denoised, share, details["removed_edge_correlation"] = give_back_where_anatomy_was_taken(
                 model, mode, slices, denoised, lo, hi, indices, run, seed, white)
             if share is not None:
@@ -524,14 +524,11 @@ def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Cur
                                 covariance_on_residual=True, **filtering)
 
 
-def anatomy_guard_applies(config: NetworkConfig, slices: np.ndarray, noise_reading: NoiseReading) -> bool:
+def anatomy_guard_applies(slices: np.ndarray, noise_reading: NoiseReading) -> bool:
     """Whether a result of the networks alone, under noise that does not read white and no filter after them, is
-    checked for anatomy taken with the noise (`give_back_where_anatomy_was_taken`): for a 2.5D model's volume whose
-    noise is faint (`noise.reading_is_strong`). On 2D images the check does not hold: a head CT's bone edges leave
-    a good result's residual following the edges too (correlations of 0.05 to 0.4 where giving back lost up to 4 dB
-    on the 693 CT's held-out regions under noise of kernels 0.7 and 1.2)."""
-    return (config.context_slices > 0 and min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE
-            and not reading_is_strong(noise_reading()))
+    checked for anatomy taken with the noise (`give_back_where_anatomy_was_taken`): where the noise is faint
+    (`noise.reading_is_strong`) on slices large enough to read it."""
+    return min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE and not reading_is_strong(noise_reading())
 
 
 def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray, noise_reading: NoiseReading) -> bool:
@@ -552,7 +549,8 @@ def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray,
     a sharp kernel): on the benchmark volumes' held-out slabs (three of each) under noise of a 0.5- or 0.6-pixel
     kernel at std 0.005 to 0.02 of the range, the 21 slabs that reading sent to the filter gained 0.08 to 3.60 dB
     over the networks' result (mean 1.80), which smooths fine anatomy away with faint noise. Faint noise read at
-    higher ratios (wider kernels, or fine anatomy) keeps the networks' result: the filter, whose level comes from the
+    higher ratios (wider kernels, or fine anatomy) keeps the networks' result (checked for anatomy taken with the
+    noise: `give_back_where_anatomy_was_taken`): the filter, whose level comes from the
     noise curve's high-pass reading, hardly sees such noise (up to 3.4 dB below the networks under kernels of 0.7 to
     1.2 pixels at std 0.01 to 0.03).
     """

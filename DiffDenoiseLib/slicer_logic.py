@@ -696,7 +696,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     also runs that blind spot, whose estimate matches the Wiener step's groups). `white` and `strong` are the
     binning reading's (Fast's and the volumetric filter's test, `noise.reading_is_strong`); Full's test of the
     networks' residual is taken to agree with it. Fast's student runs a second time for the share of the input it
-    gives back, under white noise and, for a 2.5D model, under faint noise (counted whether or not it is given).
+    gives back, under white noise and under faint noise (counted whether or not it is given).
     """
     from DiffDenoiseLib.pipeline import (
         MIN_SIDE_FOR_ONE_PIXEL_FILTERS, correlated_filters_follow, volumetric_filter_follows,
@@ -709,9 +709,9 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong, noise_shape and not strong):
         return {"correlated_volumetric_filter" if noise_shape or not white else "volumetric_filter": 1}
     if mode == "fast":
-        # the second pass measures the share of the input kept: under white noise, and where a 2.5D model's result
+        # the second pass measures the share of the input kept: under white noise, and where the networks' result
         # under faint noise may have taken anatomy (`pipeline.give_back_where_anatomy_was_taken`)
-        stages = {"student": 2 if fuse and (white or (context and not strong)) else 1}
+        stages = {"student": 2 if fuse and (white or not strong) else 1}
     else:
         stages = {"bsn_wide" if architecture.blind_spot_radius else "bsn": sampling.self_ensemble,
                   "diffusion": 2 * (steps or sampling.steps) * (pairs or sampling.pairs)}
