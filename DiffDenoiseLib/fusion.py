@@ -39,9 +39,9 @@ sees little of it and s comes out far too small; fusion would hand the noise bac
 then returns the estimate as it is.
 
 Faint noise that does not read white is where that leaves the networks' result unchecked, and where it is
-worst: a nearly clean volume reads anatomy's binning ratio, not white noise's, and a one-pixel network trained
-on noisier scans smooths its fine anatomy away (Colin27's held-out slabs with noise of std 0.003-0.005:
-Fast 4 to 10 dB below the input it was given, Full 11 to 18). What the result took is then visible in what it
+worst: a nearly clean image reads anatomy's binning ratio, not white noise's, and a network trained on noisier
+scans smooths its fine anatomy away (Colin27's held-out slabs with noise of std 0.003-0.005: Fast 4 to 10 dB
+below the input it was given, Full 11 to 18). What the result took is then visible in what it
 removed: noise alone does not follow the image's edges, anatomy does (`removed_follows_edges`, the benchmark's
 method-noise statistic read against the result's own edges). Where it does, the share of y - m that Stein's
 estimate prefers, up to all of it (`GIVE_BACK_SHARES`), goes back: the high-pass curve may read correlated noise
@@ -75,8 +75,9 @@ PROBE_STEP = 0.01
 # Correlation of |y - m| with the result's gradient magnitude (metrics.method_noise_stats) above which, under faint
 # noise that does not read white, the networks count as having taken anatomy with the noise. Measured on the
 # benchmark images' held-out slabs and regions (noise of kernels 0 to 1.2 pixels, std 0.003 to 0.03): 0.1 to 0.55
-# where their result lay well below the input; from 0.05 up, where it beat the input, giving back lost up to 4 dB
-# (a head CT's bone edges, the networks' own errors under stronger widely correlated noise), 2.7 from 0.1 up.
+# where their result lay well below the input; where it beat the input, giving back lost up to 4.2 dB from 0.05 up
+# (a head CT's bone edges, the networks' own errors under stronger widely correlated noise), 3.6 from 0.1 up, the
+# result then still at or above the input.
 ANATOMY_EDGE_CORRELATION = 0.1
 # Shares of y - m that may go back where the networks took anatomy: any, up to the input itself.
 GIVE_BACK_SHARES = tuple(round(0.05 * i, 2) for i in range(21))
