@@ -525,13 +525,16 @@ def test_under_faint_noise_that_does_not_look_white_no_filter_follows_a_2d_model
     image = Image(array=noisy.astype(np.float32), modality="DX")
     for mode in ("full", "fast"):
         asked = denoise_image(image, trained, mode=mode)
-        raw = denoise_image(image, trained, mode=mode, fusion=False).image.array.astype(np.float64)
+        plain = denoise_image(image, trained, mode=mode, fusion=False)
+        raw = plain.image.array.astype(np.float64)
         assert asked.details["correlated_noise"] and not asked.details["wiener"], mode
         assert asked.details["anatomy_given_back"] is True, mode
         assert asked.details["removed_edge_correlation"] > ANATOMY_EDGE_CORRELATION
         share = asked.details["observation_share"]
         np.testing.assert_allclose(asked.image.array, raw + share * (image.array - raw), atol=0.05)
         assert psnr(clean, asked.image.array, 1200.0) > psnr(clean, raw, 1200.0) + 3.0, mode
+        if mode == "full":  # the sampler's spread is the result's in the share the networks keep
+            np.testing.assert_allclose(asked.uncertainty.array, (1 - share) * plain.uncertainty.array, atol=1e-3)
 
 
 def test_full_mode_gives_an_uncertainty_map_in_the_input_units(ct_slice, trained):
