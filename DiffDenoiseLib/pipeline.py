@@ -413,7 +413,9 @@ def denoise_image(
         # a 2.5D model's result (too few slices for the volumetric filter) guides it alone
         denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, noise_shape=shape, **filtering)
     else:
-        if fuse and correlated and anatomy_guard_applies(slices, noise_reading):
+        # faint noise that does not read white: checked for anatomy the networks took with it (slices too small for the
+        # filters are too small to read the noise)
+        if filters_may_run and correlated and not reading_is_strong(noise_reading()):
             denoised, share, details["removed_edge_correlation"] = give_back_where_anatomy_was_taken(
                 model, mode, slices, denoised, lo, hi, indices, run, seed, white)
             if share is not None:
@@ -522,13 +524,6 @@ def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Cur
         return collaborative_wiener(noisy[list(indices)], estimate, white, **{**filtering, "indices": None})
     return collaborative_wiener(noisy, denoised, white, context=context, gains_from=gains_from,
                                 covariance_on_residual=True, **filtering)
-
-
-def anatomy_guard_applies(slices: np.ndarray, noise_reading: NoiseReading) -> bool:
-    """Whether a result of the networks alone, under noise that does not read white and no filter after them, is
-    checked for anatomy taken with the noise (`give_back_where_anatomy_was_taken`): where the noise is faint
-    (`noise.reading_is_strong`) on slices large enough to read it."""
-    return min(slices.shape[-2:]) >= MIN_SIDE_TO_JUDGE_NOISE and not reading_is_strong(noise_reading())
 
 
 def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray, noise_reading: NoiseReading) -> bool:

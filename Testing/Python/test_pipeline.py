@@ -435,16 +435,16 @@ class OversmoothingBlindSpot(OversmoothingStudent):
         return self(y)
 
 
-def nearly_clean_volume(edges: bool) -> np.ndarray:
-    """9 slices of fine texture and a bright disc (`edges`) or of a smooth ramp alone, in a range of about 1000,
-    under faint noise of a 1.2-pixel kernel (std 2): a nearly clean scan, whose reading is neither white nor
-    strong."""
+def nearly_clean_volume(edges: bool) -> tuple:
+    """(clean, noisy): 9 slices of fine texture and a bright disc (`edges`) or of a smooth ramp alone, in a range of
+    about 1000, under faint noise of a 1.2-pixel kernel (std 2): a nearly clean scan, whose reading is neither white
+    nor strong."""
     zz, yy, xx = np.mgrid[0:9, 0:64, 0:64]
     clean = 1000.0 + 12.0 * xx + 3.0 * yy
     if edges:
         clean = clean + 600.0 * ((yy - 32) ** 2 + (xx - 30) ** 2 < 300 + 5 * zz) + 40.0 * np.sin(xx / 1.3) * np.cos(
             yy / 1.7)
-    return clean + add_noise(np.zeros(clean.shape), "correlated", 1.2, np.random.default_rng(4), sigma=2.0)
+    return clean, clean + add_noise(np.zeros(clean.shape), "correlated", 1.2, np.random.default_rng(4), sigma=2.0)
 
 
 def test_where_the_networks_take_anatomy_with_faint_noise_the_input_is_given_back():
@@ -456,8 +456,7 @@ def test_where_the_networks_take_anatomy_with_faint_noise_the_input_is_given_bac
     config = NetworkConfig(context_slices=1, bsn_width=8, bsn_depth=2, unet_base=8, unet_mults=(1,), student_width=8)
     model = DenoisingModel.build(config, SamplingConfig(), {"name": "blur", "transform": {"name": "none"}}, stages=())
     model.student, model.bsn = OversmoothingStudent(config), OversmoothingBlindSpot(config)
-    noisy = nearly_clean_volume(edges=True)
-    clean = noisy - add_noise(np.zeros(noisy.shape), "correlated", 1.2, np.random.default_rng(4), sigma=2.0)
+    clean, noisy = nearly_clean_volume(edges=True)
     reading = binning_noise_reading(noisy)
     assert not reading_is_strong(reading) and not reading_is_faint_and_mildly_correlated(reading)
     image = Image(array=noisy.astype(np.float32), modality="CT")
@@ -469,7 +468,7 @@ def test_where_the_networks_take_anatomy_with_faint_noise_the_input_is_given_bac
         after, before = psnr(clean, guarded.image.array, 1000.0), psnr(clean, plain.image.array, 1000.0)
         assert after > before + 6.0 and after > psnr(clean, noisy, 1000.0) - 0.5, (mode, after, before)
     assert np.array_equal(image.array, noisy.astype(np.float32))
-    smooth = Image(array=nearly_clean_volume(edges=False).astype(np.float32), modality="CT")
+    smooth = Image(array=nearly_clean_volume(edges=False)[1].astype(np.float32), modality="CT")
     kept = denoise_image(smooth, model, mode="fast", slice_axis=0)
     assert kept.details["removed_edge_correlation"] <= ANATOMY_EDGE_CORRELATION
     assert "anatomy_given_back" not in kept.details
