@@ -326,6 +326,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         raise
     missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
     suggested = None  # {"model", "noise"}: a model made for correlated noise, where the one run separates it poorly
+    told_anatomy = False  # whether the account of the noise already said how much of the input went back
     if result.details.get("filters_made_the_image") == "volumetric filter" and result.details["correlated_noise"]:
         # under noise of a 1.2-pixel kernel a wide blind spot's result and its filters beat this filter (pipeline.py)
         reading = reading or binning_noise_reading(image.array)
@@ -367,11 +368,15 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                      if model.config.blind_spot_radius == 0 else None)
             if strength <= needed:
                 # Below that strength the reading cannot tell weak correlated noise from fine anatomy (noise.py).
+                skipped = "Observation fusion and the Wiener filter, which need white noise, were skipped"
+                if result.details.get("anatomy_given_back"):
+                    # one account of what became of the networks' result; a wider blind spot would take more anatomy
+                    skipped = f"The Wiener filter, which needs white noise, was skipped; {_anatomy_given_back(result)}"
+                    told_anatomy, wider = True, None
                 reporter.log(f"The noise does not look white but is faint (its std about {strength:.2%} of the "
                              "intensity range; the model for correlated noise is chosen from "
                              f"{needed:.1%}): weak spatially correlated noise (a reconstruction "
-                             "kernel's) or fine anatomy, which the noise reading cannot tell apart. Observation "
-                             "fusion and the Wiener filter, which need white noise, were skipped"
+                             f"kernel's) or fine anatomy, which the noise reading cannot tell apart. {skipped}"
                              + (f"; if it is noise, --model {wider} separates it better, at some risk to fine detail"
                                 if wider else "") + ".")
                 suggested = wider and {"model": wider, "noise": "faint"}
@@ -400,11 +405,9 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     if result.details.get("padding"):
         reporter.log(describe_padding(result.details["padding"]))
     if result.details.get("anatomy_given_back"):
-        reporter.log(f"What the networks removed follows the image's edges (correlation "
-                     f"{result.details['removed_edge_correlation']:.2f}): under faint noise they took fine anatomy "
-                     f"with it, so {result.details['observation_share']:.0%} of the difference between the input and "
-                     "their result was given back (the share Stein's risk estimate preferred; --no-fusion keeps their "
-                     "result as it is).")
+        if not told_anatomy:
+            clause = _anatomy_given_back(result)
+            reporter.log(f"{clause[0].upper()}{clause[1:]}.")
     elif result.details.get("observation_share"):
         reporter.log(f"Fast mode gave back {result.details['observation_share']:.0%} of the difference between the "
                      "input and the student's estimate (the share Stein's risk estimate preferred; --no-fusion "
@@ -424,6 +427,16 @@ def _model_for_correlated_noise_of(store: ModelStore, image, details: dict) -> O
     for a volume deep enough, a 2D one otherwise (`store.model_for_correlated_noise`)."""
     depth = image.array.shape[details["slice_axis"]] if image.array.ndim == 3 else 1
     return model_for_correlated_noise(store.list(), depth)
+
+
+def _anatomy_given_back(result) -> str:
+    """The clause telling how much of the input went back where the networks took anatomy with faint noise
+    (pipeline.give_back_where_anatomy_was_taken)."""
+    details = result.details
+    return (f"what the networks removed follows the image's edges (correlation "
+            f"{details['removed_edge_correlation']:.2f}): under faint noise they took fine anatomy with it, so "
+            f"{details['observation_share']:.0%} of the difference between the input and their result was given "
+            "back (the share Stein's risk estimate preferred; --no-fusion keeps their result as it is)")
 
 
 def _duration(seconds: float) -> str:

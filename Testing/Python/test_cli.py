@@ -315,8 +315,8 @@ def test_a_one_pixel_2_5d_model_under_strong_correlated_noise_is_told_of_the_mod
 
 def test_the_log_says_when_the_input_was_given_back_because_the_networks_took_anatomy(capfd, data, tmp_path):
     """A nearly clean volume (edges, faint noise of a 1.2-pixel kernel) and a barely trained 2.5D model, whose result
-    takes the edges with the noise: the log says how much of the input went back and why; --no-fusion keeps the
-    networks' result and says nothing of it."""
+    takes the edges with the noise: the log says how much of the input went back and why, in its account of the faint
+    noise; --no-fusion keeps the networks' result and says nothing of it."""
     store = tmp_path / "store"
     code, out, err = run(capfd, "train", data / "volume.nrrd", "--name", "one-pixel-2.5d", "--store", store,
                          "--config", data / "tiny.json", "--max-steps", 2, "--context-slices", 1, "--json")
@@ -336,6 +336,11 @@ def test_the_log_says_when_the_input_was_given_back_because_the_networks_took_an
             assert (f"under faint noise they took fine anatomy with it, so {details['observation_share']:.0%} of the "
                     "difference between the input and their result was given back") in messages
             assert "Fast mode gave back" not in messages
+            # one account: the faint noise's message says what became of the networks' result, and only once
+            assert messages.count("took fine anatomy") == 1 and "The Wiener filter, which needs white noise" in messages
+            assert "Observation fusion and the Wiener filter, which need white noise, were skipped" not in messages
+            # what they took was anatomy: no advice to take a wider blind spot, which would take more of it
+            assert "separates it better" not in messages and of_kind(events, "result")[0].get("suggested_model") is None
 
 
 def test_json_mode_keeps_stray_prints_off_stdout(capfd, data, trained, tmp_path, monkeypatch):
@@ -419,20 +424,28 @@ def test_correlated_noise_without_a_model_gets_the_model_made_for_it(capfd, data
 def test_a_nearly_clean_textured_image_is_told_its_noise_is_faint_not_sent_to_a_wider_blind_spot(capfd, trained,
                                                                                                     tmp_path):
     """Fine texture under faint noise reads as not white (the reading sees the texture), but far below the noise a
-    wider blind spot is chosen for: the log says the reading cannot tell which, and offers the wider blind spot only
-    as a choice for the case that it is noise."""
+    wider blind spot is chosen for: the log says the reading cannot tell which. Where the tiny model's result took the
+    texture along an ellipse's edge, what it removed follows the edges: the input goes back and no wider blind spot is
+    offered, as it would take more; on the texture and a ramp alone, with no edge to follow, the wider blind spot is
+    offered only as a choice for the case that it is noise."""
     yy, xx = np.mgrid[0:64, 0:64]
-    clean = (1500.0 + 10.0 * xx + 800.0 * ((yy - 32) ** 2 / 300 + (xx - 32) ** 2 / 150 < 1)
-             + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0))
-    noisy = clean + add_noise(np.zeros_like(clean), "gaussian", 2.0, np.random.default_rng(1))
-    write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / "texture.nrrd")
-    events, messages = denoised_with_log(capfd, tmp_path / "texture.nrrd", tmp_path / "texture-out.nrrd", "--model",
-                                         "tiny", "--store", trained["store"])
-    assert "does not look white but is faint (its std about 1.28% of the intensity range" in messages
-    assert "or fine anatomy, which the noise reading cannot tell apart" in messages
-    assert "if it is noise, --model correlated-noise-default separates it better" in messages
-    assert "The noise looks spatially correlated" not in messages
-    assert of_kind(events, "result")[0]["suggested_model"] == {"model": "correlated-noise-default", "noise": "faint"}
+    for ellipse, strength in ((800.0, "1.28%"), (0.0, "2.02%")):
+        clean = (1500.0 + 10.0 * xx + ellipse * ((yy - 32) ** 2 / 300 + (xx - 32) ** 2 / 150 < 1)
+                 + 60.0 * np.sin(xx / 1.5) * np.cos(yy / 2.0))
+        noisy = clean + add_noise(np.zeros_like(clean), "gaussian", 2.0, np.random.default_rng(1))
+        write_image(Image(array=noisy.astype(np.float32), modality="DX"), tmp_path / "texture.nrrd")
+        events, messages = denoised_with_log(capfd, tmp_path / "texture.nrrd", tmp_path / "texture-out.nrrd",
+                                             "--model", "tiny", "--store", trained["store"])
+        assert f"does not look white but is faint (its std about {strength} of the intensity range" in messages
+        assert "or fine anatomy, which the noise reading cannot tell apart" in messages
+        assert "The noise looks spatially correlated" not in messages
+        offered = "if it is noise, --model correlated-noise-default separates it better" in messages
+        suggested = of_kind(events, "result")[0]["suggested_model"]
+        if ellipse:
+            assert "they took fine anatomy with it" in messages and not offered and suggested is None
+        else:
+            assert "took fine anatomy" not in messages
+            assert offered and suggested == {"model": "correlated-noise-default", "noise": "faint"}
 
 
 def test_under_correlated_noise_the_log_says_the_filters_made_the_image_and_no_uncertainty_map_is_written(
