@@ -376,15 +376,18 @@ def rough_duration(seconds: float) -> str:
 
 
 def describe_card(card: dict) -> str:
-    """One or two lines about a model for the panel, from its card."""
-    parts = []
-    if card.get("description"):
-        parts.append(str(card["description"]))
+    """One or two lines about a model for the panel, from its card: its description as written (a sentence of its
+    own, which the shipped cards end with a full stop), then its stages, training images and date."""
+    description = str(card.get("description") or "").strip()
+    if description and not description.endswith((".", "!", "?")):
+        description += "."
+    facts = []
     if card.get("stages"):
-        parts.append("stages: " + ", ".join(card["stages"]))
+        facts.append("stages: " + ", ".join(card["stages"]))
     count = (card.get("training_data") or {}).get("count")
     if count:
-        parts.append("trained on %d image%s" % (count, "" if count == 1 else "s"))
+        facts.append("trained on %d image%s" % (count, "" if count == 1 else "s"))
     if card.get("created"):
-        parts.append("created " + str(card["created"])[:10])
-    return "; ".join(parts) + "." if parts else ""
+        facts.append("created " + str(card["created"])[:10])
+    listed = "; ".join(facts)
+    return " ".join(part for part in (description, listed[:1].upper() + listed[1:] + "." if listed else "") if part)

@@ -135,9 +135,11 @@ class FakeJob:
 
 
 class FakeLogic:
-    MODELS = [{"name": "mr-default", "source": "shipped", "stages": ["bsn", "diffusion", "student"],
-               "description": "Brain MRI, Rician noise", "training_data": {"count": 1}},
-              {"name": "ct-default", "source": "shipped", "stages": ["bsn", "diffusion", "student"]},
+    MODELS = [{"name": "mr-brain-2.5d", "source": "shipped", "stages": ["bsn", "diffusion", "student"],
+               "description": "Brain MRI (T1) and other non-CT images, for volumes (4 neighbouring slices seen); "
+                              "trained on Colin27 with Rician, Poisson and Gamma noise.",
+               "training_data": {"count": 5}},
+              {"name": "ct-head-2.5d", "source": "shipped", "stages": ["bsn", "diffusion", "student"]},
               {"name": "broken", "source": "user", "error": "card.json is not valid JSON"}]
 
     def __init__(self):
@@ -292,7 +294,7 @@ def test_idle_panel_offers_denoise_and_lists_models(panel):
     assert ui.denoiseButton.text() == "Denoise" and ui.denoiseButton.isEnabled()
     assert ui.trainButton.text() == "Start training" and ui.trainButton.isEnabled()
     assert [ui.modelComboBox.itemText(i) for i in range(ui.modelComboBox.count())] == [
-        panel_module.AUTOMATIC_MODEL, "mr-default (shipped)", "ct-default (shipped)"]
+        panel_module.AUTOMATIC_MODEL, "mr-brain-2.5d (shipped)", "ct-head-2.5d (shipped)"]
     assert "Roughly 10 s" in ui.estimateLabel.text() and "CPU" in ui.estimateLabel.text()
     assert not ui.fadeSlider.isEnabled() and not ui.sideBySideButton.isEnabled()
     assert not ui.stepsSpinBox.isEnabled()  # Fast mode has no sampling steps
@@ -302,11 +304,19 @@ def test_idle_panel_offers_denoise_and_lists_models(panel):
     assert ui.stepsSpinBox.isEnabled() and "Fast mode takes" in ui.estimateLabel.text()
     assert "Roughly 25 min" in ui.estimateLabel.text()
     ui.modelComboBox.setCurrentIndex(1)
-    assert panel.params.model == "mr-default"
-    assert panel.logic.estimated[-1] == ("mr-default", ["mr-default", "ct-default"]), \
+    assert panel.params.model == "mr-brain-2.5d"
+    assert panel.logic.estimated[-1] == ("mr-brain-2.5d", ["mr-brain-2.5d", "ct-head-2.5d"]), \
         "a new model is a new estimate, from the usable cards"
-    assert ui.modelInfoLabel.text() == ("Brain MRI, Rician noise; stages: bsn, diffusion, student; "
-                                        "trained on 1 image.")
+    assert ui.modelInfoLabel.text() == (FakeLogic.MODELS[0]["description"] + " Stages: bsn, diffusion, student; "
+                                        "trained on 5 images.")
+
+
+def test_a_card_reads_as_sentences_whether_or_not_its_description_ends_with_a_full_stop():
+    assert panel_module.describe_card({"description": "Knee MRI", "stages": ["bsn"], "created": "2026-12-06T10:00"}) \
+        == "Knee MRI. Stages: bsn; created 2026-12-06."
+    assert panel_module.describe_card({"description": "Knee MRI, 3T. "}) == "Knee MRI, 3T."
+    assert panel_module.describe_card({"training_data": {"count": 1}}) == "Trained on 1 image."
+    assert panel_module.describe_card({}) == ""
 
 
 def test_denoise_run_cancel_and_done(panel):
@@ -415,7 +425,7 @@ def test_training_start_stop_and_new_model_in_the_selector(panel):
     _, nodes, settings = logic.calls[-1]
     assert nodes == [panel.head, panel.knee]
     assert settings.stages == ("bsn", "student") and settings.max_steps == 500
-    assert settings.from_model == "mr-default" and settings.name == "knee-3T"
+    assert settings.from_model == "mr-brain-2.5d" and settings.name == "knee-3T"
     assert ui.trainButton.text() == "Stop training" and not ui.denoiseButton.isEnabled()
 
     job = logic.jobs[-1]
@@ -432,8 +442,8 @@ def test_training_start_stop_and_new_model_in_the_selector(panel):
 
 def test_scene_load_restores_the_unbound_widgets(panel):
     panel.params.mode = "full"
-    panel.params.model = "ct-default"
-    panel.params.trainFromModel = "mr-default"
+    panel.params.model = "ct-head-2.5d"
+    panel.params.trainFromModel = "mr-brain-2.5d"
     panel.panel.update_from_parameters()
     assert panel.ui.fullRadioButton.isChecked() and not panel.ui.fastRadioButton.isChecked()
     assert panel.ui.modelComboBox.currentIndex() == 2 and panel.ui.fromModelComboBox.currentIndex() == 1
@@ -450,7 +460,8 @@ def test_screenshot_of_a_running_panel(panel, tmp_path):
     ui.modelNameLineEdit.setText("my-brain-mri")
     ui.denoiseButton.click()
     job = panel.logic.jobs[-1]
-    for message in ("Using the CPU: no CUDA or MPS device was found.", "Model mr-default, Full mode, 5 DDIM steps, 1 pair."):
+    for message in ("Using the CPU: no CUDA or MPS device was found.",
+                    "Using model 'mr-brain-2.5d' (shipped), the default for MR volumes."):
         job.log.emit(message)
     job.progress.emit({"event": "progress", "stage": "denoise", "step": 52, "total": 120, "eta_s": 65.0})
     panel.widget.setFixedWidth(440)
