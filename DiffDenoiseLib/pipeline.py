@@ -404,7 +404,8 @@ def denoise_image(
             # (and than the estimate alone: 0.1 dB more on the shoulder MRI at Gaussian 6/255, 0.1 less on the head
             # CT at 25/255).
             # Strong noise that may be mildly correlated has its shape read by both steps.
-            shape = details["noise_shape_read"] = filters_2d_read_the_noise_shape(slices, noise_reading)
+            shape = details["noise_shape_read"] = filters_2d_read_the_noise_shape(
+                min(slices.shape[-2:]), filters_read_the_noise_shape(noise_reading()))
             if shape:
                 timer.total += noise_shape_steps(filtering["indices"])
             estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, noise_shape=shape, **filtering)
@@ -436,20 +437,18 @@ def correlated_noise_filters_apply(model: DenoisingModel, slices: np.ndarray,
     """Whether the correlated-noise filters make the image of `slices` (n, H, W) when their noise looks correlated
     (`correlated_filters_follow` the model, and the slices are large enough to read the noise on); `noise_reading`
     gives the binning reading of `slices` where it was already taken."""
-    if min(slices.shape[-2:]) < MIN_SIDE_TO_JUDGE_NOISE:
-        return False
-    config = model.config
-    if config.blind_spot_radius > 0:
-        return correlated_filters_follow(config, strong_noise=False)
-    if min(slices.shape[-2:]) < MIN_SIDE_FOR_ONE_PIXEL_FILTERS:
+    side = min(slices.shape[-2:])
+    if side < MIN_SIDE_TO_JUDGE_NOISE:
         return False
     reading = noise_reading or (lambda: binning_noise_reading(slices))
-    return correlated_filters_follow(config, strong_noise=reading_is_strong(reading()))
+    # the reading is taken only where its strength decides
+    return correlated_filters_follow(model.config, lambda: reading_is_strong(reading()), side)
 
 
-def correlated_filters_follow(config: NetworkConfig, strong_noise: bool) -> bool:
-    """Whether the correlated-noise filters follow a model's networks when the noise looks correlated, and
-    `strong_noise` (`noise.reading_is_strong`) or faint.
+def correlated_filters_follow(config: NetworkConfig, strong_noise: Callable[[], bool], side: int) -> bool:
+    """Whether the correlated-noise filters follow a model's networks on slices whose shorter side is `side` when
+    the noise looks correlated, and `strong_noise()` (`noise.reading_is_strong`) or faint: a wide blind spot's
+    models, and a 2D model's under strong noise on slices of MIN_SIDE_FOR_ONE_PIXEL_FILTERS or more.
 
     Under correlated noise the filters take each coefficient's exact noise variance from the noise's covariance,
     read on the image where a pilot is flattest (covariance.py, wiener.py). A 2.5D model's result guides the
@@ -463,7 +462,8 @@ def correlated_filters_follow(config: NetworkConfig, strong_noise: bool) -> bool
     and on a textured 64x64 image under noise of 2 units in 1500 the filters gave 27.3 dB where the shipped 2D MR
     model's Fast result gave 39.3 (the input 56.4).
     """
-    return config.blind_spot_radius > 0 or (config.context_slices == 0 and strong_noise)
+    return config.blind_spot_radius > 0 or (
+        config.context_slices == 0 and side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS and strong_noise())
 
 
 def correlated_filter_reach(config: NetworkConfig) -> int:
@@ -579,15 +579,15 @@ def filters_read_the_noise_shape(reading: Tuple[float, float]) -> bool:
             or reading_is_faint_and_mildly_correlated(reading))
 
 
-def filters_2d_read_the_noise_shape(slices: np.ndarray, noise_reading: NoiseReading) -> bool:
-    """Whether a 2D model's filters under white-looking noise read the noise's shape on `slices` (n, H, W): where
-    `filters_read_the_noise_shape` by the binning reading and the slices are large enough for the one-pixel filters
-    (MIN_SIDE_FOR_ONE_PIXEL_FILTERS). On 12 strips of the benchmark's three 2D images (44 to 84 by 256 voxels, fresh
-    draws, both steps alone) against the filters of white noise: noise of a 0.4-pixel kernel +0.5 to +1.9 dB, 0.45
-    +1.9 to +4.2 (binning ratios 1.2 to 1.6 and 1.6 to 2.1); Gaussian 25/255 and Poisson 200 -0.52 to +0.31 (the
-    shoulder MRI's Poisson noise -0.52 and -0.24: the image's own noise is correlated), for 1 to 2 s a strip
-    against 0.1 to 0.3."""
-    return min(slices.shape[-2:]) >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS and filters_read_the_noise_shape(noise_reading())
+def filters_2d_read_the_noise_shape(side: int, noise_shape: bool) -> bool:
+    """Whether a 2D model's filters under white-looking noise read the noise's shape on slices whose shorter side is
+    `side`: where the binning reading asks for it (`noise_shape`, `filters_read_the_noise_shape`) and the slices are
+    large enough for the one-pixel filters (MIN_SIDE_FOR_ONE_PIXEL_FILTERS). On 12 strips of the benchmark's three
+    2D images (44 to 84 by 256 voxels, fresh draws, both steps alone) against the filters of white noise: noise of a
+    0.4-pixel kernel +0.5 to +1.9 dB, 0.45 +1.9 to +4.2 (binning ratios 1.2 to 1.6 and 1.6 to 2.1); Gaussian 25/255
+    and Poisson 200 -0.52 to +0.31 (the shoulder MRI's Poisson noise -0.52 and -0.24: the image's own noise is
+    correlated), for 1 to 2 s a strip against 0.1 to 0.3."""
+    return side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS and noise_shape
 
 
 def finished_result(image: Image, prepared: Prepared, axis: int, start: int, denoised: np.ndarray,

@@ -699,7 +699,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     gives back, under white noise and under faint noise (counted whether or not it is given).
     """
     from DiffDenoiseLib.pipeline import (
-        MIN_SIDE_FOR_ONE_PIXEL_FILTERS, correlated_filters_follow, volumetric_filter_follows,
+        correlated_filters_follow, filters_2d_read_the_noise_shape, volumetric_filter_follows,
     )
     from DiffDenoiseLib.wiener import CUBE
 
@@ -718,9 +718,9 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     if fuse and white:
         # a 2D model's filters reading the noise's shape, each patch matched once (wiener.MatchedGroups), took 1.4 to
         # 1.9 s a 256x256 CT slice against 0.8 for the filters of white noise (2026-12-06)
-        shaped = not context and noise_shape and side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS
+        shaped = not context and filters_2d_read_the_noise_shape(side, noise_shape)
         stages["wiener_context" if context else "filters_2d"] = 2 if shaped else 1
-    elif fuse and correlated_filters_follow(architecture, strong and side >= MIN_SIDE_FOR_ONE_PIXEL_FILTERS):
+    elif fuse and correlated_filters_follow(architecture, lambda: strong, side):
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
         if mode == "fast" and context:  # a blind-spot estimate matches the Wiener step's groups
             stages["bsn_wide"] = sampling.self_ensemble

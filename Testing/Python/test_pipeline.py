@@ -268,7 +268,7 @@ def test_a_2d_models_filters_read_the_shape_of_strong_noise_that_reads_nearly_wh
     assert shaped.details["noise_shape_read"] is True and shaped.details["hard_threshold"] is True
     assert reports[-1].step == reports[-1].total
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda slices, reading: False)
+        patch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda side, noise_shape: False)
         plain = denoise_image(image, trained, mode="fast")
     peak = hu.max() - hu.min()
     assert psnr(hu, shaped.image.array, peak) > psnr(hu, plain.image.array, peak) + 0.5
