@@ -275,6 +275,28 @@ def test_a_2d_models_filters_read_the_shape_of_strong_noise_that_reads_nearly_wh
     assert denoise_image(white, trained, mode="fast").details["noise_shape_read"] is False
 
 
+def test_a_small_2d_image_has_its_noise_shape_read_where_one_covariance_window_fits(ct_slice, trained):
+    """A 40-row strip of the CT slice under noise of a 0.45-pixel kernel: the filters read the noise's shape (one
+    window of the covariance's read fits) and beat the filters of white noise, which take such noise for white; a
+    24-row strip, where no window fits, keeps the filters of white noise."""
+    hu, _ = ct_slice
+    rng = np.random.default_rng(22)
+    peak = hu.max() - hu.min()
+    for rows, read in ((40, True), (24, False)):
+        clean = hu[44:44 + rows]
+        noisy = clean + add_noise(np.zeros(clean.shape), "correlated", 0.45, rng, sigma=150.0)
+        reading = binning_noise_reading(noisy)
+        assert NOISE_SHAPE_MIN_BINNING_RATIO < reading[0] <= WHITE_NOISE_MAX_BINNING_RATIO and reading_is_strong(reading)
+        image = Image(array=noisy.astype(np.float32), modality="CT")
+        result = denoise_image(image, trained, mode="fast")
+        assert result.details["noise_shape_read"] is read and result.details["wiener"] is True, rows
+        if read:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda side, noise_shape: False)
+                plain = denoise_image(image, trained, mode="fast")
+            assert psnr(clean, result.image.array, peak) > psnr(clean, plain.image.array, peak) + 0.5
+
+
 def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real_ct():
     """Five copies of pydicom's CT slice, each with its own noise blurred by 1.2 pixels: the shipped 2.5D
     correlated-noise model's Fast result goes through the filter (its groups reach the neighbouring slices, whose
