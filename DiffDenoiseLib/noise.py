@@ -46,7 +46,7 @@ NOISE_SHAPE_MIN_BINNING_RATIO = 1.3
 # the intensity range) up, below the strength of strong noise: on the benchmark's 2D held-out strips under noise of
 # a 0.4 to 0.5-pixel kernel and white noise at std 0.01 to 0.04 (fresh draws, two sets), the rows reading a ratio of
 # 1.3 to 2.5 and a strength from 0.03 gained 0.7 and 1.0 dB on average over the filters of white noise (Fast; Full
-# 1.0 on the second set), none more than 0.32 lost; from 0.025 a little less, -0.37 at worst; all of them (from 0.01) 0.6, but down
+# alike), none more than 0.32 lost; from 0.025 a little less, -0.37 at worst; all of them (from 0.01) 0.6, but down
 # to -1.05 (fine anatomy reads as noise's shape where the noise is fainter). White noise there: -0.22 to +0.09.
 NOISE_SHAPE_2D_MIN_STRENGTH = 0.03
 # Faint noise that does not read white (below the strength `reading_is_strong` asks) up to this ratio has its shape
