@@ -42,13 +42,6 @@ WHITE_NOISE_MAX_BINNING_RATIO = 2.5
 # model's filters (`pipeline.filters_read_the_noise_shape`), which white noise (read 1.0 to 2.4 there) leaves nearly
 # as it was.
 NOISE_SHAPE_MIN_BINNING_RATIO = 1.3
-# A 2D model's filters read the shape of noise above that ratio that reads white from this strength (noise std over
-# the intensity range) up, below the strength of strong noise: on the benchmark's 2D held-out strips under noise of
-# a 0.4 to 0.5-pixel kernel and white noise at std 0.01 to 0.04 (fresh draws, two sets), the rows reading a ratio of
-# 1.3 to 2.5 and a strength from 0.03 gained 0.7 and 1.0 dB on average over the filters of white noise (Fast; Full
-# alike), none more than 0.32 lost; from 0.025 a little less, -0.37 at worst; all of them (from 0.01) 0.6, but down
-# to -1.05 (fine anatomy reads as noise's shape where the noise is fainter). White noise there: -0.22 to +0.09.
-NOISE_SHAPE_2D_MIN_STRENGTH = 0.03
 # Faint noise that does not read white (below the strength `reading_is_strong` asks) up to this ratio has its shape
 # read by the volumetric filter too, which then makes a one-pixel 2.5D model's image (pipeline.py). On the benchmark
 # volumes' held-out slabs correlated noise of a 0.5-pixel kernel at std 0.01 to 0.03 of the range read 2.8 to 9.8,

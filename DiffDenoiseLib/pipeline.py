@@ -56,7 +56,7 @@ from DiffDenoiseLib.networks import (
     dihedral_mean,
 )
 from DiffDenoiseLib.noise import (
-    MIN_SIDE_TO_JUDGE_NOISE, NOISE_SHAPE_2D_MIN_STRENGTH, NOISE_SHAPE_MIN_BINNING_RATIO, Curve, binning_noise_reading,
+    MIN_SIDE_TO_JUDGE_NOISE, NOISE_SHAPE_MIN_BINNING_RATIO, Curve, binning_noise_reading,
     estimate_transform_params, get_transform, noise_variance_curve, reading_is_faint_and_mildly_correlated,
     reading_is_strong,
 )
@@ -405,8 +405,8 @@ def denoise_image(
             # (and than the estimate alone: 0.1 dB more on the shoulder MRI at Gaussian 6/255, 0.1 less on the head
             # CT at 25/255).
             # Strong noise that may be mildly correlated has its shape read by both steps.
-            side = min(slices.shape[-2:])
-            shape = details["noise_shape_read"] = filters_2d_read_the_noise_shape(side, noise_reading())
+            shape = details["noise_shape_read"] = filters_2d_read_the_noise_shape(
+                min(slices.shape[-2:]), filters_read_the_noise_shape(noise_reading()))
             if shape:
                 timer.total += noise_shape_steps(filtering["indices"])
             estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, noise_shape=shape, **filtering)
@@ -580,26 +580,23 @@ def filters_read_the_noise_shape(reading: Tuple[float, float]) -> bool:
             or reading_is_faint_and_mildly_correlated(reading))
 
 
-def filters_2d_read_the_noise_shape(side: int, reading: Tuple[float, float]) -> bool:
+def filters_2d_read_the_noise_shape(side: int, noise_shape: bool) -> bool:
     """Whether a 2D model's filters under white-looking noise read the noise's shape on slices whose shorter side is
-    `side`: where the binning `reading` (ratio, strength) is above NOISE_SHAPE_MIN_BINNING_RATIO and
-    NOISE_SHAPE_2D_MIN_STRENGTH (strong noise, as `filters_read_the_noise_shape` has it, and somewhat fainter noise
-    too: noise.NOISE_SHAPE_2D_MIN_STRENGTH) and one window of the covariance's read (covariance.WINDOW) fits. On 12
-    strips of the benchmark's three 2D images (44 to 84 by 256 voxels, fresh draws, both steps alone) against the
-    filters of white noise: noise of a 0.4-pixel kernel +0.5 to +1.9 dB, 0.45 +1.9 to +4.2 (binning ratios 1.2 to
-    1.6 and 1.6 to 2.1); Gaussian 25/255 and Poisson 200 -0.52 to +0.31 (the shoulder MRI's Poisson noise -0.52 and
-    -0.24: the image's own noise is correlated), for 1 to 2 s a strip against 0.1 to 0.3. Through the pipeline on
-    the same strips (2026-12-06, fresh draws, kernels 0.35 to 0.5, std 0.05 to 0.1 of the range, the 73 that read
-    strong with a ratio of 1.3 to 2.5): Fast +1.96 dB on average over the filters of white noise (-0.30 to +5.04, 71
-    higher), Full +1.91 (-0.29 to +5.04), where the filters of white noise had lain up to 4.3 dB below the networks'
-    result alone; on 32 to 40-pixel crops of them +2.2 to +2.4 on average (-0.68 at worst); under 32 pixels, read in
-    one smaller window, +3.3 to +4.0 but down to -1.5. The shape was read on slices of 96 pixels or more only until
-    then, the size the correlated-noise filters ask (MIN_SIDE_FOR_ONE_PIXEL_FILTERS); the real radiograph's 32 to
-    80-pixel crops that now read it (strong noise of its own, ratio 1.3 to 2.5) came out smoother and without the
-    vertical streaks the filters of white noise left, and with no grid pattern."""
-    ratio, strength = reading
-    return (side >= COVARIANCE_WINDOW and ratio > NOISE_SHAPE_MIN_BINNING_RATIO
-            and strength > NOISE_SHAPE_2D_MIN_STRENGTH)
+    `side`: where the binning reading asks for it (`noise_shape`, `filters_read_the_noise_shape`) and one window of
+    the covariance's read (covariance.WINDOW) fits. On 12 strips of the benchmark's three 2D images (44 to 84 by 256
+    voxels, fresh draws, both steps alone) against the filters of white noise: noise of a 0.4-pixel kernel +0.5 to
+    +1.9 dB, 0.45 +1.9 to +4.2 (binning ratios 1.2 to 1.6 and 1.6 to 2.1); Gaussian 25/255 and Poisson 200 -0.52 to
+    +0.31 (the shoulder MRI's Poisson noise -0.52 and -0.24: the image's own noise is correlated), for 1 to 2 s a
+    strip against 0.1 to 0.3. Through the pipeline on the same strips (2026-12-06, fresh draws, kernels 0.35 to 0.5,
+    std 0.05 to 0.1 of the range, the 73 that read strong with a ratio of 1.3 to 2.5): Fast +1.96 dB on average
+    over the filters of white noise (-0.30 to +5.04, 71 higher), Full +1.91 (-0.29 to +5.04), where the filters of
+    white noise had lain up to 4.3 dB below the networks' result alone; on 32 to 40-pixel crops of them +2.2 to
+    +2.4 on average (-0.68 at worst); under 32 pixels, read in one smaller window, +3.3 to +4.0 but down to -1.5. The
+    shape was read on slices of 96 pixels or more only until then, the size the correlated-noise filters ask
+    (MIN_SIDE_FOR_ONE_PIXEL_FILTERS); the real radiograph's 32 to 80-pixel crops that now read it (strong noise of its
+    own, ratio 1.3 to 2.5) came out smoother and without the vertical streaks the filters of white noise left, and with
+    no grid pattern."""
+    return side >= COVARIANCE_WINDOW and noise_shape
 
 
 def finished_result(image: Image, prepared: Prepared, axis: int, start: int, denoised: np.ndarray,

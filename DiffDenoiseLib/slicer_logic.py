@@ -254,7 +254,7 @@ class DenoiseLogic:
         none known: a 2D model's defaults), and the noise the volume shows."""
         from DiffDenoiseLib.device import select_device
         from DiffDenoiseLib.noise import MIN_SIDE_TO_JUDGE_NOISE, reading_is_strong
-        from DiffDenoiseLib.pipeline import filters_2d_read_the_noise_shape, filters_read_the_noise_shape
+        from DiffDenoiseLib.pipeline import filters_read_the_noise_shape
         from DiffDenoiseLib.slicing import tiled_pixels
 
         device, message = select_device(settings.device)
@@ -269,7 +269,6 @@ class DenoiseLogic:
         reading = self._binning_reading(input_node, 2 - IJK_AXIS[axis]) if side >= MIN_SIDE_TO_JUDGE_NOISE else None
         strong = reading is not None and reading_is_strong(reading)
         shape = reading is not None and filters_read_the_noise_shape(reading)
-        shape_2d = reading is not None and filters_2d_read_the_noise_shape(side, reading)
         megapixels = slices * height * width / 1e6
         network_megapixels = slices * tiled_pixels(height, width) / 1e6  # the tiles of a large slice overlap
         speed_up = 1.0 if device.type == "cpu" else _GPU_SPEED_UP
@@ -279,10 +278,9 @@ class DenoiseLogic:
                                           * (network_megapixels if stage in _NETWORK_STAGES else megapixels)
                                           for stage, passes in stages.items()) / speed_up
 
-        stages = run_stages(card, settings.mode, settings.steps, settings.pairs, slices, side, white, strong, shape,
-                            shape_2d)
+        stages = run_stages(card, settings.mode, settings.steps, settings.pairs, slices, side, white, strong, shape)
         total = seconds(stages)
-        fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white, strong, shape, shape_2d))
+        fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white, strong, shape))
         advice = []
         if "volumetric_filter" in stages:
             advice.append("The noise looks white: the volumetric filter makes the image (Fast and Full alike), "
@@ -683,15 +681,15 @@ def filter_reach(card: dict, side: int) -> Tuple[int, int]:
 
 
 def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side: int, white: bool,
-               strong: bool, noise_shape: bool = False, noise_shape_2d: bool = False) -> Dict[str, float]:
+               strong: bool, noise_shape: bool = False) -> Dict[str, float]:
     """{stage of benchmarks/stage_costs.py: passes over the image} of a run of `card`'s model in `mode` (0 steps or
     pairs: the model's) on `slices` slices of `side` voxels or more, as `pipeline.denoise_image` chooses them.
 
     Under white noise a 2.5D model's volume goes to the volumetric filter alone, and a one-pixel 2.5D model's under
     `strong` noise that is not white, or faint noise whose shape is read, to that filter too, which reads the noise's
-    shape there and where `noise_shape` (`pipeline.filters_read_the_noise_shape`, a stage of its own); a 2D model's
-    filters under white-looking noise read it where `noise_shape_2d` (`pipeline.filters_2d_read_the_noise_shape`), at
-    about twice their cost; otherwise the networks run, and
+    shape there and where `noise_shape`
+    (`pipeline.filters_read_the_noise_shape`, a stage of its own, as a 2D model's filters under white-looking noise
+    then read it, at about twice their cost); otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
     exact variances after a wide blind spot, or a 2D model when the noise is `strong` and the slices large enough
     (`pipeline.MIN_SIDE_FOR_ONE_PIXEL_FILTERS`; a 2.5D model's Fast mode
@@ -700,7 +698,9 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     networks' residual is taken to agree with it. Fast's student runs a second time for the share of the input it
     gives back, under white noise and under faint noise (counted whether or not it is given).
     """
-    from DiffDenoiseLib.pipeline import correlated_filters_follow, volumetric_filter_follows
+    from DiffDenoiseLib.pipeline import (
+        correlated_filters_follow, filters_2d_read_the_noise_shape, volumetric_filter_follows,
+    )
     from DiffDenoiseLib.wiener import CUBE
 
     architecture, sampling, fuse = _card_run(card, side)
@@ -718,7 +718,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     if fuse and white:
         # a 2D model's filters reading the noise's shape, each patch matched once (wiener.MatchedGroups), took 1.4 to
         # 1.9 s a 256x256 CT slice against 0.8 for the filters of white noise (2026-12-06)
-        shaped = not context and noise_shape_2d
+        shaped = not context and filters_2d_read_the_noise_shape(side, noise_shape)
         stages["wiener_context" if context else "filters_2d"] = 2 if shaped else 1
     elif fuse and correlated_filters_follow(architecture, lambda: strong, side):
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1

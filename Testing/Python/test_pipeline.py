@@ -19,7 +19,7 @@ from DiffDenoiseLib.noise import (
 from DiffDenoiseLib.normalization import Normalization
 from DiffDenoiseLib.networks import NetworkConfig
 from DiffDenoiseLib.pipeline import (
-    DenoisingModel, SamplingConfig, denoise_image, filters_2d_read_the_noise_shape, filters_read_the_noise_shape,
+    DenoisingModel, SamplingConfig, denoise_image, filters_read_the_noise_shape,
 )
 from DiffDenoiseLib.training import TrainConfig, train_model
 from DiffDenoiseLib.wiener import CUBE, volumetric_filter_steps
@@ -268,22 +268,11 @@ def test_a_2d_models_filters_read_the_shape_of_strong_noise_that_reads_nearly_wh
     assert shaped.details["noise_shape_read"] is True and shaped.details["hard_threshold"] is True
     assert reports[-1].step == reports[-1].total
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda side, reading: False)
+        patch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda side, noise_shape: False)
         plain = denoise_image(image, trained, mode="fast")
     peak = hu.max() - hu.min()
     assert psnr(hu, shaped.image.array, peak) > psnr(hu, plain.image.array, peak) + 0.5
     assert denoise_image(white, trained, mode="fast").details["noise_shape_read"] is False
-
-
-def test_2d_filters_read_the_noise_shape_above_a_ratio_and_a_strength_where_a_covariance_window_fits():
-    from DiffDenoiseLib.covariance import WINDOW
-    from DiffDenoiseLib.noise import NOISE_SHAPE_2D_MIN_STRENGTH as S
-
-    assert filters_2d_read_the_noise_shape(WINDOW, (1.8, S + 0.005))
-    assert filters_2d_read_the_noise_shape(128, (1.8, 0.08))  # strong noise, as the volumetric filter reads it too
-    assert not filters_2d_read_the_noise_shape(WINDOW - 1, (1.8, 0.08))  # no window fits
-    assert not filters_2d_read_the_noise_shape(128, (1.8, S - 0.005))  # fainter: fine anatomy reads as a shape
-    assert not filters_2d_read_the_noise_shape(128, (NOISE_SHAPE_MIN_BINNING_RATIO - 0.1, 0.08))  # white
 
 
 def test_a_small_2d_image_has_its_noise_shape_read_where_one_covariance_window_fits(ct_slice, trained):
@@ -303,7 +292,7 @@ def test_a_small_2d_image_has_its_noise_shape_read_where_one_covariance_window_f
         assert result.details["noise_shape_read"] is read and result.details["wiener"] is True, rows
         if read:
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda side, reading: False)
+                patch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda side, noise_shape: False)
                 plain = denoise_image(image, trained, mode="fast")
             assert psnr(clean, result.image.array, peak) > psnr(clean, plain.image.array, peak) + 0.5
 

@@ -491,10 +491,11 @@ def test_run_stages_of_a_2d_model_count_its_filters_reading_the_noise_shape():
     from DiffDenoiseLib.slicer_logic import run_stages
 
     card = _card("2d")
-    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True, noise_shape_2d=True)["filters_2d"] == 2
+    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)["filters_2d"] == 2
     assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True)["filters_2d"] == 1
-    # the volumetric filter's reading of the shape is not the 2D filters'
-    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)["filters_2d"] == 1
+    # down to one window of the covariance's read (pipeline.filters_2d_read_the_noise_shape)
+    assert run_stages(card, "fast", 0, 0, 1, 32, white=True, strong=True, noise_shape=True)["filters_2d"] == 2
+    assert run_stages(card, "fast", 0, 0, 1, 24, white=True, strong=True, noise_shape=True)["filters_2d"] == 1
 
 
 def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volumetric_filter_alone(mrml, fake_logic):
