@@ -364,15 +364,15 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
         else:
             ratio, strength = reading or binning_noise_reading(image.array)
             needed = strength_needed(ratio)
+            # where the networks took anatomy with the noise, a wider blind spot would take more of it: none is offered
             wider = (_model_for_correlated_noise_of(store, image, result.details)
-                     if model.config.blind_spot_radius == 0 else None)
+                     if model.config.blind_spot_radius == 0 and not result.details.get("anatomy_given_back") else None)
             if strength <= needed:
                 # Below that strength the reading cannot tell weak correlated noise from fine anatomy (noise.py).
                 skipped = "Observation fusion and the Wiener filter, which need white noise, were skipped"
-                if result.details.get("anatomy_given_back"):
-                    # one account of what became of the networks' result; a wider blind spot would take more anatomy
+                if result.details.get("anatomy_given_back"):  # one account of what became of the networks' result
                     skipped = f"The Wiener filter, which needs white noise, was skipped; {_anatomy_given_back(result)}"
-                    told_anatomy, wider = True, None
+                    told_anatomy = True
                 reporter.log(f"The noise does not look white but is faint (its std about {strength:.2%} of the "
                              "intensity range; the model for correlated noise is chosen from "
                              f"{needed:.1%}): weak spatially correlated noise (a reconstruction "
