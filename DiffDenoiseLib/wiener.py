@@ -134,6 +134,20 @@ CORRELATED_TABLE_REACH = 2 * max(CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_WIENE
 # +0.13 dB on the tissue-filled held-out crops (Colin27 +0.32, the InVesalius CT -0.06) and -0.12 on the strips
 # (3.25: -0.04), 4.0 -0.19 on the crops: 3.5 stays.
 CORRELATED_HARD_THRESHOLD = 3.5
+# The 2D Wiener step's gains under correlated noise weigh the noise's exact variance less where the noise is mildly
+# correlated (`wiener_weight_of_noise`): there the hard-thresholding estimate guiding them is smoother than the image
+# and its coefficients come out small. Measured on the three 2D images' test crops and held-out strips (fresh draws,
+# std 0.1, both steps with the covariance read blind, which read a weight of 0.45 to 0.73 there), against weight 1:
+# under noise of a 0.5-pixel kernel (neighbours' correlation 0.26) every weight from 0.3 to 0.8 gained on all 15
+# regions, 0.45 most (+0.07 to +0.92 dB, +0.37 on average; another set of draws +0.41; told the true covariance 0.6
+# gained +0.21); under a 0.7-pixel kernel's (0.58) 0.7 gained +0.11 (-0.17 to +0.37) and 0.45 +0.07 (-0.55 to
+# +0.64), on 12 regions; under a 1.2-pixel kernel's (0.84) 0.45 lost 0.56 on average (-1.13 to +0.38, 10 regions),
+# and the read weight is 1 there. Hard thresholding at 3.0 instead of 3.5 added +0.05 (at 2.7 -0.06). The
+# volumetric filter's Wiener step, whose noise shape spreads the curve's variance, lost with lower weights (0.45:
+# -0.38 dB on Colin27's held-out slabs under a 0.5-pixel kernel, -0.70 on the CT's), so it keeps 1.
+MILDLY_CORRELATED_WEIGHT_OF_NOISE = 0.45
+MILD_NEIGHBOUR_CORRELATION = 0.3
+WIDE_NEIGHBOUR_CORRELATION = 0.75
 # The Wiener step leaves out of a reference's group the patches of its own slice shifted by this many voxels or
 # less: such a near copy shares most of its noise with the reference, so it adds little to average. Measured on
 # the benchmark's white noise (Full's pilot): +0.1 dB on average, -0.05 to +0.35 (a shift of up to 3: no better).
@@ -587,6 +601,21 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
                                                                                  torch.float32)
 
 
+def wiener_weight_of_noise(table: torch.Tensor) -> float:
+    """The weight of the noise variance s in the Wiener gains p^2 / (p^2 + w s) of the correlated-noise filters,
+    from the coefficient `table` (`_coefficient_table`): MILDLY_CORRELATED_WEIGHT_OF_NOISE where neighbouring voxels'
+    noise correlates by MILD_NEIGHBOUR_CORRELATION or less, 1 from WIDE_NEIGHBOUR_CORRELATION, linear in between.
+    The table's coefficients at one offset d sum to P^2 R(d) (the DCT is orthonormal), so R(1) / R(0) is read
+    from it."""
+    depth, centre = table.shape[0] // 2, table.shape[1] // 2
+    plane = table[depth, centre - 1:centre + 2, centre - 1:centre + 2].sum(-1).double()
+    if plane[1, 1] <= 0:
+        return 1.0
+    neighbour = float((plane[1, 0] + plane[1, 2] + plane[0, 1] + plane[2, 1]) / (4 * plane[1, 1]))
+    share = (neighbour - MILD_NEIGHBOUR_CORRELATION) / (WIDE_NEIGHBOUR_CORRELATION - MILD_NEIGHBOUR_CORRELATION)
+    return MILDLY_CORRELATED_WEIGHT_OF_NOISE + (1.0 - MILDLY_CORRELATED_WEIGHT_OF_NOISE) * min(1.0, max(0.0, share))
+
+
 def _reference_positions(length: int, step: int = STEP, patch: int = PATCH) -> torch.Tensor:
     """Every `step`-th position of a `patch` along `length` voxels, and the last one, so every voxel is covered."""
     positions = list(range(0, length - patch + 1, step))
@@ -675,6 +704,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     """
     d, h, w = ys.shape
     device, dtype = ys.device, ys.dtype
+    weight_of_noise = 1.0
     if table is None or shape:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
     else:
@@ -683,6 +713,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             group, radius, step = CORRELATED_HARD_GROUP, CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_STEP
         elif d == 1:
             group, radius, step = CORRELATED_WIENER_GROUP, CORRELATED_WIENER_RADIUS_2D, CORRELATED_WIENER_STEP_2D
+            weight_of_noise = wiener_weight_of_noise(table)
         else:
             group, radius, step = (CORRELATED_WIENER_GROUP_ACROSS_SLICES, CORRELATED_WIENER_RADIUS_ACROSS_SLICES,
                                    CORRELATED_STEP)
@@ -713,7 +744,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             if shape:  # spread over them as the noise's shape has it
                 variance = variance * flat_s[pixels].mean(dim=(1, 2))[:, None, None]
         cm = dct1 @ (flat_g[pixels] @ dct2.T) if wiener else None
-        filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold)
+        filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold, weight_of_noise)
         weight = weight * window  # (R, 1, 64)
         back = torch.ones_like(where[..., 0], dtype=torch.bool) if every_slice else where[..., 0] == centre
         at = pixels[back].reshape(-1) - offset
@@ -723,12 +754,12 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
 
 
 def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor, dct1: torch.Tensor,
-            dct_block: torch.Tensor, threshold: float = HARD_THRESHOLD):
+            dct_block: torch.Tensor, threshold: float = HARD_THRESHOLD, weight_of_noise: float = 1.0):
     """The groups' blocks filtered in place and each group's aggregation weight, from the 3D spectra of y's groups
-    (R, group, voxels): Wiener gains from the pilot's spectra `cm`, or, when None, hard thresholding at
-    `threshold` noise std."""
+    (R, group, voxels): Wiener gains p^2 / (p^2 + `weight_of_noise` s) from the pilot's spectra `cm` (p), or, when
+    None, hard thresholding at `threshold` noise std."""
     if cm is not None:
-        gain = cm ** 2 / (cm ** 2 + variance + 1e-20)
+        gain = cm ** 2 / (cm ** 2 + weight_of_noise * variance + 1e-20)
     else:
         gain = (cy.abs() > threshold * variance.sqrt()).to(cy.dtype)
     gain[:, 0, 0] = 1.0  # the group's mean is kept: shrinking it would pull a region's level towards 0
