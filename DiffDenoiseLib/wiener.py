@@ -135,17 +135,21 @@ CORRELATED_TABLE_REACH = 2 * max(CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_WIENE
 # (3.25: -0.04), 4.0 -0.19 on the crops: 3.5 stays.
 CORRELATED_HARD_THRESHOLD = 3.5
 # The 2D Wiener step's gains under correlated noise weigh the noise's exact variance less where the noise is mildly
-# correlated (`wiener_weight_of_noise`): there the hard-thresholding estimate guiding them is smoother than the image
-# and its coefficients come out small. Measured on the three 2D images' test crops and held-out strips (fresh draws,
-# std 0.1, both steps with the covariance read blind, which read a weight of 0.45 to 0.73 there), against weight 1:
-# under noise of a 0.5-pixel kernel (neighbours' correlation 0.26) every weight from 0.3 to 0.8 gained on all 15
-# regions, 0.45 most (+0.07 to +0.92 dB, +0.37 on average; another set of draws +0.41; told the true covariance 0.6
-# gained +0.21); under a 0.7-pixel kernel's (0.58) 0.7 gained +0.11 (-0.17 to +0.37) and 0.45 +0.07 (-0.55 to
-# +0.64), on 12 regions; under a 1.2-pixel kernel's (0.84) 0.45 lost 0.56 on average (-1.13 to +0.38, 10 regions),
-# and the read weight is 1 there. Hard thresholding at 3.0 instead of 3.5 added +0.05 (at 2.7 -0.06). The
-# volumetric filter's Wiener step, whose noise shape spreads the curve's variance, lost with lower weights (0.45:
-# -0.38 dB on Colin27's held-out slabs under a 0.5-pixel kernel, -0.70 on the CT's), so it keeps 1.
-MILDLY_CORRELATED_WEIGHT_OF_NOISE = 0.45
+# correlated and the pilot's coefficient stands clear of the noise (`wiener_weight_of_noise`, `_shrink`; presumably
+# because the hard-thresholding estimate guiding them is smoother than the image there, so its larger coefficients
+# understate the anatomy's: not measured apart). Measured on the three 2D images' test crops and held-out strips (fresh
+# draws, std 0.1, both steps with the covariance read blind, from which the rule reads 0.3 to 0.6 there), against weight
+# 1: under noise of a 0.5-pixel kernel (neighbours' correlation 0.26) the weight 0.3 gained on all 15 regions (+0.16 to
+# +1.23 dB, +0.41 on average) with SSIM as before on average (-0.021 to +0.019); one weight for every coefficient, as
+# p^2 / (p^2 + w s), gained as much at 0.45 (+0.44; +0.37 and +0.41 on two more sets of draws; every weight from 0.45 to
+# 0.8 gained on all 15 regions; told the true covariance 0.6 gained +0.21) but left more noise where the pilot is flat
+# (SSIM -0.004 on average, down to -0.032 on the strips that are half background). Under a 0.7-pixel kernel's noise
+# (0.58) that one weight gained +0.11 at 0.7 (-0.17 to +0.37) and +0.07 at 0.45 (-0.55 to +0.64), on 12 regions; under a
+# 1.2-pixel kernel's (0.84) 0.45 lost 0.56 on average (-1.13 to +0.38, 10 regions), and the read weight is 1 there. Hard
+# thresholding at 3.0 instead of 3.5 added +0.05 (at 2.7 -0.06). The volumetric filter's Wiener step, whose noise shape
+# spreads the curve's variance, lost with one lower weight (0.45: -0.38 dB on Colin27's held-out slabs under a 0.5-pixel
+# kernel, -0.70 on the CT's), so it keeps 1.
+MILDLY_CORRELATED_WEIGHT_OF_NOISE = 0.3
 MILD_NEIGHBOUR_CORRELATION = 0.3
 WIDE_NEIGHBOUR_CORRELATION = 0.75
 # The Wiener step leaves out of a reference's group the patches of its own slice shifted by this many voxels or
@@ -602,9 +606,10 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
 
 
 def wiener_weight_of_noise(table: torch.Tensor) -> float:
-    """The weight of the noise variance s in the Wiener gains p^2 / (p^2 + w s) of the correlated-noise filters,
-    from the coefficient `table` (`_coefficient_table`): MILDLY_CORRELATED_WEIGHT_OF_NOISE where neighbouring voxels'
-    noise correlates by MILD_NEIGHBOUR_CORRELATION or less, 1 from WIDE_NEIGHBOUR_CORRELATION, linear in between.
+    """The weight of the noise variance s in the 2D correlated-noise filters' Wiener gains where the pilot's
+    coefficients stand clear of the noise (`_shrink`), from the coefficient `table` (`_coefficient_table`):
+    MILDLY_CORRELATED_WEIGHT_OF_NOISE where neighbouring voxels' noise correlates by MILD_NEIGHBOUR_CORRELATION or
+    less, 1 from WIDE_NEIGHBOUR_CORRELATION, linear in between.
     The table's coefficients at one offset d sum to P^2 R(d) (the DCT is orthonormal), so R(1) / R(0) is read
     from it."""
     depth, centre = table.shape[0] // 2, table.shape[1] // 2
@@ -756,10 +761,14 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
 def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor, dct1: torch.Tensor,
             dct_block: torch.Tensor, threshold: float = HARD_THRESHOLD, weight_of_noise: float = 1.0):
     """The groups' blocks filtered in place and each group's aggregation weight, from the 3D spectra of y's groups
-    (R, group, voxels): Wiener gains p^2 / (p^2 + `weight_of_noise` s) from the pilot's spectra `cm` (p), or, when
-    None, hard thresholding at `threshold` noise std."""
+    (R, group, voxels): Wiener gains p^2 / (p^2 + w s) from the pilot's spectra `cm` (p), w = 1 / (1 + (1 /
+    `weight_of_noise` - 1) p^2 / (p^2 + s)): the weight where the pilot's coefficient stands clear of the noise, 1
+    where it lies within it; or, when `cm` is None, hard thresholding at `threshold` noise std."""
     if cm is not None:
-        gain = cm ** 2 / (cm ** 2 + weight_of_noise * variance + 1e-20)
+        power = cm ** 2
+        if weight_of_noise != 1.0:
+            power = power * (1.0 + (1.0 / weight_of_noise - 1.0) * power / (power + variance + 1e-20))
+        gain = power / (power + variance + 1e-20)
     else:
         gain = (cy.abs() > threshold * variance.sqrt()).to(cy.dtype)
     gain[:, 0, 0] = 1.0  # the group's mean is kept: shrinking it would pull a region's level towards 0
