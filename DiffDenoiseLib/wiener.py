@@ -144,11 +144,12 @@ CORRELATED_HARD_THRESHOLD = 3.5
 # p^2 / (p^2 + w s), gained as much at 0.45 (+0.44; +0.37 and +0.41 on two more sets of draws; every weight from 0.45 to
 # 0.8 gained on all 15 regions; told the true covariance 0.6 gained +0.21) but left more noise where the pilot is flat
 # (SSIM -0.004 on average, down to -0.032 on the strips that are half background). Under a 0.7-pixel kernel's noise
-# (0.58) that one weight gained +0.11 at 0.7 (-0.17 to +0.37) and +0.07 at 0.45 (-0.55 to +0.64), on 12 regions; under a
-# 1.2-pixel kernel's (0.84) 0.45 lost 0.56 on average (-1.13 to +0.38, 10 regions), and the read weight is 1 there. Hard
-# thresholding at 3.0 instead of 3.5 added +0.05 (at 2.7 -0.06). The volumetric filter's Wiener step, whose noise shape
-# spreads the curve's variance, lost with one lower weight (0.45: -0.38 dB on Colin27's held-out slabs under a 0.5-pixel
-# kernel, -0.70 on the CT's), so it keeps 1.
+# (0.58) that one weight gained +0.11 at 0.7 (-0.17 to +0.37) and +0.07 at 0.45 (-0.55 to +0.64), on 12 regions, and
+# this rule (reading 0.68 to 0.93 there) +0.05 on 15 (-0.03 to +0.10, SSIM -0.002); under a 1.2-pixel kernel's (0.84)
+# 0.45 lost 0.56 on average (-1.13 to +0.38, 10 regions), and the read weight is 1 there. Hard thresholding at 3.0
+# instead of 3.5 added +0.05 (at 2.7 -0.06). The volumetric filter's Wiener step, whose noise shape spreads the curve's
+# variance, lost with one lower weight (0.45: -0.38 dB on Colin27's held-out slabs under a 0.5-pixel kernel, -0.70 on
+# the CT's), so it keeps 1.
 MILDLY_CORRELATED_WEIGHT_OF_NOISE = 0.3
 MILD_NEIGHBOUR_CORRELATION = 0.3
 WIDE_NEIGHBOUR_CORRELATION = 0.75
