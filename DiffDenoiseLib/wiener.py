@@ -38,7 +38,8 @@ goes on from slice to slice, which 2D patches gathered from neighbouring slices 
 by its own first step, without the networks, it beat every use of the networks' result measured on
 the benchmark's volumes, so the pipeline gives a 2.5D model's volume under white noise to it alone. Where
 strong noise may be correlated it reads the noise's shape on the volume and spreads the noise curve's variance
-over each group's coefficients as that shape has it (SHAPE_ROUNDS).
+over each group's coefficients as that shape has it (SHAPE_ROUNDS), and where that shape correlates neighbouring
+voxels its Wiener step takes cubes of 5 (`volumetric_wiener_cube`).
 
 For a volume the candidates also come from the neighbouring slices (`context` slices on
 each side, as BM4D's groups do), whose noise is independent: a 2.5D slice has more alike
@@ -198,6 +199,23 @@ CUBE_TABLE_REACH = 2 * max(CUBE_SEARCH_RADIUS, CUBE_HARD_SEARCH_RADIUS)  # in-pl
 # and -0.14 (three rounds -0.20 and -0.21, five -0.06 and -0.13).
 SHAPE_ROUNDS = 4
 CUBE_GROUP_HARD_CORRELATED = 32
+# Where the noise's shape read correlates neighbouring voxels (`neighbour_correlation`) by
+# CORRELATED_WIENER_CUBE_MIN_NEIGHBOUR_CORRELATION or more, the Wiener step's cubes are 5 voxels a side (the first
+# step's stay 4), as BM4D's Wiener stage has them: a 4-voxel cube's few coefficients each mix low and high
+# frequencies, which correlated noise holds unequally. Measured on the benchmark volumes (correlated noise of std 0.1,
+# fresh draws, 2026-12-06): guided by BM4D's first step (test slab and 3 held-out slabs, kernel 0.5) our Wiener step
+# on cubes of 4 came out below that first step on the InVesalius CT (34.38 dB against 34.34 on average, 36.34
+# against 36.81 on the test slab; BM4D's Wiener stage 34.83); on cubes of 5 34.74, on 6 34.85 (Colin27 -0.01 and
+# -0.05); groups of 16 or 64, a search of +-7, references every 2nd voxel or slice, 5 slices' reach, weights of the
+# noise of 0.6 or 1.5 moved it by -0.10 to +0.06. The whole filter, cubes of 5 against 4: kernel 0.5 (test slab and
+# 5 held-out slabs; read 0.20 to 0.21) +0.35 dB on the CT (SSIM 0.931 -> 0.944) and +0.01 on Colin27 for 14 % more
+# time; on the test slab and 2 held-out slabs kernel 0.45 (read 0.13 to 0.14) +0.13 and -0.03, 0.4 (read 0.07 to
+# 0.09) +0.05 and -0.06, Gaussian 6/255 and Gamma 500 on Colin27 (white noise whose shape the pipeline reads; read
+# -0.03 to +0.02) -0.02 and -0.02, Gaussian 25/255 and Poisson 200 -0.09 and -0.10 on Colin27, +0.03 and +0.02 on
+# the CT; kernels 0.8 and 1.2, which the filter hardly touches at that std, -0.03 and 0.00. So below the threshold
+# the cubes stay 4.
+CORRELATED_WIENER_CUBE = 5
+CORRELATED_WIENER_CUBE_MIN_NEIGHBOUR_CORRELATION = 0.15
 HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise standard deviations are dropped
 # BM3D's first step matches on y itself, whose noise misleads the nearest few: a search window as wide as BM3D's
 # (39 voxels a side) finds better groups. On the benchmark's three 2D images (the Wiener step after it, Full's
@@ -307,7 +325,7 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
                                   table=shape_table, shape=True, groups=groups)
             return np.stack([done[i] for i in read])
 
-        table = _read_noise_shape(y3[read], first_step, device, cubes=False)
+        table = _read_noise_shape(y3[read], first_step, device)
         groups.keep_new = False  # the other slices' patches are matched once only
     filtered = _filter_slices(y3, y32, m3, curve, wanted, wanted, context, device,
                               progress, wiener=False, table=table, shape=noise_shape, groups=groups)
@@ -336,28 +354,30 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     if np.ndim(noisy) != 3 or y3.shape[0] < CUBE:
         raise ValueError(f"the volumetric filter needs a volume of at least {CUBE} slices, got {np.shape(noisy)}")
     y3 = np.asarray(y3, dtype=np.float32)
-    wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted)
+    wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
+    wiener_cube = CUBE
     if correlated_noise:
         groups = MatchedGroups(max(CUBE_GROUP_HARD, CUBE_GROUP_HARD_CORRELATED))
         table = _read_noise_shape(y3[read], lambda shape_table: _filter_cubes(
             y3, y3, y3, curve, read_starts, wiener=False, table=shape_table, groups=groups, **options)[read],
-            device, cubes=True)
+            device, cube=CUBE)
         groups.keep_new = False  # the remaining cubes are matched once only
+        wiener_cube = volumetric_wiener_cube(y3.shape[0], table)
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, groups=groups, **options)
     if correlated_noise:
-        table = _coefficient_table(y3[read], estimate[read], device, residual=True, cubes=True, shape=True)
+        table = _coefficient_table(y3[read], estimate[read], device, residual=True, cube=wiener_cube, shape=True)
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
     curve = refined_noise_curve(y3[covered], estimate[covered], curve)
-    return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table,
+    return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table, cube=wiener_cube,
                          **options)[wanted].astype(np.float64)
 
 
 def volumetric_filter_steps(n: int, indices: Sequence[int], correlated_noise: bool = False) -> int:
     """How many times `volumetric_filter` calls its progress on a volume of n slices (with `correlated_noise`, the
     first steps that read the noise's shape too)."""
-    wiener_starts, hard_starts, _, read_starts = _volumetric_starts(n, sorted(set(indices)))
+    wiener_starts, hard_starts, _, read_starts = _volumetric_starts(n, sorted(set(indices)), correlated_noise)
     return len(wiener_starts) + len(hard_starts) + (SHAPE_ROUNDS * len(read_starts) if correlated_noise else 0)
 
 
@@ -373,28 +393,32 @@ def _middle(slices: Sequence[int]) -> Sequence[int]:
 
 
 def _read_noise_shape(y3: np.ndarray, first_step: Callable[[Optional[torch.Tensor]], np.ndarray],
-                      device: Optional[torch.device], cubes: bool) -> torch.Tensor:
+                      device: Optional[torch.device], cube: int = 0) -> torch.Tensor:
     """The coefficient table of the noise's shape on the slices `y3`, read SHAPE_ROUNDS times on y minus
     `first_step(table)` (the first step's estimate of those slices with the last read, white noise's to begin with):
     what an estimate kept of the noise goes missing from its residual, less after each read."""
     table = None
     for _ in range(SHAPE_ROUNDS):
-        table = _coefficient_table(y3, first_step(table), device, residual=True, cubes=cubes, shape=True)
+        table = _coefficient_table(y3, first_step(table), device, residual=True, cube=cube, shape=True)
     return table
 
 
-def _volumetric_starts(n: int, wanted: Sequence[int]):
+def _volumetric_starts(n: int, wanted: Sequence[int], correlated_noise: bool = False):
     """(the Wiener step's cube starts, the first step's, the slices the noise's shape is read on, the first step's
     starts that cover them) for the slices `wanted` of a volume of n slices: the shape is read on the
-    COVARIANCE_SLICES middle slices of those the first step covers."""
-    wiener_starts, hard_starts = _cube_starts(n, wanted)
+    COVARIANCE_SLICES middle slices of those the first step covers. The Wiener step's starts are the same for
+    every cube side it may take (`volumetric_wiener_cube`), and the first step's cover every slice its largest cube
+    may reach (CORRELATED_WIENER_CUBE where the noise may be `correlated_noise`)."""
+    wiener_starts, hard_starts = _cube_starts(n, wanted, CORRELATED_WIENER_CUBE if correlated_noise else CUBE)
     read = _middle(range(hard_starts[0], hard_starts[-1] + CUBE))
     return wiener_starts, hard_starts, slice(read.start, read.stop), _cube_starts(n, read)[0]
 
 
-def _cube_starts(n: int, wanted: Sequence[int]):
+def _cube_starts(n: int, wanted: Sequence[int], reach_cube: int = CUBE):
     """(the first slices of the Wiener step's reference cubes, those of the hard-thresholding step's): the Wiener
-    step's cover the slices wanted; the first step's cover every slice the Wiener step's candidates reach."""
+    step's cover the slices wanted with cubes of CUBE slices (a deeper cube from the same start covers them too; one
+    that would pass the volume's end is moved back: `_filter_cubes`); the first step's cover every slice the Wiener
+    step's candidates reach, its cubes `reach_cube` deep."""
     def covering(lo: int, hi: int) -> List[int]:
         """Every CUBE_SLICE_STEP-th first slice of a cube over slices lo..hi - 1, and the last one."""
         first, last = max(0, lo - CUBE + 1), min(n - CUBE, hi - 1)
@@ -403,8 +427,17 @@ def _cube_starts(n: int, wanted: Sequence[int]):
 
     wiener_starts = covering(wanted[0], wanted[-1] + 1)
     reach_lo = max(0, wiener_starts[0] - CUBE_SLICE_REACH)
-    reach_hi = min(n, wiener_starts[-1] + CUBE_SLICE_REACH + CUBE)
+    reach_hi = min(n, wiener_starts[-1] + CUBE_SLICE_REACH + reach_cube)
     return wiener_starts, covering(reach_lo, reach_hi)
+
+
+def volumetric_wiener_cube(n: int, table: torch.Tensor) -> int:
+    """The side of the volumetric filter's Wiener cubes on a volume of n slices whose noise shape the coefficient
+    `table` holds: CORRELATED_WIENER_CUBE where neighbouring voxels' noise correlates by
+    CORRELATED_WIENER_CUBE_MIN_NEIGHBOUR_CORRELATION or more and the volume is that deep, else CUBE."""
+    neighbour = neighbour_correlation(table)
+    correlated = neighbour is not None and neighbour >= CORRELATED_WIENER_CUBE_MIN_NEIGHBOUR_CORRELATION
+    return CORRELATED_WIENER_CUBE if correlated and n >= CORRELATED_WIENER_CUBE else CUBE
 
 
 @dataclass
@@ -432,35 +465,44 @@ class MatchedGroups:
 
 def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, starts: Sequence[int],
                   wiener: bool, device: torch.device, progress: Optional[Callable[[], None]],
-                  table: Optional[torch.Tensor] = None, groups: Optional[MatchedGroups] = None) -> np.ndarray:
+                  table: Optional[torch.Tensor] = None, groups: Optional[MatchedGroups] = None,
+                  cube: int = CUBE) -> np.ndarray:
     """The volume with the voxels that the groups of the reference cubes starting in `starts` cover replaced by
     their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's); the noise
     variance from `curve` at the group's intensity, spread over each group's coefficients by the noise's shape
-    where a coefficient `table` of it is given (`_coefficient_table` with `cubes`). The hard-thresholding step's
-    `groups` (matched on y, so the same in each of its runs) are taken from there where they were kept."""
+    where a coefficient `table` of it is given (`_coefficient_table` with the same `cube`). The cubes are `cube`
+    voxels a side. The hard-thresholding step's `groups` (matched on y, so the same in each of its runs) are taken
+    from there where they were kept."""
     n, h, w = y3.shape
+    starts = [min(start, n - cube) for start in starts]  # a deeper cube than the starts were laid for ends at the end
     # the slices the groups reach
-    first, last = max(0, starts[0] - CUBE_SLICE_REACH), min(n, starts[-1] + CUBE_SLICE_REACH + CUBE)
+    first, last = max(0, starts[0] - CUBE_SLICE_REACH), min(n, starts[-1] + CUBE_SLICE_REACH + cube)
     total = torch.zeros((last - first) * h * w, dtype=torch.float32, device=device)
     weights = torch.zeros_like(total)
-    ref_y = _reference_positions(h, CUBE_STEP, CUBE).to(device)
-    ref_x = _reference_positions(w, CUBE_STEP, CUBE).to(device)
-    steps = torch.arange(CUBE, device=device)
+    ref_y = _reference_positions(h, CUBE_STEP, cube).to(device)
+    ref_x = _reference_positions(w, CUBE_STEP, cube).to(device)
+    steps = torch.arange(cube, device=device)
     inside = ((steps[:, None, None] * h + steps[:, None]) * w + steps).reshape(-1)  # a cube's voxels from its corner
-    dct_cube = _dct_on(CUBE, device, torch.float32, dims=3)
-    kaiser = torch.kaiser_window(CUBE, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
-    window = torch.outer(kaiser, kaiser).reshape(-1).repeat(CUBE).to(device, torch.float32)  # the same in each slice
+    dct_cube = _dct_on(cube, device, torch.float32, dims=3)
+    kaiser = torch.kaiser_window(cube, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
+    window = torch.outer(kaiser, kaiser).reshape(-1).repeat(cube).to(device, torch.float32)  # the same in each slice
     group, radius = (CUBE_GROUP_WIENER, CUBE_SEARCH_RADIUS) if wiener else (
         CUBE_GROUP_HARD if table is None else CUBE_GROUP_HARD_CORRELATED, CUBE_HARD_SEARCH_RADIUS)
     rows_at_once = max(1, REFERENCE_CHUNK // len(ref_x))
+    done = set()
     for start in starts:
-        lo, hi = max(0, start - CUBE_SLICE_REACH), min(n, start + CUBE_SLICE_REACH + CUBE)
+        if start in done:  # a start moved back onto one already filtered
+            if progress is not None:
+                progress()
+            continue
+        done.add(start)
+        lo, hi = max(0, start - CUBE_SLICE_REACH), min(n, start + CUBE_SLICE_REACH + cube)
         ys, ms, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device).reshape(-1)
                      for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
         for chunk in torch.split(ref_y, rows_at_once):
             def match(members: int) -> torch.Tensor:
-                return _match(ms.reshape(hi - lo, h, w), start - lo, chunk, ref_x, members, radius, patch=CUBE,
-                              depth=CUBE)
+                return _match(ms.reshape(hi - lo, h, w), start - lo, chunk, ref_x, members, radius, patch=cube,
+                              depth=cube)
 
             where = match(group) if groups is None else groups.of(start, chunk, group, match)
             dct1 = _dct_on(where.shape[1], device, torch.float32)
@@ -584,18 +626,19 @@ COVARIANCE_SLICES = 16  # the middle slices of a longer stack that the noise cov
 
 
 def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.device], context: int = 0,
-                       residual: bool = False, cubes: bool = False, shape: bool = False) -> torch.Tensor:
+                       residual: bool = False, cube: int = 0, shape: bool = False) -> torch.Tensor:
     """The covariance of the blocks' DCT coefficients at every offset two members of a correlated-noise group can
     have, from the noise covariance read where the pilot is flattest (on y - pilot with `residual`; covariance.py),
-    on the device: the 2D filters' patches (2 * context slices, CORRELATED_TABLE_REACH voxels apart), or with `cubes`
-    the volumetric filter's (2 * CUBE_SLICE_REACH slices, CUBE_TABLE_REACH voxels; the noise covariance read up to
-    CUBE - 1 slices apart, the cube's depth, and taken as uncorrelated farther); with `shape`, per unit of what the
-    noise curve reads under that covariance (the noise's shape, which the filters then scale by the curve)."""
+    on the device: the 2D filters' patches (2 * context slices, CORRELATED_TABLE_REACH voxels apart), or with a
+    `cube` side the volumetric filter's cubes (2 * CUBE_SLICE_REACH slices, CUBE_TABLE_REACH voxels; the noise
+    covariance read up to cube - 1 slices apart, the cube's depth, and taken as uncorrelated farther); with `shape`,
+    per unit of what the noise curve reads under that covariance (the noise's shape, which the filters then scale by
+    the curve)."""
     n = y3.shape[0]
     middle = _middle(range(n))
     chosen = slice(middle.start, middle.stop)
-    if cubes:
-        block, dims, depth, slices, reach = CUBE, 3, CUBE - 1, 2 * CUBE_SLICE_REACH, CUBE_TABLE_REACH
+    if cube:
+        block, dims, depth, slices, reach = cube, 3, cube - 1, 2 * CUBE_SLICE_REACH, CUBE_TABLE_REACH
     else:
         block, dims, depth, slices, reach = PATCH, 2, 2 * context, 2 * context, CORRELATED_TABLE_REACH
     covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(depth, n - 1), residual=residual)
@@ -606,18 +649,25 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
                                                                                  torch.float32)
 
 
-def wiener_weight_of_noise(table: torch.Tensor) -> float:
-    """The weight of the noise variance s in the 2D correlated-noise filters' Wiener gains where the pilot's
-    coefficients stand clear of the noise (`_shrink`), from the coefficient `table` (`_coefficient_table`):
-    MILDLY_CORRELATED_WEIGHT_OF_NOISE where neighbouring voxels' noise correlates by MILD_NEIGHBOUR_CORRELATION or
-    less, 1 from WIDE_NEIGHBOUR_CORRELATION, linear in between.
-    The table's coefficients at one offset d sum to P^2 R(d) (the DCT is orthonormal), so R(1) / R(0) is read
-    from it."""
+def neighbour_correlation(table: torch.Tensor) -> float:
+    """How much the noise of neighbouring voxels in a slice correlates, R(1) / R(0) (the mean of the four
+    neighbours), read from a coefficient `table` (`_coefficient_table`, of patches or cubes): its coefficients at
+    one offset d sum to B R(d), B the block's voxels (the DCT is orthonormal). None where it reads no noise."""
     depth, centre = table.shape[0] // 2, table.shape[1] // 2
     plane = table[depth, centre - 1:centre + 2, centre - 1:centre + 2].sum(-1).double()
     if plane[1, 1] <= 0:
+        return None
+    return float((plane[1, 0] + plane[1, 2] + plane[0, 1] + plane[2, 1]) / (4 * plane[1, 1]))
+
+
+def wiener_weight_of_noise(table: torch.Tensor) -> float:
+    """The weight of the noise variance s in the 2D correlated-noise filters' Wiener gains where the pilot's
+    coefficients stand clear of the noise (`_shrink`), from the coefficient `table` (`_coefficient_table`):
+    MILDLY_CORRELATED_WEIGHT_OF_NOISE where neighbouring voxels' noise correlates (`neighbour_correlation`) by
+    MILD_NEIGHBOUR_CORRELATION or less, 1 from WIDE_NEIGHBOUR_CORRELATION, linear in between."""
+    neighbour = neighbour_correlation(table)
+    if neighbour is None:
         return 1.0
-    neighbour = float((plane[1, 0] + plane[1, 2] + plane[0, 1] + plane[2, 1]) / (4 * plane[1, 1]))
     share = (neighbour - MILD_NEIGHBOUR_CORRELATION) / (WIDE_NEIGHBOUR_CORRELATION - MILD_NEIGHBOUR_CORRELATION)
     return MILDLY_CORRELATED_WEIGHT_OF_NOISE + (1.0 - MILDLY_CORRELATED_WEIGHT_OF_NOISE) * min(1.0, max(0.0, share))
 
