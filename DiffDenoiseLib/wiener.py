@@ -39,7 +39,7 @@ by its own first step, without the networks, it beat every use of the networks' 
 the benchmark's volumes, so the pipeline gives a 2.5D model's volume under white noise to it alone. Where
 strong noise may be correlated it reads the noise's shape on the volume and spreads the noise curve's variance
 over each group's coefficients as that shape has it (SHAPE_ROUNDS), and where that shape correlates neighbouring
-voxels its Wiener step takes cubes of 5 (`volumetric_wiener_cube`).
+voxels its first step thresholds higher and its Wiener step takes cubes of 5 (`reads_correlated`).
 
 For a volume the candidates also come from the neighbouring slices (`context` slices on
 each side, as BM4D's groups do), whose noise is independent: a 2.5D slice has more alike
@@ -200,22 +200,26 @@ CUBE_TABLE_REACH = 2 * max(CUBE_SEARCH_RADIUS, CUBE_HARD_SEARCH_RADIUS)  # in-pl
 SHAPE_ROUNDS = 4
 CUBE_GROUP_HARD_CORRELATED = 32
 # Where the noise's shape read correlates neighbouring voxels (`neighbour_correlation`) by
-# CORRELATED_WIENER_CUBE_MIN_NEIGHBOUR_CORRELATION or more, the Wiener step's cubes are 5 voxels a side (the first
-# step's stay 4), as BM4D's Wiener stage has them: a 4-voxel cube's few coefficients each mix low and high
-# frequencies, which correlated noise holds unequally. Measured on the benchmark volumes (correlated noise of std 0.1,
-# fresh draws, 2026-12-06): guided by BM4D's first step (test slab and 3 held-out slabs, kernel 0.5) our Wiener step
-# on cubes of 4 came out below that first step on the InVesalius CT (34.38 dB against 34.34 on average, 36.34
-# against 36.81 on the test slab; BM4D's Wiener stage 34.83); on cubes of 5 34.74, on 6 34.85 (Colin27 -0.01 and
-# -0.05); groups of 16 or 64, a search of +-7, references every 2nd voxel or slice, 5 slices' reach, weights of the
-# noise of 0.6 or 1.5 moved it by -0.10 to +0.06. The whole filter, cubes of 5 against 4: kernel 0.5 (test slab and
-# 5 held-out slabs; read 0.20 to 0.21) +0.35 dB on the CT (SSIM 0.931 -> 0.944) and +0.01 on Colin27 for 14 % more
-# time; on the test slab and 2 held-out slabs kernel 0.45 (read 0.13 to 0.14) +0.13 and -0.03, 0.4 (read 0.07 to
-# 0.09) +0.05 and -0.06, Gaussian 6/255 and Gamma 500 on Colin27 (white noise whose shape the pipeline reads; read
-# -0.03 to +0.02) -0.02 and -0.02, Gaussian 25/255 and Poisson 200 -0.09 and -0.10 on Colin27, +0.03 and +0.02 on
-# the CT; kernels 0.8 and 1.2, which the filter hardly touches at that std, -0.03 and 0.00. So below the threshold
-# the cubes stay 4.
+# VOLUMETRIC_CORRELATED_NEIGHBOUR_CORRELATION or more (`reads_correlated`), the Wiener step's cubes are 5 voxels a
+# side (the first step's stay 4), as BM4D's Wiener stage has them: a 4-voxel cube's few coefficients each mix low
+# and high frequencies, which correlated noise holds unequally. Measured on the benchmark volumes (correlated noise of
+# std 0.1, fresh draws, 2026-12-06): guided by BM4D's first step (test slab and 3 held-out slabs, kernel 0.5) our
+# Wiener step on cubes of 4 came out below that first step on the InVesalius CT (34.38 dB against 34.34 on average,
+# 36.34 against 36.81 on the test slab; BM4D's Wiener stage 34.83); on cubes of 5 34.74, on 6 34.85 (Colin27 -0.01
+# and -0.05); groups of 16 or 64, a search of +-7, references every 2nd voxel or slice, 5 slices' reach, weights of
+# the noise of 0.6 or 1.5 moved it by -0.10 to +0.06. The whole filter, cubes of 5 against 4: kernel 0.5 (test slab
+# and 5 held-out slabs; read 0.20 to 0.21) +0.35 dB on the CT (SSIM 0.931 -> 0.944) and +0.01 on Colin27 for 14 %
+# more time; on the test slab and 2 held-out slabs kernel 0.45 (read 0.13 to 0.14) +0.13 and -0.03, 0.4 (read 0.07
+# to 0.09) +0.05 and -0.06, Gaussian 6/255 and Gamma 500 on Colin27 (white noise whose shape the pipeline reads;
+# read -0.03 to +0.02) -0.02 and -0.02, Gaussian 25/255 and Poisson 200 -0.09 and -0.10 on Colin27, +0.03 and +0.02
+# on the CT; kernels 0.8 and 1.2, which the filter hardly touches at that std, -0.03 and 0.00. So below the
+# threshold the cubes stay 4. With the cubes of 5 the first step's last run (the shape read) thresholds at
+# CORRELATED_CUBE_HARD_THRESHOLD: 3.3 gained +0.12 dB on the CT and +0.02 on Colin27 over 3.0 (test slab and 4
+# held-out slabs; 3.5 +0.13 and +0.01); 3.3 in every run of the first step +0.13 and 0.00 (2.7 -0.67 and -0.64,
+# 3.6 +0.11 and -0.09, 4.0 -0.01 and -0.24), and under kernels 0.45 and 0.4, with cubes of 4, -0.12 to -0.17.
 CORRELATED_WIENER_CUBE = 5
-CORRELATED_WIENER_CUBE_MIN_NEIGHBOUR_CORRELATION = 0.15
+VOLUMETRIC_CORRELATED_NEIGHBOUR_CORRELATION = 0.15
+CORRELATED_CUBE_HARD_THRESHOLD = 3.3
 HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise standard deviations are dropped
 # BM3D's first step matches on y itself, whose noise misleads the nearest few: a search window as wide as BM3D's
 # (39 voxels a side) finds better groups. On the benchmark's three 2D images (the Wiener step after it, Full's
@@ -357,15 +361,17 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
-    wiener_cube = CUBE
+    wiener_cube, threshold = CUBE, CUBE_HARD_THRESHOLD
     if correlated_noise:
         groups = MatchedGroups(max(CUBE_GROUP_HARD, CUBE_GROUP_HARD_CORRELATED))
         table = _read_noise_shape(y3[read], lambda shape_table: _filter_cubes(
             y3, y3, y3, curve, read_starts, wiener=False, table=shape_table, groups=groups, **options)[read],
             device, cube=CUBE)
         groups.keep_new = False  # the remaining cubes are matched once only
-        wiener_cube = volumetric_wiener_cube(y3.shape[0], table)
-    estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, groups=groups, **options)
+        if reads_correlated(table):
+            wiener_cube, threshold = volumetric_wiener_cube(y3.shape[0]), CORRELATED_CUBE_HARD_THRESHOLD
+    estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, groups=groups,
+                             threshold=threshold, **options)
     if correlated_noise:
         table = _coefficient_table(y3[read], estimate[read], device, residual=True, cube=wiener_cube, shape=True)
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
@@ -431,13 +437,18 @@ def _cube_starts(n: int, wanted: Sequence[int], reach_cube: int = CUBE):
     return wiener_starts, covering(reach_lo, reach_hi)
 
 
-def volumetric_wiener_cube(n: int, table: torch.Tensor) -> int:
-    """The side of the volumetric filter's Wiener cubes on a volume of n slices whose noise shape the coefficient
-    `table` holds: CORRELATED_WIENER_CUBE where neighbouring voxels' noise correlates by
-    CORRELATED_WIENER_CUBE_MIN_NEIGHBOUR_CORRELATION or more and the volume is that deep, else CUBE."""
+def reads_correlated(table: torch.Tensor) -> bool:
+    """Whether the noise shape in the coefficient `table` correlates neighbouring voxels (`neighbour_correlation`)
+    by VOLUMETRIC_CORRELATED_NEIGHBOUR_CORRELATION or more: then the volumetric filter thresholds its first estimate
+    at CORRELATED_CUBE_HARD_THRESHOLD and its Wiener step takes deeper cubes (`volumetric_wiener_cube`)."""
     neighbour = neighbour_correlation(table)
-    correlated = neighbour is not None and neighbour >= CORRELATED_WIENER_CUBE_MIN_NEIGHBOUR_CORRELATION
-    return CORRELATED_WIENER_CUBE if correlated and n >= CORRELATED_WIENER_CUBE else CUBE
+    return neighbour is not None and neighbour >= VOLUMETRIC_CORRELATED_NEIGHBOUR_CORRELATION
+
+
+def volumetric_wiener_cube(n: int) -> int:
+    """The side of the volumetric filter's Wiener cubes under noise that `reads_correlated`, on a volume of n
+    slices: CORRELATED_WIENER_CUBE where the volume is that deep, else CUBE."""
+    return CORRELATED_WIENER_CUBE if n >= CORRELATED_WIENER_CUBE else CUBE
 
 
 @dataclass
@@ -466,13 +477,13 @@ class MatchedGroups:
 def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, curve: Curve, starts: Sequence[int],
                   wiener: bool, device: torch.device, progress: Optional[Callable[[], None]],
                   table: Optional[torch.Tensor] = None, groups: Optional[MatchedGroups] = None,
-                  cube: int = CUBE) -> np.ndarray:
+                  cube: int = CUBE, threshold: float = CUBE_HARD_THRESHOLD) -> np.ndarray:
     """The volume with the voxels that the groups of the reference cubes starting in `starts` cover replaced by
     their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's); the noise
     variance from `curve` at the group's intensity, spread over each group's coefficients by the noise's shape
     where a coefficient `table` of it is given (`_coefficient_table` with the same `cube`). The cubes are `cube`
-    voxels a side. The hard-thresholding step's `groups` (matched on y, so the same in each of its runs) are taken
-    from there where they were kept."""
+    voxels a side; hard thresholding drops coefficients below `threshold` noise std. The hard-thresholding step's
+    `groups` (matched on y, so the same in each of its runs) are taken from there where they were kept."""
     n, h, w = y3.shape
     starts = [min(start, n - cube) for start in starts]  # a deeper cube than the starts were laid for ends at the end
     # the slices the groups reach
@@ -512,7 +523,7 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
             variance = s[pixels].mean(dim=(1, 2))[:, None, None]
             if table is not None:
                 variance = variance * group_variance(table, where)
-            filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, CUBE_HARD_THRESHOLD)
+            filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, threshold)
             weight = (weight * window).expand_as(filtered)
             targets = (pixels + (lo - first) * h * w).reshape(-1)
             total.index_add_(0, targets, (filtered * weight).reshape(-1))
