@@ -652,7 +652,8 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
         block, dims, depth, slices, reach = cube, 3, cube - 1, 2 * CUBE_SLICE_REACH, CUBE_TABLE_REACH
     else:
         block, dims, depth, slices, reach = PATCH, 2, 2 * context, 2 * context, CORRELATED_TABLE_REACH
-    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(depth, n - 1), residual=residual)
+    covariance = estimate_noise_covariance(y3[chosen], m3[chosen], depth=min(depth, n - 1), residual=residual,
+                                           leave_out_outliers=not shape)
     if shape:
         covariance = noise_shape(covariance)
     basis = _dct_on(block, torch.device("cpu"), torch.float64, dims=dims).reshape((-1,) + (block,) * dims)

@@ -53,6 +53,26 @@ def test_windows_of_one_value_are_not_read_as_noise_free_tissue():
     assert read[0, reach, reach + 1] > 0.5 * read[0, reach, reach]
 
 
+def test_a_window_holding_anatomy_the_pilot_missed_is_not_read_as_noise(monkeypatch):
+    """A bright square the pilot does not show lies in a few of the windows the pilot calls flattest (its
+    spread grows from left to right): read with them, R(0) comes 1.3 times the noise's and R(1) twice; windows
+    reading more than OUTLIER_WINDOW_RATIO times the median are left out, and the noise's own covariance is read
+    (unless asked to keep every window, as a read of the noise's shape alone does)."""
+    rng = np.random.default_rng(3)
+    noise = add_noise(np.zeros((1, 128, 256)), "correlated", 0.5, rng, sigma=1.0)
+    noisy = noise.copy()
+    noisy[0, 40:52, 8:20] += 4.0
+    pilot = np.broadcast_to(1e-4 * np.arange(256.0) ** 2, noisy.shape).copy()
+    read = estimate_noise_covariance(noisy, pilot)
+    assert read[0, 8, 8] == pytest.approx(empirical_covariance(noise, 0, 0, 0), rel=0.08)
+    assert read[0, 8, 9] == pytest.approx(empirical_covariance(noise, 0, 0, 1), rel=0.2)
+    monkeypatch.setattr(covariance_module, "OUTLIER_WINDOW_RATIO", np.inf)
+    every_window = estimate_noise_covariance(noisy, pilot)
+    assert every_window[0, 8, 8] > 1.2 * empirical_covariance(noise, 0, 0, 0)
+    assert every_window[0, 8, 9] > 1.6 * empirical_covariance(noise, 0, 0, 1)
+    assert np.array_equal(estimate_noise_covariance(noisy, pilot, leave_out_outliers=False), every_window)
+
+
 def test_offsets_read_within_two_standard_errors_of_zero_are_taken_as_uncorrelated(monkeypatch):
     """White noise on a 128x128 slice: without the test every offset but 0 reads sampling error (up to several
     percent of R(0)); with it most read exactly 0 (the windows half overlap, so their spread understates the
