@@ -77,8 +77,9 @@ REACH = 8  # in-plane offsets beyond this many voxels are taken as uncorrelated
 # Gaussian 6/255, test slab and 2 to 3 held-out slabs of each) left out no window.
 # Windows read for the noise's shape only (`noise_shape`: its level is the noise curve's, which follows Poisson and
 # Gamma noise's intensity, so their windows differ in level by right) are all kept: leaving out there cost the
-# shoulder MRI's Gamma 100 0.11 dB in a quick run. Measured before it: the median of the windows' reads at each offset +0.14 dB on average under kernel 0.5 (-0.12
-# to +1.77); reading 40 % of the windows, with or without leaving out, -0.6 and -0.3.
+# shoulder MRI's Gamma 100 0.11 dB in a quick run. Measured before it: the median of the windows' reads at each
+# offset +0.14 dB on average under kernel 0.5 (-0.12 to +1.77); reading 40 % of the windows, with or without
+# leaving out, -0.6 and -0.3.
 OUTLIER_WINDOW_RATIO = 1.3
 SIGNIFICANCE = 2.0  # standard errors a read must lie from 0 to be kept
 PAIR_ROWS_AT_ONCE = 1 << 18  # (group, pair) rows of covariances gathered at once: 64 MiB in float32
@@ -92,11 +93,11 @@ def estimate_noise_covariance(noisy: np.ndarray, pilot: np.ndarray, depth: int =
     FLATTEST_SHARE of them, leaving out windows that reach a 3x3 neighbourhood of one value: a masked background),
     each window's mean taken out, and with `leave_out_outliers` leaving out those whose read variance exceeds
     OUTLIER_WINDOW_RATIO times the median of theirs (anatomy the pilot smoothed over; not for a shape read under
-    noise whose level follows the intensity, where windows differ in level by right). Offsets to slices beyond the stack are read on the
-    slices that have them (as 0, uncorrelated, when none of their windows is among the flattest); R(0) is the
-    noise variance, and R(-d) = R(d) (which `group_variance` relies on). An offset whose read lies within
-    SIGNIFICANCE standard errors of 0 (from the spread of the windows' own reads) is 0. With `residual` the
-    windows read `noisy` - `pilot` (see above)."""
+    noise whose level follows the intensity, where windows differ in level by right). Offsets to slices beyond the
+    stack are read on the slices that have them (as 0, uncorrelated, when none of their windows is among the
+    flattest); R(0) is the noise variance, and R(-d) = R(d) (which `group_variance` relies on). An offset whose read
+    lies within SIGNIFICANCE standard errors of 0 (from the spread of the windows' own reads) is 0. With `residual`
+    the windows read `noisy` - `pilot` (see above)."""
     y, m = (torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in (noisy, pilot))
     if y.ndim != 3 or y.shape != m.shape:
         raise ValueError(f"the noise covariance needs a noisy stack and a pilot of one (n, H, W) shape, got "

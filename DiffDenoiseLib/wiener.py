@@ -661,7 +661,7 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
                                                                                  torch.float32)
 
 
-def neighbour_correlation(table: torch.Tensor) -> float:
+def neighbour_correlation(table: torch.Tensor) -> Optional[float]:
     """How much the noise of neighbouring voxels in a slice correlates, R(1) / R(0) (the mean of the four
     neighbours), read from a coefficient `table` (`_coefficient_table`, of patches or cubes): its coefficients at
     one offset d sum to B R(d), B the block's voxels (the DCT is orthonormal). None where it reads no noise."""
