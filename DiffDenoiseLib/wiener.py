@@ -226,7 +226,7 @@ CORRELATED_CUBE_HARD_THRESHOLD = 3.3
 # own mu^2 for a 0.5-pixel kernel's spectrum is 0.74), and wherever the noise's shape is read the first step's
 # final run matches its groups afresh with the shape read, correcting each candidate's distance for the noise near
 # cubes share (`_shared_noise`). Measured on the benchmark volumes' test slab and 3 held-out slabs (fresh draws,
-# 2026-12-07), kernel 0.5: the three together +0.18 dB on the InVesalius CT (34.57 -> 34.75; BM4D 34.76 on those
+# 2026-12-06), kernel 0.5: the three together +0.18 dB on the InVesalius CT (34.57 -> 34.75; BM4D 34.76 on those
 # slabs) and +0.08 on Colin27, the correction alone +0.07 and -0.01 (twice it +0.10 and -0.01), weight and search
 # alone +0.08 and +0.08 (weights 0.3 to 0.4 within 0.01 of 0.5, 0.74 -0.04; +-8 0.00); at std 0.04 +0.17 and +0.08,
 # 0.02 +0.14 and +0.06, faint noise (kernel 0.6 at std 0.01, 0.5 at 0.006) +0.18 and +0.05, +0.28 and +0.10; kernels
