@@ -40,8 +40,8 @@ the benchmark's volumes, so the pipeline gives a 2.5D model's volume under white
 strong noise may be correlated it reads the noise's shape on the volume and spreads the noise curve's variance
 over each group's coefficients as that shape has it (SHAPE_ROUNDS), its first step matching y's cubes corrected
 for the noise that near cubes share (`_shared_noise`), and where that shape correlates neighbouring voxels its
-first step thresholds higher and its Wiener step takes cubes of 5, searches wider and weighs the noise less where
-the estimate stands clear of it (`reads_correlated`).
+first step thresholds higher and its Wiener step takes cubes of 5 and searches wider (`reads_correlated`). Its
+Wiener step weighs the noise less where the estimate stands clear of it (CUBE_WEIGHT_OF_NOISE), as BM4D does.
 
 For a volume the candidates also come from the neighbouring slices (`context` slices on
 each side, as BM4D's groups do), whose noise is independent: a 2.5D slice has more alike
@@ -184,6 +184,14 @@ CUBE_HARD_THRESHOLD = 3.0
 # voxels gained 0.08 dB on average over +-5 on those 9 conditions (+0.34 on the head CT at Gaussian 25/255), for
 # about 1.9 times the time of both steps; +-7 gained 0.05, +-12 0.10 for 3 times. The Wiener step's +-4 lost 0.02.
 CUBE_HARD_SEARCH_RADIUS = 9
+# The Wiener step weighs the noise in its gains by CUBE_WEIGHT_OF_NOISE where the estimate's coefficient stands clear
+# of it (`_shrink`), as BM4D weighs it by 0.40 under white noise (its mu^2; 0.74 for a 0.5-pixel kernel's spectrum):
+# a coefficient the estimate shows well above the noise is anatomy, shrunk less. On the benchmark volumes' test slab
+# and 3 held-out slabs (fresh draws, 2026-12-06), against a weight of 1: Gaussian 25/255 +0.12 dB on the InVesalius
+# CT and +0.08 on Colin27 (0.3 +0.13 on the CT, 0.2 +0.12, 0.5 +0.10 and +0.07), Gaussian 6/255 +0.10 (0.5) and
+# +0.08, Poisson 200 +0.05 and +0.07, Gamma 100 +0.01 and +0.03; the noise scaled by 0.4 everywhere instead (BM4D's
+# form) -0.11 on the CT at 25/255. Under a 0.5-pixel kernel's noise 0.4 and 0.5 are within 0.01 (below).
+CUBE_WEIGHT_OF_NOISE = 0.4
 # Where the noise may be correlated the volumetric filter reads its shape on the image: how the noise of a voxel
 # spreads to its neighbours (the covariance on y minus a first-step estimate, where that estimate is flattest),
 # per unit of what the noise curve reads there (`covariance.highpass_reading`); a group's coefficients then get the
@@ -221,21 +229,20 @@ CUBE_GROUP_HARD_CORRELATED = 32
 CORRELATED_WIENER_CUBE = 5
 VOLUMETRIC_CORRELATED_NEIGHBOUR_CORRELATION = 0.15
 CORRELATED_CUBE_HARD_THRESHOLD = 3.3
-# There the Wiener step also searches within CORRELATED_CUBE_SEARCH_RADIUS voxels (BM4D's +-7) and weighs the noise in
-# its gains by CORRELATED_CUBE_WEIGHT_OF_NOISE where the estimate's coefficient stands clear of it (`_shrink`; BM4D's
-# own mu^2 for a 0.5-pixel kernel's spectrum is 0.74), and wherever the noise's shape is read the first step's
-# final run matches its groups afresh with the shape read, correcting each candidate's distance for the noise near
-# cubes share (`_shared_noise`). Measured on the benchmark volumes' test slab and 3 held-out slabs (fresh draws,
-# 2026-12-06), kernel 0.5: the three together +0.18 dB on the InVesalius CT (34.57 -> 34.75; BM4D 34.76 on those
-# slabs) and +0.08 on Colin27, the correction alone +0.07 and -0.01 (twice it +0.10 and -0.01), weight and search
-# alone +0.08 and +0.08 (weights 0.3 to 0.4 within 0.01 of 0.5, 0.74 -0.04; +-8 0.00); at std 0.04 +0.17 and +0.08,
+# There the Wiener step also searches within CORRELATED_CUBE_SEARCH_RADIUS voxels (BM4D's +-7), and wherever the
+# noise's shape is read the first step's final run matches its groups afresh with the shape read, correcting each
+# candidate's distance for the noise near cubes share (`_shared_noise`). Measured on the benchmark volumes' test slab
+# and 3 held-out slabs (fresh draws, 2026-12-06), kernel 0.5, with the Wiener step's weight of the noise at 0.5
+# (CUBE_WEIGHT_OF_NOISE, then for this noise only): the three together +0.18 dB on the InVesalius CT (34.57 -> 34.75;
+# BM4D 34.76 on those slabs) and +0.08 on Colin27, the correction alone +0.07 and -0.01 (twice it +0.10 and -0.01),
+# weight and search alone +0.08 and +0.08 (weights 0.3 to 0.4 within 0.01 of 0.5, 0.74 -0.04; +-8 0.00); at std 0.04
+# +0.17 and +0.08,
 # 0.02 +0.14 and +0.06, faint noise (kernel 0.6 at std 0.01, 0.5 at 0.006) +0.18 and +0.05, +0.28 and +0.10; kernels
 # 0.45 and 0.4 +0.03 and 0.00 (CT), 0.00 and -0.02 (Colin27); Gaussian 6/255, Gamma 500 and Poisson 200 within 0.01;
 # the filter's time under correlated noise about 15 % more. A phantom of smooth shapes loses by the weight (its
 # error 6 % more), which real anatomy gains by (the tests measure both). Crossed with BM4D's stages on those slabs
 # before the weight and search (with the correction): BM4D's Wiener stage on our first step gave 34.77 dB, ours on
 # BM4D's first step 34.67, our own 34.65.
-CORRELATED_CUBE_WEIGHT_OF_NOISE = 0.5
 CORRELATED_CUBE_SEARCH_RADIUS = 7
 SHARED_NOISE_CORRECTION = 1.0  # times the expected shared noise 2 B R(d) added to a candidate's distance
 CUBE_TABLE_REACH = 2 * max(CUBE_SEARCH_RADIUS, CUBE_HARD_SEARCH_RADIUS, CORRELATED_CUBE_SEARCH_RADIUS)  # in-plane
@@ -382,7 +389,7 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
-    wiener = dict(cube=CUBE)
+    wiener = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE)
     threshold = CUBE_HARD_THRESHOLD
     if correlated_noise:
         groups = MatchedGroups(max(CUBE_GROUP_HARD, CUBE_GROUP_HARD_CORRELATED))
@@ -391,8 +398,7 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
             device, cube=CUBE)
         if reads_correlated(table):
             threshold = CORRELATED_CUBE_HARD_THRESHOLD
-            wiener = dict(cube=volumetric_wiener_cube(y3.shape[0]), radius=CORRELATED_CUBE_SEARCH_RADIUS,
-                          weight_of_noise=CORRELATED_CUBE_WEIGHT_OF_NOISE)
+            wiener.update(cube=volumetric_wiener_cube(y3.shape[0]), radius=CORRELATED_CUBE_SEARCH_RADIUS)
     # with the shape read the groups are matched again, corrected for the noise near cubes share (`_shared_noise`)
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, threshold=threshold, **options)
     if correlated_noise:

@@ -352,7 +352,7 @@ def test_under_mildly_correlated_noise_the_volumetric_filter_thresholds_higher_t
     read, calls = [], []
     reads_correlated = wiener.reads_correlated
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wiener, "CORRELATED_CUBE_WEIGHT_OF_NOISE", 1.0)
+        patch.setattr(wiener, "CUBE_WEIGHT_OF_NOISE", 1.0)
         patch.setattr(wiener, "reads_correlated", lambda table: read.append(reads_correlated(table)) or read[-1])
         settled = wiener.volumetric_filter(noisy, curve, correlated_noise=True, progress=lambda: calls.append(1))
         wiener.volumetric_filter(white, noise_variance_curve(white), correlated_noise=True)
@@ -388,7 +388,7 @@ def test_the_shared_noise_penalty_adds_twice_the_cubes_expected_shared_noise_at_
 
 def test_on_a_real_ct_under_mildly_correlated_noise_the_wiener_weight_search_and_matching_correction_gain():
     """On 8 slices of a real head CT (96 x 96 of the brain and skull) under noise of a 0.5-pixel kernel, the
-    Wiener step's lower weight of the noise and wider search (CORRELATED_CUBE_WEIGHT_OF_NOISE,
+    Wiener step's lower weight of the noise and wider search (CUBE_WEIGHT_OF_NOISE,
     CORRELATED_CUBE_SEARCH_RADIUS) and the first step's correction for shared noise (`_shared_noise`) leave less
     error than without them (measured 0.95 of it; 0.96 and 0.96 on two other slabs)."""
     try:
@@ -402,7 +402,7 @@ def test_on_a_real_ct_under_mildly_correlated_noise_the_wiener_weight_search_and
     curve = noise_variance_curve(noisy)
     settled = wiener.volumetric_filter(noisy, curve, correlated_noise=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wiener, "CORRELATED_CUBE_WEIGHT_OF_NOISE", 1.0)
+        patch.setattr(wiener, "CUBE_WEIGHT_OF_NOISE", 1.0)
         patch.setattr(wiener, "CORRELATED_CUBE_SEARCH_RADIUS", wiener.CUBE_SEARCH_RADIUS)
         patch.setattr(wiener, "SHARED_NOISE_CORRECTION", 0.0)
         without = wiener.volumetric_filter(noisy, curve, correlated_noise=True)
