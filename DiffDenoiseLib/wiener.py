@@ -151,8 +151,8 @@ CORRELATED_HARD_THRESHOLD = 3.5
 # this rule (reading 0.68 to 0.93 there) +0.05 on 15 (-0.03 to +0.10, SSIM -0.002); under a 1.2-pixel kernel's (0.84)
 # 0.45 lost 0.56 on average (-1.13 to +0.38, 10 regions), and the read weight is 1 there. Hard thresholding at 3.0
 # instead of 3.5 added +0.05 (at 2.7 -0.06). The volumetric filter's Wiener step, whose noise shape spreads the curve's
-# variance, lost with one lower weight (0.45: -0.38 dB on Colin27's held-out slabs under a 0.5-pixel kernel, -0.70 on
-# the CT's), so it keeps 1.
+# variance, lost with one lower weight for every coefficient (0.45: -0.38 dB on Colin27's held-out slabs under a
+# 0.5-pixel kernel, -0.70 on the CT's), but gains with this rule's form at a fixed weight (CUBE_WEIGHT_OF_NOISE).
 MILDLY_CORRELATED_WEIGHT_OF_NOISE = 0.3
 MILD_NEIGHBOUR_CORRELATION = 0.3
 WIDE_NEIGHBOUR_CORRELATION = 0.75

@@ -386,11 +386,14 @@ def test_the_shared_noise_penalty_adds_twice_the_cubes_expected_shared_noise_at_
     np.testing.assert_allclose(penalty.numpy(), scale * expected.reshape(1, -1), rtol=1e-4, atol=1e-4)
 
 
-def test_on_a_real_ct_under_mildly_correlated_noise_the_wiener_weight_search_and_matching_correction_gain():
-    """On 8 slices of a real head CT (96 x 96 of the brain and skull) under noise of a 0.5-pixel kernel, the
-    Wiener step's lower weight of the noise and wider search (CUBE_WEIGHT_OF_NOISE,
-    CORRELATED_CUBE_SEARCH_RADIUS) and the first step's correction for shared noise (`_shared_noise`) leave less
-    error than without them (measured 0.95 of it; 0.96 and 0.96 on two other slabs)."""
+@pytest.mark.parametrize("correlated, bound", [(True, 0.97), (False, 0.99)], ids=["kernel 0.5", "white"])
+def test_on_a_real_ct_the_wiener_weight_and_under_correlated_noise_the_search_and_matching_correction_gain(
+        correlated, bound):
+    """On 8 slices of a real head CT (96 x 96 of the brain and skull) at noise std 0.05, the Wiener step's lower
+    weight of the noise (CUBE_WEIGHT_OF_NOISE) leaves less error than a weight of 1 under white noise (measured 0.98
+    of it; 0.98 at std 0.03, 1.00 at 0.1), and under noise of a 0.5-pixel kernel, with the wider search
+    (CORRELATED_CUBE_SEARCH_RADIUS) and the first step's correction for shared noise (`_shared_noise`), than without
+    the three (measured 0.95; 0.96 and 0.96 on two other slabs, with a weight of 0.5)."""
     try:
         ct = datasets.invesalius_head_ct().array
     except FileNotFoundError as error:
@@ -398,15 +401,17 @@ def test_on_a_real_ct_under_mildly_correlated_noise_the_wiener_weight_search_and
     low, high = np.percentile(ct, [0.5, 99.5])
     first = ct.shape[0] // 2 - 4
     clean = np.clip((ct[first:first + 8, 80:176, 80:176] - low) / (high - low), 0.0, 1.0)
-    noisy = clean + 0.05 * correlated_gaussian(clean.shape, 0.5, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    noisy = clean + 0.05 * (correlated_gaussian(clean.shape, 0.5, rng) if correlated else rng.standard_normal(
+        clean.shape))
     curve = noise_variance_curve(noisy)
-    settled = wiener.volumetric_filter(noisy, curve, correlated_noise=True)
+    settled = wiener.volumetric_filter(noisy, curve, correlated_noise=correlated)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(wiener, "CUBE_WEIGHT_OF_NOISE", 1.0)
         patch.setattr(wiener, "CORRELATED_CUBE_SEARCH_RADIUS", wiener.CUBE_SEARCH_RADIUS)
         patch.setattr(wiener, "SHARED_NOISE_CORRECTION", 0.0)
-        without = wiener.volumetric_filter(noisy, curve, correlated_noise=True)
-    assert mse(settled, clean) < 0.97 * mse(without, clean)
+        without = wiener.volumetric_filter(noisy, curve, correlated_noise=correlated)
+    assert mse(settled, clean) < bound * mse(without, clean)
 
 
 @pytest.mark.parametrize("kind, level", [("gaussian", 0.05), ("poisson", 100), ("gamma", 30)])
