@@ -389,7 +389,7 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
-    wiener = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE)
+    wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE)  # the Wiener step's settings
     threshold = CUBE_HARD_THRESHOLD
     if correlated_noise:
         groups = MatchedGroups(max(CUBE_GROUP_HARD, CUBE_GROUP_HARD_CORRELATED))
@@ -398,14 +398,15 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
             device, cube=CUBE)
         if reads_correlated(table):
             threshold = CORRELATED_CUBE_HARD_THRESHOLD
-            wiener.update(cube=volumetric_wiener_cube(y3.shape[0]), radius=CORRELATED_CUBE_SEARCH_RADIUS)
+            wiener_step.update(cube=volumetric_wiener_cube(y3.shape[0]), radius=CORRELATED_CUBE_SEARCH_RADIUS)
     # with the shape read the groups are matched again, corrected for the noise near cubes share (`_shared_noise`)
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, threshold=threshold, **options)
     if correlated_noise:
-        table = _coefficient_table(y3[read], estimate[read], device, residual=True, cube=wiener["cube"], shape=True)
+        table = _coefficient_table(y3[read], estimate[read], device, residual=True, cube=wiener_step["cube"],
+                                   shape=True)
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
     curve = refined_noise_curve(y3[covered], estimate[covered], curve)
-    return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table, **wiener,
+    return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table, **wiener_step,
                          **options)[wanted].astype(np.float64)
 
 

@@ -427,10 +427,10 @@ def test_reading_the_noise_shape_leaves_the_filter_of_white_noise_of_any_kind_as
     assert mse(shaped, clean) < 1.1 * mse(white, clean) < 0.05 * mse(noisy, clean)
 
 
-def _matching_once(filtered, clean):
-    """The shape's reads of `filtered(shape)` (a filter with or without the shape read) match no more blocks than
-    the filter of white noise, and give the image that matching them anew each time gives, within 0.1 % of its
-    error."""
+def _matching_once(shaped, baseline, clean):
+    """The shape's reads of the filter `shaped()` match as many blocks as `baseline()` (the same filter without
+    them, or reading the shape once), and give the image that matching them anew each time gives, within 0.1 % of
+    its error."""
     matched = []
     real = wiener._match
 
@@ -440,15 +440,15 @@ def _matching_once(filtered, clean):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(wiener, "_match", counted)
-        shaped = filtered(True)
+        kept = shaped()
         once = len(matched)
         matched.clear()
-        filtered(False)
+        baseline()
         assert once == len(matched) > 0
         keeping_none = wiener.MatchedGroups
         patch.setattr(wiener, "MatchedGroups", lambda group: keeping_none(group, keep_new=False))  # each run anew
-        anew = filtered(True)
-    assert abs(mse(shaped, clean) - mse(anew, clean)) < 1e-3 * mse(anew, clean)
+        anew = shaped()
+    assert abs(mse(kept, clean) - mse(anew, clean)) < 1e-3 * mse(anew, clean)
 
 
 def test_the_shape_reads_match_the_first_steps_cubes_once():
@@ -460,23 +460,18 @@ def test_the_shape_reads_match_the_first_steps_cubes_once():
     clean = np.stack([phantom(48) * (1 + 0.02 * z) + 0.05 * textured(48) for z in range(20)])
     noisy = clean + 0.03 * correlated_gaussian(clean.shape, 0.5, np.random.default_rng(5))
     curve = noise_variance_curve(noisy)
-    real = wiener._match
 
-    def filtered(rounds: int, keep: bool = True):
-        calls = []
+    def filtered() -> np.ndarray:
+        return wiener.volumetric_filter(noisy, curve, correlated_noise=True)
+
+    def read_once() -> np.ndarray:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(wiener, "_match", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-            patch.setattr(wiener, "SHAPE_ROUNDS", rounds)
-            patch.setattr(wiener, "SHARED_NOISE_CORRECTION", 0.0)
-            if not keep:
-                keeping_none = wiener.MatchedGroups
-                patch.setattr(wiener, "MatchedGroups", lambda group: keeping_none(group, keep_new=False))
-            return wiener.volumetric_filter(noisy, curve, correlated_noise=True), len(calls)
+            patch.setattr(wiener, "SHAPE_ROUNDS", 1)
+            return filtered()
 
-    shaped, matched = filtered(wiener.SHAPE_ROUNDS)
-    assert matched == filtered(1)[1] > 0
-    anew = filtered(wiener.SHAPE_ROUNDS, keep=False)[0]
-    assert abs(mse(shaped, clean) - mse(anew, clean)) < 1e-3 * mse(anew, clean)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wiener, "SHARED_NOISE_CORRECTION", 0.0)
+        _matching_once(filtered, read_once, clean)
 
 
 def test_a_2d_images_shape_reads_match_its_patches_once():
@@ -485,7 +480,8 @@ def test_a_2d_images_shape_reads_match_its_patches_once():
     clean = phantom(64) + 0.05 * textured(64)
     noisy = clean + 0.06 * correlated_gaussian(clean.shape, 0.45, np.random.default_rng(6))
     curve = noise_variance_curve(noisy)
-    _matching_once(lambda shape: wiener.collaborative_hard_threshold(noisy, noisy, curve, noise_shape=shape), clean)
+    _matching_once(lambda: wiener.collaborative_hard_threshold(noisy, noisy, curve, noise_shape=True),
+                   lambda: wiener.collaborative_hard_threshold(noisy, noisy, curve), clean)
 
 
 def test_the_noise_shape_is_read_on_the_middle_slices_so_its_cost_does_not_grow_with_the_volume():
