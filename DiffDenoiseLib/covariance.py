@@ -228,9 +228,13 @@ def group_variance(table: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     d = where[:, i] - where[:, j]  # (R, pairs, 3)
     index = ((d[..., 0] + depth) * side + d[..., 1] + side // 2) * side + d[..., 2] + side // 2
     rows = table.reshape(-1, table.shape[-1])  # (offsets, K): a view
-    pair = rows[index]  # (R, pairs, K)
-    diagonals = pair.new_zeros(pair.shape[0], group, pair.shape[-1]).index_add_(1, i - j, pair)
-    anti_diagonals = pair.new_zeros(pair.shape[0], 2 * group, pair.shape[-1]).index_add_(1, i + j, pair)
+    # only the pairs at offsets whose coefficients covary are gathered (white noise's: the members that overlap)
+    group_of, pair_of = (rows.abs().amax(-1) > 0)[index].nonzero(as_tuple=True)
+    pair, k = rows[index[group_of, pair_of]], rows.shape[-1]  # (pairs that covary, K)
+    diagonals = pair.new_zeros(len(where) * group, k).index_add_(0, group_of * group + (i - j)[pair_of], pair)
+    anti_diagonals = pair.new_zeros(len(where) * 2 * group, k).index_add_(0, group_of * 2 * group + (i + j)[pair_of],
+                                                                           pair)
+    diagonals, anti_diagonals = diagonals.reshape(len(where), group, k), anti_diagonals.reshape(len(where), -1, k)
     a = torch.arange(group, dtype=torch.float64, device=where.device)[:, None]
     c = torch.where(a == 0, 1.0, 2.0).to(torch.float64) / group
     along = (c * torch.cos(math.pi * a * torch.arange(group, device=where.device) / group)).to(pair.dtype)

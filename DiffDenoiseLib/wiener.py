@@ -532,6 +532,8 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
     group, searched = (CUBE_GROUP_WIENER, CUBE_SEARCH_RADIUS) if wiener else (
         CUBE_GROUP_HARD if table is None else CUBE_GROUP_HARD_CORRELATED, CUBE_HARD_SEARCH_RADIUS)
     radius = radius or searched
+    correct_matching = not wiener and table is not None and SHARED_NOISE_CORRECTION
+    table = _white_table(cube, 3, 2 * CUBE_SLICE_REACH, device) if table is None else table
     rows_at_once = max(1, REFERENCE_CHUNK // len(ref_x))
     done = set()
     for start in starts:
@@ -543,7 +545,7 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
         lo, hi = max(0, start - CUBE_SLICE_REACH), min(n, start + CUBE_SLICE_REACH + cube)
         ys, ms, s = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device).reshape(-1)
                      for a in (y3[lo:hi], match_on[lo:hi], np.interp(intensity[lo:hi], *curve)))
-        shared = None if wiener or table is None or not SHARED_NOISE_CORRECTION else _shared_noise(
+        shared = None if not correct_matching else _shared_noise(
             table, start - lo, hi - lo - cube + 1, radius, s.reshape(hi - lo, h, w)[start - lo:start - lo + cube], cube)
         for chunk in torch.split(ref_y, rows_at_once):
             def match(members: int) -> torch.Tensor:
@@ -556,9 +558,7 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
             pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
             cy = dct1 @ (ys[pixels] @ dct_cube.T)
             cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
-            variance = s[pixels].mean(dim=(1, 2))[:, None, None]
-            if table is not None:
-                variance = variance * group_variance(table, where)
+            variance = s[pixels].mean(dim=(1, 2))[:, None, None] * group_variance(table, where)
             filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, threshold, weight_of_noise)
             weight = (weight * window).expand_as(filtered)
             targets = (pixels + (lo - first) * h * w).reshape(-1)
@@ -711,6 +711,25 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
                                            leave_out_outliers=not shape)
     if shape:
         covariance = noise_shape(covariance)
+    return _table_of(covariance, block, dims, slices, reach, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _white_table(block: int, dims: int, slices: int, device: torch.device) -> torch.Tensor:
+    """The coefficient table of white noise of unit variance, the shape the filters take where none is read: two
+    members of a group that overlap hold the noise of the voxels they share, so their coefficients' noise correlates
+    though the voxels' does not, and `group_variance` counts it (one variance for the whole group took the members
+    as independent). Blocks `block` voxels a side in `dims` dimensions (a patch, a cube),
+    members up to `slices` slices apart, and the reach of the table `_coefficient_table` reads for them."""
+    white = np.zeros((1, 3, 3))
+    white[0, 1, 1] = 1.0
+    return _table_of(white, block, dims, slices, CUBE_TABLE_REACH if dims == 3 else CORRELATED_TABLE_REACH, device)
+
+
+def _table_of(covariance: np.ndarray, block: int, dims: int, slices: int, reach: int,
+              device: Optional[torch.device]) -> torch.Tensor:
+    """The coefficient table of the noise covariance R (`coefficient_covariance` of the DCT's basis blocks `block`
+    voxels a side in `dims` dimensions, up to `slices` slices and `reach` voxels apart), float32 on the device."""
     basis = _dct_on(block, torch.device("cpu"), torch.float64, dims=dims).reshape((-1,) + (block,) * dims)
     return coefficient_covariance(covariance, basis, reach, max_slices=slices).to(device or torch.device("cpu"),
                                                                                  torch.float32)
@@ -855,6 +874,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     total = torch.zeros(kept * h * w, dtype=dtype, device=device)
     weights = torch.zeros_like(total)
     rows_at_once = max(1, (REFERENCE_CHUNK if table is None else CORRELATED_REFERENCE_CHUNK) // len(ref_x))
+    if table is None:  # white noise: the shape of one voxel, whose table counts the noise overlapping members share
+        table, shape = _white_table(PATCH, 2, d - 1, device), True
     for chunk in torch.split(ref_y, rows_at_once):
         def match(members: int) -> torch.Tensor:  # (R, members, 3)
             return _match(ms, centre, chunk, ref_x, members, radius, NEAR_COPY_SHIFT if wiener else 0)
@@ -863,12 +884,9 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
         dct1 = _dct_on(where.shape[1], device, dtype)
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
         cy = dct1 @ (flat_y[pixels] @ dct2.T)  # the group's 3D spectrum
-        if table is None:  # the noise curve at the group's intensity: (R, 1, 1)
-            variance = flat_s[pixels].mean(dim=(1, 2))[:, None, None]
-        else:  # each coefficient's own, from the members' positions: (R, group, 64)
-            variance = group_variance(table, where)
-            if shape:  # spread over them as the noise's shape has it
-                variance = variance * flat_s[pixels].mean(dim=(1, 2))[:, None, None]
+        variance = group_variance(table, where)  # each coefficient's own, from the members' positions: (R, group, 64)
+        if shape:  # the noise curve at the group's intensity, spread over them as the noise's shape has it
+            variance = variance * flat_s[pixels].mean(dim=(1, 2))[:, None, None]
         cm = dct1 @ (flat_g[pixels] @ dct2.T) if wiener else None
         filtered, weight = _shrink(cy, cm, variance, dct1, dct2, threshold, weight_of_noise)
         weight = weight * window  # (R, 1, 64)

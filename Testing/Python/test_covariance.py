@@ -140,14 +140,18 @@ def test_the_exact_variances_of_a_group_of_cubes_match_those_of_noise_cubes():
     assert exact[0, 0] > 2 * exact[1:, 0].mean(), "members that share noise: the group's mean carries more of it"
 
 
-@pytest.mark.parametrize("group", [1, 2, 5, 16])
-def test_the_group_variances_from_diagonal_sums_equal_the_sum_over_every_pair(group, monkeypatch):
-    """group_variance sums the pairs' covariances along diagonals (G^2 work); that equals the sum over every
-    pair of members, sum_ij T(a, i) T(a, j) C_k(p_i - p_j) with T the DCT-II, for any positions, in and
-    across slices."""
+@pytest.mark.parametrize("group, noise", [(1, "correlated"), (2, "correlated"), (5, "correlated"), (16, "correlated"),
+                                          (16, "white")])
+def test_the_group_variances_from_diagonal_sums_equal_the_sum_over_every_pair(group, noise, monkeypatch):
+    """group_variance sums the pairs' covariances along diagonals (G^2 work), gathering only the pairs at offsets
+    whose coefficients covary (under white noise, members that overlap); that equals the sum over every pair of
+    members, sum_ij T(a, i) T(a, j) C_k(p_i - p_j) with T the DCT-II, for any positions, in and across slices."""
     rng = np.random.default_rng(4)
     field = add_noise(np.zeros((3, 64, 64)), "correlated", 0.8, rng, sigma=1.0)
     covariance = estimate_noise_covariance(field, np.zeros_like(field), depth=1)
+    if noise == "white":
+        covariance = np.zeros_like(covariance)
+        covariance[(1,) + (covariance.shape[-1] // 2,) * 2] = 1.0
     table = coefficient_covariance(covariance, BASIS, 6)
     where = torch.stack([torch.from_numpy(rng.integers(0, high, (5, group))) for high in (2, 7, 7)], dim=-1)
     d = where[:, :, None] - where[:, None]  # (R, group, group, 3)
