@@ -379,12 +379,12 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     The noise variance of a group is the image's noise curve at its mean intensity (y's in the first step,
     the estimate's in the second, with the curve read again where the estimate is flat: `refined_noise_curve`;
     +0.14 dB on the benchmark's head CT at Gaussian 6/255, whose bone the first reading took as 1.7 times
-    noisier). Where the noise may be `correlated_noise`, each coefficient of a group's transform gets that variance
-    spread over the coefficients as the noise's shape, read on the image, has it (SHAPE_ROUNDS says how and what it
-    gained; covariance.py). Cubes of any slice within reach feed the slices wanted, so the whole volume should be
-    given even when a few slices are wanted. `progress` is called `volumetric_filter_steps(n, indices,
-    correlated_noise)` times (it may raise to stop the filter). Returns (len(indices), H, W) in float64; the input
-    is not modified.
+    noisier), spread over the coefficients of the group's transform as white noise has it in the members' positions
+    (`_white_table`), or, where the noise may be `correlated_noise`, as the noise's shape, read on the image, has it
+    (SHAPE_ROUNDS says how and what it gained; covariance.py). Cubes of any slice within reach feed the slices
+    wanted, so the whole volume should be given even when a few slices are wanted. `progress` is called
+    `volumetric_filter_steps(n, indices, correlated_noise)` times (it may raise to stop the filter). Returns
+    (len(indices), H, W) in float64; the input is not modified.
     """
     y3, _, wanted = _checked("volumetric filter", noisy, noisy, 0, indices)
     if np.ndim(noisy) != 3 or y3.shape[0] < CUBE:
