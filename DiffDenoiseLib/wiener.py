@@ -722,18 +722,20 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
 # Measured against one variance per group (the members taken as independent), fresh draws on the benchmark volumes'
 # test slab and 4 held-out slabs (2026-12-06), the volumetric filter: Gaussian 25/255 +0.10 dB on the InVesalius CT
 # and +0.01 on Colin27, Gaussian 6/255 +0.03 and +0.07, Poisson 200 +0.10 and +0.08, Gamma 100 +0.12 and +0.09 (27
-# of 40 slabs up by 0.05 or more, none down by more than 0.01); each step alone gained half to two thirds of it. Fast on the three 2D images' test crops and 3 held-out regions: Gaussian 25/255 +0.21,
-# +0.23 and +0.20 dB (693 CT, shoulder MRI, chest X-ray), Poisson 200 +0.24, -0.03 and +0.14, Gamma 100 +0.35, +0.04
-# and +0.15, Gaussian 6/255 +0.09, -0.14 and -0.03 (the shoulder MRI's reference carries noise of its own, which the
-# curve counts). The filters take 1.2 times their time (the volumetric filter, one thread; the 2D filters about the
-# same), `group_variance` gathering only the members that overlap.
+# of 40 slabs up by 0.05 or more, none down by more than 0.01); each step alone gained half to two thirds of it.
+# Fast on the three 2D images' test crops and 3 held-out regions: Gaussian 25/255 +0.21, +0.23 and +0.20 dB (693 CT,
+# shoulder MRI, chest X-ray), Poisson 200 +0.24, -0.03 and +0.14, Gamma 100 +0.35, +0.04 and +0.15, Gaussian 6/255
+# +0.09, -0.14 and -0.03 (faint noise where the blind curve also counts the reference's own noise and texture). The
+# volumetric filter takes 1.2 times its time (CPU time, one thread), the 2D filters about as long as before:
+# `group_variance` gathers only the members that overlap. After it, neither the first step's threshold (2.8, 3.2)
+# nor the Wiener step's weight of the noise (0.3, 0.55) gained under both Gaussian 25/255 and Gamma 100.
 @functools.lru_cache(maxsize=None)
 def _white_table(block: int, dims: int, slices: int, device: torch.device) -> torch.Tensor:
     """The coefficient table of white noise of unit variance, the shape the filters take where none is read: two
     members of a group that overlap hold the noise of the voxels they share, so their coefficients' noise correlates
     though the voxels' does not, and `group_variance` counts it (one variance for the whole group took the members
-    as independent). Blocks `block` voxels a side in `dims` dimensions (a patch, a cube),
-    members up to `slices` slices apart, and the reach of the table `_coefficient_table` reads for them."""
+    as independent). Blocks `block` voxels a side in `dims` dimensions (a patch, a cube), members up to `slices`
+    slices apart, and the reach of the table `_coefficient_table` reads for them."""
     white = np.zeros((1, 3, 3))
     white[0, 1, 1] = 1.0
     return _table_of(white, block, dims, slices, CUBE_TABLE_REACH if dims == 3 else CORRELATED_TABLE_REACH, device)
