@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from DiffDenoiseLib import covariance as covariance_module
+from DiffDenoiseLib import covariance as covariance_module, wiener
 from DiffDenoiseLib.covariance import (
     coefficient_covariance, estimate_noise_covariance, group_variance, highpass_reading, noise_shape,
 )
@@ -15,6 +15,20 @@ from test_fusion import textured
 from test_wiener import under_correlated_noise
 
 BASIS = torch.kron(dct_matrix(8), dct_matrix(8)).reshape(64, 8, 8)
+CUBE_BASIS = torch.kron(torch.kron(dct_matrix(4), dct_matrix(4)), dct_matrix(4))  # (64, 64): the 4x4x4 cubes' DCT
+
+
+def measured_cube_group_variances(field: np.ndarray, offsets: torch.Tensor, span) -> torch.Tensor:
+    """The variance of each coefficient of the 3D transform (the cubes' DCT, then a DCT across the group) of a
+    group of 4x4x4 cubes at `offsets` (members, 3) from its first corner, measured by sliding that corner over the
+    `span` (z, y, x) first voxels of the noise volume `field`: (members, 64)."""
+    t = torch.from_numpy(field)
+    sz, sy, sx = span
+    cubes = torch.stack([t[dz:dz + sz, dy:dy + sy, dx:dx + sx].unfold(0, 4, 1).unfold(1, 4, 1).unfold(2, 4, 1)
+                         for dz, dy, dx in offsets.tolist()])  # (members, z, y, x, 4, 4, 4)
+    coefficients = torch.einsum("kv,gzyxv->zyxgk", CUBE_BASIS.double(), cubes.flatten(-3))
+    across = dct_matrix(len(offsets)).double()
+    return torch.einsum("ag,zyxgk->zyxak", across, coefficients).pow(2).mean(dim=(0, 1, 2))
 
 
 def empirical_covariance(noise, *offset):
@@ -125,19 +139,28 @@ def test_the_exact_variances_of_a_group_of_cubes_match_those_of_noise_cubes():
     field = add_noise(np.zeros((24, 96, 96)), "correlated", 0.5, rng, sigma=1.0)
     covariance = np.array([[[empirical_covariance(field, dz, dy, dx) for dx in range(-8, 9)] for dy in range(-8, 9)]
                            for dz in range(-3, 4)])
-    cube = torch.kron(torch.kron(dct_matrix(4), dct_matrix(4)), dct_matrix(4))
-    table = coefficient_covariance(covariance, cube.reshape(64, 4, 4, 4), 6, max_slices=2)
+    table = coefficient_covariance(covariance, CUBE_BASIS.reshape(64, 4, 4, 4), 6, max_slices=2)
     assert table.shape == (5, 13, 13, 64)
     offsets = torch.tensor([[0, 0, 0], [0, 0, 2], [1, 1, 0], [2, 3, 3]])
     exact = group_variance(table, offsets[None])[0]  # (4, 64)
-    t = torch.from_numpy(field)
-    cubes = torch.stack([t[dz:dz + 18, dy:dy + 88, dx:dx + 88].unfold(0, 4, 1).unfold(1, 4, 1).unfold(2, 4, 1)
-                         for dz, dy, dx in offsets.tolist()])  # (members, z, y, x, 4, 4, 4)
-    coefficients = torch.einsum("kv,gzyxv->zyxgk", cube.double(), cubes.flatten(-3))
-    measured = torch.einsum("ag,zyxgk->zyxak", dct_matrix(4), coefficients).pow(2).mean(dim=(0, 1, 2))  # (4, 64)
+    measured = measured_cube_group_variances(field, offsets, (18, 88, 88))
     strong = measured > 0.1 * measured.max()
     np.testing.assert_allclose(exact[strong].numpy(), measured[strong].numpy(), rtol=0.08)
     assert exact[0, 0] > 2 * exact[1:, 0].mean(), "members that share noise: the group's mean carries more of it"
+
+
+def test_the_white_noise_table_gives_overlapping_cubes_the_variance_of_the_noise_they_share():
+    """Under white noise two cubes that overlap share the noise of their common voxels: the table of white noise
+    (`wiener._white_table`, the shape the filters take where none is read) gives each coefficient of a group's
+    transform the variance measured by sliding the group over a white noise volume, where one variance per group,
+    the members taken as independent, is 1 for all; the group's mean carries more, its differences less."""
+    field = np.random.default_rng(5).standard_normal((24, 96, 96))
+    table = wiener._white_table(wiener.CUBE, 3, 2 * wiener.CUBE_SLICE_REACH, torch.device("cpu")).double()
+    offsets = torch.tensor([[0, 0, 0], [0, 0, 1], [1, 1, 0], [2, 3, 3], [0, 9, 9]])
+    exact = group_variance(table, offsets[None])[0]  # (5, 64)
+    measured = measured_cube_group_variances(field, offsets, (18, 80, 80))
+    np.testing.assert_allclose(exact.numpy(), measured.numpy(), rtol=0.06)
+    assert exact[0, 0] > 1.7 and exact[2:, 0].max() < 0.7  # the group's mean and differences of DC coefficients
 
 
 @pytest.mark.parametrize("group, noise", [(1, "correlated"), (2, "correlated"), (5, "correlated"), (16, "correlated"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from DiffDenoiseLib import covariance as covariance_module, datasets, wiener
+from DiffDenoiseLib import datasets, wiener
 from DiffDenoiseLib.covariance import coefficient_covariance
 from DiffDenoiseLib.fusion import fuse_with_observation
 from DiffDenoiseLib.noise import (
@@ -395,26 +395,6 @@ def real_ct_slab() -> np.ndarray:
     low, high = np.percentile(ct, [0.5, 99.5])
     first = ct.shape[0] // 2 - 4
     return np.clip((ct[first:first + 8, 80:176, 80:176] - low) / (high - low), 0.0, 1.0)
-
-
-def test_the_white_noise_table_gives_overlapping_cubes_the_variance_of_the_noise_they_share():
-    """Under white noise two cubes that overlap share the noise of their common voxels: the table of white noise
-    (`_white_table`, the shape the filters take where none is read) gives each coefficient of a group's transform
-    the variance measured by sliding the group over a white noise volume, where one variance per group, the
-    members taken as independent, is 1 for all; the group's mean carries more, its differences less."""
-    field = np.random.default_rng(5).standard_normal((24, 96, 96))
-    table = wiener._white_table(wiener.CUBE, 3, 2 * wiener.CUBE_SLICE_REACH, torch.device("cpu")).double()
-    offsets = torch.tensor([[0, 0, 0], [0, 0, 1], [1, 1, 0], [2, 3, 3], [0, 9, 9]])
-    exact = covariance_module.group_variance(table, offsets[None])[0]  # (5, 64)
-    cube = torch.kron(torch.kron(wiener.dct_matrix(4), wiener.dct_matrix(4)), wiener.dct_matrix(4))
-    t = torch.from_numpy(field)
-    cubes = torch.stack([t[dz:dz + 18, dy:dy + 80, dx:dx + 80].unfold(0, 4, 1).unfold(1, 4, 1).unfold(2, 4, 1)
-                         for dz, dy, dx in offsets.tolist()])  # (members, z, y, x, 4, 4, 4)
-    coefficients = torch.einsum("kv,gzyxv->zyxgk", cube.double(), cubes.flatten(-3))
-    across = wiener.dct_matrix(len(offsets)).double()
-    measured = torch.einsum("ag,zyxgk->zyxak", across, coefficients).pow(2).mean(dim=(0, 1, 2))  # (5, 64)
-    np.testing.assert_allclose(exact.numpy(), measured.numpy(), rtol=0.06)
-    assert exact[0, 0] > 1.7 and exact[2:, 0].max() < 0.7  # the group's mean and differences of DC coefficients
 
 
 def test_on_a_real_ct_the_white_noise_table_gains_over_taking_the_members_as_independent():
