@@ -295,6 +295,73 @@ def test_the_hard_thresholding_estimate_owes_nothing_to_the_pilot_and_averaged_w
         wiener.collaborative_hard_threshold(np.zeros((6, 40)), np.zeros((6, 40)), WHITE)
 
 
+def test_the_haar_transform_is_orthonormal_with_the_mean_first_and_the_finest_differences_last():
+    for size in (1, 2, 4, 8, 16):
+        haar = wiener.haar_matrix(size)
+        torch.testing.assert_close(haar @ haar.T, torch.eye(size, dtype=torch.float64))
+    haar = wiener.haar_matrix(8)
+    torch.testing.assert_close(haar[0], torch.full((8,), 8 ** -0.5, dtype=torch.float64))
+    torch.testing.assert_close(haar[-1], torch.tensor([0.0] * 6 + [1.0, -1.0], dtype=torch.float64) / 2 ** 0.5)
+
+
+def test_each_coefficient_gets_the_noise_curve_where_its_basis_patch_lies():
+    """White noise whose variance is 4 on a patch's left half and 1 on its right (Gamma noise at an edge): over
+    20,000 draws each Haar coefficient's variance is `_spread_over`'s within 6 %, the finest differences' 4 or 1
+    where the patch's mean variance says 2.5 for all, and every DCT coefficient's within a quarter of 2.5."""
+    levels = torch.ones(8, 8, dtype=torch.float64)
+    levels[:, :4] = 4.0
+    draws = torch.randn(20000, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    draws = draws * levels.reshape(-1).sqrt()
+    for kind in ("haar", "dct"):
+        block = wiener._transform_on(8, torch.device("cpu"), torch.float64, 2, kind)
+        spread = wiener._spread_over(levels.reshape(1, 1, 64).expand(1, 3, 64), block)[0, 0]
+        measured = (draws @ block.T).var(dim=0)
+        torch.testing.assert_close(measured, spread, rtol=0.06, atol=0.0)
+        if kind == "haar":  # the finest differences in the bottom right and the bottom left 2 x 2 voxels
+            assert block[-1].reshape(8, 8)[6:, 6:].abs().min() > 0 and block[-4].reshape(8, 8)[6:, :2].abs().min() > 0
+            assert spread[-1] == pytest.approx(1.0) and spread[-4] == pytest.approx(4.0)
+        else:
+            assert torch.all((spread - 2.5).abs() < 0.25 * 2.5)
+
+
+def real_ct_image() -> np.ndarray:
+    """A real head CT slice (pydicom-data's 693_UNCR.dcm) averaged over 2 x 2 pixels, on [0, 1], 96 x 96 of skull,
+    brain and the air beside them (skips where the data is missing)."""
+    try:
+        ct = datasets.pydicom_file("693_UNCR.dcm").array[0].astype(np.float64)
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    ct = ct.reshape(256, 2, 256, 2).mean(axis=(1, 3))
+    low, high = np.percentile(ct, [0.5, 99.5])
+    return np.clip((ct[64:160, :96] - low) / (high - low), 0.0, 1.0)
+
+
+def test_on_a_real_ct_the_first_steps_haar_transform_and_its_noise_where_each_coefficient_lies_gain(monkeypatch):
+    """On a real CT slice under white noise of std 0.05, both 2D steps leave less error with the first step
+    thresholding each patch's Haar transform than its DCT (measured 0.91, 0.96 and 0.91 of it at three draws); under
+    Gamma noise (alpha 100: none in the air, most in the bone) less with each coefficient's noise read where its
+    basis patch lies (`_spread_over`) than with the patch's mean (0.97 at two draws)."""
+    clean = real_ct_image()
+    rng = np.random.default_rng(3)
+    white = clean + 0.05 * rng.standard_normal(clean.shape)
+    haar = _filters_2d(white, False)
+
+    def cleared():
+        wiener._transform_on.cache_clear()
+        wiener._white_table.cache_clear()
+
+    with monkeypatch.context() as patch:
+        patch.setitem(wiener.TRANSFORMS, "haar", wiener.dct_matrix)
+        cleared()
+        dct = _filters_2d(white, False)
+    cleared()
+    assert mse(haar, clean) < 0.97 * mse(dct, clean)
+    gamma = clean * rng.gamma(100.0, 1.0 / 100.0, clean.shape)
+    spread = _filters_2d(gamma, False)
+    monkeypatch.setattr(wiener, "_spread_over", lambda levels, block: levels.mean(dim=(1, 2))[:, None, None])
+    assert mse(spread, clean) < 0.985 * mse(_filters_2d(gamma, False), clean)
+
+
 def slowly_changing_volume(slices=8, side=48):
     """Texture and anatomy whose contrast changes a little from slice to slice, as in a thin-slice scan."""
     texture, anatomy = textured(side), phantom(side)
@@ -371,7 +438,7 @@ def test_the_shared_noise_penalty_adds_twice_the_cubes_expected_shared_noise_at_
     covariance[1, 2, 2], covariance[1, 2, 3], covariance[1, 2, 1], covariance[0, 2, 2] = 1.0, 0.3, 0.3, 0.2
     covariance[2, 2, 2] = 0.2  # R(-d) = R(d)
     cube, radius, centre, starts = wiener.CUBE, 3, 2, 5
-    basis = wiener._dct_on(cube, torch.device("cpu"), torch.float64, dims=3).reshape((-1,) + (cube,) * 3)
+    basis = wiener._transform_on(cube, torch.device("cpu"), torch.float64, dims=3).reshape((-1,) + (cube,) * 3)
     table = coefficient_covariance(covariance, basis, wiener.CUBE_TABLE_REACH, max_slices=2 * wiener.CUBE_SLICE_REACH)
     level = torch.full((cube, 12, 12), 2.0)
     level[:, :, 6:] = 3.0  # a reference cube over both halves averages them
