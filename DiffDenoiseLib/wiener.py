@@ -28,10 +28,11 @@ spectrum by 0.2 to 0.5 dB on two of them); on the two volumes, the Wiener step o
 which keeps little of the noise, now has the covariance read on y - m instead (`covariance_on_residual`).
 
 BM3D's first step, `collaborative_hard_threshold`, is here too: groups matched on y itself,
-coefficients below HARD_THRESHOLD noise std dropped; under white noise it thresholds each patch's Haar transform,
-as BM3D thresholds a wavelet's, and each coefficient's noise is the curve where its basis patch lies. Its estimate
-owes nothing to the networks, and under white noise the pipeline averages it with a 2D model's result before the
-Wiener filter: their errors differ, and the average is a better pilot than either.
+coefficients below HARD_THRESHOLD noise std dropped; under white noise (or noise whose shape it reads) it
+thresholds each patch's Haar transform, as BM3D thresholds a wavelet's, each coefficient's noise the curve where
+its basis patch lies. Its estimate owes nothing to the networks, and under white noise the pipeline averages it
+with a 2D model's result before the Wiener filter: their errors differ, and the average is a better pilot than
+either.
 
 For a volume with white noise, `volumetric_filter` runs both steps on cubes instead (BM4D, Maggioni
 et al. 2013): 4x4x4 cubes, matched in the slice and three slices either way, take in that the anatomy
@@ -891,8 +892,9 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
     (covariance.py), with the CORRELATED_ groups, search, spacing and threshold; a `table` of the noise's `shape`
     instead spreads the curve's variance over the coefficients, with the settings of white noise, and without a
-    `table` that shape is white noise's (`_white_table`), and the first step thresholds Haar coefficients. Where
-    the shape spreads the curve's variance, each coefficient gets the curve where its basis patch lies
+    `table` that shape is white noise's (`_white_table`). Wherever a shape spreads the curve's variance the first
+    step thresholds Haar coefficients (a shape's `table` must then be read in the Haar transform, as
+    `collaborative_hard_threshold` reads it), and each coefficient gets the curve where its basis patch lies
     (`_spread_over`). The groups are taken from `groups` (`MatchedGroups`, under the slice's index `start` in the
     whole stack) where they were kept.
 
