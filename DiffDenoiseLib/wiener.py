@@ -301,6 +301,7 @@ def haar_matrix(size: int) -> torch.Tensor:
 
 
 TRANSFORMS = {"dct": dct_matrix, "haar": haar_matrix}
+FIRST_STEP_TRANSFORM = "haar"  # the 2D first step's within each patch wherever a shape spreads the curve's variance
 
 
 @functools.lru_cache(maxsize=16)
@@ -310,9 +311,10 @@ def _transform_on(size: int, device: torch.device, dtype: torch.dtype, dims: int
     Kronecker product of its matrix `dims` times, acting on the block's voxels in row-major order) on `device` in
     `dtype`, made once: each chunk of references needs the group's, and building it and copying it over per chunk
     (about 1,000 times a volume) made a GPU wait on the copies."""
-    matrix = TRANSFORMS[kind](size)
+    line = TRANSFORMS[kind](size)
+    matrix = line
     for _ in range(dims - 1):
-        matrix = torch.kron(matrix, TRANSFORMS[kind](size))
+        matrix = torch.kron(matrix, line)
     return matrix.to(device, dtype)
 
 
@@ -392,7 +394,7 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
                                   table=shape_table, shape=True, groups=groups)
             return np.stack([done[i] for i in read])
 
-        table = _read_noise_shape(y3[read], first_step, device, kind="haar")
+        table = _read_noise_shape(y3[read], first_step, device, kind=FIRST_STEP_TRANSFORM)
         groups.keep_new = False  # the other slices' patches are matched once only
     filtered = _filter_slices(y3, y32, m3, curve, wanted, wanted, context, device,
                               progress, wiener=False, table=table, shape=noise_shape, groups=groups)
@@ -919,9 +921,9 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
                                    CORRELATED_STEP)
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
-    # the first step under white noise or a read shape thresholds each patch's Haar transform (`haar_matrix`, the
-    # shape's table read in it), the others take its DCT
-    kind = "haar" if shape_of_noise and not wiener else "dct"
+    # the first step under white noise or a read shape thresholds each patch's FIRST_STEP_TRANSFORM (the shape's
+    # table read in it), the others take its DCT
+    kind = FIRST_STEP_TRANSFORM if shape_of_noise and not wiener else "dct"
     block = _transform_on(PATCH, device, dtype, 2, kind)
     kaiser = torch.kaiser_window(PATCH, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
     window = torch.outer(kaiser, kaiser).reshape(-1).to(device, dtype)
@@ -964,11 +966,12 @@ def _spread_over(levels: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 
 
 def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor, dct1: torch.Tensor,
-            dct_block: torch.Tensor, threshold: float = HARD_THRESHOLD, weight_of_noise: float = 1.0):
+            block: torch.Tensor, threshold: float = HARD_THRESHOLD, weight_of_noise: float = 1.0):
     """The groups' blocks filtered in place and each group's aggregation weight, from the 3D spectra of y's groups
-    (R, group, voxels): Wiener gains p^2 / (p^2 + w s) from the pilot's spectra `cm` (p), w = 1 / (1 + (1 /
-    `weight_of_noise` - 1) p^2 / (p^2 + s)): the weight where the pilot's coefficient stands clear of the noise, 1
-    where it lies within it; or, when `cm` is None, hard thresholding at `threshold` noise std."""
+    (R, group, voxels), taken back through the group's DCT `dct1` and the blocks' orthonormal transform `block`:
+    Wiener gains p^2 / (p^2 + w s) from the pilot's spectra `cm` (p), w = 1 / (1 + (1 / `weight_of_noise` - 1) p^2 /
+    (p^2 + s)): the weight where the pilot's coefficient stands clear of the noise, 1 where it lies within it; or,
+    when `cm` is None, hard thresholding at `threshold` noise std."""
     if cm is not None:
         power = cm ** 2
         if weight_of_noise != 1.0:
@@ -978,4 +981,4 @@ def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor
         gain = (cy.abs() > threshold * variance.sqrt()).to(cy.dtype)
     gain[:, 0, 0] = 1.0  # the group's mean is kept: shrinking it would pull a region's level towards 0
     weight = 1.0 / ((variance * gain.pow(2)).sum(dim=(1, 2), keepdim=True) + 1e-20)  # (R, 1, 1)
-    return dct1.T @ (gain * cy) @ dct_block, weight
+    return dct1.T @ (gain * cy) @ block, weight
