@@ -28,9 +28,9 @@ spectrum by 0.2 to 0.5 dB on two of them); on the two volumes, the Wiener step o
 which keeps little of the noise, now has the covariance read on y - m instead (`covariance_on_residual`).
 
 BM3D's first step, `collaborative_hard_threshold`, is here too: groups matched on y itself,
-coefficients below HARD_THRESHOLD noise std dropped; under white noise (or noise whose shape it reads) it
-thresholds each patch's Haar transform, as BM3D thresholds a wavelet's, each coefficient's noise the curve where
-its basis patch lies. Its estimate owes nothing to the networks, and under white noise the pipeline averages it
+coefficients below HARD_THRESHOLD noise std dropped; it thresholds each patch's Haar transform, as BM3D
+thresholds a wavelet's, each coefficient's noise under white noise (or noise whose shape it reads) the curve where
+its basis patch lies, under correlated noise the exact one of its group. Its estimate owes nothing to the networks, and under white noise the pipeline averages it
 with a 2D model's result before the Wiener filter: their errors differ, and the average is a better pilot than
 either.
 
@@ -288,7 +288,10 @@ def dct_matrix(size: int) -> torch.Tensor:
 # +0.18 and +0.02 dB, of 0.45 +0.27, +0.18 and +0.10, and on the shoulder MRI's test crop, whose Poisson 200 and
 # Gamma 100 draws read a shape, +0.19 and +0.18 (11 of 12 regions up, one down by 0.05); on a synthetic texture that
 # fills the image under Poisson noise (which reads no shape in the pipeline) the read shape smoothed more than with
-# the DCT (1.35 to 1.64 times the white filters' error against 1.10 to 1.24).
+# the DCT (1.35 to 1.64 times the white filters' error against 1.10 to 1.24). Under correlated noise (the exact
+# variances, the table read in the Haar transform; the correlated-noise filters called on the same regions, pilot
+# Fast's network result, 2026-12-07) it gained under noise of a 0.5-pixel kernel +0.34, +0.20 and +0.05 dB (all 12
+# regions up), of 1.2 +0.15, -0.01 and +0.00.
 def haar_matrix(size: int) -> torch.Tensor:
     """The orthonormal Haar transform of length `size` (a power of 2), fully decomposed, as a (size, size) matrix
     (float64): the mean, then the differences of halves, of quarters, and so on down to neighbouring voxels."""
@@ -301,7 +304,7 @@ def haar_matrix(size: int) -> torch.Tensor:
 
 
 TRANSFORMS = {"dct": dct_matrix, "haar": haar_matrix}
-FIRST_STEP_TRANSFORM = "haar"  # the 2D first step's within each patch wherever a shape spreads the curve's variance
+FIRST_STEP_TRANSFORM = "haar"  # the 2D first step's within each patch (`_filter_slice_sums`)
 
 
 @functools.lru_cache(maxsize=16)
@@ -383,7 +386,7 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
     y3, m3, wanted = _checked("hard-thresholding filter", noisy, pilot, context, indices)
     if noise_shape and context:
         raise ValueError("the hard-thresholding filter reads the noise's shape only without context slices")
-    table = _coefficient_table(y3, m3, device, context) if correlated_noise else None
+    table = _coefficient_table(y3, m3, device, context, kind=FIRST_STEP_TRANSFORM) if correlated_noise else None
     y32 = np.asarray(y3, dtype=np.float32)
     groups = None
     if noise_shape:
@@ -894,10 +897,9 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
     (covariance.py), with the CORRELATED_ groups, search, spacing and threshold; a `table` of the noise's `shape`
     instead spreads the curve's variance over the coefficients, with the settings of white noise, and without a
-    `table` that shape is white noise's (`_white_table`). Wherever a shape spreads the curve's variance the first
-    step thresholds Haar coefficients (a shape's `table` must then be read in the Haar transform, as
-    `collaborative_hard_threshold` reads it), and each coefficient gets the curve where its basis patch lies
-    (`_spread_over`). The groups are taken from `groups` (`MatchedGroups`, under the slice's index `start` in the
+    `table` that shape is white noise's (`_white_table`). The first step thresholds Haar coefficients (its `table`
+    must then be read in the Haar transform, as `collaborative_hard_threshold` reads it), and wherever a shape
+    spreads the curve's variance each coefficient gets the curve where its basis patch lies (`_spread_over`). The groups are taken from `groups` (`MatchedGroups`, under the slice's index `start` in the
     whole stack) where they were kept.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
@@ -921,9 +923,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
                                    CORRELATED_STEP)
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
-    # the first step under white noise or a read shape thresholds each patch's FIRST_STEP_TRANSFORM (the shape's
-    # table read in it), the others take its DCT
-    kind = FIRST_STEP_TRANSFORM if shape_of_noise and not wiener else "dct"
+    # the first step thresholds each patch's FIRST_STEP_TRANSFORM (a `table` read in it), the Wiener step its DCT
+    kind = "dct" if wiener else FIRST_STEP_TRANSFORM
     block = _transform_on(PATCH, device, dtype, 2, kind)
     kaiser = torch.kaiser_window(PATCH, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
     window = torch.outer(kaiser, kaiser).reshape(-1).to(device, dtype)
