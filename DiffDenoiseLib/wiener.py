@@ -141,7 +141,11 @@ CORRELATED_TABLE_REACH = 2 * max(CORRELATED_HARD_SEARCH_RADIUS, CORRELATED_WIENE
 # Hard thresholding under correlated noise, then the Wiener step (the benchmark's three 2D images, exact variances):
 # 3.5 noise std gained 0.14 dB on average over 2.7 and 0.06 over 3.0. With the Wiener groups of 400, 3.0 read
 # +0.13 dB on the tissue-filled held-out crops (Colin27 +0.32, the InVesalius CT -0.06) and -0.12 on the strips
-# (3.25: -0.04), 4.0 -0.19 on the crops: 3.5 stays.
+# (3.25: -0.04), 4.0 -0.19 on the crops: 3.5 stays. With the Haar first step (2026-12-07, the 2D images' test crops
+# and 3 held-out regions, the filters called alone) 3.0 gained +0.07 to +0.12 dB under a 0.5-pixel kernel's noise and
+# lost 0.10 to 0.20 under 1.2, 3.8 the reverse (-0.05 to -0.07, +0.01 to +0.06); a threshold following the noise's
+# neighbour correlation (3.0 at 0.3, 3.8 at 0.75, as `wiener_weight_of_noise` follows it) then gained only +0.02 on
+# average on fresh draws (-0.07 to +0.08): 3.5 stays.
 CORRELATED_HARD_THRESHOLD = 3.5
 # The 2D Wiener step's gains under correlated noise weigh the noise's exact variance less where the noise is mildly
 # correlated and the pilot's coefficient stands clear of the noise (`wiener_weight_of_noise`, `_shrink`; presumably
