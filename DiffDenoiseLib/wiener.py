@@ -112,6 +112,20 @@ CORRELATED_HARD_SEARCH_RADIUS = 12
 CORRELATED_STEP = 4
 CORRELATED_WIENER_RADIUS_2D = 10  # the search window and reference spacing of the Wiener step within the slice
 CORRELATED_WIENER_STEP_2D = 6
+# A group of the 2D Wiener step gathers every patch within +-10 of its reference: where the image changes (a skull's
+# edge, air beside tissue) most of them differ from it. Each group is now as large as its similar members allow (a
+# mean squared difference on the pilot within CORRELATED_WIENER_SIMILARITY times the noise variance R(0)): 400 or
+# its halvings down to 25. Measured on the three 2D images' test crops and 3 held-out regions each, the filters
+# called alone (pilot Fast's network result, two sets of fresh draws, 2026-12-07), against every group of 400: under
+# noise of a 0.5-pixel kernel +0.53 and +0.62 dB (693 CT; a strip of skull and air +1.1 and +1.7), +0.20 and +0.16
+# (shoulder MRI), -0.13 and -0.12 (chest X-ray: every region down by 0.03 to 0.26, its lung texture everywhere
+# leaving groups small where the whole window had gained); of a 1.2-pixel kernel +0.55 and +0.58, +0.15 and +0.12,
+# -0.07 and -0.10. Within 0.25 R(0) (0.5-pixel kernel) +0.61, +0.23, -0.21; within 2 and 4 +0.41 and +0.28, +0.16
+# and +0.15, -0.11 and -0.06; fixed groups of 32 within +-19 every third voxel (BM3D's) +0.32, -0.02, -0.06, of 128
+# within +-16 every fourth +0.13, -0.09, -0.17. Told the true covariance, the step had trailed BM3D's Wiener step on
+# our first step by 0.41 dB on the 693 CT, 0.07 on the shoulder MRI, and led it by 0.21 on the chest X-ray.
+CORRELATED_WIENER_SIMILARITY = 1.0
+CORRELATED_WIENER_HALVINGS = 4
 # The Wiener step's groups across slices (a 2.5D model's result matching them) gained from a wider window, on the
 # benchmark volumes' 8 held-out slabs (correlated 1.2, fresh draws; Full, Fast in brackets) against +-12: +-20
 # Colin27 +0.03 dB (+0.02), the InVesalius CT +0.21 (+0.22) for 1.15 times the time; +-24 +0.03 and +0.23; +-16
@@ -794,10 +808,17 @@ def _table_of(covariance: np.ndarray, block: int, dims: int, slices: int, reach:
                                                                                  torch.float32)
 
 
+def noise_variance_of(table: torch.Tensor) -> float:
+    """The noise variance R(0) a coefficient `table` (`_coefficient_table`, of patches or cubes) was made from: its
+    coefficients at one offset d sum to B R(d), B the block's voxels (the transform is orthonormal)."""
+    depth, centre = table.shape[0] // 2, table.shape[1] // 2
+    return float(table[depth, centre, centre].sum()) / table.shape[-1]
+
+
 def neighbour_correlation(table: torch.Tensor) -> Optional[float]:
     """How much the noise of neighbouring voxels in a slice correlates, R(1) / R(0) (the mean of the four
-    neighbours), read from a coefficient `table` (`_coefficient_table`, of patches or cubes): its coefficients at
-    one offset d sum to B R(d), B the block's voxels (the DCT is orthonormal). None where it reads no noise."""
+    neighbours), read from a coefficient `table` (`_coefficient_table`, of patches or cubes), as
+    `noise_variance_of` reads R(0). None where it reads no noise."""
     depth, centre = table.shape[0] // 2, table.shape[1] // 2
     plane = table[depth, centre - 1:centre + 2, centre - 1:centre + 2].sum(-1).double()
     if plane[1, 1] <= 0:
@@ -911,7 +932,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     """
     d, h, w = ys.shape
     device, dtype = ys.device, ys.dtype
-    weight_of_noise = 1.0
+    weight_of_noise, similar_within = 1.0, None
     shape_of_noise = table is None or shape  # the curve's variance spread over the coefficients by a shape
     if shape_of_noise:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
@@ -922,6 +943,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
         elif d == 1:
             group, radius, step = CORRELATED_WIENER_GROUP, CORRELATED_WIENER_RADIUS_2D, CORRELATED_WIENER_STEP_2D
             weight_of_noise = wiener_weight_of_noise(table)
+            similar_within = CORRELATED_WIENER_SIMILARITY * noise_variance_of(table)
         else:
             group, radius, step = (CORRELATED_WIENER_GROUP_ACROSS_SLICES, CORRELATED_WIENER_RADIUS_ACROSS_SLICES,
                                    CORRELATED_STEP)
@@ -946,20 +968,37 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             return _match(ms, centre, chunk, ref_x, members, radius, NEAR_COPY_SHIFT if wiener else 0)
 
         where = match(group) if groups is None else groups.of(start, chunk, group, match)
-        dct1 = _transform_on(where.shape[1], device, dtype)
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
-        cy = dct1 @ (flat_y[pixels] @ block.T)  # the group's 3D spectrum
-        variance = group_variance(table, where)  # each coefficient's own, from the members' positions: (R, group, 64)
-        if shape:  # the noise curve at the group's intensity, spread over them as the noise's shape has it
-            variance = variance * _spread_over(flat_s[pixels], block)
-        cm = dct1 @ (flat_g[pixels] @ block.T) if wiener else None
-        filtered, weight = _shrink(cy, cm, variance, dct1, block, threshold, weight_of_noise)
-        weight = weight * window  # (R, 1, 64)
-        back = torch.ones_like(where[..., 0], dtype=torch.bool) if every_slice else where[..., 0] == centre
-        at = pixels[back].reshape(-1) - offset
-        total.index_add_(0, at, (filtered * weight)[back].reshape(-1))
-        weights.index_add_(0, at, weight.expand_as(filtered)[back].reshape(-1))
+        parts = [(where, pixels)]
+        if similar_within is not None:  # each group as large as its similar members
+            size = _similar_group_sizes(pixels, ms.reshape(-1), similar_within, group)
+            parts = [(where[size == n, :n], pixels[size == n, :n]) for n in size.unique().tolist()]
+        for where, pixels in parts:
+            dct1 = _transform_on(where.shape[1], device, dtype)
+            cy = dct1 @ (flat_y[pixels] @ block.T)  # the group's 3D spectrum
+            variance = group_variance(table, where)  # each coefficient's own, from the members' positions
+            if shape:  # the noise curve at the group's intensity, spread over them as the noise's shape has it
+                variance = variance * _spread_over(flat_s[pixels], block)
+            cm = dct1 @ (flat_g[pixels] @ block.T) if wiener else None
+            filtered, weight = _shrink(cy, cm, variance, dct1, block, threshold, weight_of_noise)
+            weight = weight * window  # (R, 1, 64)
+            back = torch.ones_like(where[..., 0], dtype=torch.bool) if every_slice else where[..., 0] == centre
+            at = pixels[back].reshape(-1) - offset
+            total.index_add_(0, at, (filtered * weight)[back].reshape(-1))
+            weights.index_add_(0, at, weight.expand_as(filtered)[back].reshape(-1))
     return total.reshape(kept, h, w), weights.reshape(kept, h, w)
+
+
+def _similar_group_sizes(pixels: torch.Tensor, match_on: torch.Tensor, within: float, group: int) -> torch.Tensor:
+    """Each reference's group size (R,): the largest of `group` and its halvings (CORRELATED_WIENER_HALVINGS of
+    them) whose members, nearest first (`pixels` (R, group, voxels) of the flat image `match_on` they were matched
+    on), all lie `within` a mean squared difference per voxel of the reference's patch, the first member."""
+    near = (match_on[pixels] - match_on[pixels[:, :1]]).pow(2).mean(dim=-1)  # (R, group)
+    similar = (near <= within).int().cumprod(dim=1).sum(dim=1)  # how many of the nearest all lie within
+    size = torch.full_like(similar, group >> CORRELATED_WIENER_HALVINGS)
+    for halvings in range(CORRELATED_WIENER_HALVINGS - 1, -1, -1):
+        size[similar >= group >> halvings] = group >> halvings
+    return size
 
 
 def _spread_over(levels: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

@@ -367,6 +367,48 @@ def test_on_a_real_ct_the_first_steps_haar_transform_and_its_noise_where_each_co
     assert mse(spread, clean) < 0.985 * mse(_filters_2d(gamma, False), clean)
 
 
+def _correlated_filters_2d(noisy):
+    """The 2D correlated-noise filters' two steps, each reading the noise covariance on the image: (estimate, image)."""
+    curve = noise_variance_curve(noisy)
+    estimate = wiener.collaborative_hard_threshold(noisy, noisy, curve, correlated_noise=True)
+    return estimate, wiener.collaborative_wiener(noisy, estimate.astype(np.float32), curve, correlated_noise=True)
+
+
+def test_on_a_real_ct_under_correlated_noise_haar_thresholds_and_groups_of_similar_patches_gain(monkeypatch):
+    """On a real CT slice (skull, brain and air) under correlated noise of std 0.08, the first step leaves less error
+    thresholding Haar coefficients than the DCT's under a 0.5-pixel kernel (0.90, 0.86 and 0.85 of it at three
+    draws), and the Wiener step less with each group as large as its similar patches allow than with every patch
+    of its window, under a 0.5-pixel kernel (0.87, 0.90, 0.91) and a 1.2-pixel one (0.91, 0.87, 0.92)."""
+    clean = real_ct_image()
+    for kernel in (0.5, 1.2):
+        noisy = clean + 0.08 * correlated_gaussian(clean.shape, kernel, np.random.default_rng(3))
+        estimate, image = _correlated_filters_2d(noisy)
+        with monkeypatch.context() as patch:
+            patch.setattr(wiener, "CORRELATED_WIENER_SIMILARITY", float("inf"))
+            _, every_patch = _correlated_filters_2d(noisy)
+        assert mse(image, clean) < 0.95 * mse(every_patch, clean)
+        if kernel == 0.5:
+            with monkeypatch.context() as patch:
+                patch.setitem(wiener.TRANSFORMS, "haar", wiener.dct_matrix)
+                wiener._transform_on.cache_clear()
+                dct, _ = _correlated_filters_2d(noisy)
+            wiener._transform_on.cache_clear()
+            assert mse(estimate, clean) < 0.95 * mse(dct, clean)
+
+
+def test_a_group_is_as_large_as_its_similar_members_allow():
+    """The largest of the group and its halvings whose first members all lie within the limit (they come nearest
+    first, as matched; a nearer one after a farther one does not count)."""
+    members = 16
+    values = torch.tensor([0.0, 0.1, 10.0])  # a flat image's voxels, by index
+    near = torch.zeros(members, dtype=torch.long)  # every member on the reference's value
+    five = torch.tensor([0] * 5 + [2] * 11)  # five members alike, then one far off
+    seventeen_off = torch.tensor([0, 2] + [1] * 14)  # the second member already too far
+    pixels = torch.stack([near, five, seventeen_off])[..., None]  # (R, group, 1 voxel)
+    sizes = wiener._similar_group_sizes(pixels, values, within=0.5, group=members)
+    assert sizes.tolist() == [16, 4, 1]
+
+
 def slowly_changing_volume(slices=8, side=48):
     """Texture and anatomy whose contrast changes a little from slice to slice, as in a thin-slice scan."""
     texture, anatomy = textured(side), phantom(side)
