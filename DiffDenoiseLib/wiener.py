@@ -920,7 +920,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     gains from the coefficients of `gains_on` (default: the matched image, the pilot), or, without `wiener`, hard
     thresholding of y's. Under correlated noise (a coefficient covariance
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
-    (covariance.py), with the CORRELATED_ groups, search, spacing and threshold; a `table` of the noise's `shape`
+    (covariance.py), with the CORRELATED_ groups, search, spacing and threshold (a slice's own Wiener groups only as
+    large as their similar members allow: `_similar_group_sizes`); a `table` of the noise's `shape`
     instead spreads the curve's variance over the coefficients, with the settings of white noise, and without a
     `table` that shape is white noise's (`_white_table`). The first step thresholds Haar coefficients (its `table`
     must then be read in the Haar transform, as `collaborative_hard_threshold` reads it), and wherever a shape
