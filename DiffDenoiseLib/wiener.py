@@ -30,9 +30,9 @@ which keeps little of the noise, now has the covariance read on y - m instead (`
 BM3D's first step, `collaborative_hard_threshold`, is here too: groups matched on y itself,
 coefficients below HARD_THRESHOLD noise std dropped; it thresholds each patch's Haar transform, as BM3D
 thresholds a wavelet's, each coefficient's noise under white noise (or noise whose shape it reads) the curve where
-its basis patch lies, under correlated noise the exact one of its group. Its estimate owes nothing to the networks, and under white noise the pipeline averages it
-with a 2D model's result before the Wiener filter: their errors differ, and the average is a better pilot than
-either.
+its basis patch lies, under correlated noise the exact one of its group. Its estimate owes nothing to the
+networks, and under white noise the pipeline averages it with a 2D model's result before the Wiener filter: their
+errors differ, and the average is a better pilot than either.
 
 For a volume with white noise, `volumetric_filter` runs both steps on cubes instead (BM4D, Maggioni
 et al. 2013): 4x4x4 cubes, matched in the slice and three slices either way, take in that the anatomy
@@ -925,8 +925,9 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     instead spreads the curve's variance over the coefficients, with the settings of white noise, and without a
     `table` that shape is white noise's (`_white_table`). The first step thresholds Haar coefficients (its `table`
     must then be read in the Haar transform, as `collaborative_hard_threshold` reads it), and wherever a shape
-    spreads the curve's variance each coefficient gets the curve where its basis patch lies (`_spread_over`). The groups are taken from `groups` (`MatchedGroups`, under the slice's index `start` in the
-    whole stack) where they were kept.
+    spreads the curve's variance each coefficient gets the curve where its basis patch lies (`_spread_over`). The
+    groups are taken from `groups` (`MatchedGroups`, under the slice's index `start` in the whole stack) where they
+    were kept.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
