@@ -401,10 +401,10 @@ def test_a_group_is_as_large_as_its_similar_members_allow():
     first, as matched; a nearer one after a farther one does not count)."""
     members = 16
     values = torch.tensor([0.0, 0.1, 10.0])  # a flat image's voxels, by index
-    near = torch.zeros(members, dtype=torch.long)  # every member on the reference's value
-    five = torch.tensor([0] * 5 + [2] * 11)  # five members alike, then one far off
-    seventeen_off = torch.tensor([0, 2] + [1] * 14)  # the second member already too far
-    pixels = torch.stack([near, five, seventeen_off])[..., None]  # (R, group, 1 voxel)
+    all_alike = torch.zeros(members, dtype=torch.long)  # every member on the reference's value
+    five_alike = torch.tensor([0] * 5 + [2] * 11)  # five members alike, then one far off
+    second_off = torch.tensor([0, 2] + [1] * 14)  # the second member already too far, the rest near again
+    pixels = torch.stack([all_alike, five_alike, second_off])[..., None]  # (R, group, 1 voxel)
     sizes = wiener._similar_group_sizes(pixels, values, within=0.5, group=members)
     assert sizes.tolist() == [16, 4, 1]
 
