@@ -79,6 +79,24 @@ PATCH = 8  # side of the patches, as in BM3D's second step
 GROUP = 16  # patches in each group
 STEP = 3  # spacing of the reference patches
 SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of the reference patch
+# A 2D image's Wiener step under white noise (or a shape read) takes groups as large as their similar members allow
+# (`_similar_group_sizes`, as under correlated noise below): up to WIENER_GROUP_2D patches within WIENER_RADIUS_2D,
+# halved while a member lies beyond WIENER_SIMILARITY times the curve's noise variance at the reference (a mean
+# squared difference on the pilot), down to GROUP. Measured on the three 2D images' test crops and 3 held-out
+# regions each (the chain of the pipeline: hard thresholding, pilot a tenth the network's result, then this step;
+# two sets of fresh draws, 2026-12-07), against GROUP within SEARCH_RADIUS: Gaussian 25/255 +0.41 and +0.44 dB
+# (693 CT), +0.06 and +0.11 (shoulder MRI), -0.04 and -0.02 (chest X-ray); Gaussian 6/255 +0.02 and +0.05, -0.02 and
+# -0.02, 0.00 and -0.01; Poisson 200 +0.06 and +0.05, -0.02 and -0.02, -0.02 and -0.02; Gamma 100 (one set, 0.5
+# times the variance) +0.09, 0.00, 0.00. Every test crop gained (-0.05 to +0.27; the held-out strips that lost are
+# the X-ray's lung and the MRI's, whose texture the pilot smooths). Within 0.5 times the variance 0.01 to 0.02 less;
+# up to 256 within +-12 (0.5) +0.51, +0.08, -0.04 under 25/255 but -0.04 on the MRI under 6/255 for 3 times the time
+# (a 128 x 128 slice: 0.1 s with GROUP, 1.5 s with 128, 4.8 s with 256); within +-8 a little less on the CT
+# (+0.37, +0.05, 0.00); within +-14 the MRI and the X-ray lost up to 0.05 under weak noise. The noise weighed by 0.7
+# where the pilot stands clear of it (`_shrink`) gained 0.03 to 0.04 on the MRI and the X-ray under Poisson 200 and
+# Gamma 100 and lost as much on the CT: 1 stays.
+WIENER_GROUP_2D = 128
+WIENER_RADIUS_2D = 10
+WIENER_SIMILARITY = 0.25
 # Under correlated noise (2.5D pilots of the benchmark's volumes, variances read on the residual) larger groups from
 # a wider window gained 0.5 to 2 dB over 16 within +-8, at 2.4 times the time; 128 patches gained nothing more on one
 # volume and lost on the other. References every 4th voxel there lost nothing (-0.04 to +0.01 dB) for 0.55 to 0.65
@@ -940,6 +958,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     shape_of_noise = table is None or shape  # the curve's variance spread over the coefficients by a shape
     if shape_of_noise:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
+        if wiener and d == 1:
+            group, radius, similar_within = WIENER_GROUP_2D, WIENER_RADIUS_2D, WIENER_SIMILARITY
     else:
         threshold = CORRELATED_HARD_THRESHOLD
         if not wiener:
@@ -975,7 +995,11 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
         parts = [(where, pixels)]
         if similar_within is not None:  # each group as large as its similar members
-            size = _similar_group_sizes(pixels, ms.reshape(-1), similar_within, group)
+            within = similar_within  # under white noise times the curve's variance at the reference
+            if shape_of_noise:
+                within = similar_within * flat_s[pixels[:, 0]].mean(dim=-1, keepdim=True)
+            smallest = GROUP if shape_of_noise else group >> CORRELATED_WIENER_HALVINGS
+            size = _similar_group_sizes(pixels, ms.reshape(-1), within, group, smallest)
             parts = [(where[size == n, :n], pixels[size == n, :n]) for n in size.unique().tolist()]
         for where, pixels in parts:
             dct1 = _transform_on(where.shape[1], device, dtype)
@@ -993,15 +1017,18 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     return total.reshape(kept, h, w), weights.reshape(kept, h, w)
 
 
-def _similar_group_sizes(pixels: torch.Tensor, match_on: torch.Tensor, within: float, group: int) -> torch.Tensor:
-    """Each reference's group size (R,): the largest of `group` and its halvings (CORRELATED_WIENER_HALVINGS of
-    them) whose members, nearest first (`pixels` (R, group, voxels) of the flat image `match_on` they were matched
-    on), all lie `within` a mean squared difference per voxel of the reference's patch, the first member."""
+def _similar_group_sizes(pixels: torch.Tensor, match_on: torch.Tensor, within, group: int,
+                         smallest: int) -> torch.Tensor:
+    """Each reference's group size (R,): the largest of `group` and its halvings down to `smallest` whose members,
+    nearest first (`pixels` (R, group, voxels) of the flat image `match_on` they were matched on), all lie `within`
+    a mean squared difference per voxel of the reference's patch, the first member (a number, or one per reference:
+    (R, 1))."""
     near = (match_on[pixels] - match_on[pixels[:, :1]]).pow(2).mean(dim=-1)  # (R, group)
     similar = (near <= within).int().cumprod(dim=1).sum(dim=1)  # how many of the nearest all lie within
-    size = torch.full_like(similar, group >> CORRELATED_WIENER_HALVINGS)
-    for halvings in range(CORRELATED_WIENER_HALVINGS - 1, -1, -1):
-        size[similar >= group >> halvings] = group >> halvings
+    size = torch.full_like(similar, smallest)
+    while group > smallest:
+        size[(similar >= group) & (size < group)] = group
+        group >>= 1
     return size
 
 

@@ -405,8 +405,24 @@ def test_a_group_is_as_large_as_its_similar_members_allow():
     five_alike = torch.tensor([0] * 5 + [2] * 11)  # five members alike, then one far off
     second_off = torch.tensor([0, 2] + [1] * 14)  # the second member already too far, the rest near again
     pixels = torch.stack([all_alike, five_alike, second_off])[..., None]  # (R, group, 1 voxel)
-    sizes = wiener._similar_group_sizes(pixels, values, within=0.5, group=members)
+    sizes = wiener._similar_group_sizes(pixels, values, within=0.5, group=members, smallest=1)
     assert sizes.tolist() == [16, 4, 1]
+    assert wiener._similar_group_sizes(pixels, values, within=0.5, group=members, smallest=8).tolist() == [16, 8, 8]
+    one_each = torch.tensor([[0.5], [0.5], [200.0]])  # a limit per reference: the third's lets every member in
+    assert wiener._similar_group_sizes(pixels, values, within=one_each, group=members, smallest=1).tolist() == [16, 4,
+                                                                                                               16]
+
+
+def test_on_a_real_ct_under_white_noise_the_wiener_step_gains_from_groups_of_similar_patches(monkeypatch):
+    """On a real CT slice (skull, brain and air) under white noise of std 0.1, both 2D steps leave less error with
+    the Wiener step's groups as large as their similar patches allow (up to WIENER_GROUP_2D) than with GROUP patches
+    each (measured 0.93 of it at each of three draws)."""
+    clean = real_ct_image()
+    noisy = clean + 0.1 * np.random.default_rng(3).standard_normal(clean.shape)
+    similar = _filters_2d(noisy, False)
+    monkeypatch.setattr(wiener, "WIENER_GROUP_2D", wiener.GROUP)
+    monkeypatch.setattr(wiener, "WIENER_RADIUS_2D", wiener.SEARCH_RADIUS)
+    assert mse(similar, clean) < 0.96 * mse(_filters_2d(noisy, False), clean)
 
 
 def slowly_changing_volume(slices=8, side=48):
