@@ -225,8 +225,9 @@ def group_variance(table: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         return torch.cat([group_variance(table, part) for part in torch.split(where, at_once)])
     depth, side = table.shape[0] // 2, table.shape[1]
     i, j = torch.tril_indices(group, group, -1, device=where.device)
-    d = where[:, i] - where[:, j]  # (R, pairs, 3)
-    index = ((d[..., 0] + depth) * side + d[..., 1] + side // 2) * side + d[..., 2] + side // 2
+    # a pair's row of the table: the flat offset between its members (the table's index is linear in the offset)
+    flat = (where[..., 0] * side + where[..., 1]) * side + where[..., 2]  # (R, group)
+    index = flat[:, i] - flat[:, j] + (depth * side + side // 2) * side + side // 2  # (R, pairs)
     rows = table.reshape(-1, table.shape[-1])  # (offsets, K): a view
     # only the pairs at offsets whose coefficients covary are gathered (white noise's: the members that overlap)
     group_of, pair_of = (rows.abs().amax(-1) > 0)[index].nonzero(as_tuple=True)

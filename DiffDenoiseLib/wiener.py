@@ -90,13 +90,18 @@ SEARCH_RADIUS = 8  # the search window reaches this many voxels either way of th
 # times the variance) +0.09, 0.00, 0.00. Every test crop gained (-0.05 to +0.27; the held-out strips that lost are
 # the X-ray's lung and the MRI's, whose texture the pilot smooths). Within 0.5 times the variance 0.01 to 0.02 less;
 # up to 256 within +-12 (0.5) +0.51, +0.08, -0.04 under 25/255 but -0.04 on the MRI under 6/255 for 3 times the time
-# (a 128 x 128 slice: 0.1 s with GROUP, 1.5 s with 128, 4.8 s with 256); within +-8 a little less on the CT
+# (a 128 x 128 slice, every 3rd voxel: 0.1 s with GROUP, 1.5 s with 128, 4.8 s with 256); within +-8 less on the CT
 # (+0.37, +0.05, 0.00); within +-14 the MRI and the X-ray lost up to 0.05 under weak noise. The noise weighed by 0.7
 # where the pilot stands clear of it (`_shrink`) gained 0.03 to 0.04 on the MRI and the X-ray under Poisson 200 and
-# Gamma 100 and lost as much on the CT: 1 stays.
+# Gamma 100 and lost as much on the CT: 1 stays. The members' noise taken as independent (no overlap counted) lost 0.1
+# on the CT and gained 0.03 to 0.04 on the MRI. References every WIENER_STEP_2D-th voxel instead of every 3rd (the
+# same regions, one set of draws, 25/255, 6/255 and Poisson 200): every 4th -0.02 to +0.00 dB for 0.43 times the
+# time, every 5th -0.03 to 0.00 for 0.22 times (0.4 s a 128 x 128 slice); groups of up to 64 every 3rd voxel, as fast,
+# lost 0.15 on the CT under 25/255 (+0.01 on the others).
 WIENER_GROUP_2D = 128
 WIENER_RADIUS_2D = 10
 WIENER_SIMILARITY = 0.25
+WIENER_STEP_2D = 5
 # Under correlated noise (2.5D pilots of the benchmark's volumes, variances read on the residual) larger groups from
 # a wider window gained 0.5 to 2 dB over 16 within +-8, at 2.4 times the time; 128 patches gained nothing more on one
 # volume and lost on the other. References every 4th voxel there lost nothing (-0.04 to +0.01 dB) for 0.55 to 0.65
@@ -959,7 +964,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     if shape_of_noise:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
         if wiener and d == 1:
-            group, radius, similar_within = WIENER_GROUP_2D, WIENER_RADIUS_2D, WIENER_SIMILARITY
+            group, radius, similar_within, step = WIENER_GROUP_2D, WIENER_RADIUS_2D, WIENER_SIMILARITY, WIENER_STEP_2D
     else:
         threshold = CORRELATED_HARD_THRESHOLD
         if not wiener:
