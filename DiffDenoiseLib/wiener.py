@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -947,7 +947,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
     (covariance.py), with the CORRELATED_ groups, search, spacing and threshold (a slice's own Wiener groups only as
     large as their similar members allow: `_similar_group_sizes`); a `table` of the noise's `shape`
-    instead spreads the curve's variance over the coefficients, with the settings of white noise, and without a
+    instead spreads the curve's variance over the coefficients, with the settings of white noise (a lone slice's
+    Wiener groups as large as their similar members allow, the WIENER_ settings), and without a
     `table` that shape is white noise's (`_white_table`). The first step thresholds Haar coefficients (its `table`
     must then be read in the Haar transform, as `collaborative_hard_threshold` reads it), and wherever a shape
     spreads the curve's variance each coefficient gets the curve where its basis patch lies (`_spread_over`). The
@@ -1022,8 +1023,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     return total.reshape(kept, h, w), weights.reshape(kept, h, w)
 
 
-def _similar_group_sizes(pixels: torch.Tensor, match_on: torch.Tensor, within, group: int,
-                         smallest: int) -> torch.Tensor:
+def _similar_group_sizes(pixels: torch.Tensor, match_on: torch.Tensor, within: Union[float, torch.Tensor],
+                         group: int, smallest: int) -> torch.Tensor:
     """Each reference's group size (R,): the largest of `group` and its halvings down to `smallest` whose members,
     nearest first (`pixels` (R, group, voxels) of the flat image `match_on` they were matched on), all lie `within`
     a mean squared difference per voxel of the reference's patch, the first member (a number, or one per reference:
