@@ -960,12 +960,13 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     """
     d, h, w = ys.shape
     device, dtype = ys.device, ys.dtype
-    weight_of_noise, similar_within = 1.0, None
+    weight_of_noise, similar = 1.0, None  # similar: (limit, smallest group) of `_similar_group_sizes`
     shape_of_noise = table is None or shape  # the curve's variance spread over the coefficients by a shape
     if shape_of_noise:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
         if wiener and d == 1:
-            group, radius, similar_within, step = WIENER_GROUP_2D, WIENER_RADIUS_2D, WIENER_SIMILARITY, WIENER_STEP_2D
+            group, radius, step = WIENER_GROUP_2D, WIENER_RADIUS_2D, WIENER_STEP_2D
+            similar = WIENER_SIMILARITY, GROUP  # the limit times the curve's variance at each reference
     else:
         threshold = CORRELATED_HARD_THRESHOLD
         if not wiener:
@@ -973,7 +974,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
         elif d == 1:
             group, radius, step = CORRELATED_WIENER_GROUP, CORRELATED_WIENER_RADIUS_2D, CORRELATED_WIENER_STEP_2D
             weight_of_noise = wiener_weight_of_noise(table)
-            similar_within = CORRELATED_WIENER_SIMILARITY * noise_variance_of(table)
+            similar = (CORRELATED_WIENER_SIMILARITY * noise_variance_of(table),
+                       CORRELATED_WIENER_GROUP >> CORRELATED_WIENER_HALVINGS)
         else:
             group, radius, step = (CORRELATED_WIENER_GROUP_ACROSS_SLICES, CORRELATED_WIENER_RADIUS_ACROSS_SLICES,
                                    CORRELATED_STEP)
@@ -1000,11 +1002,10 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
         where = match(group) if groups is None else groups.of(start, chunk, group, match)
         pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
         parts = [(where, pixels)]
-        if similar_within is not None:  # each group as large as its similar members
-            within = similar_within  # under white noise times the curve's variance at the reference
+        if similar is not None:  # each group as large as its similar members
+            within, smallest = similar
             if shape_of_noise:
-                within = similar_within * flat_s[pixels[:, 0]].mean(dim=-1, keepdim=True)
-            smallest = GROUP if shape_of_noise else group >> CORRELATED_WIENER_HALVINGS
+                within = within * flat_s[pixels[:, 0]].mean(dim=-1, keepdim=True)
             size = _similar_group_sizes(pixels, ms.reshape(-1), within, group, smallest)
             parts = [(where[size == n, :n], pixels[size == n, :n]) for n in size.unique().tolist()]
         for where, pixels in parts:
