@@ -37,7 +37,8 @@ from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.magnitude import MODES as RICIAN_MODES
 from DiffDenoiseLib.networks import VIEW_COUNTS, NetworkConfig
 from DiffDenoiseLib.noise import binning_noise_reading, reading_looks_correlated, strength_needed
-from DiffDenoiseLib.pipeline import MODES, STAGES, SamplingConfig, denoise_image, slice_range_image
+from DiffDenoiseLib.pipeline import (MADE_BY_VOLUMETRIC_FILTER, MODES, STAGES, SamplingConfig, denoise_image,
+                                     slice_range_image)
 from DiffDenoiseLib.preview import before_after_png
 from DiffDenoiseLib.progress import CancelToken, Cancelled, Progress
 from DiffDenoiseLib.slicing import choose_slice_axis
@@ -327,7 +328,8 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     missing = " (so no uncertainty map was written)" if uncertainty_path is not None else ""
     suggested = None  # {"model", "noise"}: a model made for correlated noise, where the one run separates it poorly
     told_anatomy = False  # whether the account of the noise already said how much of the input went back
-    if result.details.get("filters_made_the_image") == "volumetric filter" and result.details["correlated_noise"]:
+    made_by = result.details.get("filters_made_the_image")
+    if made_by == MADE_BY_VOLUMETRIC_FILTER and result.details["correlated_noise"]:
         # under noise of a 1.2-pixel kernel a wide blind spot's result and its filters beat this filter (pipeline.py)
         reading = reading or binning_noise_reading(image.array)
         wider = (_model_for_correlated_noise_of(store, image, result.details) if reading_looks_correlated(reading)
@@ -342,7 +344,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                      "alone."
                      + (f" The noise is correlated widely enough for --model {wider}, made for such noise, which "
                         "separates it better." if wider else ""))
-    elif result.details.get("filters_made_the_image") == "volumetric filter":
+    elif made_by == MADE_BY_VOLUMETRIC_FILTER:
         reporter.log("The noise looks white, so the image is the volumetric filter's (BM4D's two steps on cubes of "
                      f"{CUBE} voxels), which beat every use of the networks' result measured on volumes; the networks "
                      f"did not run{missing}. --no-fusion runs the networks alone."

@@ -34,12 +34,13 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "bsn": 4.6,
     "bsn_wide": 27.5,
     "diffusion": 3.3,
-    "volumetric_filter": 16.0,
+    "volumetric_filter": 16.4,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
+    "volumetric_filter_similar_groups": 65.0,
     # reading the noise's shape: on the whole InVesalius CT (108 x 256 x 256) on an AMD EPYC (2026-12-06) 1.84 times
     # the white filter's time on that machine (183 s against 100), so 1.84 times the figure above, which the other
     # machine measured (the short stacks of benchmarks/stage_costs.py read the shape on every slice)
     "correlated_volumetric_filter": 29.4,
-    "filters_2d": 16.2,
+    "filters_2d": 66.1,
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
     "correlated_wiener_context": 137.0,
@@ -282,20 +283,20 @@ class DenoiseLogic:
         total = seconds(stages)
         fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white, strong, shape))
         advice = []
-        if "volumetric_filter" in stages:
-            advice.append("The noise looks white: the volumetric filter makes the image (Fast and Full alike), "
-                          "not the networks.")
+        if "volumetric_filter" in stages or "volumetric_filter_similar_groups" in stages:
+            advice.append("The noise looks white: the volumetric filter makes the image, not the networks (Full "
+                          "pools deeper groups of similar cubes than Fast, for about three times its time).")
         if "correlated_volumetric_filter" in stages and white:
             advice.append("The noise looks white, and strong enough to read how it spreads between neighbouring "
-                          "voxels, which the volumetric filter takes in: it makes the image (Fast and Full alike), "
+                          "voxels, which the volumetric filter takes in: it makes the image (in Fast and Full), "
                           "not the networks.")
         elif "correlated_volumetric_filter" in stages and not strong:
             advice.append("The noise is faint and looks mildly correlated (a sharp reconstruction kernel's): the "
-                          "volumetric filter makes the image (Fast and Full alike), not the networks, which would "
+                          "volumetric filter makes the image (in Fast and Full), not the networks, which would "
                           "smooth fine anatomy away with it.")
         elif "correlated_volumetric_filter" in stages:
-            advice.append("The noise looks mildly correlated: the volumetric filter makes the image (Fast and Full "
-                          "alike), not the networks, whose one-pixel blind spot would pass such noise.")
+            advice.append("The noise looks mildly correlated: the volumetric filter makes the image (in Fast and "
+                          "Full), not the networks, whose one-pixel blind spot would pass such noise.")
         correlated = {stage: passes for stage, passes in stages.items()
                       if stage.startswith("correlated_") and stage != "correlated_volumetric_filter"}
         if correlated:
@@ -699,7 +700,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     gives back, under white noise and under faint noise (counted whether or not it is given).
     """
     from DiffDenoiseLib.pipeline import (
-        correlated_filters_follow, filters_2d_read_the_noise_shape, volumetric_filter_follows,
+        correlated_filters_follow, filters_2d_read_the_noise_shape, similar_volumetric_groups,
+        volumetric_filter_follows,
     )
     from DiffDenoiseLib.wiener import CUBE
 
@@ -707,7 +709,9 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     context = architecture.context_slices
     # the shape is read on faint noise only where it reads mildly correlated (`pipeline.filters_read_the_noise_shape`)
     if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong, noise_shape and not strong):
-        return {"correlated_volumetric_filter" if noise_shape or not white else "volumetric_filter": 1}
+        if noise_shape or not white:
+            return {"correlated_volumetric_filter": 1}
+        return {"volumetric_filter_similar_groups" if similar_volumetric_groups(mode) else "volumetric_filter": 1}
     if mode == "fast":
         # the second pass measures the share of the input kept: under white noise, and where the networks' result
         # under faint noise may have taken anatomy (`pipeline.give_back_where_anatomy_was_taken`)

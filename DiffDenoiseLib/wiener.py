@@ -228,6 +228,19 @@ CUBE_STEP = 3
 CUBE_SLICE_STEP = 2
 CUBE_GROUP_HARD = 16
 CUBE_GROUP_WIENER = 32
+# Under white noise the Wiener step's groups are as large as their similar members allow (`_similar_group_sizes`, as
+# a lone slice's are): up to CUBE_WIENER_GROUP cubes within the same search, cut to the members within
+# CUBE_WIENER_SIMILARITY times the curve's variance at the reference (mean squared difference per voxel on the
+# estimate), down to CUBE_GROUP_WIENER. Measured on the benchmark volumes' test slab and 3 held-out slabs (fresh
+# draws, 2026-12-07) against groups of 32: the InVesalius CT +0.18 dB under Gaussian 25/255 (its test slab +0.30),
+# +0.08 under Poisson 200, +0.04 under Gamma 100, +0.02 under Gaussian 6/255; Colin27 -0.003 to +0.014 (Rician 0.05
+# -0.003); within 0.1 or 0.03 the same within 0.02 (0.2: Colin27 -0.04), groups up to 64 half the gain, up to 256
+# +0.30 on the CT at 25/255 for 2.4 times the time of 128; references every 4th voxel lost 0.01 to 0.02. The step's
+# time rises 1.5 (Colin27) to 3 times (the CT's flat brain, where most groups reach 128): a 128 x 128 slab's slice
+# 1.6 -> 5 s. The same with the noise's shape read, where it reads white (Gaussian 25/255: +0.10 on the CT, +0.006 on
+# Colin27); noise that `reads_correlated` keeps its groups.
+CUBE_WIENER_GROUP = 128
+CUBE_WIENER_SIMILARITY = 0.05
 CUBE_HARD_THRESHOLD = 3.0
 # The hard-thresholding step matches on y itself and finds better groups in a wider window (as in 2D below): +-9
 # voxels gained 0.08 dB on average over +-5 on those 9 conditions (+0.34 on the head CT at Gaussian 25/255), for
@@ -450,11 +463,12 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
 
 def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequence[int]] = None,
                       device: Optional[torch.device] = None, progress: Optional[Callable[[], None]] = None,
-                      correlated_noise: bool = False) -> np.ndarray:
+                      correlated_noise: bool = False, similar_groups: bool = True) -> np.ndarray:
     """BM4D's two steps on the slices `indices` (all by default) of the volume `noisy` (n, H, W), n >= CUBE: cubes
     hard-thresholded in groups matched on y itself (within CUBE_HARD_SEARCH_RADIUS voxels), then the Wiener filter
     of y guided by that estimate (within CUBE_SEARCH_RADIUS; CORRELATED_CUBE_SEARCH_RADIUS under noise that
-    `reads_correlated`).
+    `reads_correlated`; elsewhere, where `similar_groups`, in groups as deep as their similar members allow,
+    CUBE_WIENER_GROUP at most, for about 3 times the time of CUBE_GROUP_WIENER's).
 
     The noise variance of a group is the image's noise curve at its mean intensity (y's in the first step,
     the estimate's in the second, with the curve read again where the estimate is flat: `refined_noise_curve`;
@@ -473,7 +487,8 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
-    wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE)  # the Wiener step's settings
+    wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE,
+                       similar=similar_groups and CUBE_WIENER_GROUP > CUBE_GROUP_WIENER)
     threshold = CUBE_HARD_THRESHOLD
     if correlated_noise:
         groups = MatchedGroups(max(CUBE_GROUP_HARD, CUBE_GROUP_HARD_CORRELATED))
@@ -482,7 +497,8 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
             device, cube=CUBE)
         if reads_correlated(table):
             threshold = CORRELATED_CUBE_HARD_THRESHOLD
-            wiener_step.update(cube=volumetric_wiener_cube(y3.shape[0]), radius=CORRELATED_CUBE_SEARCH_RADIUS)
+            wiener_step.update(cube=volumetric_wiener_cube(y3.shape[0]), radius=CORRELATED_CUBE_SEARCH_RADIUS,
+                               similar=False)
     # with the shape read the groups are matched again, corrected for the noise near cubes share (`_shared_noise`)
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, threshold=threshold, **options)
     if correlated_noise:
@@ -594,14 +610,16 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
                   wiener: bool, device: torch.device, progress: Optional[Callable[[], None]],
                   table: Optional[torch.Tensor] = None, groups: Optional[MatchedGroups] = None,
                   cube: int = CUBE, threshold: float = CUBE_HARD_THRESHOLD, radius: Optional[int] = None,
-                  weight_of_noise: float = 1.0) -> np.ndarray:
+                  weight_of_noise: float = 1.0, similar: bool = False) -> np.ndarray:
     """The volume with the voxels that the groups of the reference cubes starting in `starts` cover replaced by
     their collaborative estimate (Wiener gains from `match_on`'s spectra, or hard thresholding of y's); the noise
     variance from `curve` at the group's intensity, spread over each group's coefficients by the noise's shape
     where a coefficient `table` of it is given (`_coefficient_table` with the same `cube`), else as white noise's
     (`_white_table`: cubes that overlap share noise). The cubes are `cube`
     voxels a side; hard thresholding drops coefficients below `threshold` noise std. The hard-thresholding step's
-    `groups` (matched on y, so the same in each of its runs) are taken from there where they were kept."""
+    `groups` (matched on y, so the same in each of its runs) are taken from there where they were kept. The Wiener
+    step's groups are CUBE_GROUP_WIENER deep, or, where `similar`, as deep as their similar members allow (up to
+    CUBE_WIENER_GROUP: `_similar_group_sizes`)."""
     n, h, w = y3.shape
     starts = [min(start, n - cube) for start in starts]  # a deeper cube than the starts were laid for ends at the end
     # the slices the groups reach
@@ -618,6 +636,7 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
     group, searched = (CUBE_GROUP_WIENER, CUBE_SEARCH_RADIUS) if wiener else (
         CUBE_GROUP_HARD if table is None else CUBE_GROUP_HARD_CORRELATED, CUBE_HARD_SEARCH_RADIUS)
     radius = radius or searched
+    group = CUBE_WIENER_GROUP if similar else group
     correct_matching = not wiener and table is not None and SHARED_NOISE_CORRECTION
     table = _white_table(cube, 3, 2 * CUBE_SLICE_REACH, device) if table is None else table
     rows_at_once = max(1, REFERENCE_CHUNK // len(ref_x))
@@ -640,16 +659,21 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
                               depth=cube, penalty=penalty)
 
             where = match(group) if groups is None else groups.of(start, chunk, group, match)
-            dct1 = _transform_on(where.shape[1], device, torch.float32)
             pixels = ((where[..., 0] * h + where[..., 1]) * w + where[..., 2])[..., None] + inside  # (R, group, 64)
-            cy = dct1 @ (ys[pixels] @ dct_cube.T)
-            cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
-            variance = s[pixels].mean(dim=(1, 2))[:, None, None] * group_variance(table, where)
-            filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, threshold, weight_of_noise)
-            weight = (weight * window).expand_as(filtered)
-            targets = (pixels + (lo - first) * h * w).reshape(-1)
-            total.index_add_(0, targets, (filtered * weight).reshape(-1))
-            weights.index_add_(0, targets, weight.reshape(-1))
+            parts = [(where, pixels)]
+            if similar:
+                within = CUBE_WIENER_SIMILARITY * s[pixels[:, 0]].mean(dim=-1, keepdim=True)
+                parts = _split_by_similar(where, pixels, ms, within, group, CUBE_GROUP_WIENER)
+            for where, pixels in parts:
+                dct1 = _transform_on(where.shape[1], device, torch.float32)
+                cy = dct1 @ (ys[pixels] @ dct_cube.T)
+                cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
+                variance = s[pixels].mean(dim=(1, 2))[:, None, None] * group_variance(table, where)
+                filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, threshold, weight_of_noise)
+                weight = (weight * window).expand_as(filtered)
+                targets = (pixels + (lo - first) * h * w).reshape(-1)
+                total.index_add_(0, targets, (filtered * weight).reshape(-1))
+                weights.index_add_(0, targets, weight.reshape(-1))
         if progress is not None:
             progress()
     result = np.array(match_on, dtype=np.float32)
@@ -1006,8 +1030,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             within, smallest = similar
             if shape_of_noise:
                 within = within * flat_s[pixels[:, 0]].mean(dim=-1, keepdim=True)
-            size = _similar_group_sizes(pixels, ms.reshape(-1), within, group, smallest)
-            parts = [(where[size == n, :n], pixels[size == n, :n]) for n in size.unique().tolist()]
+            parts = _split_by_similar(where, pixels, ms.reshape(-1), within, group, smallest)
         for where, pixels in parts:
             dct1 = _transform_on(where.shape[1], device, dtype)
             cy = dct1 @ (flat_y[pixels] @ block.T)  # the group's 3D spectrum
@@ -1037,6 +1060,14 @@ def _similar_group_sizes(pixels: torch.Tensor, match_on: torch.Tensor, within: U
         size[(similar >= group) & (size < group)] = group
         group >>= 1
     return size
+
+
+def _split_by_similar(where: torch.Tensor, pixels: torch.Tensor, match_on: torch.Tensor,
+                      within: Union[float, torch.Tensor], group: int, smallest: int):
+    """The groups (`where` (R, group, 3), `pixels` (R, group, voxels)) cut to their `_similar_group_sizes`, as a list
+    of (where, pixels) parts, one per size."""
+    size = _similar_group_sizes(pixels, match_on, within, group, smallest)
+    return [(where[size == n, :n], pixels[size == n, :n]) for n in size.unique().tolist()]
 
 
 def _spread_over(levels: torch.Tensor, block: torch.Tensor) -> torch.Tensor:

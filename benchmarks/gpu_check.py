@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                      high - low)
     rows += agreement("correlated-noise-2.5d", Image(array=slab, spacing=ct.spacing, modality="CT"),
                       dict(slice_axis=0, slice_range=(6, 7)), hu[54], high - low)
-    # the volumetric filter, which makes the one-pixel 2.5D model's image (Fast and Full alike) under white noise and
+    # the volumetric filter, which makes the one-pixel 2.5D model's image (in Fast and Full) under white noise and
     # under the scan's own faint noise, whose shape it reads: 25 slices, the middle 8 denoised
     for noise, array in (("own noise", hu[42:67]), ("white 60 HU", hu[42:67] + rng.normal(0, 60, hu[42:67].shape))):
         rows += agreement("ct-head-2.5d", Image(array=array.astype(np.float32), spacing=ct.spacing, modality="CT"),

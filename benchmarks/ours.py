@@ -6,23 +6,30 @@ as a user's image would, and comes back to the benchmark's [0, 1] scale for scor
 SRDS's symmetric pair must beat. "full-unfused" and "single-unfused" are Full (SRDS) and one DDIM
 sample without observation fusion and the filters after it: the samplers themselves, which shows what
 SRDS's pair adds over one sample, and what fusion and the filters add. A volume's test slice goes to
-the shipped 2.5D default where one is installed, with its neighbouring noisy slices.
+the shipped 2.5D default where one is installed, with its neighbouring noisy slices. Where the volumetric
+filter makes the image (the networks do not run: `pipeline.volumetric_filter_makes_the_image`), the modes
+with fusion are one computation, or two (Fast's shallower groups: `pipeline.similar_volumetric_groups`), so
+each runs once (`measured_modes`).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.noise import noise_looks_correlated
-from DiffDenoiseLib.pipeline import DenoisingModel, denoise_image
+from DiffDenoiseLib.pipeline import MADE_BY_VOLUMETRIC_FILTER, DenoisingModel, denoise_image, similar_volumetric_groups
 from DiffDenoiseLib.store import ModelStore, load_model
 
+from benchmarks.measure import measured
 from benchmarks.suite import Case
 
 MODES = ("bsn", "single-unfused", "single", "two-samples", "full-unfused", "full", "fast")
+# the modes with fusion: (the pipeline's mode, how many times it runs); where the volumetric filter makes the image,
+# the runs whose modes take the same groups (`similar_volumetric_groups`) are the same computation, bit for bit
+FUSED_RUNS = {"single": ("single", 1), "two-samples": ("single", 2), "full": ("full", 1), "fast": ("fast", 1)}
 
 
 def default_model(modality: str, noisy: np.ndarray, noisy_slab: Optional[np.ndarray],
@@ -77,3 +84,23 @@ def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
     out = (pick(result.image.array) - case.offset) / case.scale
     spread = None if result.uncertainty is None else pick(result.uncertainty.array) / case.scale
     return out, spread, result.details.get("filters_made_the_image")
+
+
+def measured_modes(modes: Sequence[str], model: DenoisingModel, case: Case, noisy: np.ndarray,
+                   noisy_slab: Optional[np.ndarray]) -> Dict[str, tuple]:
+    """{mode: (`run_mode`'s result, seconds, peak MiB)} of `modes` in order. Once a mode with fusion
+    (FUSED_RUNS) finds that the volumetric filter made the image, the later ones whose groups are alike take its
+    result, with its seconds per run of the pipeline times their runs: each would repeat that computation."""
+    results: Dict[str, tuple] = {}
+    shared: Dict[bool, tuple] = {}  # groups alike: (result, seconds per run, MiB) of the volumetric filter's image
+    for mode in modes:
+        groups = similar_volumetric_groups(FUSED_RUNS[mode][0]) if mode in FUSED_RUNS else None
+        if groups in shared:
+            result, seconds, mib = shared[groups]
+            results[mode] = (result, seconds * FUSED_RUNS[mode][1], mib)
+            continue
+        results[mode] = measured(lambda: run_mode(mode, model, case, noisy, noisy_slab))
+        (_, _, made_by), seconds, mib = results[mode]
+        if groups is not None and made_by == MADE_BY_VOLUMETRIC_FILTER:
+            shared[groups] = (results[mode][0], seconds / FUSED_RUNS[mode][1], mib)
+    return results

@@ -120,7 +120,8 @@ def ct_flat_bias(case: Case, noise: Noise, n_index: int, s_index: int, flat, mai
         cond = Condition(noise, float(np.std(noisy - clean)), slab, tuning)
         found = {"noisy": noisy, **{p.name: p.run(noisy, cond) for p in peers}}
         _, model = ours.default_model(case.modality, noisy, slab, model_cache)
-        found.update({m: ours.run_mode(m, model, case, noisy, slab)[0] for m in BIAS_MODES})
+        found.update({m: result[0][0] for m, result in ours.measured_modes(BIAS_MODES, model, case, noisy,
+                                                                            slab).items()})
         return {m: out for m, out in found.items() if out is not None}
 
     rng = np.random.default_rng([2027, sum(map(ord, case.name)), n_index, s_index])
@@ -153,8 +154,8 @@ def run_case(case: Case, noises: List[Tuple[int, Noise]], peers, settings: dict,
             fg, flat = masks(clean, case.body[s_index])
             outputs, row_of = {}, {}
 
-            def record(method: str, call, model_name: Optional[str] = None) -> None:
-                (out, extra, made_by), seconds, mib = measured(call)
+            def record(method: str, measured_call: tuple, model_name: Optional[str] = None) -> None:
+                (out, extra, made_by), seconds, mib = measured_call
                 if out is None:
                     return
                 outputs[method] = (out, extra)
@@ -164,16 +165,16 @@ def run_case(case: Case, noises: List[Tuple[int, Noise]], peers, settings: dict,
                                   **scores(noise, clean, noisy, out, fg)}
                 rows.append(row_of[method])
 
-            record("noisy", lambda: (noisy, None, None))
+            record("noisy", measured(lambda: (noisy, None, None)))
             for peer in peers:
-                record(peer.name, lambda: (peer.run(noisy, cond), None, None))
-            for mode in ours.MODES:
-                record(mode, lambda: ours.run_mode(mode, model, case, noisy, noisy_slab), name)
+                record(peer.name, measured(lambda: (peer.run(noisy, cond), None, None)))
+            for mode, result in ours.measured_modes(ours.MODES, model, case, noisy, noisy_slab).items():
+                record(mode, result, name)
             if name not in oracles:
                 oracles[name], seconds, _ = measured(lambda: train_oracle(model, case, noise, settings["oracle_steps"],
                                                                               patch=settings["oracle_patch"]))
                 oracle_s += seconds
-            record("oracle", lambda: ours.run_mode("fast", oracles[name], case, noisy, noisy_slab), name)
+            record("oracle", measured(lambda: ours.run_mode("fast", oracles[name], case, noisy, noisy_slab)), name)
             if case.unit == "HU" and flat is not None:
                 bias_started = time.perf_counter()
                 for method, values in ct_flat_bias(case, noise, n_index, s_index, flat, (noisy, noisy_slab),

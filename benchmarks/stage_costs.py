@@ -83,14 +83,15 @@ def diffusion_evaluation(models):
     return lambda stack: unet(stack, torch.full((stack.shape[0],), 100, dtype=torch.long), stack)
 
 
-def volumetric(noise: str):
+def volumetric(noise: str, similar_groups: bool = False):
     """The volumetric filter on the whole stack under `noise` ("white", or "mild" for it reading the noise's shape), in
-    slices of a long scan: a short stack has fewer passes per slice."""
+    slices of a long scan (a short stack has fewer passes per slice), its Wiener groups as deep as their similar
+    cubes allow where `similar_groups` (every mode's but Fast's)."""
     correlated_noise = noise != "white"
 
     def run(noisy, models):
         y = noisy[noise]
-        volumetric_filter(y, noise_variance_curve(y), correlated_noise=correlated_noise)
+        volumetric_filter(y, noise_variance_curve(y), correlated_noise=correlated_noise, similar_groups=similar_groups)
         steps = functools.partial(volumetric_filter_steps, correlated_noise=correlated_noise)
         return steps(len(y), range(len(y))) / (steps(LONG_VOLUME, range(LONG_VOLUME)) / LONG_VOLUME)
     return run
@@ -138,8 +139,10 @@ NETWORK_STAGES = [
           networks(diffusion_evaluation)),
 ]
 FILTER_STAGES = [
-    Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise)", 8,
+    Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise; Fast)", 8,
           volumetric("white")),
+    Stage("volumetric_filter_similar_groups", "the same with Wiener groups as deep as their similar cubes allow "
+          "(Full and the other modes)", 8, volumetric("white", similar_groups=True)),
     Stage("correlated_volumetric_filter", "the volumetric filter reading the noise's shape (strong noise above a "
           "binning ratio of 1.3; measured under noise of a 0.5-pixel kernel)", 8,
           volumetric("mild")),

@@ -215,6 +215,32 @@ def test_a_2_5d_model_denoises_only_the_test_slice_of_a_slab():
     assert full.shape == spread.shape == clean.shape
 
 
+@pytest.mark.parametrize("made_by", ["volumetric filter", None])
+def test_modes_the_volumetric_filter_made_run_it_once_and_report_its_time_per_run(monkeypatch, made_by):
+    """Where a fused mode's image is the volumetric filter's, the later fused modes with its groups take it (two
+    samples at twice the time; Fast's groups are shallower, so it runs); elsewhere, or without fusion, each mode
+    runs."""
+    ran = []
+
+    def run_mode(mode, *args):
+        ran.append(mode)
+        return np.full((2, 2), float(len(ran))), None, None if mode.endswith("-unfused") else made_by
+
+    monkeypatch.setattr(ours, "run_mode", run_mode)
+    monkeypatch.setattr(ours, "measured", lambda call: (call(), 3.0, 10.0))
+    results = ours.measured_modes(ours.MODES, None, None, None, None)
+    assert list(results) == list(ours.MODES)
+    if made_by is None:
+        assert ran == list(ours.MODES)
+        return
+    assert ran == ["bsn", "single-unfused", "single", "full-unfused", "fast"]
+    for mode in ("two-samples", "full"):
+        assert results[mode][0] is results["single"][0], mode
+    assert results["fast"][0] is not results["single"][0]
+    assert [results[m][1] for m in ("single", "two-samples", "full", "fast")] == [3.0, 6.0, 3.0, 3.0]
+    assert results["full"][2] == 10.0
+
+
 def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue():
     """Otsu on a crop with no air would call only the bone foreground; the body comes from the whole slice."""
     yy, xx = np.mgrid[:256, :256]

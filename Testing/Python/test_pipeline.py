@@ -168,15 +168,19 @@ def test_a_fused_2d_result_goes_through_the_wiener_filter_and_a_2_5d_models_volu
 
 
 def test_the_volumetric_filter_makes_a_2_5d_models_image_only_of_a_volume_with_white_noise(volume_and_model):
-    """Its image owes nothing to the networks (every mode gives the same), its progress ends full, a slice range
-    gives nearly the whole result's slices (the groups near the range's ends differ), and a volume of fewer than
-    CUBE slices or too small slices send the image to the networks."""
+    """Its image owes nothing to the networks (every mode but Fast gives the same; Fast's Wiener groups are
+    shallower, `similar_volumetric_groups`), its progress ends full, a slice range gives nearly the whole result's
+    slices (the groups near the range's ends differ), and a volume of fewer than CUBE slices or too small slices send
+    the image to the networks."""
     image, model = volume_and_model
     reports = []
     fast = denoise_image(image, model, mode="fast", progress=reports.append)
     assert reports[-1].step == reports[-1].total == volumetric_filter_steps(9, range(9))
     assert fast.details["correlated_noise"] is False and fast.details["noise_shape_read"] is False
-    np.testing.assert_array_equal(fast.image.array, denoise_image(image, model, mode="full").image.array)
+    full = denoise_image(image, model, mode="full").image.array
+    for mode in ("single", "bsn"):  # the benchmark runs this computation once for these modes (ours.measured_modes)
+        np.testing.assert_array_equal(full, denoise_image(image, model, mode=mode).image.array)
+    assert 0 < np.abs(full - fast.image.array).mean() < 0.1 * np.abs(fast.image.array - image.array).mean()
     part = denoise_image(image, model, mode="fast", slice_range=(4, 5)).image.array
     assert np.abs(part - fast.image.array[4:5]).mean() < 0.02 * np.abs(fast.image.array[4:5] - image.array[4:5]).mean()
     for array in (image.array[:CUBE - 1], image.array[:, :12, :12]):

@@ -552,6 +552,18 @@ def test_on_a_real_ct_the_white_noise_table_gains_over_taking_the_members_as_ind
     assert mse(exact, clean) < 0.98 * mse(alone, clean)
 
 
+def test_on_a_real_ct_under_white_noise_the_volumetric_wiener_step_gains_from_groups_of_similar_cubes(monkeypatch):
+    """On 8 slices of a real head CT at white noise of std 0.1, the volumetric filter's Wiener groups as deep as
+    their similar cubes allow (up to CUBE_WIENER_GROUP) leave less error than CUBE_GROUP_WIENER cubes each
+    (measured 0.87, 0.91 and 0.87 of it at three draws; 0.94 to 0.95 at std 0.05, 0.97 to 0.98 at 0.03)."""
+    clean = real_ct_slab()
+    noisy = clean + 0.1 * np.random.default_rng(3).standard_normal(clean.shape)
+    curve = noise_variance_curve(noisy)
+    similar = wiener.volumetric_filter(noisy, curve)
+    monkeypatch.setattr(wiener, "CUBE_WIENER_GROUP", wiener.CUBE_GROUP_WIENER)
+    assert mse(similar, clean) < 0.93 * mse(wiener.volumetric_filter(noisy, curve), clean)
+
+
 @pytest.mark.parametrize("correlated, bound", [(True, 0.97), (False, 0.99)], ids=["kernel 0.5", "white"])
 def test_on_a_real_ct_the_wiener_weight_and_under_correlated_noise_the_search_and_matching_correction_gain(
         correlated, bound):
