@@ -237,8 +237,9 @@ CUBE_GROUP_WIENER = 32
 # -0.003); within 0.1 or 0.03 the same within 0.02 (0.2: Colin27 -0.04), groups up to 64 half the gain, up to 256
 # +0.30 on the CT at 25/255 for 2.4 times the time of 128; references every 4th voxel lost 0.01 to 0.02. The step's
 # time rises 1.5 (Colin27) to 3 times (the CT's flat brain, where most groups reach 128): a 128 x 128 slab's slice
-# 1.6 -> 5 s. The same with the noise's shape read, where it reads white (Gaussian 25/255: +0.10 on the CT, +0.006 on
-# Colin27); noise that `reads_correlated` keeps its groups.
+# 1.6 -> 5 s; so Fast keeps groups of CUBE_GROUP_WIENER (`pipeline.similar_volumetric_groups`). The same with the
+# noise's shape read, where it reads white (Gaussian 25/255: +0.10 on the CT, +0.006 on Colin27); noise that
+# `reads_correlated` keeps its groups.
 CUBE_WIENER_GROUP = 128
 CUBE_WIENER_SIMILARITY = 0.05
 CUBE_HARD_THRESHOLD = 3.0

@@ -29,7 +29,8 @@ from benchmarks.suite import Case
 MODES = ("bsn", "single-unfused", "single", "two-samples", "full-unfused", "full", "fast")
 # the modes with fusion: (the pipeline's mode, how many times it runs); where the volumetric filter makes the image,
 # the runs whose modes take the same groups (`similar_volumetric_groups`) are the same computation, bit for bit
-FUSED_RUNS = {"single": ("single", 1), "two-samples": ("single", 2), "full": ("full", 1), "fast": ("fast", 1)}
+FUSED_RUNS = {"bsn": ("bsn", 1), "single": ("single", 1), "two-samples": ("single", 2), "full": ("full", 1),
+              "fast": ("fast", 1)}
 
 
 def default_model(modality: str, noisy: np.ndarray, noisy_slab: Optional[np.ndarray],
