@@ -277,13 +277,18 @@ def own_noise_over_flat_patch(image: dict) -> str:
 def figure_panels(image: str, noise: str, clean: np.ndarray, noisy: np.ndarray,
                   outputs: Dict[str, tuple], peers: Sequence[str], made_by: Optional[str] = None) -> dict:
     """The crops one figure shows: clean / noisy / best peer / SRDS / student / method noise / uncertainty; when
-    filters alone made Full's and Fast's image (`made_by` names them) one panel says so instead of the two."""
+    filters alone made Full's and Fast's image (`made_by` names them) their panels say so, one panel for the two where
+    their images are the same."""
     ranked = [p for p in peers if p in outputs]
     top = max(ranked, key=lambda p: psnr(clean, outputs[p][0], data_range=1.0)) if ranked else None
     panels = [("clean", clean), ("noisy", noisy)]
     if top:
         panels.append((f"best peer: {top}", outputs[top][0]))
-    ours = (("full", f"{made_by} (full, fast)"),) if made_by else (("full", "SRDS (full)"), ("fast", "student (fast)"))
+    ours = (("full", "SRDS (full)"), ("fast", "student (fast)"))
+    if made_by:
+        same = "fast" in outputs and "full" in outputs and np.array_equal(outputs["fast"][0], outputs["full"][0])
+        ours = (("full", f"{made_by} (full, fast)"),) if same else (("full", f"{made_by} (full)"),
+                                                                     ("fast", f"{made_by} (fast)"))
     for method, title in ours:
         if method in outputs:
             panels.append((title, outputs[method][0]))
