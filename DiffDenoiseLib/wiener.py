@@ -488,8 +488,7 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
-    wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE,
-                       similar=similar_groups and CUBE_WIENER_GROUP > CUBE_GROUP_WIENER)
+    wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE, similar=similar_groups)
     threshold = CUBE_HARD_THRESHOLD
     if correlated_noise:
         groups = MatchedGroups(max(CUBE_GROUP_HARD, CUBE_GROUP_HARD_CORRELATED))
@@ -634,10 +633,9 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
     dct_cube = _transform_on(cube, device, torch.float32, dims=3)
     kaiser = torch.kaiser_window(cube, periodic=False, beta=KAISER_BETA, dtype=torch.float64)
     window = torch.outer(kaiser, kaiser).reshape(-1).repeat(cube).to(device, torch.float32)  # the same in each slice
-    group, searched = (CUBE_GROUP_WIENER, CUBE_SEARCH_RADIUS) if wiener else (
+    group, searched = (CUBE_WIENER_GROUP if similar else CUBE_GROUP_WIENER, CUBE_SEARCH_RADIUS) if wiener else (
         CUBE_GROUP_HARD if table is None else CUBE_GROUP_HARD_CORRELATED, CUBE_HARD_SEARCH_RADIUS)
     radius = radius or searched
-    group = CUBE_WIENER_GROUP if similar else group
     correct_matching = not wiener and table is not None and SHARED_NOISE_CORRECTION
     table = _white_table(cube, 3, 2 * CUBE_SLICE_REACH, device) if table is None else table
     rows_at_once = max(1, REFERENCE_CHUNK // len(ref_x))
