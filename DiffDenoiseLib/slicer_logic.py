@@ -35,17 +35,24 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "bsn_wide": 27.5,
     "diffusion": 3.3,
     "volumetric_filter": 16.4,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
-    "volumetric_filter_similar_groups": 65.0,
+    "volumetric_filter_deep_groups": 65.0,
     # reading the noise's shape: on the whole InVesalius CT (108 x 256 x 256) on an AMD EPYC (2026-12-06) 1.84 times
     # the white filter's time on that machine (183 s against 100), so 1.84 times the figure above, which the other
     # machine measured (the short stacks of benchmarks/stage_costs.py read the shape on every slice)
     "correlated_volumetric_filter": 29.4,
-    "filters_2d": 66.1,
+    # Full's deeper Wiener groups where the noise reads white in the filter as well (strong white noise on most scans)
+    # with the shape read: on the InVesalius CT's middle 48 slices (256x256, Gaussian 25/255, AMD EPYC, 2026-12-07)
+    # 8.7 s a slice against Fast's 3.2 (white noise, no shape read: 4.0 and 1.4); the 5.5 s a slice they add (84 s per
+    # megapixel) do not shrink on a long scan as reading the shape does, so they go on top of the figure above
+    "correlated_volumetric_filter_deep_groups": 113.4,
+    "filters_2d": 19.8,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
+    "filters_2d_deep_groups": 56.0,
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
     "correlated_wiener_context": 137.0,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
+_SHAPE_READING_STAGES = {"correlated_volumetric_filter", "correlated_volumetric_filter_deep_groups"}
 _GPU_SPEED_UP = 30.0
 _STARTUP_SECONDS = 5.0
 NOISE_READING_SLICES = 32  # the evenly spaced slices noise.binning_noise_reading reads: the estimate reads the same
@@ -283,22 +290,23 @@ class DenoiseLogic:
         total = seconds(stages)
         fast = seconds(run_stages(card, "fast", 0, 0, slices, side, white, strong, shape))
         advice = []
-        if "volumetric_filter" in stages or "volumetric_filter_similar_groups" in stages:
+        if "volumetric_filter" in stages or "volumetric_filter_deep_groups" in stages:
             advice.append("The noise looks white: the volumetric filter makes the image, not the networks (Full "
                           "pools deeper groups of similar cubes than Fast, for about three times its time).")
-        if "correlated_volumetric_filter" in stages and white:
+        shaped = bool(stages.keys() & _SHAPE_READING_STAGES)
+        if shaped and white:
             advice.append("The noise looks white, and strong enough to read how it spreads between neighbouring "
-                          "voxels, which the volumetric filter takes in: it makes the image (in Fast and Full), "
-                          "not the networks.")
-        elif "correlated_volumetric_filter" in stages and not strong:
+                          "voxels, which the volumetric filter takes in: it makes the image (in Fast and Full, which "
+                          "pools deeper groups of similar cubes), not the networks.")
+        elif shaped and not strong:
             advice.append("The noise is faint and looks mildly correlated (a sharp reconstruction kernel's): the "
                           "volumetric filter makes the image (in Fast and Full), not the networks, which would "
                           "smooth fine anatomy away with it.")
-        elif "correlated_volumetric_filter" in stages:
+        elif shaped:
             advice.append("The noise looks mildly correlated: the volumetric filter makes the image (in Fast and "
                           "Full), not the networks, whose one-pixel blind spot would pass such noise.")
         correlated = {stage: passes for stage, passes in stages.items()
-                      if stage.startswith("correlated_") and stage != "correlated_volumetric_filter"}
+                      if stage.startswith("correlated_") and stage not in _SHAPE_READING_STAGES}
         if correlated:
             filters = seconds(correlated) - _STARTUP_SECONDS
             advice.append("The noise looks spatially correlated: block-matching filters with its exact variances "
@@ -700,7 +708,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     gives back, under white noise and under faint noise (counted whether or not it is given).
     """
     from DiffDenoiseLib.pipeline import (
-        correlated_filters_follow, filters_2d_read_the_noise_shape, similar_volumetric_groups,
+        correlated_filters_follow, filters_2d_read_the_noise_shape, deep_wiener_groups,
         volumetric_filter_follows,
     )
     from DiffDenoiseLib.wiener import CUBE
@@ -709,9 +717,10 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     context = architecture.context_slices
     # the shape is read on faint noise only where it reads mildly correlated (`pipeline.filters_read_the_noise_shape`)
     if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong, noise_shape and not strong):
-        if noise_shape or not white:
-            return {"correlated_volumetric_filter": 1}
-        return {"volumetric_filter_similar_groups" if similar_volumetric_groups(mode) else "volumetric_filter": 1}
+        if noise_shape or not white:  # noise that reads white by the binning ratio reads white in the filter too
+            deep = white and deep_wiener_groups(mode)
+            return {"correlated_volumetric_filter_deep_groups" if deep else "correlated_volumetric_filter": 1}
+        return {"volumetric_filter_deep_groups" if deep_wiener_groups(mode) else "volumetric_filter": 1}
     if mode == "fast":
         # the second pass measures the share of the input kept: under white noise, and where the networks' result
         # under faint noise may have taken anatomy (`pipeline.give_back_where_anatomy_was_taken`)
@@ -723,7 +732,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         # a 2D model's filters reading the noise's shape, each patch matched once (wiener.MatchedGroups), took 1.4 to
         # 1.9 s a 256x256 CT slice against 0.8 for the filters of white noise (2026-12-06)
         shaped = not context and filters_2d_read_the_noise_shape(side, noise_shape)
-        stages["wiener_context" if context else "filters_2d"] = 2 if shaped else 1
+        filters = "filters_2d_deep_groups" if deep_wiener_groups(mode) else "filters_2d"
+        stages["wiener_context" if context else filters] = 2 if shaped else 1
     elif fuse and correlated_filters_follow(architecture, lambda: strong, side):
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
         if mode == "fast" and context:  # a blind-spot estimate matches the Wiener step's groups

@@ -102,6 +102,14 @@ WIENER_GROUP_2D = 128
 WIENER_RADIUS_2D = 10
 WIENER_SIMILARITY = 0.25
 WIENER_STEP_2D = 5
+# Fast takes groups of up to SHALLOW_WIENER_GROUP_2D (`pipeline.deep_wiener_groups`), cut the same way down to GROUP.
+# Measured as above (the chain of the pipeline, the three 2D images' test crops and 3 held-out regions, one set of
+# fresh draws, 2026-12-07), against WIENER_GROUP_2D: the Wiener step 5 to 7 times faster (0.35 s for the 4 regions
+# against 1.6 to 2.1), the 693 CT -0.30 dB under Gaussian 25/255 (its test crop -0.15), -0.07 under 6/255, -0.02
+# under Poisson 200 and Gamma 100; the shoulder MRI and the chest X-ray -0.04 to +0.01. GROUP within SEARCH_RADIUS
+# every STEP (as fast) lost 0.43 on the CT under 25/255; up to 64, 2.5 times faster than 128, lost 0.16. References
+# every 3rd voxel with 128 gained 0.00 to 0.03 (the MRI and the X-ray) for 3 times the time.
+SHALLOW_WIENER_GROUP_2D = 32
 # Under correlated noise (2.5D pilots of the benchmark's volumes, variances read on the residual) larger groups from
 # a wider window gained 0.5 to 2 dB over 16 within +-8, at 2.4 times the time; 128 patches gained nothing more on one
 # volume and lost on the other. References every 4th voxel there lost nothing (-0.04 to +0.01 dB) for 0.55 to 0.65
@@ -237,7 +245,7 @@ CUBE_GROUP_WIENER = 32
 # -0.003); within 0.1 or 0.03 the same within 0.02 (0.2: Colin27 -0.04), groups up to 64 half the gain, up to 256
 # +0.30 on the CT at 25/255 for 2.4 times the time of 128; references every 4th voxel lost 0.01 to 0.02. The step's
 # time rises 1.5 (Colin27) to 3 times (the CT's flat brain, where most groups reach 128): a 128 x 128 slab's slice
-# 1.6 -> 5 s; so Fast keeps groups of CUBE_GROUP_WIENER (`pipeline.similar_volumetric_groups`). The same with the
+# 1.6 -> 5 s; so Fast keeps groups of CUBE_GROUP_WIENER (`pipeline.deep_wiener_groups`). The same with the
 # noise's shape read, where it reads white (Gaussian 25/255: +0.10 on the CT, +0.006 on Colin27); noise that
 # `reads_correlated` keeps its groups.
 CUBE_WIENER_GROUP = 128
@@ -382,7 +390,7 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
                          indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
                          progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False,
                          gains_from: Optional[np.ndarray] = None, covariance_on_residual: bool = False,
-                         noise_shape: bool = False) -> np.ndarray:
+                         noise_shape: bool = False, deep_groups: bool = True) -> np.ndarray:
     """The collaborative Wiener filter of the slices `indices` (all by default) of `noisy`, guided by `pilot`.
 
     `noisy` and `pilot` are (n, H, W), or (H, W) for one slice; the inputs are not modified. With
@@ -398,7 +406,9 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     at each voxel groups patches by their noise, yet may know the coefficients better. Returns (len(indices), H, W),
     or (H, W) for a 2D input, in float64. With `noise_shape` (a 2D model's slices, noise that may be mildly
     correlated though it reads white) the curve's variance is spread over each group's coefficients by the noise's
-    shape, read on y - `pilot` (`_coefficient_table` with `shape`), with the settings of white noise.
+    shape, read on y - `pilot` (`_coefficient_table` with `shape`), with the settings of white noise. Without
+    `deep_groups` a lone slice's groups under white noise (or a shape read) hold SHALLOW_WIENER_GROUP_2D patches at
+    most, for a fifth of the time of WIENER_GROUP_2D's.
     """
     y3, m3, wanted = _checked("Wiener filter", noisy, pilot, context, indices)
     g3 = None if gains_from is None else _checked("Wiener filter", noisy, gains_from, context, indices)[1]
@@ -417,7 +427,8 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     spread = spreads(correlated_noise, context)
     for done, (todo, references) in enumerate(_wiener_passes(n, wanted, context, passes, spread)):
         filtered = _filter_slices(y3, guide, guide, curve, todo, references, context, device, progress, wiener=True,
-                                  table=table, gains_on=g3 if done == 0 else None, spread=spread, shape=noise_shape)
+                                  table=table, gains_on=g3 if done == 0 else None, spread=spread, shape=noise_shape,
+                                  deep_groups=deep_groups)
         for i, a in filtered.items():
             guide[i] = a
     result = guide[wanted].astype(np.float64)
@@ -464,11 +475,11 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
 
 def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequence[int]] = None,
                       device: Optional[torch.device] = None, progress: Optional[Callable[[], None]] = None,
-                      correlated_noise: bool = False, similar_groups: bool = True) -> np.ndarray:
+                      correlated_noise: bool = False, deep_groups: bool = True) -> np.ndarray:
     """BM4D's two steps on the slices `indices` (all by default) of the volume `noisy` (n, H, W), n >= CUBE: cubes
     hard-thresholded in groups matched on y itself (within CUBE_HARD_SEARCH_RADIUS voxels), then the Wiener filter
     of y guided by that estimate (within CUBE_SEARCH_RADIUS; CORRELATED_CUBE_SEARCH_RADIUS under noise that
-    `reads_correlated`; elsewhere, where `similar_groups`, in groups as deep as their similar members allow,
+    `reads_correlated`; elsewhere, where `deep_groups`, in groups as deep as their similar members allow,
     CUBE_WIENER_GROUP at most, for about 3 times the time of CUBE_GROUP_WIENER's).
 
     The noise variance of a group is the image's noise curve at its mean intensity (y's in the first step,
@@ -488,7 +499,7 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
-    wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE, similar=similar_groups)
+    wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE, similar=deep_groups)
     threshold = CUBE_HARD_THRESHOLD
     if correlated_noise:
         groups = MatchedGroups(max(CUBE_GROUP_HARD, CUBE_GROUP_HARD_CORRELATED))
@@ -961,7 +972,7 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
 def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
                        table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None,
                        every_slice: bool = False, shape: bool = False, groups: Optional[MatchedGroups] = None,
-                       start: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                       start: int = 0, deep_groups: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """The weighted sums of the filtered patches and their weights, from the groups of slice `centre`'s reference
     patches in the stacks (d, H, W) of y, the image the groups are matched on and the noise variance: only the
     centre slice's patches go back, each (1, H, W), or with `every_slice` every member's, each (d, H, W). Wiener
@@ -971,7 +982,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     (covariance.py), with the CORRELATED_ groups, search, spacing and threshold (a slice's own Wiener groups only as
     large as their similar members allow: `_similar_group_sizes`); a `table` of the noise's `shape`
     instead spreads the curve's variance over the coefficients, with the settings of white noise (a lone slice's
-    Wiener groups as large as their similar members allow, the WIENER_ settings), and without a
+    Wiener groups as large as their similar members allow, the WIENER_ settings, up to SHALLOW_WIENER_GROUP_2D
+    without `deep_groups`), and without a
     `table` that shape is white noise's (`_white_table`). The first step thresholds Haar coefficients (its `table`
     must then be read in the Haar transform, as `collaborative_hard_threshold` reads it), and wherever a shape
     spreads the curve's variance each coefficient gets the curve where its basis patch lies (`_spread_over`). The
@@ -988,7 +1000,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     if shape_of_noise:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
         if wiener and d == 1:
-            group, radius, step = WIENER_GROUP_2D, WIENER_RADIUS_2D, WIENER_STEP_2D
+            group = WIENER_GROUP_2D if deep_groups else SHALLOW_WIENER_GROUP_2D
+            radius, step = WIENER_RADIUS_2D, WIENER_STEP_2D
             similar = WIENER_SIMILARITY, GROUP  # the limit times the curve's variance at each reference
     else:
         threshold = CORRELATED_HARD_THRESHOLD

@@ -8,7 +8,7 @@ sample without observation fusion and the filters after it: the samplers themsel
 SRDS's pair adds over one sample, and what fusion and the filters add. A volume's test slice goes to
 the shipped 2.5D default where one is installed, with its neighbouring noisy slices. Where the volumetric
 filter makes the image (the networks do not run: `pipeline.volumetric_filter_makes_the_image`), the modes
-with fusion are one computation, or two (Fast's shallower groups: `pipeline.similar_volumetric_groups`), so
+with fusion are one computation, or two (Fast's shallower groups: `pipeline.deep_wiener_groups`), so
 each runs once (`measured_modes`).
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.noise import noise_looks_correlated
-from DiffDenoiseLib.pipeline import MADE_BY_VOLUMETRIC_FILTER, DenoisingModel, denoise_image, similar_volumetric_groups
+from DiffDenoiseLib.pipeline import MADE_BY_VOLUMETRIC_FILTER, DenoisingModel, denoise_image, deep_wiener_groups
 from DiffDenoiseLib.store import ModelStore, load_model
 
 from benchmarks.measure import measured
@@ -28,7 +28,7 @@ from benchmarks.suite import Case
 
 MODES = ("bsn", "single-unfused", "single", "two-samples", "full-unfused", "full", "fast")
 # the modes with fusion: (the pipeline's mode, how many times it runs); where the volumetric filter makes the image,
-# the runs whose modes take the same groups (`similar_volumetric_groups`) are the same computation, bit for bit
+# the runs whose modes take the same groups (`deep_wiener_groups`) are the same computation, bit for bit
 FUSED_RUNS = {"bsn": ("bsn", 1), "single": ("single", 1), "two-samples": ("single", 2), "full": ("full", 1),
               "fast": ("fast", 1)}
 
@@ -95,7 +95,7 @@ def measured_modes(modes: Sequence[str], model: DenoisingModel, case: Case, nois
     results: Dict[str, tuple] = {}
     shared: Dict[bool, tuple] = {}  # groups alike: (result, seconds per run, MiB) of the volumetric filter's image
     for mode in modes:
-        groups = similar_volumetric_groups(FUSED_RUNS[mode][0]) if mode in FUSED_RUNS else None
+        groups = deep_wiener_groups(FUSED_RUNS[mode][0]) if mode in FUSED_RUNS else None
         if groups in shared:
             result, seconds, mib = shared[groups]
             results[mode] = (result, seconds * FUSED_RUNS[mode][1], mib)

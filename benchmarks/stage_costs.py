@@ -83,27 +83,29 @@ def diffusion_evaluation(models):
     return lambda stack: unet(stack, torch.full((stack.shape[0],), 100, dtype=torch.long), stack)
 
 
-def volumetric(noise: str, similar_groups: bool = False):
+def volumetric(noise: str, deep_groups: bool = False, read_shape: bool = False):
     """The volumetric filter on the whole stack under `noise` ("white", or "mild" for it reading the noise's shape), in
     slices of a long scan (a short stack has fewer passes per slice), its Wiener groups as deep as their similar
-    cubes allow where `similar_groups` (every mode's but Fast's)."""
-    correlated_noise = noise != "white"
+    cubes allow where `deep_groups` (every mode's but Fast's; noise that reads correlated keeps its own), reading
+    the shape of white noise too where `read_shape` (strong noise whose binning ratio is above 1.3)."""
+    correlated_noise = noise != "white" or read_shape
 
     def run(noisy, models):
         y = noisy[noise]
-        volumetric_filter(y, noise_variance_curve(y), correlated_noise=correlated_noise, similar_groups=similar_groups)
+        volumetric_filter(y, noise_variance_curve(y), correlated_noise=correlated_noise, deep_groups=deep_groups)
         steps = functools.partial(volumetric_filter_steps, correlated_noise=correlated_noise)
         return steps(len(y), range(len(y))) / (steps(LONG_VOLUME, range(LONG_VOLUME)) / LONG_VOLUME)
     return run
 
 
-def filters_2d(correlated_noise: bool):
-    """A 2D model's filters: hard thresholding, then the Wiener step guided by its estimate."""
+def filters_2d(correlated_noise: bool, deep_groups: bool = False):
+    """A 2D model's filters: hard thresholding, then the Wiener step guided by its estimate, its groups under white
+    noise as deep as their similar patches allow where `deep_groups` (every mode's but Fast's)."""
     def run(noisy, models):
         y = noisy["correlated" if correlated_noise else "white"]
         curve = noise_variance_curve(y)
         estimate = collaborative_hard_threshold(y, y, curve, correlated_noise=correlated_noise)
-        collaborative_wiener(y, estimate, curve, correlated_noise=correlated_noise)
+        collaborative_wiener(y, estimate, curve, correlated_noise=correlated_noise, deep_groups=deep_groups)
         return len(y)
     return run
 
@@ -141,12 +143,18 @@ NETWORK_STAGES = [
 FILTER_STAGES = [
     Stage("volumetric_filter", "the volumetric filter on a whole volume (a 2.5D model, white noise; Fast)", 8,
           volumetric("white")),
-    Stage("volumetric_filter_similar_groups", "the same with Wiener groups as deep as their similar cubes allow "
-          "(Full and the other modes)", 8, volumetric("white", similar_groups=True)),
+    Stage("volumetric_filter_deep_groups", "the same with Wiener groups as deep as their similar cubes allow "
+          "(Full and the other modes)", 8, volumetric("white", deep_groups=True)),
     Stage("correlated_volumetric_filter", "the volumetric filter reading the noise's shape (strong noise above a "
           "binning ratio of 1.3; measured under noise of a 0.5-pixel kernel)", 8,
           volumetric("mild")),
-    Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise)", 4, filters_2d(False)),
+    Stage("correlated_volumetric_filter_deep_groups", "the volumetric filter reading the shape of noise that reads "
+          "white (as strong white noise with a binning ratio above 1.3 has it), Wiener groups as deep as their "
+          "similar cubes allow (Full and the other modes)", 8, volumetric("white", deep_groups=True, read_shape=True)),
+    Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise; Fast)", 4,
+          filters_2d(False)),
+    Stage("filters_2d_deep_groups", "the same with Wiener groups as deep as their similar patches allow (Full and the "
+          "other modes)", 4, filters_2d(False, deep_groups=True)),
     Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)",
           context_stack(False, CONTEXT), wiener_with_context(False, CONTEXT)),
     Stage("correlated_filters_2d", "both steps with each coefficient's exact variance (2D, correlated noise)", 2,

@@ -169,7 +169,7 @@ def test_a_fused_2d_result_goes_through_the_wiener_filter_and_a_2_5d_models_volu
 
 def test_the_volumetric_filter_makes_a_2_5d_models_image_only_of_a_volume_with_white_noise(volume_and_model):
     """Its image owes nothing to the networks (every mode but Fast gives the same; Fast's Wiener groups are
-    shallower, `similar_volumetric_groups`), its progress ends full, a slice range gives nearly the whole result's
+    shallower, `deep_wiener_groups`), its progress ends full, a slice range gives nearly the whole result's
     slices (the groups near the range's ends differ), and a volume of fewer than CUBE slices or too small slices send
     the image to the networks."""
     image, model = volume_and_model
@@ -277,6 +277,19 @@ def test_a_2d_models_filters_read_the_shape_of_strong_noise_that_reads_nearly_wh
     peak = hu.max() - hu.min()
     assert psnr(hu, shaped.image.array, peak) > psnr(hu, plain.image.array, peak) + 0.5
     assert denoise_image(white, trained, mode="fast").details["noise_shape_read"] is False
+
+
+def test_a_2d_models_wiener_step_takes_shallower_groups_in_fast_mode(ct_slice, trained, monkeypatch):
+    """Under white noise Fast's Wiener step keeps groups of wiener.SHALLOW_WIENER_GROUP_2D for a fifth of its time,
+    the other modes take them as deep as their similar patches allow (`deep_wiener_groups`)."""
+    _, white = ct_slice
+    asked = []
+    wiener_step = pipeline.collaborative_wiener
+    monkeypatch.setattr(pipeline, "collaborative_wiener",
+                        lambda *args, **kwargs: asked.append(kwargs["deep_groups"]) or wiener_step(*args, **kwargs))
+    for mode in ("fast", "bsn"):
+        assert denoise_image(white, trained, mode=mode).details["wiener"] is True, mode
+    assert asked == [False, True]
 
 
 def test_a_small_2d_image_has_its_noise_shape_read_where_one_covariance_window_fits(ct_slice, trained):

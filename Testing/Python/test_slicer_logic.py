@@ -457,23 +457,28 @@ def test_estimate_of_a_white_noise_volume_for_a_2_5d_model_is_the_volumetric_fil
     assert "the volumetric filter makes the image" in filtered.advice and networks.advice == ""
     assert filtered.seconds - 5.0 > 3 * (networks.seconds - 5.0), "the filter costs far more than the student"
     full, _ = _estimates(fake_logic, volume, _card("ct-2.5d", context=2), mode="full")
-    # the networks do not run in Full mode either; its Wiener groups are deeper (pipeline.similar_volumetric_groups)
+    # the networks do not run in Full mode either; its Wiener groups are deeper (pipeline.deep_wiener_groups)
     assert full.seconds == pytest.approx(5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL[
-        "volumetric_filter_similar_groups"]) and full.seconds > 2 * filtered.seconds - 5.0
+        "volumetric_filter_deep_groups"]) and full.seconds > 2 * filtered.seconds - 5.0
 
 
 def test_estimate_of_strong_noise_that_reads_nearly_white_counts_the_volumetric_filter_reading_its_shape(mrml,
                                                                                                        fake_logic):
     """Noise of a 0.45-pixel kernel reads white by the binning ratio but has its shape read by the volumetric filter
-    (pipeline.filters_read_the_noise_shape): that stage's cost, and advice that says why."""
+    (pipeline.filters_read_the_noise_shape): that stage's cost, and advice that says why. Full counts the filter's
+    deeper Wiener groups, which noise that reads white in the filter too gets (pipeline.deep_wiener_groups)."""
     clean = np.zeros((12, 96, 96))
     clean[:, 24:72, 24:72] = 0.5
     noisy = add_noise(clean, "correlated", 0.45, np.random.default_rng(2))
     volume = slicer.util.addVolumeFromArray(noisy.astype(np.float32), name="nearly white")
-    shaped, _ = _estimates(fake_logic, volume, _card("ct-2.5d", context=2))
-    assert shaped.seconds == pytest.approx(5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL[
-        "correlated_volumetric_filter"])
-    assert "The noise looks white, and strong enough to read how it spreads" in shaped.advice
+    card = _card("ct-2.5d", context=2)
+    shaped, _ = _estimates(fake_logic, volume, card)
+    full, _ = _estimates(fake_logic, volume, card, mode="full")
+    for estimate, stage in ((shaped, "correlated_volumetric_filter"),
+                            (full, "correlated_volumetric_filter_deep_groups")):
+        assert estimate.seconds == pytest.approx(5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL[stage])
+        assert "The noise looks white, and strong enough to read how it spreads" in estimate.advice
+    assert full.seconds > 2 * shaped.seconds - 5.0
 
 
 def test_estimate_of_faint_mildly_correlated_noise_counts_the_volumetric_filter_reading_its_shape(mrml, fake_logic):
@@ -499,6 +504,9 @@ def test_run_stages_of_a_2d_model_count_its_filters_reading_the_noise_shape():
     # down to one window of the covariance's read (pipeline.filters_2d_read_the_noise_shape)
     assert run_stages(card, "fast", 0, 0, 1, 32, white=True, strong=True, noise_shape=True)["filters_2d"] == 2
     assert run_stages(card, "fast", 0, 0, 1, 24, white=True, strong=True, noise_shape=True)["filters_2d"] == 1
+    # Full's Wiener groups are deeper (pipeline.deep_wiener_groups), a stage of their own
+    full = run_stages(card, "full", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)
+    assert full["filters_2d_deep_groups"] == 2 and "filters_2d" not in full
 
 
 def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volumetric_filter_alone(mrml, fake_logic):
