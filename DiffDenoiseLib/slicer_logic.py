@@ -42,9 +42,9 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "correlated_volumetric_filter": 29.4,
     # Full's deeper Wiener groups where the noise reads white in the filter as well (strong white noise on most scans)
     # with the shape read: on the InVesalius CT's middle 48 slices (256x256, Gaussian 25/255, AMD EPYC, 2026-12-07)
-    # 8.7 s a slice against Fast's 3.2 (white noise, no shape read: 4.0 and 1.4); the 5.5 s a slice they add (84 s per
+    # 5.3 s a slice against Fast's 2.4 (white noise, no shape read: 4.0 and 1.4); the 2.9 s a slice they add (44 s per
     # megapixel) do not shrink on a long scan as reading the shape does, so they go on top of the figure above
-    "correlated_volumetric_filter_deep_groups": 113.4,
+    "correlated_volumetric_filter_deep_groups": 73.2,
     "filters_2d": 19.8,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
     "filters_2d_deep_groups": 56.0,
     "wiener_context": 10.8,

@@ -278,6 +278,15 @@ CUBE_WEIGHT_OF_NOISE = 0.4
 # +2.77 (those took Poisson and Gamma noise's level as one), kernel 0.4 and 0.45 +0.03 to +0.08, kernel 0.5 -0.09
 # and -0.14 (three rounds -0.20 and -0.21, five -0.06 and -0.13).
 SHAPE_ROUNDS = 4
+# Where the shape read correlates neighbouring voxels by less than WHITE_NEIGHBOUR_CORRELATION (`reads_white`) the
+# Wiener step takes white noise's spread; the first step keeps the shape. On the volumes' test slab and 2 held-out
+# slabs (fresh draws, 2026-12-07, deep groups) against the shape in both steps: Gaussian 6/255 and 25/255, Poisson
+# 200 and Gamma 100 (read -0.007 to +0.020) +0.00 to +0.01 dB on the InVesalius CT and +0.01 to +0.03 on Colin27
+# (slabs -0.008 to +0.049); noise of kernels 0.3 and 0.35 at std 0.1 (read 0.000 to 0.048) +0.01 to +0.05, 0.35 at
+# 0.05 +0.02 and +0.03; the whole filter 10 to 30 % faster (the shape's table gathers the variances of many more
+# pairs of a group's members than white noise's). Kernel 0.4 (read 0.064 to 0.088) +0.02 on average but -0.05 to
+# +0.10 by slab, and kernel 0.45 (read 0.126 to 0.150) -0.24 on the CT (its test slab -0.51): those keep the shape.
+WHITE_NEIGHBOUR_CORRELATION = 0.05
 CUBE_GROUP_HARD_CORRELATED = 32
 # Where the noise's shape read correlates neighbouring voxels (`neighbour_correlation`) by
 # VOLUMETRIC_CORRELATED_NEIGHBOUR_CORRELATION or more (`reads_correlated`), the Wiener step's cubes are 5 voxels a
@@ -487,7 +496,8 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     +0.14 dB on the benchmark's head CT at Gaussian 6/255, whose bone the first reading took as 1.7 times
     noisier), spread over the coefficients of the group's transform as white noise has it in the members' positions
     (`_white_table`), or, where the noise may be `correlated_noise`, as the noise's shape, read on the image, has it
-    (SHAPE_ROUNDS says how and what it gained; covariance.py). Cubes of any slice within reach feed the slices
+    (SHAPE_ROUNDS says how and what it gained; covariance.py): in the first step, and in the Wiener step unless the
+    shape `reads_white`. Cubes of any slice within reach feed the slices
     wanted, so the whole volume should be given even when a few slices are wanted. `progress` is called
     `volumetric_filter_steps(n, indices, correlated_noise)` times (it may raise to stop the filter). Returns
     (len(indices), H, W) in float64; the input is not modified.
@@ -499,6 +509,7 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
+    shaped_wiener = False  # whether the Wiener step spreads the noise as its shape has it: unless it `reads_white`
     wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE, similar=deep_groups)
     threshold = CUBE_HARD_THRESHOLD
     if correlated_noise:
@@ -506,13 +517,15 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
         table = _read_noise_shape(y3[read], lambda shape_table: _filter_cubes(
             y3, y3, y3, curve, read_starts, wiener=False, table=shape_table, groups=groups, **options)[read],
             device, cube=CUBE)
+        shaped_wiener = not reads_white(table)
         if reads_correlated(table):
             threshold = CORRELATED_CUBE_HARD_THRESHOLD
             wiener_step.update(cube=volumetric_wiener_cube(y3.shape[0]), radius=CORRELATED_CUBE_SEARCH_RADIUS,
                                similar=False)
     # with the shape read the groups are matched again, corrected for the noise near cubes share (`_shared_noise`)
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, threshold=threshold, **options)
-    if correlated_noise:
+    table = None  # a shape that `reads_white` leaves the Wiener step white noise's
+    if shaped_wiener:
         table = _coefficient_table(y3[read], estimate[read], device, residual=True, cube=wiener_step["cube"],
                                    shape=True)
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
@@ -585,6 +598,13 @@ def reads_correlated(table: torch.Tensor) -> bool:
     at CORRELATED_CUBE_HARD_THRESHOLD and its Wiener step takes deeper cubes (`volumetric_wiener_cube`)."""
     neighbour = neighbour_correlation(table)
     return neighbour is not None and neighbour >= VOLUMETRIC_CORRELATED_NEIGHBOUR_CORRELATION
+
+
+def reads_white(table: torch.Tensor) -> bool:
+    """Whether the noise shape in the coefficient `table` correlates neighbouring voxels by less than
+    WHITE_NEIGHBOUR_CORRELATION: then the volumetric filter's Wiener step takes white noise's spread."""
+    neighbour = neighbour_correlation(table)
+    return neighbour is not None and neighbour < WHITE_NEIGHBOUR_CORRELATION
 
 
 def volumetric_wiener_cube(n: int) -> int:

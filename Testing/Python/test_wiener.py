@@ -592,6 +592,26 @@ def test_on_a_real_ct_the_wiener_weight_and_under_correlated_noise_the_search_an
     assert mse(settled, clean) < bound * mse(without, clean)
 
 
+def test_a_noise_shape_that_reads_white_leaves_the_wiener_step_that_of_white_noise(monkeypatch):
+    """The shape read spreads the noise in the first step; the Wiener step takes it only where it does not read
+    white (a 0.5-pixel kernel's noise), and white noise's spread otherwise (white noise read as a shape)."""
+    clean = np.stack([phantom(48) * (1 + 0.03 * z) + 0.05 * textured(48) for z in range(8)])
+    steps = []
+    filter_cubes = wiener._filter_cubes
+
+    def recorded(*args, **kwargs):
+        steps.append((kwargs["wiener"], kwargs.get("table") is not None))
+        return filter_cubes(*args, **kwargs)
+
+    monkeypatch.setattr(wiener, "_filter_cubes", recorded)
+    for kind, level, shaped in (("gaussian", 0.05, False), ("correlated", 0.5, True)):
+        noisy = add_noise(clean, kind, level, np.random.default_rng(5), **({"sigma": 0.05} if shaped else {}))
+        steps.clear()
+        wiener.volumetric_filter(noisy, noise_variance_curve(noisy), correlated_noise=True)
+        # the first step's last run thresholds with the shape (its first read starts from white noise's)
+        assert steps[-2:] == [(False, True), (True, shaped)], kind
+
+
 @pytest.mark.parametrize("kind, level", [("gaussian", 0.05), ("poisson", 100), ("gamma", 30)])
 def test_reading_the_noise_shape_leaves_the_filter_of_white_noise_of_any_kind_as_it_was(kind, level):
     """White noise whose level follows the intensity (Poisson, Gamma: 10 to 100 times the variance from the darkest
