@@ -509,7 +509,6 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
     wiener_starts, hard_starts, read, read_starts = _volumetric_starts(y3.shape[0], wanted, correlated_noise)
     options = dict(device=device or torch.device("cpu"), progress=progress)
     table = groups = None
-    shaped_wiener = False  # whether the Wiener step spreads the noise as its shape has it: unless it `reads_white`
     wiener_step = dict(cube=CUBE, weight_of_noise=CUBE_WEIGHT_OF_NOISE, similar=deep_groups)
     threshold = CUBE_HARD_THRESHOLD
     if correlated_noise:
@@ -517,17 +516,17 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
         table = _read_noise_shape(y3[read], lambda shape_table: _filter_cubes(
             y3, y3, y3, curve, read_starts, wiener=False, table=shape_table, groups=groups, **options)[read],
             device, cube=CUBE)
-        shaped_wiener = not reads_white(table)
         if reads_correlated(table):
             threshold = CORRELATED_CUBE_HARD_THRESHOLD
             wiener_step.update(cube=volumetric_wiener_cube(y3.shape[0]), radius=CORRELATED_CUBE_SEARCH_RADIUS,
                                similar=False)
     # with the shape read the groups are matched again, corrected for the noise near cubes share (`_shared_noise`)
     estimate = _filter_cubes(y3, y3, y3, curve, hard_starts, wiener=False, table=table, threshold=threshold, **options)
-    table = None  # a shape that `reads_white` leaves the Wiener step white noise's
-    if shaped_wiener:
+    if correlated_noise and not reads_white(table):
         table = _coefficient_table(y3[read], estimate[read], device, residual=True, cube=wiener_step["cube"],
                                    shape=True)
+    else:
+        table = None  # the Wiener step spreads white noise's variance, also where the shape `reads_white`
     covered = slice(hard_starts[0], hard_starts[-1] + CUBE)  # the slices the first step filtered
     curve = refined_noise_curve(y3[covered], estimate[covered], curve)
     return _filter_cubes(y3, estimate, estimate, curve, wiener_starts, wiener=True, table=table, **wiener_step,
