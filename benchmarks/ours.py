@@ -9,7 +9,8 @@ SRDS's pair adds over one sample, and what fusion and the filters add. A volume'
 the shipped 2.5D default where one is installed, with its neighbouring noisy slices. Where the volumetric
 filter makes the image (the networks do not run: `pipeline.volumetric_filter_makes_the_image`), the modes
 with fusion are one computation, or two (Fast's shallower groups: `pipeline.deep_wiener_groups`), so
-each runs once (`measured_modes`).
+each runs once (`measured_modes`), and the oracle's image is Fast's (`fast_image_is_the_oracles`). Elsewhere
+"two-samples" takes "single"'s run as its first sample (seed 0, the same computation) and runs the second.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ def model_input(case: Case, noisy: np.ndarray, noisy_slab: Optional[np.ndarray],
     return Image(array=case.to_units(noisy).astype(np.float32), spacing=spacing, modality=case.modality), -1
 
 
-def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
-             noisy_slab: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[str]]:
+def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray, noisy_slab: Optional[np.ndarray],
+             seed: int = 0) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[str]]:
     """(denoised, uncertainty or None) of the test slice on the [0, 1] scale, and which filters made it alone
     (the pipeline's `filters_made_the_image`: the volumetric filter, the networks not running, or the
-    correlated-noise filters, the networks' result only choosing where the noise is read), or None."""
+    correlated-noise filters, the networks' result only choosing where the noise is read), or None; `seed` seeds
+    the samplers ("two-samples" takes seeds 0 and 1)."""
     image, index = model_input(case, noisy, noisy_slab, model.config.context_slices)
     # a slab: only its test slice is denoised, its neighbours serve as the 2.5D context
     where = dict(slice_axis=0, slice_range=(index, index + 1)) if index >= 0 else {}
@@ -75,23 +77,27 @@ def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray,
         return a[0] if index >= 0 else a
 
     if mode == "two-samples":
-        runs = [denoise_image(image, model, mode="single", seed=s, **where) for s in (0, 1)]
-        out = np.mean([pick(r.image.array) for r in runs], axis=0)
-        return (out - case.offset) / case.scale, None, runs[0].details.get("filters_made_the_image")
+        return two_samples(*(run_mode("single", model, case, noisy, noisy_slab, seed=s) for s in (0, 1)))
     if mode.endswith("-unfused"):
-        result = denoise_image(image, model, mode=mode[:-len("-unfused")], fusion=False, **where)
+        result = denoise_image(image, model, mode=mode[:-len("-unfused")], fusion=False, seed=seed, **where)
         return (pick(result.image.array) - case.offset) / case.scale, None, None
-    result = denoise_image(image, model, mode=mode, **where)
+    result = denoise_image(image, model, mode=mode, seed=seed, **where)
     out = (pick(result.image.array) - case.offset) / case.scale
     spread = None if result.uncertainty is None else pick(result.uncertainty.array) / case.scale
     return out, spread, result.details.get("filters_made_the_image")
+
+
+def two_samples(first: tuple, second: tuple) -> Tuple[np.ndarray, None, Optional[str]]:
+    """"two-samples"' result from `run_mode`'s results of "single" with seeds 0 and 1: their average."""
+    return (first[0] + second[0]) / 2, None, first[2]
 
 
 def measured_modes(modes: Sequence[str], model: DenoisingModel, case: Case, noisy: np.ndarray,
                    noisy_slab: Optional[np.ndarray]) -> Dict[str, tuple]:
     """{mode: (`run_mode`'s result, seconds, peak MiB)} of `modes` in order. Once a mode with fusion
     (FUSED_RUNS) finds that the volumetric filter made the image, the later ones whose groups are alike take its
-    result, with its seconds per run of the pipeline times their runs: each would repeat that computation."""
+    result, with its seconds per run of the pipeline times their runs: each would repeat that computation.
+    Elsewhere "two-samples" after "single" takes its run as the first sample (seed 0) and adds its seconds."""
     results: Dict[str, tuple] = {}
     shared: Dict[bool, tuple] = {}  # groups alike: (result, seconds per run, MiB) of the volumetric filter's image
     for mode in modes:
@@ -100,8 +106,21 @@ def measured_modes(modes: Sequence[str], model: DenoisingModel, case: Case, nois
             result, seconds, mib = shared[groups]
             results[mode] = (result, seconds * FUSED_RUNS[mode][1], mib)
             continue
+        if mode == "two-samples" and "single" in results:
+            first, seconds, mib = results["single"]
+            second, more, more_mib = measured(lambda: run_mode("single", model, case, noisy, noisy_slab, seed=1))
+            results[mode] = (two_samples(first, second), seconds + more, max(mib, more_mib))
+            continue
         results[mode] = measured(lambda: run_mode(mode, model, case, noisy, noisy_slab))
         (_, _, made_by), seconds, mib = results[mode]
         if groups is not None and made_by == MADE_BY_VOLUMETRIC_FILTER:
             shared[groups] = (results[mode][0], seconds / FUSED_RUNS[mode][1], mib)
     return results
+
+
+def fast_image_is_the_oracles(fast: tuple) -> bool:
+    """Whether Fast's measured result (`measured_modes`) is the oracle's too: where the volumetric filter made it
+    the networks did not run, and the oracle, Fast's student trained further, would run the same filter on the same
+    slices (`pipeline.volumetric_filter_makes_the_image` reads the model's architecture, never its weights)."""
+    (_, _, made_by), _, _ = fast
+    return made_by == MADE_BY_VOLUMETRIC_FILTER

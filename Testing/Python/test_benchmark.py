@@ -219,11 +219,11 @@ def test_a_2_5d_model_denoises_only_the_test_slice_of_a_slab():
 def test_modes_the_volumetric_filter_made_run_it_once_and_report_its_time_per_run(monkeypatch, made_by):
     """Where a fused mode's image is the volumetric filter's, the later fused modes with its groups take it (two
     samples at twice the time; Fast's groups are shallower, so it runs); elsewhere, or without fusion, each mode
-    runs."""
+    runs, but two samples take one sample's run (seed 0) as their first and run only the second (seed 1)."""
     ran = []
 
-    def run_mode(mode, *args):
-        ran.append(mode)
+    def run_mode(mode, *args, seed=0):
+        ran.append((mode, seed))
         return np.full((2, 2), float(len(ran))), None, None if mode.endswith("-unfused") else made_by
 
     monkeypatch.setattr(ours, "run_mode", run_mode)
@@ -231,14 +231,48 @@ def test_modes_the_volumetric_filter_made_run_it_once_and_report_its_time_per_ru
     results = ours.measured_modes(ours.MODES, None, None, None, None)
     assert list(results) == list(ours.MODES)
     if made_by is None:
-        assert ran == list(ours.MODES)
+        assert ran == [(m, 0) for m in ours.MODES[:3]] + [("single", 1)] + [(m, 0) for m in ours.MODES[4:]]
+        # the average of one sample's run (the 3rd) and seed 1's (the 4th)
+        np.testing.assert_array_equal(results["two-samples"][0][0], np.full((2, 2), 3.5))
+        assert results["two-samples"][1:] == (6.0, 10.0)
+        assert not ours.fast_image_is_the_oracles(results["fast"])
         return
-    assert ran == ["bsn", "single-unfused", "full-unfused", "fast"]
+    assert ran == [("bsn", 0), ("single-unfused", 0), ("full-unfused", 0), ("fast", 0)]
     for mode in ("single", "two-samples", "full"):
         assert results[mode][0] is results["bsn"][0], mode
     assert results["fast"][0] is not results["bsn"][0]
     assert [results[m][1] for m in ("bsn", "single", "two-samples", "full", "fast")] == [3.0, 3.0, 6.0, 3.0, 3.0]
     assert results["full"][2] == 10.0
+    assert ours.fast_image_is_the_oracles(results["fast"])
+
+
+def test_two_samples_measured_after_one_sample_are_the_two_samples_run_alone():
+    """Taking one sample's run as the first of two changes nothing: the average of seeds 0 and 1, as run alone."""
+    model = toy_model()
+    clean = toy_image(48)
+    noisy = NOISES[1].apply(clean, np.random.default_rng(6))
+    measured_two = ours.measured_modes(("single", "two-samples"), model, tiny_case(clean), noisy, None)
+    alone, _, _ = ours.run_mode("two-samples", model, tiny_case(clean), noisy, None)
+    one, _, _ = measured_two["single"][0]
+    two, spread, _ = measured_two["two-samples"][0]
+    np.testing.assert_allclose(two, alone, atol=1e-12)
+    assert spread is None and not np.allclose(two, one, atol=1e-4)  # seed 1's sample differs from seed 0's
+
+
+def test_where_the_volumetric_filter_made_fasts_image_the_oracles_is_the_same():
+    """The oracle's networks do not run where the volumetric filter makes the image: its image is Fast's, bit for
+    bit, so the benchmark takes Fast's (`ours.fast_image_is_the_oracles`) instead of training it."""
+    clean = toy_image(48)
+    slab = np.stack([clean] * 8)
+    case = Case("toy", "CT", "HU", offset=-1000.0, scale=2000.0, clean=clean[None], slabs=slab[None],
+                train=[clean], train_slabs=[slab])
+    model = toy_model(context=2)
+    noisy_slab = NOISES[1].apply(slab, np.random.default_rng(7))
+    fast = ours.measured_modes(("fast",), model, case, noisy_slab[4], noisy_slab)["fast"]
+    assert ours.fast_image_is_the_oracles(fast)
+    oracle = train_oracle(model, case, NOISES[1], steps=2, batch=2, patch=32)
+    out, _, _ = ours.run_mode("fast", oracle, case, noisy_slab[4], noisy_slab)
+    np.testing.assert_array_equal(out, fast[0][0])
 
 
 def test_a_crop_inside_the_head_is_all_body_and_its_flat_tissue_is_soft_tissue():
