@@ -36,15 +36,17 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "diffusion": 3.3,
     "volumetric_filter": 16.4,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
     "volumetric_filter_deep_groups": 65.0,
-    # reading the noise's shape: on the whole InVesalius CT (108 x 256 x 256) on an AMD EPYC (2026-12-06) 1.84 times
-    # the white filter's time on that machine (183 s against 100), so 1.84 times the figure above, which the other
-    # machine measured (the short stacks of benchmarks/stage_costs.py read the shape on every slice)
-    "correlated_volumetric_filter": 29.4,
-    # Full's deeper Wiener groups where the noise reads white in the filter as well (strong white noise on most scans)
-    # with the shape read: on the InVesalius CT's middle 48 slices (256x256, Gaussian 25/255, AMD EPYC, 2026-12-07)
-    # 5.3 s a slice against Fast's 2.4 (white noise, no shape read: 4.0 and 1.4); the 2.9 s a slice they add (44 s per
-    # megapixel) do not shrink on a long scan as reading the shape does, so they go on top of the figure above
-    "correlated_volumetric_filter_deep_groups": 73.2,
+    # reading the noise's shape: per step of the read (wiener.shape_read_steps, 40 from 24 slices on, however long the
+    # scan) and megapixel of one slice; then the filter after it, under noise that reads correlated in it (any mode)
+    # or white (as strong white noise with a binning ratio above 1.3 has it; Fast, and Full's deeper groups). Against
+    # whole scans of the InVesalius CT (256x256, AMD EPYC, 2026-12-07) under Gaussian 25/255: 108 slices Fast 235 s
+    # counted against 259 taken, Full 551 against 552, 24 slices 98 against 100 and 168 against 148; 48 slices under
+    # noise of a 0.5-pixel kernel (std 0.05) Fast 227 against 219 (one figure per megapixel had counted 208, 518, 46,
+    # 115 and 93)
+    "noise_shape_read": 22.3,
+    "correlated_volumetric_filter": 53.4,
+    "shaped_volumetric_filter": 24.9,
+    "shaped_volumetric_filter_deep_groups": 69.5,
     "filters_2d": 19.8,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
     "filters_2d_deep_groups": 56.0,
     "wiener_context": 10.8,
@@ -52,7 +54,8 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "correlated_wiener_context": 137.0,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
-_SHAPE_READING_STAGES = {"correlated_volumetric_filter", "correlated_volumetric_filter_deep_groups"}
+_SHAPE_READING_STAGES = {"correlated_volumetric_filter", "shaped_volumetric_filter",
+                         "shaped_volumetric_filter_deep_groups"}
 _GPU_SPEED_UP = 30.0
 _STARTUP_SECONDS = 5.0
 NOISE_READING_SLICES = 32  # the evenly spaced slices noise.binning_noise_reading reads: the estimate reads the same
@@ -315,7 +318,9 @@ class DenoiseLogic:
             # under correlated noise the Wiener groups of the neighbours a 2.5D model's filters gather patches from
             # feed the slice too (wiener.spreads), and the networks run on every slice those groups read
             filtered, read = (min(slices, 1 + 2 * reach) for reach in filter_reach(card, side))
-            on_neighbours = {**{stage: read for stage in _NETWORK_STAGES}, "correlated_wiener_context": filtered}
+            # the noise's shape is read on as many slices around one as on the whole scan (wiener.shape_read_steps)
+            on_neighbours = {**{stage: read for stage in _NETWORK_STAGES}, "correlated_wiener_context": filtered,
+                             "noise_shape_read": slices}
             one_slice = seconds({stage: passes * on_neighbours.get(stage, 1) / slices
                                  for stage, passes in stages.items()})
             text = "Full mode on the CPU is slow (about %s for this volume); Fast mode takes about %s" % tuple(
@@ -711,15 +716,20 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         correlated_filters_follow, filters_2d_read_the_noise_shape, deep_wiener_groups,
         volumetric_filter_follows,
     )
-    from DiffDenoiseLib.wiener import CUBE
+    from DiffDenoiseLib.wiener import CUBE, shape_read_steps
 
     architecture, sampling, fuse = _card_run(card, side)
     context = architecture.context_slices
     # the shape is read on faint noise only where it reads mildly correlated (`pipeline.filters_read_the_noise_shape`)
     if fuse and slices >= CUBE and volumetric_filter_follows(architecture, white, strong, noise_shape and not strong):
-        if noise_shape or not white:  # noise that reads white by the binning ratio reads white in the filter too
-            deep = white and deep_wiener_groups(mode)
-            return {"correlated_volumetric_filter_deep_groups" if deep else "correlated_volumetric_filter": 1}
+        if noise_shape or not white:
+            # the read takes as long on a long scan as on 24 slices; noise that reads white by the binning ratio is
+            # taken to read white in the filter too
+            read = {"noise_shape_read": shape_read_steps(slices, range(slices)) / slices}
+            if not white:
+                return {"correlated_volumetric_filter": 1, **read}
+            deep = deep_wiener_groups(mode)
+            return {"shaped_volumetric_filter_deep_groups" if deep else "shaped_volumetric_filter": 1, **read}
         return {"volumetric_filter_deep_groups" if deep_wiener_groups(mode) else "volumetric_filter": 1}
     if mode == "fast":
         # the second pass measures the share of the input kept: under white noise, and where the networks' result

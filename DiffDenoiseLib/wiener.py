@@ -536,8 +536,14 @@ def volumetric_filter(noisy: np.ndarray, curve: Curve, indices: Optional[Sequenc
 def volumetric_filter_steps(n: int, indices: Sequence[int], correlated_noise: bool = False) -> int:
     """How many times `volumetric_filter` calls its progress on a volume of n slices (with `correlated_noise`, the
     first steps that read the noise's shape too)."""
-    wiener_starts, hard_starts, _, read_starts = _volumetric_starts(n, sorted(set(indices)), correlated_noise)
-    return len(wiener_starts) + len(hard_starts) + (SHAPE_ROUNDS * len(read_starts) if correlated_noise else 0)
+    wiener_starts, hard_starts, _, _ = _volumetric_starts(n, sorted(set(indices)), correlated_noise)
+    return len(wiener_starts) + len(hard_starts) + (shape_read_steps(n, indices) if correlated_noise else 0)
+
+
+def shape_read_steps(n: int, indices: Sequence[int]) -> int:
+    """How many of `volumetric_filter_steps` with `correlated_noise` read the noise's shape: they come first, and on
+    a long volume their number does not grow with it (the shape is read on COVARIANCE_SLICES slices)."""
+    return SHAPE_ROUNDS * len(_volumetric_starts(n, sorted(set(indices)), True)[3])
 
 
 def noise_shape_steps(indices: Sequence[int]) -> int:

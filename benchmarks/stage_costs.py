@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from DiffDenoiseLib.store import SHIPPED_DIR, load_model  # noqa: E402
 from DiffDenoiseLib.wiener import (  # noqa: E402
     collaborative_hard_threshold,
     collaborative_wiener,
+    shape_read_steps,
     slices_read,
     volumetric_filter,
     volumetric_filter_steps,
@@ -61,12 +62,13 @@ MODELS = {"2d": "ct-head-default", "wide": "correlated-noise-default"}  # 2D, on
 @dataclass
 class Stage:
     """One stage as the estimate counts it: `run(noisy, models)` on {"white", "correlated", "mild": (slices, side,
-    side) stack} returns how many slices' worth of output it made."""
+    side) stack} returns how many slices' worth of output it made, or that and the seconds of the part of its call
+    the stage is (timed by the stage itself)."""
 
     name: str
     what: str
     slices: int  # in the stack it is given
-    run: Callable[[Dict[str, np.ndarray], Dict[str, DenoisingModel]], float]
+    run: Callable[[Dict[str, np.ndarray], Dict[str, DenoisingModel]], Union[float, Tuple[float, float]]]
 
 
 def networks(fn: Callable[[np.ndarray], object]) -> Callable:
@@ -83,18 +85,32 @@ def diffusion_evaluation(models):
     return lambda stack: unet(stack, torch.full((stack.shape[0],), 100, dtype=torch.long), stack)
 
 
-def volumetric(noise: str, deep_groups: bool = False, read_shape: bool = False):
-    """The volumetric filter on the whole stack under `noise` ("white", or "mild" for it reading the noise's shape), in
-    slices of a long scan (a short stack has fewer passes per slice), its Wiener groups as deep as their similar
-    cubes allow where `deep_groups` (every mode's but Fast's; noise that reads correlated keeps its own), reading
-    the shape of white noise too where `read_shape` (strong noise whose binning ratio is above 1.3)."""
+def volumetric(noise: str, deep_groups: bool = False, read_shape: bool = False, part: str = "filter"):
+    """The volumetric filter on the whole stack under `noise` ("white", or "mild" for it reading the noise's shape), its
+    Wiener groups as deep as their similar cubes allow where `deep_groups` (every mode's but Fast's; noise that reads
+    correlated keeps its own), reading the shape of white noise too where `read_shape` (strong noise whose binning
+    ratio is above 1.3). `part` "filter": its time after reading the shape (where it reads it), in slices of a long
+    scan (a short stack has fewer passes per slice); "shape_read": the time of the read alone, which does not grow
+    with a long scan's length, per step of it (`wiener.shape_read_steps`), in slices, so that its figure is per
+    megapixel of one slice."""
     correlated_noise = noise != "white" or read_shape
 
     def run(noisy, models):
         y = noisy[noise]
-        volumetric_filter(y, noise_variance_curve(y), correlated_noise=correlated_noise, deep_groups=deep_groups)
-        steps = functools.partial(volumetric_filter_steps, correlated_noise=correlated_noise)
-        return steps(len(y), range(len(y))) / (steps(LONG_VOLUME, range(LONG_VOLUME)) / LONG_VOLUME)
+        n = len(y)
+        reads = shape_read_steps(n, range(n)) if correlated_noise else 0
+        steps = []
+        started = time.perf_counter()
+        curve = noise_variance_curve(y)  # the filter's part: it grows with the scan
+        begun = time.perf_counter()
+        volumetric_filter(y, curve, correlated_noise=correlated_noise, deep_groups=deep_groups,
+                          progress=lambda: steps.append(time.perf_counter()))
+        read = (steps[reads - 1] if reads else begun) - begun
+        if part == "shape_read":
+            return reads, read
+        per_slice = volumetric_filter_steps(LONG_VOLUME, range(LONG_VOLUME), correlated_noise) - (
+            shape_read_steps(LONG_VOLUME, range(LONG_VOLUME)) if correlated_noise else 0)
+        return (len(steps) - reads) / (per_slice / LONG_VOLUME), time.perf_counter() - started - read
     return run
 
 
@@ -145,12 +161,16 @@ FILTER_STAGES = [
           volumetric("white")),
     Stage("volumetric_filter_deep_groups", "the same with Wiener groups as deep as their similar cubes allow "
           "(Full and the other modes)", 8, volumetric("white", deep_groups=True)),
-    Stage("correlated_volumetric_filter", "the volumetric filter reading the noise's shape (strong noise above a "
-          "binning ratio of 1.3; measured under noise of a 0.5-pixel kernel)", 8,
-          volumetric("mild")),
-    Stage("correlated_volumetric_filter_deep_groups", "the volumetric filter reading the shape of noise that reads "
-          "white (as strong white noise with a binning ratio above 1.3 has it), Wiener groups as deep as their "
-          "similar cubes allow (Full and the other modes)", 8, volumetric("white", deep_groups=True, read_shape=True)),
+    Stage("noise_shape_read", "the volumetric filter reading the noise's shape, per step of the read (40 on a volume "
+          "of 24 slices or more, a first step on part of a slice each; under noise of a 0.5-pixel kernel)", 8,
+          volumetric("mild", part="shape_read")),
+    Stage("correlated_volumetric_filter", "the volumetric filter after reading the shape of noise that reads "
+          "correlated in it (a 0.5-pixel kernel's; any mode)", 8, volumetric("mild")),
+    Stage("shaped_volumetric_filter", "the volumetric filter after reading the shape of noise that reads white in it "
+          "(as strong white noise with a binning ratio above 1.3 has it; Fast)", 8,
+          volumetric("white", read_shape=True)),
+    Stage("shaped_volumetric_filter_deep_groups", "the same with Wiener groups as deep as their similar cubes allow "
+          "(Full and the other modes)", 8, volumetric("white", deep_groups=True, read_shape=True)),
     Stage("filters_2d", "hard thresholding + Wiener step of a 2D model's slice (white noise; Fast)", 4,
           filters_2d(False)),
     Stage("filters_2d_deep_groups", "the same with Wiener groups as deep as their similar patches allow (Full and the "
@@ -179,6 +199,12 @@ def phantom(slices: int, side: int) -> np.ndarray:
     return np.stack(out)
 
 
+def timed(stage: Stage, noisy: Dict[str, np.ndarray], models: Dict[str, DenoisingModel]) -> Tuple[float, float]:
+    """(slices' worth of output, seconds) of one run of `stage`: its whole call's, or the part it timed itself."""
+    made, seconds, _ = measured(lambda: stage.run(noisy, models))
+    return made if isinstance(made, tuple) else (made, seconds)
+
+
 def measure(sides: List[int], repeats: int, names: Optional[List[str]] = None) -> Dict[str, dict]:
     """{stage: {what, seconds_per_megapixel {side: s}, seconds_per_slice {side: s}, load_average {side: 1-minute
     load after it}}} of the stages `names` (all by default), each the least of `repeats` runs (other work on the
@@ -198,8 +224,8 @@ def measure(sides: List[int], repeats: int, names: Optional[List[str]] = None) -
             noisy = {"white": add_noise(clean, "gaussian", WHITE_NOISE_STD, rng).astype(np.float32),
                      **{name: add_noise(clean, "correlated", kernel, rng).astype(np.float32)
                         for name, kernel in (("correlated", CORRELATED_KERNEL), ("mild", MILD_KERNEL))}}
-            per_slice = min(seconds / slices for slices, seconds, _ in
-                            (measured(lambda: stage.run(noisy, models)) for _ in range(repeats)))
+            per_slice = min(seconds / slices for slices, seconds in (timed(stage, noisy, models)
+                                                                    for _ in range(repeats)))
             result, load = results[stage.name], os.getloadavg()[0]
             result["seconds_per_slice"][str(side)] = round(per_slice, 4)
             result["seconds_per_megapixel"][str(side)] = round(per_slice / (side * side / 1e6), 3)

@@ -557,6 +557,22 @@ def test_stage_costs_measure_every_stage_the_slicer_estimate_counts(tmp_path):
         stage_costs.main(["--sides", "48", "--out", str(tmp_path), "--stages", "student"])
 
 
+def test_stage_costs_time_the_noise_shape_read_apart_from_the_filter_after_it():
+    """The volumetric filter's read of the noise's shape does not grow with a long scan (wiener.shape_read_steps):
+    stage_costs times it per step of the read, and the filter after it in slices; the parts lie within the call."""
+    from benchmarks import stage_costs
+    from DiffDenoiseLib.noise import add_noise
+    from DiffDenoiseLib.wiener import shape_read_steps
+
+    clean = stage_costs.phantom(8, 32)
+    noisy = {"mild": add_noise(clean, "correlated", 0.5, np.random.default_rng(3)).astype(np.float32)}
+    (reads, read_s), whole_read, _ = measured(lambda: stage_costs.volumetric("mild", part="shape_read")(noisy, {}))
+    assert reads == shape_read_steps(8, range(8)) > 0 and 0 < read_s < whole_read
+    (slices, filter_s), whole, _ = measured(lambda: stage_costs.volumetric("mild")(noisy, {}))
+    assert 4 < slices < 8 and 0 < filter_s < whole  # an 8-slice stack has fewer passes per slice than a long scan
+    assert stage_costs.timed(stage_costs.Stage("t", "t", 8, lambda *_: (3.0, 1.5)), noisy, {}) == (3.0, 1.5)
+
+
 def test_the_gpu_check_compares_two_devices_and_refuses_to_run_without_cuda(monkeypatch, capsys, tmp_path):
     """benchmarks/gpu_check.py: its comparison, run here with the CPU in both places, finds the same image
     twice; without CUDA it writes nothing and says why; its report has a row for every comparison recorded."""

@@ -474,11 +474,34 @@ def test_estimate_of_strong_noise_that_reads_nearly_white_counts_the_volumetric_
     card = _card("ct-2.5d", context=2)
     shaped, _ = _estimates(fake_logic, volume, card)
     full, _ = _estimates(fake_logic, volume, card, mode="full")
-    for estimate, stage in ((shaped, "correlated_volumetric_filter"),
-                            (full, "correlated_volumetric_filter_deep_groups")):
-        assert estimate.seconds == pytest.approx(5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL[stage])
+    for estimate, stage in ((shaped, "shaped_volumetric_filter"), (full, "shaped_volumetric_filter_deep_groups")):
+        assert estimate.seconds == pytest.approx(5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL[stage]
+                                                 + _shape_read_seconds(12, 96))
         assert "The noise looks white, and strong enough to read how it spreads" in estimate.advice
-    assert full.seconds > 2 * shaped.seconds - 5.0
+    assert full.seconds - shaped.seconds > 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL["shaped_volumetric_filter"]
+
+
+def _shape_read_seconds(slices: int, side: int) -> float:
+    """The estimate's seconds for reading the noise's shape on a volume: per step of the read and megapixel of one
+    slice, over the read's steps."""
+    from DiffDenoiseLib.wiener import shape_read_steps
+
+    return shape_read_steps(slices, range(slices)) * side * side / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL["noise_shape_read"]
+
+
+def test_the_estimate_counts_reading_the_noise_shape_once_a_scan(mrml):
+    """The volumetric filter reads the noise's shape on at most 16 slices (wiener.shape_read_steps): its cost stops
+    growing with the scan from 24 slices on, while the filter's grows with every slice."""
+    from DiffDenoiseLib.slicer_logic import run_stages
+
+    card = _card("ct-2.5d", context=2)
+    for mode, stage in (("fast", "shaped_volumetric_filter"), ("full", "shaped_volumetric_filter_deep_groups")):
+        short, long = (run_stages(card, mode, 0, 0, n, 256, white=True, strong=True, noise_shape=True)
+                       for n in (24, 240))
+        assert short[stage] == long[stage] == 1 and set(short) == {stage, "noise_shape_read"}
+        assert short["noise_shape_read"] * 24 == long["noise_shape_read"] * 240 > 0
+    mild = run_stages(card, "full", 0, 0, 240, 256, white=False, strong=True, noise_shape=True)
+    assert set(mild) == {"correlated_volumetric_filter", "noise_shape_read"}
 
 
 def test_estimate_of_faint_mildly_correlated_noise_counts_the_volumetric_filter_reading_its_shape(mrml, fake_logic):
@@ -491,7 +514,7 @@ def test_estimate_of_faint_mildly_correlated_noise_counts_the_volumetric_filter_
     volume = slicer.util.addVolumeFromArray(noisy.astype(np.float32), name="faint")
     shaped, networks = _estimates(fake_logic, volume, _card("ct-2.5d", context=2))
     assert shaped.seconds == pytest.approx(5.0 + 12 * 48 * 48 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL[
-        "correlated_volumetric_filter"])
+        "correlated_volumetric_filter"] + _shape_read_seconds(12, 48))
     assert "The noise is faint and looks mildly correlated" in shaped.advice and networks.advice == ""
 
 
@@ -514,7 +537,8 @@ def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volu
     faint such noise (texture under noise of 2 units in 1500): the networks, and in Fast the student's second pass
     for the share of the input given back where they took anatomy."""
     volume = _volume_with_noise("head", (12, 96, 96), correlated=True)
-    filters = 5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL["correlated_volumetric_filter"]
+    filters = 5.0 + 12 * 96 * 96 / 1e6 * _CPU_SECONDS_PER_MEGAPIXEL["correlated_volumetric_filter"] + (
+        _shape_read_seconds(12, 96))
     for mode in ("fast", "full"):
         one_pixel, networks = _estimates(fake_logic, volume, _card("one-pixel", context=2), mode)
         assert one_pixel.seconds == pytest.approx(filters) and "mildly correlated" in one_pixel.advice, mode
