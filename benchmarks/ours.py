@@ -88,7 +88,7 @@ def run_mode(mode: str, model: DenoisingModel, case: Case, noisy: np.ndarray, no
 
 
 def two_samples(first: tuple, second: tuple) -> Tuple[np.ndarray, None, Optional[str]]:
-    """"two-samples"' result from `run_mode`'s results of "single" with seeds 0 and 1: their average."""
+    """The result of "two-samples" from `run_mode`'s results of "single" with seeds 0 and 1: their average."""
     return (first[0] + second[0]) / 2, None, first[2]
 
 
@@ -109,7 +109,8 @@ def measured_modes(modes: Sequence[str], model: DenoisingModel, case: Case, nois
         if mode == "two-samples" and "single" in results:
             first, seconds, mib = results["single"]
             second, more, more_mib = measured(lambda: run_mode("single", model, case, noisy, noisy_slab, seed=1))
-            results[mode] = (two_samples(first, second), seconds + more, max(mib, more_mib))
+            peak = max((m for m in (mib, more_mib) if m is not None), default=None)  # None where unsampled
+            results[mode] = (two_samples(first, second), seconds + more, peak)
             continue
         results[mode] = measured(lambda: run_mode(mode, model, case, noisy, noisy_slab))
         (_, _, made_by), seconds, mib = results[mode]
