@@ -49,6 +49,7 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "shaped_volumetric_filter_deep_groups": 69.5,
     "filters_2d": 19.8,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
     "filters_2d_deep_groups": 56.0,
+    "noise_shape_read_2d": 7.6,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
     "correlated_wiener_context": 137.0,
@@ -702,8 +703,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     Under white noise a 2.5D model's volume goes to the volumetric filter alone, and a one-pixel 2.5D model's under
     `strong` noise that is not white, or faint noise whose shape is read, to that filter too, which reads the noise's
     shape there and where `noise_shape`
-    (`pipeline.filters_read_the_noise_shape`, a stage of its own, as a 2D model's filters under white-looking noise
-    then read it, at about twice their cost); otherwise the networks run, and
+    (`pipeline.filters_read_the_noise_shape`; the read a stage of its own, counted once a scan, as a 2D model's
+    filters under white-looking noise then read it too); otherwise the networks run, and
     then, with fusion, under white noise the filters of the model's kind, under correlated noise the filters with
     exact variances after a wide blind spot, or a 2D model when the noise is `strong` and the slices large enough
     (`pipeline.MIN_SIDE_FOR_ONE_PIXEL_FILTERS`; a 2.5D model's Fast mode
@@ -716,7 +717,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         correlated_filters_follow, filters_2d_read_the_noise_shape, deep_wiener_groups,
         volumetric_filter_follows,
     )
-    from DiffDenoiseLib.wiener import CUBE, shape_read_steps
+    from DiffDenoiseLib.wiener import CUBE, noise_shape_steps, shape_read_steps
 
     architecture, sampling, fuse = _card_run(card, side)
     context = architecture.context_slices
@@ -739,11 +740,15 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         stages = {"bsn_wide" if architecture.blind_spot_radius else "bsn": sampling.self_ensemble,
                   "diffusion": 2 * (steps or sampling.steps) * (pairs or sampling.pairs)}
     if fuse and white:
-        # a 2D model's filters reading the noise's shape, each patch matched once (wiener.MatchedGroups), took 1.4 to
-        # 1.9 s a 256x256 CT slice against 0.8 for the filters of white noise (2026-12-06)
-        shaped = not context and filters_2d_read_the_noise_shape(side, noise_shape)
         filters = "filters_2d_deep_groups" if deep_wiener_groups(mode) else "filters_2d"
-        stages["wiener_context" if context else filters] = 2 if shaped else 1
+        stages["wiener_context" if context else filters] = 1
+        if not context and filters_2d_read_the_noise_shape(side, noise_shape):
+            # a 2D model's filters read the shape on COVARIANCE_SLICES slices at most (wiener.noise_shape_steps), then
+            # take about their white-noise time: on 24 slices of the 256x256 phantom (AMD EPYC, 2026-12-07) Full's
+            # hard step 21 s against 20, its Wiener step 73 against 66, the read 24 s more (118 s counted 120, where
+            # twice the filters counted 176); Fast 61 s counted 63; one slice Full 5.9 s counted 5.7 (7.3), Fast 2.4
+            # counted 3.3 (2.6)
+            stages["noise_shape_read_2d"] = noise_shape_steps(range(slices)) / slices
     elif fuse and correlated_filters_follow(architecture, lambda: strong, side):
         stages["correlated_wiener_context" if context else "correlated_filters_2d"] = 1
         if mode == "fast" and context:  # a blind-spot estimate matches the Wiener step's groups

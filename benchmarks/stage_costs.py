@@ -40,6 +40,7 @@ from DiffDenoiseLib.store import SHIPPED_DIR, load_model  # noqa: E402
 from DiffDenoiseLib.wiener import (  # noqa: E402
     collaborative_hard_threshold,
     collaborative_wiener,
+    noise_shape_steps,
     shape_read_steps,
     slices_read,
     volumetric_filter,
@@ -126,6 +127,17 @@ def filters_2d(correlated_noise: bool, deep_groups: bool = False):
     return run
 
 
+def noise_shape_read_2d(noisy, models):
+    """A 2D model's first step reading the noise's shape before it (strong noise whose binning ratio is above 1.3):
+    the read's time alone, per step of it (`wiener.noise_shape_steps`: it reads COVARIANCE_SLICES slices at most)."""
+    y = noisy["white"]
+    curve = noise_variance_curve(y)
+    reads, steps = noise_shape_steps(range(len(y))), []
+    begun = time.perf_counter()
+    collaborative_hard_threshold(y, y, curve, noise_shape=True, progress=lambda: steps.append(time.perf_counter()))
+    return reads, steps[reads - 1] - begun
+
+
 def wiener_with_context(correlated_noise: bool, context: int):
     """A 2.5D model's Wiener step on the middle slices, each with `context` whole slices on either side (the pilot
     stands in for the networks' result: the cost does not depend on it). Under correlated noise the slices within
@@ -175,6 +187,8 @@ FILTER_STAGES = [
           filters_2d(False)),
     Stage("filters_2d_deep_groups", "the same with Wiener groups as deep as their similar patches allow (Full and the "
           "other modes)", 4, filters_2d(False, deep_groups=True)),
+    Stage("noise_shape_read_2d", "a 2D model's filters reading the noise's shape, per step of the read (4 a slice, "
+          "64 from 16 slices on; the filters after it take about their white-noise time)", 4, noise_shape_read_2d),
     Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)",
           context_stack(False, CONTEXT), wiener_with_context(False, CONTEXT)),
     Stage("correlated_filters_2d", "both steps with each coefficient's exact variance (2D, correlated noise)", 2,

@@ -522,14 +522,19 @@ def test_run_stages_of_a_2d_model_count_its_filters_reading_the_noise_shape():
     from DiffDenoiseLib.slicer_logic import run_stages
 
     card = _card("2d")
-    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)["filters_2d"] == 2
-    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True)["filters_2d"] == 1
+    shaped = run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)
+    assert shaped == {"student": 2, "filters_2d": 1, "noise_shape_read_2d": 4}  # 4 rounds on the one slice
+    assert "noise_shape_read_2d" not in run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True)
     # down to one window of the covariance's read (pipeline.filters_2d_read_the_noise_shape)
-    assert run_stages(card, "fast", 0, 0, 1, 32, white=True, strong=True, noise_shape=True)["filters_2d"] == 2
-    assert run_stages(card, "fast", 0, 0, 1, 24, white=True, strong=True, noise_shape=True)["filters_2d"] == 1
+    assert "noise_shape_read_2d" in run_stages(card, "fast", 0, 0, 1, 32, white=True, strong=True, noise_shape=True)
+    assert "noise_shape_read_2d" not in run_stages(card, "fast", 0, 0, 1, 24, white=True, strong=True,
+                                                   noise_shape=True)
+    # the read covers 16 slices at most (wiener.noise_shape_steps): on a long stack it is counted once
+    stack = run_stages(card, "fast", 0, 0, 160, 128, white=True, strong=True, noise_shape=True)
+    assert stack["noise_shape_read_2d"] * 160 == 4 * 16 and stack["filters_2d"] == 1
     # Full's Wiener groups are deeper (pipeline.deep_wiener_groups), a stage of their own
     full = run_stages(card, "full", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)
-    assert full["filters_2d_deep_groups"] == 2 and "filters_2d" not in full
+    assert full["filters_2d_deep_groups"] == 1 and full["noise_shape_read_2d"] == 4 and "filters_2d" not in full
 
 
 def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volumetric_filter_alone(mrml, fake_logic):
