@@ -558,11 +558,12 @@ def test_stage_costs_measure_every_stage_the_slicer_estimate_counts(tmp_path):
 
 
 def test_stage_costs_time_the_noise_shape_read_apart_from_the_filter_after_it():
-    """The volumetric filter's read of the noise's shape does not grow with a long scan (wiener.shape_read_steps):
-    stage_costs times it per step of the read, and the filter after it in slices; the parts lie within the call."""
+    """The filters' reads of the noise's shape do not grow with a long scan (wiener.shape_read_steps and
+    noise_shape_steps): stage_costs times each per step of the read, and the volumetric filter after it in slices;
+    the parts lie within the call."""
     from benchmarks import stage_costs
     from DiffDenoiseLib.noise import add_noise
-    from DiffDenoiseLib.wiener import shape_read_steps
+    from DiffDenoiseLib.wiener import noise_shape_steps, shape_read_steps
 
     clean = stage_costs.phantom(8, 32)
     noisy = {"mild": add_noise(clean, "correlated", 0.5, np.random.default_rng(3)).astype(np.float32)}
@@ -570,6 +571,9 @@ def test_stage_costs_time_the_noise_shape_read_apart_from_the_filter_after_it():
     assert reads == shape_read_steps(8, range(8)) > 0 and 0 < read_s < whole_read
     (slices, filter_s), whole, _ = measured(lambda: stage_costs.volumetric("mild")(noisy, {}))
     assert 4 < slices < 8 and 0 < filter_s < whole  # an 8-slice stack has fewer passes per slice than a long scan
+    white = {"white": add_noise(clean[:4], "gaussian", 0.1, np.random.default_rng(4)).astype(np.float32)}
+    (reads, read_s), whole_2d, _ = measured(lambda: stage_costs.noise_shape_read_2d(white, {}))
+    assert reads == noise_shape_steps(range(4)) == 16 and 0 < read_s < whole_2d  # a 2D model's read, 4 per slice
     assert stage_costs.timed(stage_costs.Stage("t", "t", 8, lambda *_: (3.0, 1.5)), noisy, {}) == (3.0, 1.5)
 
 
