@@ -96,23 +96,35 @@ def volumetric(noise: str, deep_groups: bool = False, read_shape: bool = False, 
     megapixel of one slice."""
     correlated_noise = noise != "white" or read_shape
 
+    def reads_of(n: int) -> int:
+        """The filter's progress steps on n slices that read the shape (they come first)."""
+        return shape_read_steps(n, range(n)) if correlated_noise else 0
+
+    def filter_steps(n: int) -> int:
+        """Its progress steps on n slices after the read."""
+        return volumetric_filter_steps(n, range(n), correlated_noise) - reads_of(n)
+
     def run(noisy, models):
         y = noisy[noise]
         n = len(y)
-        reads = shape_read_steps(n, range(n)) if correlated_noise else 0
-        steps = []
         started = time.perf_counter()
         curve = noise_variance_curve(y)  # the filter's part: it grows with the scan
-        begun = time.perf_counter()
-        volumetric_filter(y, curve, correlated_noise=correlated_noise, deep_groups=deep_groups,
-                          progress=lambda: steps.append(time.perf_counter()))
-        read = (steps[reads - 1] if reads else begun) - begun
+        curve_s = time.perf_counter() - started
+        read, whole = seconds_until_step(lambda progress: volumetric_filter(
+            y, curve, correlated_noise=correlated_noise, deep_groups=deep_groups, progress=progress), reads_of(n))
         if part == "shape_read":
-            return reads, read
-        per_slice = volumetric_filter_steps(LONG_VOLUME, range(LONG_VOLUME), correlated_noise) - (
-            shape_read_steps(LONG_VOLUME, range(LONG_VOLUME)) if correlated_noise else 0)
-        return (len(steps) - reads) / (per_slice / LONG_VOLUME), time.perf_counter() - started - read
+            return reads_of(n), read
+        return filter_steps(n) / (filter_steps(LONG_VOLUME) / LONG_VOLUME), curve_s + whole - read
     return run
+
+
+def seconds_until_step(call: Callable[[Callable[[], None]], object], step: int) -> Tuple[float, float]:
+    """(seconds until `call(progress)` called its progress the `step`-th time, 0 for none; seconds of the whole call):
+    a filter's first steps timed apart from the rest of it."""
+    times: List[float] = []
+    begun = time.perf_counter()
+    call(lambda: times.append(time.perf_counter()))
+    return (times[step - 1] - begun if step else 0.0), time.perf_counter() - begun
 
 
 def filters_2d(correlated_noise: bool, deep_groups: bool = False):
@@ -132,10 +144,10 @@ def noise_shape_read_2d(noisy, models):
     the read's time alone, per step of it (`wiener.noise_shape_steps`: it reads COVARIANCE_SLICES slices at most)."""
     y = noisy["white"]
     curve = noise_variance_curve(y)
-    reads, steps = noise_shape_steps(range(len(y))), []
-    begun = time.perf_counter()
-    collaborative_hard_threshold(y, y, curve, noise_shape=True, progress=lambda: steps.append(time.perf_counter()))
-    return reads, steps[reads - 1] - begun
+    reads = noise_shape_steps(range(len(y)))
+    read, _ = seconds_until_step(lambda progress: collaborative_hard_threshold(
+        y, y, curve, noise_shape=True, progress=progress), reads)
+    return reads, read
 
 
 def wiener_with_context(correlated_noise: bool, context: int):
