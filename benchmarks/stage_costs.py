@@ -282,6 +282,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def earlier_run(path: Path, parser: argparse.ArgumentParser) -> dict:
+    """The earlier run's results whose figures `--stages` keeps for the stages it does not measure."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        parser.error(f"--stages keeps the other stages' figures from an earlier run, and there is no {path}: "
+                     "run without --stages first")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        parser.error(f"--stages keeps the other stages' figures from {path}, which cannot be read: {error}")
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("stages"), dict) or "date" not in earlier:
+        parser.error(f"{path} is not a stage_costs.py result (no date or stages): run without --stages first")
+    return earlier
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the results")
@@ -291,7 +305,7 @@ def main(argv=None) -> int:
                         help="only these stages; the others keep their figures from the earlier stage_costs.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    earlier = json.loads((out / "stage_costs.json").read_text()) if args.stages else {}
+    earlier = earlier_run(out / "stage_costs.json", parser) if args.stages else {}
     if earlier and earlier.get("sides") != args.sides:
         parser.error(f"--stages needs the earlier run's sides ({earlier.get('sides')}) to keep its figures")
     before = os.getloadavg()

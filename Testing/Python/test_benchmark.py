@@ -557,6 +557,21 @@ def test_stage_costs_measure_every_stage_the_slicer_estimate_counts(tmp_path):
         stage_costs.main(["--sides", "48", "--out", str(tmp_path), "--stages", "student"])
 
 
+@pytest.mark.parametrize("earlier", [None, "{not json", "[]"])
+def test_stage_costs_stages_without_an_earlier_run_say_so(tmp_path, capsys, earlier):
+    """`--stages` keeps the other stages' figures from an earlier stage_costs.json: a folder without one, or with
+    one that is not a result, is a usage error naming the file, and nothing is measured or written."""
+    from benchmarks import stage_costs
+
+    if earlier is not None:
+        (tmp_path / "stage_costs.json").write_text(earlier)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_costs.main(["--sides", "32", "--out", str(tmp_path), "--stages", "student"])
+    assert exit_info.value.code == 2
+    assert "stage_costs.json" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if earlier is None else ["stage_costs.json"])
+
+
 def test_stage_costs_time_the_noise_shape_read_apart_from_the_filter_after_it():
     """The filters' reads of the noise's shape do not grow with a long scan (wiener.shape_read_steps and
     noise_shape_steps): stage_costs times each per step of the read, and the volumetric filter after it in slices;
