@@ -392,7 +392,7 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
                 reporter.log(f"The noise looks spatially correlated: observation fusion and the Wiener filter were "
                              f"skipped{advice}.")
     elif result.details.get("wiener"):
-        guide = ("the networks' result, averaged with the image's own hard-thresholding estimate,"
+        guide = ("the networks' result averaged with the image's own hard-thresholding estimate"
                  if result.details.get("hard_threshold") else "the networks' result")
         reporter.log(f"A collaborative Wiener filter of the input, guided by {guide}, gave back the fine structure "
                      "that similar patches agree on (--no-fusion turns it off)."
