@@ -218,21 +218,19 @@ class Panel:
         self.refresh()
 
     def on_denoise_clicked(self, *_):
-        if self.state == IDLE:
-            self._start("denoise")
-        elif self.job is not None and self.job.kind == "denoise":
-            self.cancel()
+        self._start_or_cancel("denoise")
 
     def on_preview_clicked(self, *_):
-        if self.state == IDLE:
-            self._start("preview")
-        elif self.job is not None and self.job.kind == "preview":
-            self.cancel()
+        self._start_or_cancel("preview")
 
     def on_train_clicked(self, *_):
+        self._start_or_cancel("train")
+
+    def _start_or_cancel(self, kind: str) -> None:
+        """A job's button starts it when the panel is idle and, having become Cancel, cancels it while it runs."""
         if self.state == IDLE:
-            self._start("train")
-        elif self.job is not None and self.job.kind == "train":
+            self._start(kind)
+        elif self.job is not None and self.job.kind == kind:
             self.cancel()
 
     def _start(self, kind: str) -> None:
