@@ -120,7 +120,8 @@ SHALLOW_WIENER_GROUP_2D = 32
 # with groups of 32, which gained 0.01 over 64 in half the time): 128 +0.13 dB, 192 +0.20, 256 +0.25, 384 +0.36,
 # at 2, 3.4, 5.5 and 20 times the time of 64; 192 costs what 64 did before the diagonal sums. Groups that reach
 # across slices (a 2.5D model's pilot, the benchmark's two volumes) gained on one (+0.19) and lost on the other
-# (-0.07 to -0.19) with 128 or 192, so they stay at 64 (256: -0.26 and -0.28 dB on held-out slabs).
+# (-0.07 to -0.19) with 128 or 192, so they stayed at 64 (256: -0.26 and -0.28 dB on held-out slabs) until each
+# was cut to its similar members (CORRELATED_WIENER_SIMILARITY_ACROSS_SLICES).
 # Within the slice the gain went on up to groups of nearly the whole search window, where a group's order no
 # longer matters (members sorted by position instead of distance: +-0.1 dB per image, 0.0 on average); a window
 # of +-10 voxels and references every 6th voxel then give most of it for less time. Measured on held-out
@@ -138,7 +139,7 @@ SHALLOW_WIENER_GROUP_2D = 32
 # crops above (-0.19 dB): 32 stays.
 CORRELATED_HARD_GROUP = 32
 CORRELATED_WIENER_GROUP = 400
-CORRELATED_WIENER_GROUP_ACROSS_SLICES = 64
+CORRELATED_WIENER_GROUP_ACROSS_SLICES = 128
 CORRELATED_HARD_SEARCH_RADIUS = 12
 CORRELATED_STEP = 4
 CORRELATED_WIENER_RADIUS_2D = 10  # the search window and reference spacing of the Wiener step within the slice
@@ -163,6 +164,15 @@ CORRELATED_WIENER_HALVINGS = 4
 # (Fast) +0.00 and +0.15; +-32 +0.01 and +0.22; +-6 and +-8 lost 0.15 to 0.46, with groups of 128 too; groups of
 # 48 or 80 within +-20 -0.00 to -0.04. The CT's flat-tissue bias there went -1.44 -> -1.85 HU (antithetic pairs).
 CORRELATED_WIENER_RADIUS_ACROSS_SLICES = 20
+# Those groups too are as large as their similar members allow (within CORRELATED_WIENER_SIMILARITY_ACROSS_SLICES
+# times R(0) on the pilot, 128 or its halvings down to 16): at the edge of a skull or between the gyri most of a fixed
+# group of 64 differ from its reference, in flat tissue more than 64 are alike. Measured with Fast on the benchmark
+# volumes' 4 held-out slabs (correlated 1.2, fresh draws, 2026-12-07) against fixed groups of 64: the InVesalius CT
+# +0.04 to +0.18 dB (+0.11 on average), Colin27 -0.04 to +0.06 (+0.01), in about the same time; within 0.25 R(0)
+# +0.05 on the CT and -0.02 on Colin27, within 1 or 2 R(0) -0.04 and -0.06 on Colin27; up to 256 within 0.5 R(0)
+# +0.16 on the CT and -0.00 on Colin27, for 1.7 times the time.
+CORRELATED_WIENER_SIMILARITY_ACROSS_SLICES = 0.5
+CORRELATED_WIENER_SMALLEST_ACROSS_SLICES = 16
 # Cubes instead of patches gathered across slices (BM4D's Wiener stage, 5x5x5 cubes, told the true spectrum, guided by
 # the student's result) on the same slabs, 9 slices deep (2026-12-05): Colin27 +0.40 dB over Fast (27.37 -> 27.77), the
 # InVesalius CT -0.75 (30.98 -> 30.23, one slab -2.7); averaged with this step's image, no better than the better
@@ -1004,12 +1014,11 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     gains from the coefficients of `gains_on` (default: the matched image, the pilot), or, without `wiener`, hard
     thresholding of y's. Under correlated noise (a coefficient covariance
     `table`, see `_coefficient_table`) each coefficient's noise variance is the exact one of its group
-    (covariance.py), with the CORRELATED_ groups, search, spacing and threshold (a slice's own Wiener groups only as
-    large as their similar members allow: `_similar_group_sizes`); a `table` of the noise's `shape`
-    instead spreads the curve's variance over the coefficients, with the settings of white noise (a lone slice's
-    Wiener groups as large as their similar members allow, the WIENER_ settings, up to SHALLOW_WIENER_GROUP_2D
-    without `deep_groups`), and without a
-    `table` that shape is white noise's (`_white_table`). The first step thresholds Haar coefficients (its `table`
+    (covariance.py), with the CORRELATED_ groups, search, spacing and threshold (the Wiener groups, in the slice and
+    across slices, only as large as their similar members allow: `_similar_group_sizes`); a `table` of the noise's
+    `shape` instead spreads the curve's variance over the coefficients, with the settings of white noise (a lone
+    slice's Wiener groups as large as their similar members allow, the WIENER_ settings, up to
+    SHALLOW_WIENER_GROUP_2D without `deep_groups`), and without a `table` that shape is white noise's (`_white_table`). The first step thresholds Haar coefficients (its `table`
     must then be read in the Haar transform, as `collaborative_hard_threshold` reads it), and wherever a shape
     spreads the curve's variance each coefficient gets the curve where its basis patch lies (`_spread_over`). The
     groups are taken from `groups` (`MatchedGroups`, under the slice's index `start` in the whole stack) where they
@@ -1040,6 +1049,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
         else:
             group, radius, step = (CORRELATED_WIENER_GROUP_ACROSS_SLICES, CORRELATED_WIENER_RADIUS_ACROSS_SLICES,
                                    CORRELATED_STEP)
+            similar = (CORRELATED_WIENER_SIMILARITY_ACROSS_SLICES * noise_variance_of(table),
+                       CORRELATED_WIENER_SMALLEST_ACROSS_SLICES)
     ref_y, ref_x = _reference_positions(h, step).to(device), _reference_positions(w, step).to(device)
     inside = (torch.arange(PATCH, device=device)[:, None] * w + torch.arange(PATCH, device=device)).reshape(-1)
     # the first step thresholds each patch's FIRST_STEP_TRANSFORM (a `table` read in it), the Wiener step its DCT

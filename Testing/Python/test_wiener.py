@@ -397,6 +397,31 @@ def test_on_a_real_ct_under_correlated_noise_haar_thresholds_and_groups_of_simil
             assert mse(estimate, clean) < 0.95 * mse(dct, clean)
 
 
+def test_on_a_real_ct_slab_under_correlated_noise_the_wiener_groups_across_slices_are_cut_to_similar_members(
+        monkeypatch):
+    """On 8 slices of a real head CT under correlated noise (kernel 1.2, std 0.08), guided by a pilot that lost the
+    finest texture, the Wiener step across slices (4 either way, as a 2.5D model's) leaves less error with each
+    group as large as its similar members allow (up to 128) than with the fixed groups of 64 it had before (0.98 and
+    0.95 of it at two draws)."""
+    clean = real_ct_slab()
+
+    def filtered(noisy, pilot):
+        return wiener.collaborative_wiener(noisy, pilot, noise_variance_curve(noisy), context=4, indices=[4],
+                                           correlated_noise=True, covariance_on_residual=True)[0]
+
+    for seed in (0, 2):
+        rng = np.random.default_rng(seed)
+        noisy = add_noise(clean, "correlated", 1.2, rng, sigma=0.08)
+        pilot = (np.stack([gaussian_blur(s, 0.7) for s in clean])
+                 + add_noise(np.zeros_like(clean), "correlated", 1.2, rng, sigma=0.02)).astype(np.float32)
+        similar = filtered(noisy, pilot)
+        with monkeypatch.context() as patch:
+            patch.setattr(wiener, "CORRELATED_WIENER_SIMILARITY_ACROSS_SLICES", float("inf"))
+            patch.setattr(wiener, "CORRELATED_WIENER_GROUP_ACROSS_SLICES", 64)
+            fixed = filtered(noisy, pilot)
+        assert mse(similar, clean[4]) < 0.99 * mse(fixed, clean[4]), seed
+
+
 def test_a_group_is_as_large_as_its_similar_members_allow():
     """The largest of the group and its halvings whose first members all lie within the limit (they come nearest
     first, as matched; a nearer one after a farther one does not count)."""
