@@ -52,7 +52,7 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "noise_shape_read_2d": 7.6,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
-    "correlated_wiener_context": 137.0,
+    "correlated_wiener_context": 130.8,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
 _SHAPE_READING_STAGES = {"correlated_volumetric_filter", "shaped_volumetric_filter",
