@@ -595,6 +595,49 @@ def test_on_a_real_ct_under_white_noise_the_volumetric_wiener_step_gains_from_gr
     assert mse(similar, clean) < 0.93 * mse(wiener.volumetric_filter(noisy, curve), clean)
 
 
+@pytest.mark.parametrize("deep", [True, False], ids=["Full's deep groups", "Fast's groups"])
+def test_on_a_real_ct_under_white_noise_the_volumetric_wiener_step_gains_on_each_groups_own_axes(monkeypatch, deep):
+    """On 8 slices of a real head CT at white noise of std 0.05, the Wiener step filtering each group's deviations
+    on the pilot group's own axes (`_shrink_on_group_covariance`) leaves less error than on the cubes' fixed DCT
+    (measured 0.963 of it with Full's deep groups, 0.968 with Fast's; 0.947 and 0.953 at another draw, 0.95 to 0.97
+    at std 0.1, 0.97 to 0.98 at 0.03)."""
+    clean = real_ct_slab()
+    noisy = clean + 0.05 * np.random.default_rng(3).standard_normal(clean.shape)
+    curve = noise_variance_curve(noisy)
+    on_axes = wiener.volumetric_filter(noisy, curve, deep_groups=deep)
+    monkeypatch.setattr(wiener, "CUBE_WIENER_ON_GROUP_AXES", False)
+    assert mse(on_axes, clean) < 0.985 * mse(wiener.volumetric_filter(noisy, curve, deep_groups=deep), clean)
+
+
+def _group_spectra(members: torch.Tensor):
+    """The 3D spectra (R, group, 64) of groups of 4x4x4 cubes (R, group, 64) and the transforms that made them."""
+    dct1 = wiener._transform_on(members.shape[1], torch.device("cpu"), torch.float64)
+    block = wiener._transform_on(4, torch.device("cpu"), torch.float64, dims=3)
+    return dct1 @ (members @ block.T), dct1, block
+
+
+def test_on_its_groups_own_axes_the_wiener_step_keeps_what_the_pilot_shows_and_drops_what_it_does_not():
+    """Where the pilot's members differ far above the noise, y's deviations along the pilot's axes come back whole
+    and the noise off them goes; where the pilot's members are all alike each member becomes the group's mean; the
+    aggregation weight falls as the noise left rises."""
+    rng = np.random.default_rng(0)
+    group, voxels = 16, 64
+    pilot = torch.from_numpy(rng.normal(0.5, 1.0, (2, group, voxels)))
+    y = pilot + torch.from_numpy(0.01 * rng.standard_normal(pilot.shape))
+    cy, dct1, block = _group_spectra(y)
+    cm = _group_spectra(pilot)[0]
+    variance = torch.full_like(cy, 1e-4)
+    kept, weight = wiener._shrink_on_group_covariance(cy, cm, variance, dct1, block)
+    # the pilot's 15 axes of deviation and the mean keep their noise, the other 48 of 64 dimensions lose it
+    assert 0.2 < mse(kept.numpy(), pilot.numpy()) / mse(y.numpy(), pilot.numpy()) < 0.3
+
+    flat_pilot = torch.full_like(pilot, 0.5)
+    alike, flat_weight = wiener._shrink_on_group_covariance(cy, _group_spectra(flat_pilot)[0], variance, dct1, block)
+    np.testing.assert_allclose(alike.numpy(), alike.numpy().mean(axis=1, keepdims=True).repeat(group, axis=1),
+                               atol=1e-9)
+    assert torch.all(flat_weight > weight)  # nothing of the deviations' noise is left to weigh
+
+
 @pytest.mark.parametrize("correlated, bound", [(True, 0.97), (False, 0.99)], ids=["kernel 0.5", "white"])
 def test_on_a_real_ct_the_wiener_weight_and_under_correlated_noise_the_search_and_matching_correction_gain(
         correlated, bound):
