@@ -1152,9 +1152,7 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     similar patches repeats a few shapes, which one fixed transform spreads over many coefficients and the
     group's own axes gather into a few. The group's mean row keeps `_shrink`'s gains. Only for noise that is the
     same in each coefficient of a member (S diagonal and alike across the group: white noise)."""
-    group = cy.shape[1]
-    dtype = cy.dtype
-    cy, cm, variance = cy.double(), cm.double(), variance.double()
+    group, voxels = cy.shape[1], cy.shape[2]
     power, noise = cm[:, 0] ** 2, variance[:, 0]  # the group's mean row (R, K)
     if weight_of_noise != 1.0:
         power = power * (1.0 + (1.0 / weight_of_noise - 1.0) * power / (power + noise + 1e-20))
@@ -1162,17 +1160,23 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     mean_gain[:, 0] = 1.0  # the group's mean is kept, as in `_shrink`
     level = variance[:, 1:].mean(dim=1).clamp_min(1e-20)  # (R, K): a deviation's noise in each coefficient
     unit = level.rsqrt()[:, None, :]
-    deviations = cm[:, 1:] * unit  # the pilot's deviations in units of the noise (the group's DCT rows but its mean)
-    ratio, axes = torch.linalg.eigh(deviations.transpose(1, 2) @ deviations / group)  # p^2 / s along each axis
-    ratio = ratio.clamp_min(0.0)
+    deviations = (cm[:, 1:] * unit).double()  # the pilot's deviations in units of the noise (DCT rows but the mean)
+    if group - 1 < voxels:  # fewer deviations than coefficients: the axes from their Gram matrix, a smaller one
+        ratio, among = torch.linalg.eigh(deviations @ deviations.transpose(1, 2) / group)
+        ratio = ratio.clamp_min(0.0)
+        kept = ratio > 1e-9 * ratio[:, -1:]  # an axis without deviations along it has none
+        axes = deviations.transpose(1, 2) @ among * (kept / (group * ratio).clamp_min(1e-30).sqrt())[:, None, :]
+    else:
+        ratio, axes = torch.linalg.eigh(deviations.transpose(1, 2) @ deviations / group)  # p^2 / s along each axis
+        ratio = ratio.clamp_min(0.0)
     weight = 1.0 / (1.0 + (1.0 / weight_of_noise - 1.0) * ratio / (ratio + 1.0))
-    gain = ratio / (ratio + weight)
-    filtering = (axes * gain[:, None, :]) @ axes.transpose(1, 2)  # (R, K, K), symmetric
-    rows = (cy[:, 1:] * unit) @ filtering / unit
-    filtered = dct1.double().T @ torch.cat([(mean_gain * cy[:, 0])[:, None], rows], dim=1) @ block.double()
-    # the noise left: each deviation's, sum_k s_k (G^2)_kk, in each of the group's rows but its mean
-    left = (group - 1) * (level * (filtering ** 2).sum(dim=-1)).sum(dim=-1) + (mean_gain ** 2 * noise).sum(dim=-1)
-    return filtered.to(dtype), (1.0 / (left + 1e-20))[:, None, None].to(dtype)
+    gain = (ratio / (ratio + weight)).to(cy.dtype)[:, None, :]
+    axes = axes.to(cy.dtype)  # (R, K, axes), orthonormal columns
+    rows = ((cy[:, 1:] * unit) @ axes * gain) @ axes.transpose(1, 2) / unit
+    filtered = dct1.T @ torch.cat([(mean_gain * cy[:, 0])[:, None], rows], dim=1) @ block
+    # the noise left: each deviation's, sum_k s_k sum_a axes_ka^2 gain_a^2, in each of the group's rows but its mean
+    left = (group - 1) * (level * (axes ** 2 * gain ** 2).sum(dim=-1)).sum(dim=-1) + (mean_gain ** 2 * noise).sum(dim=-1)
+    return filtered, (1.0 / (left + 1e-20))[:, None, None]
 
 
 def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor, dct1: torch.Tensor,
