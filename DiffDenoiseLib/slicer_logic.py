@@ -34,8 +34,11 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "bsn": 4.6,
     "bsn_wide": 27.5,
     "diffusion": 3.3,
-    "volumetric_filter": 16.4,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
-    "volumetric_filter_deep_groups": 65.0,
+    # the volumetric filter's Wiener step on each group's own axes (2026-12-07) took 1.15 (Fast) and 1.28 times (the
+    # deep groups) the time of the DCT's on 256x256 slices (stage_costs.measure, both alternately, twice each, on a
+    # machine then 1.5 times slower than for the other figures), so those figures are the earlier ones times that
+    "volumetric_filter": 18.9,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
+    "volumetric_filter_deep_groups": 83.2,
     # reading the noise's shape: per step of the read (wiener.shape_read_steps, 40 from 24 slices on, however long the
     # scan) and megapixel of one slice; then the filter after it, under noise that reads correlated in it (any mode)
     # or white (as strong white noise with a binning ratio above 1.3 has it; Fast, and Full's deeper groups). Against
@@ -45,8 +48,8 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     # 115 and 93)
     "noise_shape_read": 22.3,
     "correlated_volumetric_filter": 53.4,
-    "shaped_volumetric_filter": 24.9,
-    "shaped_volumetric_filter_deep_groups": 69.5,
+    "shaped_volumetric_filter": 28.6,  # noise that reads white in it: the Wiener step on the groups' axes too
+    "shaped_volumetric_filter_deep_groups": 89.0,
     "filters_2d": 19.8,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
     "filters_2d_deep_groups": 56.0,
     "noise_shape_read_2d": 7.6,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
@@ -296,7 +299,7 @@ class DenoiseLogic:
         advice = []
         if "volumetric_filter" in stages or "volumetric_filter_deep_groups" in stages:
             advice.append("The noise looks white: the volumetric filter makes the image, not the networks (Full "
-                          "pools deeper groups of similar cubes than Fast, for about three times its time).")
+                          "pools deeper groups of similar cubes than Fast, for three to four times its time).")
         shaped = bool(stages.keys() & _SHAPE_READING_STAGES)
         if shaped and white:
             advice.append("The noise looks white, and strong enough to read how it spreads between neighbouring "
