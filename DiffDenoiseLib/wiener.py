@@ -267,7 +267,8 @@ CUBE_WIENER_SIMILARITY = 0.05
 # 6/255 +0.30 to +0.37 (+0.33 on average) and +0.15 to +0.29 (+0.21); Poisson 200 +0.29 to +0.31 and +0.21 to +0.46
 # (+0.32); Gamma 100 +0.27 to +0.31 and (two slabs) +0.21 and +0.32. With a weight of the noise of 1 along every
 # axis half the gain (25/255: +0.09 to +0.12 and +0.13 to +0.41); with the rule at 0.25 instead of 0.4 within 0.03.
-# The whole filter takes 1.4 to 1.6 times as long (an eigendecomposition of each group's 64 x 64 covariance).
+# The filter takes 1.15 (Fast's groups) to 1.3 times (the deep groups) as long on 256x256 slices (an
+# eigendecomposition per group: of its 64 x 64 covariance, or of its deviations' Gram matrix where that is smaller).
 # Correlated noise, whose variance differs between coefficients and between pairs of members, keeps the DCT.
 CUBE_WIENER_ON_GROUP_AXES = True
 CUBE_HARD_THRESHOLD = 3.0
