@@ -1154,10 +1154,8 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     group's own axes gather into a few. The group's mean row keeps `_shrink`'s gains. Only for noise that is the
     same in each coefficient of a member (S diagonal and alike across the group: white noise)."""
     group, voxels = cy.shape[1], cy.shape[2]
-    power, noise = cm[:, 0] ** 2, variance[:, 0]  # the group's mean row (R, K)
-    if weight_of_noise != 1.0:
-        power = power * (1.0 + (1.0 / weight_of_noise - 1.0) * power / (power + noise + 1e-20))
-    mean_gain = power / (power + noise + 1e-20)
+    noise = variance[:, 0]  # the group's mean row (R, K)
+    mean_gain = _wiener_gain(cm[:, 0] ** 2, noise, weight_of_noise)
     mean_gain[:, 0] = 1.0  # the group's mean is kept, as in `_shrink`
     level = variance[:, 1:].mean(dim=1).clamp_min(1e-20)  # (R, K): a deviation's noise in each coefficient
     unit = level.rsqrt()[:, None, :]
@@ -1170,8 +1168,7 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     else:
         ratio, axes = torch.linalg.eigh(deviations.transpose(1, 2) @ deviations / group)  # p^2 / s along each axis
         ratio = ratio.clamp_min(0.0)
-    weight = 1.0 / (1.0 + (1.0 / weight_of_noise - 1.0) * ratio / (ratio + 1.0))
-    gain = (ratio / (ratio + weight)).to(cy.dtype)[:, None, :]
+    gain = _wiener_gain(ratio, torch.ones_like(ratio), weight_of_noise).to(cy.dtype)[:, None, :]
     axes = axes.to(cy.dtype)  # (R, K, axes), orthonormal columns
     rows = ((cy[:, 1:] * unit) @ axes * gain) @ axes.transpose(1, 2) / unit
     filtered = dct1.T @ torch.cat([(mean_gain * cy[:, 0])[:, None], rows], dim=1) @ block
@@ -1180,18 +1177,23 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     return filtered, (1.0 / (left + 1e-20))[:, None, None]
 
 
+def _wiener_gain(power: torch.Tensor, variance: torch.Tensor, weight_of_noise: float = 1.0) -> torch.Tensor:
+    """The Wiener gain p^2 / (p^2 + w s) of a coefficient whose pilot shows `power` p^2 over noise of `variance` s,
+    w = 1 / (1 + (1 / `weight_of_noise` - 1) p^2 / (p^2 + s)): the weight where the pilot's coefficient stands clear
+    of the noise, 1 where it lies within it."""
+    if weight_of_noise != 1.0:
+        power = power * (1.0 + (1.0 / weight_of_noise - 1.0) * power / (power + variance + 1e-20))
+    return power / (power + variance + 1e-20)
+
+
 def _shrink(cy: torch.Tensor, cm: Optional[torch.Tensor], variance: torch.Tensor, dct1: torch.Tensor,
             block: torch.Tensor, threshold: float = HARD_THRESHOLD, weight_of_noise: float = 1.0):
     """The groups' blocks filtered in place and each group's aggregation weight, from the 3D spectra of y's groups
     (R, group, voxels), taken back through the group's DCT `dct1` and the blocks' orthonormal transform `block`:
-    Wiener gains p^2 / (p^2 + w s) from the pilot's spectra `cm` (p), w = 1 / (1 + (1 / `weight_of_noise` - 1) p^2 /
-    (p^2 + s)): the weight where the pilot's coefficient stands clear of the noise, 1 where it lies within it; or,
-    when `cm` is None, hard thresholding at `threshold` noise std."""
+    Wiener gains from the pilot's spectra `cm` (`_wiener_gain`, the noise weighed by `weight_of_noise` where the
+    pilot's coefficient stands clear of it); or, when `cm` is None, hard thresholding at `threshold` noise std."""
     if cm is not None:
-        power = cm ** 2
-        if weight_of_noise != 1.0:
-            power = power * (1.0 + (1.0 / weight_of_noise - 1.0) * power / (power + variance + 1e-20))
-        gain = power / (power + variance + 1e-20)
+        gain = _wiener_gain(cm ** 2, variance, weight_of_noise)
     else:
         gain = (cy.abs() > threshold * variance.sqrt()).to(cy.dtype)
     gain[:, 0, 0] = 1.0  # the group's mean is kept: shrinking it would pull a region's level towards 0
