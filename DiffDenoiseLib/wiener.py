@@ -110,6 +110,12 @@ WIENER_STEP_2D = 5
 # every STEP (as fast) lost 0.43 on the CT under 25/255; up to 64, 2.5 times faster than 128, lost 0.16. References
 # every 3rd voxel with 128 gained 0.00 to 0.03 (the MRI and the X-ray) for 3 times the time.
 SHALLOW_WIENER_GROUP_2D = 32
+# A lone slice's Wiener step under white noise filters each group's deviations on the pilot group's own axes, as the
+# volumetric filter's (`_shrink_on_group_covariance`, CUBE_WIENER_ON_GROUP_AXES below), the noise's covariance in a
+# patch following the curve from voxel to voxel and weighed WIENER_2D_NOISE_SCALE times.
+WIENER_2D_ON_GROUP_AXES = True
+WIENER_2D_NOISE_SCALE = 1.7
+LEAST_LEVEL_IN_A_PATCH = 0.02  # of the patch's mean: the noise's covariance in a patch stays invertible
 # Under correlated noise (2.5D pilots of the benchmark's volumes, variances read on the residual) larger groups from
 # a wider window gained 0.5 to 2 dB over 16 within +-8, at 2.4 times the time; 128 patches gained nothing more on one
 # volume and lost on the other. References every 4th voxel there lost nothing (-0.04 to +0.01 dB) for 0.55 to 0.65
@@ -728,7 +734,7 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
                 cy = dct1 @ (ys[pixels] @ dct_cube.T)
                 cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
                 variance = s[pixels].mean(dim=(1, 2))[:, None, None] * group_variance(table, where)
-                if wiener and white and CUBE_WIENER_ON_GROUP_AXES and where.shape[1] > 1:
+                if wiener and white and CUBE_WIENER_ON_GROUP_AXES:
                     filtered, weight = _shrink_on_group_covariance(cy, cm, variance, dct1, dct_cube, weight_of_noise)
                 else:
                     filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, threshold, weight_of_noise)
@@ -1048,6 +1054,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     device, dtype = ys.device, ys.dtype
     weight_of_noise, similar = 1.0, None  # similar: (limit, smallest group) of `_similar_group_sizes`
     shape_of_noise = table is None or shape  # the curve's variance spread over the coefficients by a shape
+    on_group_axes = wiener and table is None and d == 1 and WIENER_2D_ON_GROUP_AXES  # a lone slice's white noise
     if shape_of_noise:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
         if wiener and d == 1:
@@ -1103,7 +1110,11 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             if shape:  # the noise curve at the group's intensity, spread over them as the noise's shape has it
                 variance = variance * _spread_over(flat_s[pixels], block)
             cm = dct1 @ (flat_g[pixels] @ block.T) if wiener else None
-            filtered, weight = _shrink(cy, cm, variance, dct1, block, threshold, weight_of_noise)
+            if on_group_axes:
+                filtered, weight = _shrink_on_group_covariance(cy, cm, variance, dct1, block, weight_of_noise,
+                                                               flat_s[pixels].mean(dim=1), WIENER_2D_NOISE_SCALE)
+            else:
+                filtered, weight = _shrink(cy, cm, variance, dct1, block, threshold, weight_of_noise)
             weight = weight * window  # (R, 1, 64)
             back = torch.ones_like(where[..., 0], dtype=torch.bool) if every_slice else where[..., 0] == centre
             at = pixels[back].reshape(-1) - offset
@@ -1144,23 +1155,43 @@ def _spread_over(levels: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 
 
 def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: torch.Tensor, dct1: torch.Tensor,
-                                block: torch.Tensor, weight_of_noise: float = 1.0):
+                                block: torch.Tensor, weight_of_noise: float = 1.0,
+                                levels: Optional[torch.Tensor] = None, noise_scale: float = 1.0):
     """As `_shrink`'s Wiener step, but the members' deviations from their group's mean are filtered on the pilot
     group's own axes rather than the blocks' fixed transform (the second step of NL-Bayes, Lebrun, Buades and Morel
-    2013): with the pilot's deviations' covariance C as the signal's and the noise's variance S (each coefficient's,
-    averaged over the group's DCT rows but its mean), each deviation becomes C (C + w S)^-1 of itself, w weighing the
-    noise as `_shrink` does along each axis of S^-1/2 C S^-1/2 (its eigenvalue the axis's p^2 / s). A group of
-    similar patches repeats a few shapes, which one fixed transform spreads over many coefficients and the
-    group's own axes gather into a few. The group's mean row keeps `_shrink`'s gains. Only for noise that is the
-    same in each coefficient of a member (S diagonal and alike across the group: white noise)."""
-    group, voxels = cy.shape[1], cy.shape[2]
+    2013): with the pilot's deviations' covariance C as the signal's and the noise's covariance S, each deviation
+    becomes C (C + w S)^-1 of itself, w weighing the noise (`noise_scale` times) as `_shrink` does along each axis of
+    S^-1/2 C S^-1/2 (its eigenvalue the axis's p^2 / s). A group of similar patches repeats a few shapes, which one
+    fixed transform spreads over many coefficients and the group's own axes gather into a few. The group's mean row
+    keeps `_shrink`'s gains. S is each coefficient's variance, averaged over the group's DCT rows but its mean; with
+    the noise curve at each voxel, `levels` (R, voxels) averaged over the members, it is that variance spread over the
+    coefficients as those levels lie (`_spread_over`): Poisson's or Gamma's noise changes across a patch at an edge.
+    Only for noise alike in each member (white noise)."""
+    group = cy.shape[1]
     noise = variance[:, 0]  # the group's mean row (R, K)
     mean_gain = _wiener_gain(cm[:, 0] ** 2, noise, weight_of_noise)
     mean_gain[:, 0] = 1.0  # the group's mean is kept, as in `_shrink`
     level = variance[:, 1:].mean(dim=1).clamp_min(1e-20)  # (R, K): a deviation's noise in each coefficient
-    unit = level.rsqrt()[:, None, :]
-    deviations = (cm[:, 1:] * unit).double()  # the pilot's deviations in units of the noise (DCT rows but the mean)
-    if group - 1 < voxels:  # fewer deviations than coefficients: the axes from their Gram matrix, a smaller one
+
+    # rows of coefficients to and from units in which a deviation's noise is white and of variance 1
+    if levels is None:
+        unit = level.rsqrt()[:, None, :]
+        to_white, from_white = (lambda rows: rows * unit), (lambda rows: rows / unit)
+    else:  # S = D^1/2 B L B^T D^1/2, L the levels, D the variances over B L B^T's diagonal; whitened in voxels
+        # a voxel without noise (Poisson's at 0) would make S singular: each level at least a fiftieth of the patch's
+        levels = torch.maximum(levels, LEAST_LEVEL_IN_A_PATCH * levels.mean(dim=-1, keepdim=True)).clamp_min(1e-20)
+        unit = ((levels @ (block ** 2).T).clamp_min(1e-20) / level).sqrt()[:, None, :]  # D^-1/2
+        voxel_unit = levels.rsqrt()[:, None, :]  # L^-1/2
+
+        def to_white(rows: torch.Tensor) -> torch.Tensor:
+            return (rows * unit) @ block * voxel_unit
+
+        def from_white(rows: torch.Tensor) -> torch.Tensor:
+            return (rows / voxel_unit) @ block.T / unit
+
+    deviations = to_white(cm[:, 1:]).double()  # the pilot's deviations (DCT rows but the mean), whitened
+    dimensions = deviations.shape[2]
+    if group - 1 < dimensions:  # fewer deviations than dimensions: the axes from their Gram matrix, a smaller one
         ratio, among = torch.linalg.eigh(deviations @ deviations.transpose(1, 2) / group)
         ratio = ratio.clamp_min(0.0)
         kept = ratio > 1e-9 * ratio[:, -1:]  # an axis without deviations along it has none
@@ -1168,12 +1199,13 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     else:
         ratio, axes = torch.linalg.eigh(deviations.transpose(1, 2) @ deviations / group)  # p^2 / s along each axis
         ratio = ratio.clamp_min(0.0)
-    gain = _wiener_gain(ratio, torch.ones_like(ratio), weight_of_noise).to(cy.dtype)[:, None, :]
-    axes = axes.to(cy.dtype)  # (R, K, axes), orthonormal columns
-    rows = ((cy[:, 1:] * unit) @ axes * gain) @ axes.transpose(1, 2) / unit
+    gain = _wiener_gain(ratio, torch.full_like(ratio, noise_scale), weight_of_noise).to(cy.dtype)[:, None, :]
+    axes = axes.to(cy.dtype)  # (R, dimensions, axes), orthonormal columns
+    rows = from_white((to_white(cy[:, 1:]) @ axes * gain) @ axes.transpose(1, 2))
     filtered = dct1.T @ torch.cat([(mean_gain * cy[:, 0])[:, None], rows], dim=1) @ block
-    # the noise left: each deviation's, sum_k s_k sum_a axes_ka^2 gain_a^2, in each of the group's rows but its mean
-    left = (group - 1) * (level * (axes ** 2 * gain ** 2).sum(dim=-1)).sum(dim=-1) + (mean_gain ** 2 * noise).sum(dim=-1)
+    # the noise left in each of the group's rows but its mean: sum_a gain_a^2 |axis a taken back to coefficients|^2
+    left_per_axis = from_white(axes.transpose(1, 2)).pow(2).sum(dim=-1)  # (R, axes)
+    left = (group - 1) * (gain[:, 0] ** 2 * left_per_axis).sum(dim=-1) + (mean_gain ** 2 * noise).sum(dim=-1)
     return filtered, (1.0 / (left + 1e-20))[:, None, None]
 
 

@@ -638,6 +638,53 @@ def test_on_its_groups_own_axes_the_wiener_step_keeps_what_the_pilot_shows_and_d
     assert torch.all(flat_weight > weight)  # nothing of the deviations' noise is left to weigh
 
 
+@pytest.mark.parametrize("group", [16, 128], ids=["Gram matrix", "covariance"])
+def test_on_its_groups_own_axes_with_the_noise_changing_across_a_patch_the_wiener_step_is_the_matrix_wiener(group):
+    """With the noise curve at each voxel (`levels`, Poisson's or Gamma's noise at an edge) the step is the matrix
+    Wiener filter C (C + w S)^-1 of each deviation, S the voxels' noise taken to the coefficients and scaled to each
+    coefficient's variance, and its aggregation weight one over the noise left, trace(A^T S A) per deviation: the
+    whitening in voxels gives what the dense solve gives, by either way to the axes."""
+    rng = np.random.default_rng(1)
+    block = wiener._transform_on(8, torch.device("cpu"), torch.float64, dims=2)
+    dct1 = wiener._transform_on(group, torch.device("cpu"), torch.float64)
+    pilot = torch.from_numpy(rng.normal(0.5, 0.3, (3, group, 64)))
+    noise_levels = torch.from_numpy(rng.uniform(0.01, 0.05, (3, group, 64)))
+    y = pilot + noise_levels.sqrt() * torch.from_numpy(rng.standard_normal(pilot.shape))
+    cy, cm = dct1 @ (y @ block.T), dct1 @ (pilot @ block.T)
+    variance = torch.from_numpy(rng.uniform(0.8, 1.2, cy.shape)) * wiener._spread_over(noise_levels, block)
+    levels, scale = noise_levels.mean(dim=1), 1.7
+    filtered, weight = wiener._shrink_on_group_covariance(cy, cm, variance, dct1, block, 1.0, levels, scale)
+
+    noise = (block * levels[:, None, :]) @ block.T
+    to_variance = (variance[:, 1:].mean(dim=1) / noise.diagonal(dim1=1, dim2=2)).sqrt()
+    noise = noise * to_variance[:, :, None] * to_variance[:, None, :]
+    signal = cm[:, 1:].transpose(1, 2) @ cm[:, 1:] / group
+    wiener_matrix = torch.linalg.solve(signal + scale * noise, signal)
+    mean_gain = cm[:, 0] ** 2 / (cm[:, 0] ** 2 + variance[:, 0])
+    mean_gain[:, 0] = 1.0
+    expected = dct1.T @ torch.cat([(mean_gain * cy[:, 0])[:, None], cy[:, 1:] @ wiener_matrix], dim=1) @ block
+    left = (wiener_matrix.transpose(1, 2) @ noise @ wiener_matrix).diagonal(dim1=1, dim2=2).sum(dim=-1)
+    torch.testing.assert_close(filtered, expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(weight[:, 0, 0], 1.0 / ((group - 1) * left + (mean_gain ** 2 * variance[:, 0]).sum(-1)))
+
+
+@pytest.mark.parametrize("kind, level, bound", [("gaussian", 0.05, 0.88), ("poisson", 100, 0.9)])
+@pytest.mark.parametrize("deep", [True, False], ids=["Full's deep groups", "Fast's groups"])
+def test_on_a_real_ct_slice_under_white_noise_the_2d_wiener_step_gains_on_each_groups_own_axes(
+        monkeypatch, kind, level, bound, deep):
+    """On a slice of a real head CT, its first step's estimate as the pilot, the 2D Wiener step on the pilot
+    group's own axes (WIENER_2D_ON_GROUP_AXES, the noise's covariance following the curve across each patch) leaves
+    less error than on the patches' DCT: measured 0.80 and 0.80 (Gaussian std 0.05; 0.85 and 0.86 at another draw,
+    0.83 to 0.88 at std 0.02), 0.80 and 0.83 (Poisson 100; 0.87 and 0.89) with Full's and Fast's groups."""
+    clean = real_ct_slab()[4]
+    noisy = add_noise(clean, kind, level, np.random.default_rng(3))
+    curve = noise_variance_curve(noisy)
+    pilot = wiener.collaborative_hard_threshold(noisy, noisy, curve)
+    on_axes = wiener.collaborative_wiener(noisy, pilot, curve, deep_groups=deep)
+    monkeypatch.setattr(wiener, "WIENER_2D_ON_GROUP_AXES", False)
+    assert mse(on_axes, clean) < bound * mse(wiener.collaborative_wiener(noisy, pilot, curve, deep_groups=deep), clean)
+
+
 @pytest.mark.parametrize("correlated, bound", [(True, 0.97), (False, 0.99)], ids=["kernel 0.5", "white"])
 def test_on_a_real_ct_the_wiener_weight_and_under_correlated_noise_the_search_and_matching_correction_gain(
         correlated, bound):
