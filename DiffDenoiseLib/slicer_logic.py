@@ -50,8 +50,11 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "correlated_volumetric_filter": 53.4,
     "shaped_volumetric_filter": 28.6,  # noise that reads white in it: the Wiener step on the groups' axes too
     "shaped_volumetric_filter_deep_groups": 89.0,
-    "filters_2d": 19.8,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
-    "filters_2d_deep_groups": 56.0,
+    # a lone slice's Wiener step on each group's own axes (2026-12-07): both steps took 1.33 (Fast) and 1.13 times (the
+    # deep groups) their earlier time on 256x256 slices (measured as the volumetric filter's, above), so the figures
+    # are the earlier ones times that
+    "filters_2d": 26.3,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
+    "filters_2d_deep_groups": 63.1,
     "noise_shape_read_2d": 7.6,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
