@@ -1121,11 +1121,12 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             cy = dct1 @ (flat_y[pixels] @ block.T)  # the group's 3D spectrum
             variance = group_variance(table, where)  # each coefficient's own, from the members' positions
             if shape:  # the noise curve at the group's intensity, spread over them as the noise's shape has it
-                variance = variance * _spread_over(flat_s[pixels], block)
+                levels = flat_s[pixels].mean(dim=1)  # the curve at each voxel, averaged over the members (R, 64)
+                variance = variance * _spread_over(levels[:, None], block)
             cm = dct1 @ (flat_g[pixels] @ block.T) if wiener else None
-            if on_group_axes:
-                filtered, weight = _shrink_on_group_covariance(cy, cm, variance, dct1, block, weight_of_noise,
-                                                               flat_s[pixels].mean(dim=1), WIENER_2D_NOISE_SCALE)
+            if on_group_axes:  # white noise: `shape` holds, and with it the levels
+                filtered, weight = _shrink_on_group_covariance(cy, cm, variance, dct1, block, weight_of_noise, levels,
+                                                               WIENER_2D_NOISE_SCALE)
             else:
                 filtered, weight = _shrink(cy, cm, variance, dct1, block, threshold, weight_of_noise)
             weight = weight * window  # (R, 1, 64)
