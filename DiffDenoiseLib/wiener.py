@@ -1194,7 +1194,7 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     else:  # S = D^1/2 B L B^T D^1/2, L the levels, D the variances over B L B^T's diagonal; whitened in voxels
         # a voxel without noise (Poisson's at 0) would make S singular: each level at least a fiftieth of the patch's
         levels = torch.maximum(levels, LEAST_LEVEL_IN_A_PATCH * levels.mean(dim=-1, keepdim=True)).clamp_min(1e-20)
-        unit = ((levels @ (block ** 2).T).clamp_min(1e-20) / level).sqrt()[:, None, :]  # D^-1/2
+        unit = (_spread_over(levels[:, None], block)[:, 0].clamp_min(1e-20) / level).sqrt()[:, None, :]  # D^-1/2
         voxel_unit = levels.rsqrt()[:, None, :]  # L^-1/2
 
         def to_white(rows: torch.Tensor) -> torch.Tensor:
