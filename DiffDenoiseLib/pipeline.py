@@ -45,6 +45,7 @@ from DiffDenoiseLib.fusion import (
     reading_is_white_enough_for_the_share,
     removed_follows_edges,
 )
+from DiffDenoiseLib import noise_weight
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.magnitude import check_mode as check_rician_bias_mode, remove_rician_bias, rician_bias_sigma
 from DiffDenoiseLib.networks import (
@@ -66,6 +67,7 @@ from DiffDenoiseLib.settings import JsonSettings
 from DiffDenoiseLib.slicing import TILE, as_slice_stack, choose_slice_axis, context_stack, from_slice_stack, map_tiled
 from DiffDenoiseLib.wiener import (
     CUBE,
+    WIENER_2D_NOISE_SCALE,
     collaborative_hard_threshold,
     collaborative_wiener,
     noise_shape_steps,
@@ -411,12 +413,17 @@ def denoise_image(
                 min(slices.shape[-2:]), filters_read_the_noise_shape(noise_reading()))
             if shape:
                 timer.total += noise_shape_steps(filtering["indices"])
-            estimate = collaborative_hard_threshold(slices[lo:hi], denoised, white, noise_shape=shape, **filtering)
-            denoised = NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
+            denoised = white_noise_pilot_2d(slices[lo:hi], denoised, white, noise_shape=shape, **filtering)
             details["hard_threshold"] = True
+            if not shape:  # white noise: how much its Wiener step weighs the noise, chosen on the image
+                timer.total += noise_weight.PROBES
+                details["wiener_noise_scale"] = choose_noise_scale_2d(model, mode, slices[lo:hi], white, device, tile,
+                                                                      cancel, filtered_one)
         # a 2.5D model's result (too few slices for the volumetric filter) guides it alone
         denoised = collaborative_wiener(slices[lo:hi], denoised, white, context=k, noise_shape=shape,
-                                        deep_groups=deep_wiener_groups(mode), **filtering)
+                                        deep_groups=deep_wiener_groups(mode),
+                                        noise_scale=details.get("wiener_noise_scale", WIENER_2D_NOISE_SCALE),
+                                        **filtering)
     else:
         # faint noise that does not read white: checked for anatomy the networks took with it (slices too small for the
         # filters are too small to read the noise)
@@ -528,6 +535,29 @@ def correlated_noise_filters(noisy: np.ndarray, denoised: np.ndarray, white: Cur
         return collaborative_wiener(noisy[list(indices)], estimate, white, **{**filtering, "indices": None})
     return collaborative_wiener(noisy, denoised, white, context=context, gains_from=gains_from,
                                 covariance_on_residual=True, **filtering)
+
+
+def white_noise_pilot_2d(noisy: np.ndarray, denoised: np.ndarray, white: Curve, noise_shape: bool = False,
+                         **filtering) -> np.ndarray:
+    """A 2D model's Wiener pilot under white noise: NETWORK_SHARE_2D of its result `denoised`, the rest the image's
+    own hard-thresholding estimate (BM3D's first step) of the slices `noisy` (n, H, W)."""
+    estimate = collaborative_hard_threshold(noisy, denoised, white, noise_shape=noise_shape, **filtering)
+    return NETWORK_SHARE_2D * denoised + (1 - NETWORK_SHARE_2D) * estimate
+
+
+def choose_noise_scale_2d(model: DenoisingModel, mode: str, noisy: np.ndarray, white: Curve, device: torch.device,
+                          tile: int, cancel: Optional[CancelToken], progress: Callable[[], None]) -> float:
+    """How many times a 2D model's Wiener step weighs the white noise of the slices `noisy` (noise_weight.py): the
+    chain rerun on recorrupted crops, its network the student (Fast's, and Full's stand-in: the sampler would take
+    minutes) or, in "bsn" mode or without a student, the blind-spot network."""
+    net = (model.blind_spot_estimate() if mode == "bsn" or model.student is None else model.network("student"))
+
+    def pilot_of(crops: np.ndarray, curve: Curve) -> np.ndarray:
+        result = run_network_on_slices(net, crops, context=0, device=device, tile=tile, cancel=cancel)[:, 0]
+        return white_noise_pilot_2d(crops, result, curve, device=device)
+
+    return noise_weight.choose_noise_scale(noisy, white, pilot_of, deep_groups=deep_wiener_groups(mode), device=device,
+                                           progress=progress)[0]
 
 
 def volumetric_filter_makes_the_image(config: NetworkConfig, slices: np.ndarray, noise_reading: NoiseReading) -> bool:

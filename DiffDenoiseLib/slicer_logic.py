@@ -56,6 +56,11 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "filters_2d": 26.3,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
     "filters_2d_deep_groups": 63.1,
     "noise_shape_read_2d": 7.6,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
+    # choosing the noise's weight of a 2D image's Wiener step (noise_weight.py): per probe and megapixel of its crops
+    # (network, first step and the Wiener step at each weight), 128x128 images of the benchmark (AMD EPYC,
+    # 2026-12-07): Fast 2.15 s for the two probes, Full 7.6
+    "noise_weight_2d": 66.0,
+    "noise_weight_2d_deep_groups": 232.0,
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
     "correlated_wiener_context": 130.8,
@@ -723,6 +728,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         correlated_filters_follow, filters_2d_read_the_noise_shape, deep_wiener_groups,
         volumetric_filter_follows,
     )
+    from DiffDenoiseLib.noise_weight import PROBES, probe_crops
     from DiffDenoiseLib.wiener import CUBE, noise_shape_steps, shape_read_steps
 
     architecture, sampling, fuse = _card_run(card, side)
@@ -748,6 +754,11 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
     if fuse and white:
         filters = "filters_2d_deep_groups" if deep_wiener_groups(mode) else "filters_2d"
         stages["wiener_context" if context else filters] = 1
+        if not context and not filters_2d_read_the_noise_shape(side, noise_shape):
+            # the weight is chosen once an image, on crops of its middle slice (taken as square)
+            crops = sum((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in probe_crops((side, side)))
+            stages["noise_weight_2d_deep_groups" if deep_wiener_groups(mode) else "noise_weight_2d"] = (
+                PROBES * crops / side ** 2 / slices)
         if not context and filters_2d_read_the_noise_shape(side, noise_shape):
             # a 2D model's filters read the shape on COVARIANCE_SLICES slices at most (wiener.noise_shape_steps), then
             # take about their white-noise time: on 24 slices of the 256x256 phantom (AMD EPYC, 2026-12-07) Full's

@@ -439,7 +439,8 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
                          indices: Optional[Sequence[int]] = None, device: Optional[torch.device] = None,
                          progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False,
                          gains_from: Optional[np.ndarray] = None, covariance_on_residual: bool = False,
-                         noise_shape: bool = False, deep_groups: bool = True) -> np.ndarray:
+                         noise_shape: bool = False, deep_groups: bool = True,
+                         noise_scale: float = WIENER_2D_NOISE_SCALE) -> np.ndarray:
     """The collaborative Wiener filter of the slices `indices` (all by default) of `noisy`, guided by `pilot`.
 
     `noisy` and `pilot` are (n, H, W), or (H, W) for one slice; the inputs are not modified. With
@@ -457,9 +458,12 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     correlated though it reads white) the curve's variance is spread over each group's coefficients by the noise's
     shape, read on y - `pilot` (`_coefficient_table` with `shape`), with the settings of white noise. Without
     `deep_groups` a lone slice's groups under white noise (or a shape read) hold SHALLOW_WIENER_GROUP_2D patches at
-    most, for a fifth of the time of WIENER_GROUP_2D's.
+    most, for a fifth of the time of WIENER_GROUP_2D's. A lone slice's Wiener step under white noise weighs the noise
+    `noise_scale` times (WIENER_2D_NOISE_SCALE; noise_weight.py chooses it per image).
     """
     y3, m3, wanted = _checked("Wiener filter", noisy, pilot, context, indices)
+    if not noise_scale > 0:
+        raise ValueError(f"the Wiener filter weighs the noise a positive number of times, got {noise_scale}")
     g3 = None if gains_from is None else _checked("Wiener filter", noisy, gains_from, context, indices)[1]
     if passes < 1:
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
@@ -477,7 +481,7 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     for done, (todo, references) in enumerate(_wiener_passes(n, wanted, context, passes, spread)):
         filtered = _filter_slices(y3, guide, guide, curve, todo, references, context, device, progress, wiener=True,
                                   table=table, gains_on=g3 if done == 0 else None, spread=spread, shape=noise_shape,
-                                  deep_groups=deep_groups)
+                                  deep_groups=deep_groups, noise_scale=noise_scale)
         for i, a in filtered.items():
             guide[i] = a
     result = guide[wanted].astype(np.float64)
@@ -1043,7 +1047,8 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
 def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, centre: int, wiener: bool = True,
                        table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None,
                        every_slice: bool = False, shape: bool = False, groups: Optional[MatchedGroups] = None,
-                       start: int = 0, deep_groups: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                       start: int = 0, deep_groups: bool = True,
+                       noise_scale: float = WIENER_2D_NOISE_SCALE) -> Tuple[torch.Tensor, torch.Tensor]:
     """The weighted sums of the filtered patches and their weights, from the groups of slice `centre`'s reference
     patches in the stacks (d, H, W) of y, the image the groups are matched on and the noise variance: only the
     centre slice's patches go back, each (1, H, W), or with `every_slice` every member's, each (d, H, W). Wiener
@@ -1055,7 +1060,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     `shape` instead spreads the curve's variance over the coefficients, with the settings of white noise (a lone
     slice's Wiener groups as large as their similar members allow, the WIENER_ settings, up to
     SHALLOW_WIENER_GROUP_2D without `deep_groups`), and without a `table` that shape is white noise's
-    (`_white_table`). The first step thresholds Haar coefficients (its `table` must then be read in the Haar
+    (`_white_table`), a lone slice's Wiener step then weighing the noise `noise_scale` times on its groups' axes. The first step thresholds Haar coefficients (its `table` must then be read in the Haar
     transform, as `collaborative_hard_threshold` reads it), and wherever a shape spreads the curve's variance each
     coefficient gets the curve where its basis patch lies (`_spread_over`). The groups are taken from `groups`
     (`MatchedGroups`, under the slice's index `start` in the whole stack) where they were kept.
@@ -1126,7 +1131,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             cm = dct1 @ (flat_g[pixels] @ block.T) if wiener else None
             if on_group_axes:  # white noise: `shape` holds, and with it the levels
                 filtered, weight = _shrink_on_group_covariance(cy, cm, variance, dct1, block, weight_of_noise, levels,
-                                                               WIENER_2D_NOISE_SCALE)
+                                                               noise_scale)
             else:
                 filtered, weight = _shrink(cy, cm, variance, dct1, block, threshold, weight_of_noise)
             weight = weight * window  # (R, 1, 64)

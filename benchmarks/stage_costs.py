@@ -35,7 +35,10 @@ import torch  # noqa: E402
 
 from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve  # noqa: E402
-from DiffDenoiseLib.pipeline import CORRELATED_FILTER_SLICE_REACH, DenoisingModel, run_network_on_slices  # noqa: E402
+from DiffDenoiseLib.noise_weight import PROBES, choose_noise_scale, probe_crops  # noqa: E402
+from DiffDenoiseLib.pipeline import (  # noqa: E402
+    CORRELATED_FILTER_SLICE_REACH, DenoisingModel, run_network_on_slices, white_noise_pilot_2d,
+)
 from DiffDenoiseLib.store import SHIPPED_DIR, load_model  # noqa: E402
 from DiffDenoiseLib.wiener import (  # noqa: E402
     collaborative_hard_threshold,
@@ -139,6 +142,20 @@ def filters_2d(correlated_noise: bool, deep_groups: bool = False):
     return run
 
 
+def noise_weight_2d(deep_groups: bool):
+    """Choosing a 2D image's weight of the noise (noise_weight.py) on each slice, per probe and megapixel of its
+    crops; y stands in for the network's result in the pilot (the cost hardly depends on it)."""
+    def run(noisy, models):
+        y = noisy["white"]
+        curve = noise_variance_curve(y)
+        for i in range(len(y)):
+            choose_noise_scale(y[i:i + 1], curve, lambda crops, louder: white_noise_pilot_2d(crops, crops, louder),
+                               deep_groups=deep_groups)
+        crops = sum((r.stop - r.start) * (c.stop - c.start) for r, c in probe_crops(y.shape[1:]))
+        return len(y) * PROBES * crops / (y.shape[1] * y.shape[2])
+    return run
+
+
 def noise_shape_read_2d(noisy, models):
     """A 2D model's first step reading the noise's shape before it (strong noise whose binning ratio is above 1.3):
     the read's time alone, per step of it (`wiener.noise_shape_steps`: it reads COVARIANCE_SLICES slices at most)."""
@@ -199,6 +216,10 @@ FILTER_STAGES = [
           filters_2d(False)),
     Stage("filters_2d_deep_groups", "the same with Wiener groups as deep as their similar patches allow (Full and the "
           "other modes)", 4, filters_2d(False, deep_groups=True)),
+    Stage("noise_weight_2d", "choosing a 2D image's weight of the noise by recorrupted pairs, per probe (2 an image, "
+          "on 4 crops of 128 x 128 at most; Fast)", 2, noise_weight_2d(False)),
+    Stage("noise_weight_2d_deep_groups", "the same with Full's deeper Wiener groups (and the other modes')", 2,
+          noise_weight_2d(True)),
     Stage("noise_shape_read_2d", "a 2D model's filters reading the noise's shape, per step of the read (4 a slice, "
           "64 from 16 slices on; the filters after it take about their white-noise time)", 4, noise_shape_read_2d),
     Stage("wiener_context", "Wiener step with 2 slices of context (2.5D, white noise, under 4 slices)",
