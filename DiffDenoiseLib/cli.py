@@ -394,8 +394,11 @@ def _denoise(args, reporter: Reporter, cancel: CancelToken) -> None:
     elif result.details.get("wiener"):
         guide = ("the networks' result averaged with the image's own hard-thresholding estimate"
                  if result.details.get("hard_threshold") else "the networks' result")
+        scale = result.details.get("wiener_noise_scale")
         reporter.log(f"A collaborative Wiener filter of the input, guided by {guide}, gave back the fine structure "
                      "that similar patches agree on (--no-fusion turns it off)."
+                     + (f" It weighed the noise {scale:g} times, as recorrupted copies of the image chose (flat tissue "
+                        "wants it weighed more, fine texture less)." if scale else "")
                      + (" The noise is strong enough that both filters read how it spreads between neighbouring "
                         "pixels, as mildly correlated noise would." if result.details.get("noise_shape_read") else ""))
     if result.details.get("rician_bias_removed"):

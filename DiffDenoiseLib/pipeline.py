@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from DiffDenoiseLib import noise_weight
 from DiffDenoiseLib.covariance import WINDOW as COVARIANCE_WINDOW
 from DiffDenoiseLib.diffusion import NoiseSchedule, srds_sample
 from DiffDenoiseLib.fusion import (
@@ -45,7 +46,6 @@ from DiffDenoiseLib.fusion import (
     reading_is_white_enough_for_the_share,
     removed_follows_edges,
 )
-from DiffDenoiseLib import noise_weight
 from DiffDenoiseLib.imageio import Image
 from DiffDenoiseLib.magnitude import check_mode as check_rician_bias_mode, remove_rician_bias, rician_bias_sigma
 from DiffDenoiseLib.networks import (

@@ -508,6 +508,11 @@ class DenoiseLogic:
                 message += (" The noise is faint and what the networks removed followed the volume's edges (fine "
                             "anatomy with the noise): %.0f%% of the input was given back." %
                             (100 * result["details"]["observation_share"]))
+            weight = result.get("details", {}).get("wiener_noise_scale")
+            if weight:
+                output.SetAttribute("DiffDenoise.WienerNoiseWeight", "%g" % weight)
+                message += (" The Wiener filter weighed the noise %g times, as recorrupted copies of the volume chose "
+                            "(flat tissue wants it weighed more, fine texture less)." % weight)
             if result.get("details", {}).get("rician_bias_removed"):
                 sigma = result["details"]["rician_sigma"]
                 output.SetAttribute("DiffDenoise.RicianSigma", "%g" % sigma)
@@ -755,11 +760,11 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         filters = "filters_2d_deep_groups" if deep_wiener_groups(mode) else "filters_2d"
         stages["wiener_context" if context else filters] = 1
         if not context and not filters_2d_read_the_noise_shape(side, noise_shape):
-            # the weight is chosen once an image, on crops of its middle slice (taken as square)
+            # the noise's weight is chosen once an image, on crops of its middle slice (taken as square)
             crops = sum((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in probe_crops((side, side)))
             stages["noise_weight_2d_deep_groups" if deep_wiener_groups(mode) else "noise_weight_2d"] = (
                 PROBES * crops / side ** 2 / slices)
-        if not context and filters_2d_read_the_noise_shape(side, noise_shape):
+        elif not context:
             # a 2D model's filters read the shape on COVARIANCE_SLICES slices at most (wiener.noise_shape_steps), then
             # take about their white-noise time: on 24 slices of the 256x256 phantom (AMD EPYC, 2026-12-07) Full's
             # hard step 21 s against 20, its Wiener step 73 against 66, the read 24 s more (118 s counted 120, where

@@ -125,7 +125,8 @@ SHALLOW_WIENER_GROUP_2D = 32
 # average against +0.24 for the best per region (the pilot follows y's noise, which that estimate cannot see); by
 # Monte-Carlo SURE through both steps (Gaussian 25/255, Poisson 200; over a weight of 1) the CT +0.25 against +0.33
 # for 1.7 and +0.42 for the best, the X-ray 0.00 against -0.10: the blind curve's error in the noise's variance
-# outweighs the differences it must tell apart.
+# outweighs the differences it must tell apart. The pipeline chooses each image's weight by recorrupted pairs
+# (noise_weight.py); WIENER_2D_NOISE_SCALE is the weight of a call that does not choose.
 WIENER_2D_ON_GROUP_AXES = True
 WIENER_2D_NOISE_SCALE = 1.7
 LEAST_LEVEL_IN_A_PATCH = 0.02  # of the patch's mean: the noise's covariance in a patch stays invertible

@@ -197,6 +197,8 @@ def test_fast_mode_says_what_share_of_the_input_it_gave_back_and_that_it_filtere
             assert "gave back 20% of the difference" in messages and result["details"]["observation_share"] == 0.2
             assert "Wiener filter of the input, guided by the networks' result averaged with the image's own " \
                    "hard-thresholding estimate, gave back" in messages
+            scale = result["details"]["wiener_noise_scale"]
+            assert f"It weighed the noise {scale:g} times, as recorrupted copies of the image chose" in messages
 
 
 def test_self_ensemble_views_are_chosen_on_the_command_line(capfd, data, trained, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DiffDenoiseLib import pipeline
+from DiffDenoiseLib import noise_weight, pipeline, wiener
 from DiffDenoiseLib.fusion import ANATOMY_EDGE_CORRELATION
 from DiffDenoiseLib.imageio import Image, read_image, write_image
 from DiffDenoiseLib.magnitude import rician_mean
@@ -279,6 +279,30 @@ def test_a_2d_models_filters_read_the_shape_of_strong_noise_that_reads_nearly_wh
     assert denoise_image(white, trained, mode="fast").details["noise_shape_read"] is False
 
 
+def test_a_2d_models_wiener_step_weighs_the_white_noise_as_chosen_on_the_image(ct_slice, trained, monkeypatch):
+    """Under white noise each mode's Wiener step weighs the noise as noise_weight chooses it on the image (the
+    student's chain in Full and Fast, the blind-spot network's in "bsn"), the progress bar counting its probes; the
+    same image gets the same weight. A read noise shape chooses none."""
+    _, noisy = ct_slice
+    weighed, chains = [], []
+    wiener_step, choose = pipeline.collaborative_wiener, noise_weight.choose_noise_scale
+    monkeypatch.setattr(pipeline, "collaborative_wiener",
+                        lambda *a, **k: weighed.append(k["noise_scale"]) or wiener_step(*a, **k))
+    monkeypatch.setattr(noise_weight, "choose_noise_scale", lambda *a, **k: chains.append(k["deep_groups"]) or
+                        choose(*a, **k))
+    for mode in ("fast", "full", "bsn"):
+        reports = []
+        details = denoise_image(noisy, trained, mode=mode, progress=reports.append).details
+        scale = details["wiener_noise_scale"]
+        assert scale in noise_weight.NOISE_SCALES and weighed[-1] == scale
+        assert reports[-1].step == reports[-1].total
+    assert chains == [False, True, True]
+    assert denoise_image(noisy, trained, mode="fast").details["wiener_noise_scale"] == weighed[0]
+    monkeypatch.setattr(pipeline, "filters_2d_read_the_noise_shape", lambda side, noise_shape: True)
+    assert "wiener_noise_scale" not in denoise_image(noisy, trained, mode="fast").details
+    assert weighed[-1] == wiener.WIENER_2D_NOISE_SCALE
+
+
 def test_a_2d_models_wiener_step_takes_shallower_groups_in_fast_mode(ct_slice, trained, monkeypatch):
     """Under white noise Fast's Wiener step keeps groups of wiener.SHALLOW_WIENER_GROUP_2D for a fifth of its time,
     the other modes take them as deep as their similar patches allow (`deep_wiener_groups`)."""
@@ -375,7 +399,6 @@ def test_under_correlated_noise_only_a_2_5d_result_is_filtered_and_gains_on_real
 def test_a_2_5d_result_has_the_noise_covariance_read_on_its_residual_and_a_2d_one_in_the_windows(monkeypatch):
     """A 2.5D model's result keeps little of correlated noise, so the covariance is read on y - result; a 2D
     model's result and the hard-thresholding estimate keep much of it, so both steps read it in the windows."""
-    from DiffDenoiseLib import wiener
     from DiffDenoiseLib.noise import noise_variance_curve
 
     reads, read = [], wiener.estimate_noise_covariance

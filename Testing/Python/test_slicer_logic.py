@@ -78,6 +78,8 @@ FAKE_CLI = textwrap.dedent(
             details.update(padding={"value": -3024.0, "voxels": 1200})
         if model == "anatomy":  # a nearly clean volume whose networks' result took anatomy: part of it given back
             details.update(anatomy_given_back=True, observation_share=0.8, removed_edge_correlation=0.21)
+        if model == "weighed":  # a 2D image under white noise: its Wiener step's weight of the noise, chosen on it
+            details.update(wiener_noise_scale=2.2)
         say(event="result", output=target, model="fake-mean", seconds=0.5, details=details,
             suggested_model=suggested)
     elif args[0] == "train":
@@ -237,6 +239,16 @@ def test_the_status_says_when_the_input_was_given_back_because_the_networks_took
     assert "what the networks removed followed the volume's edges (fine anatomy with the noise): 80% of the input " \
            "was given back" in given.message
     assert "given back" not in fake_logic.denoise(source, DenoiseSettings(mode="fast")).message
+
+
+def test_the_status_and_the_result_say_how_heavily_the_wiener_filter_weighed_the_noise(mrml, fake_logic, tmp_path):
+    path = tmp_path / "head.nrrd"
+    _noisy_volume(path)
+    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
+    weighed = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="weighed"))
+    assert "The Wiener filter weighed the noise 2.2 times, as recorrupted copies of the volume chose" in weighed.message
+    assert weighed.output_volume.GetAttribute("DiffDenoise.WienerNoiseWeight") == "2.2"
+    assert "weighed the noise" not in fake_logic.denoise(source, DenoiseSettings(mode="fast")).message
 
 
 def test_the_status_says_that_padding_outside_the_field_of_view_was_left_as_it_was(mrml, fake_logic, tmp_path):
@@ -535,6 +547,21 @@ def test_run_stages_of_a_2d_model_count_its_filters_reading_the_noise_shape():
     # Full's Wiener groups are deeper (pipeline.deep_wiener_groups), a stage of their own
     full = run_stages(card, "full", 0, 0, 1, 128, white=True, strong=True, noise_shape=True)
     assert full["filters_2d_deep_groups"] == 1 and full["noise_shape_read_2d"] == 4 and "filters_2d" not in full
+
+
+def test_run_stages_of_a_2d_model_under_white_noise_count_choosing_the_noises_weight_once_an_image():
+    """The weight is chosen on two probes of up to four 128x128 crops of the middle slice (noise_weight.py), however
+    many slices: on a 128x128 slice both probes cover it, on 160 slices of 512x512 a quarter of one slice each."""
+    from DiffDenoiseLib.slicer_logic import run_stages
+
+    card = _card("2d")
+    assert run_stages(card, "fast", 0, 0, 1, 128, white=True, strong=True) == {
+        "student": 2, "filters_2d": 1, "noise_weight_2d": 2}
+    stack = run_stages(card, "full", 0, 0, 160, 512, white=True, strong=True)
+    assert stack["noise_weight_2d_deep_groups"] * 160 == pytest.approx(2 * 0.25) and "noise_weight_2d" not in stack
+    assert "noise_weight_2d" not in run_stages(card, "fast", 0, 0, 1, 128, white=False, strong=True)
+    assert "noise_weight_2d" not in run_stages(_card("ct-2.5d", context=2), "fast", 0, 0, 3, 128, white=True,
+                                               strong=True)
 
 
 def test_estimate_under_correlated_noise_with_a_one_pixel_2_5d_model_is_the_volumetric_filter_alone(mrml, fake_logic):
