@@ -75,11 +75,9 @@ def choose_noise_scale(slices: np.ndarray, curve: Curve, pilot_of: Callable[[np.
     distance = np.zeros(len(scales))
     for _ in range(probes):
         first, second = recorrupted_pair(y, np.interp(y, *curve), alpha, rng)
-        pilot = pilot_of(first, louder)
-        for i, scale in enumerate(scales):
-            filtered = collaborative_wiener(first, pilot, louder, device=device, deep_groups=deep_groups,
-                                            noise_scale=scale)
-            distance[i] += np.mean((filtered - second) ** 2) / probes
+        filtered = collaborative_wiener(first, pilot_of(first, louder), louder, device=device, deep_groups=deep_groups,
+                                        noise_scale=scales)  # (weights, crops, h, w): one matching for all
+        distance += np.mean((filtered.reshape(len(scales), -1) - second.reshape(1, -1)) ** 2, axis=1) / probes
         if progress is not None:
             progress()
     return float(scales[int(np.argmin(distance))]), distance

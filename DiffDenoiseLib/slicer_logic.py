@@ -57,10 +57,12 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "filters_2d_deep_groups": 63.1,
     "noise_shape_read_2d": 7.6,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
     # choosing the noise's weight of a 2D image's Wiener step (noise_weight.py): per probe and megapixel of its crops
-    # (network, first step and the Wiener step at each weight), 128x128 images of the benchmark (AMD EPYC,
-    # 2026-12-07): Fast 2.15 s for the two probes, Full 7.6
-    "noise_weight_2d": 66.0,
-    "noise_weight_2d_deep_groups": 232.0,
+    # (the first step and the Wiener step trying every weight on one matching; the network's run on the crops is
+    # small beside them). stage_costs at 128x128 and 256x256 (AMD EPYC, 2026-12-07) measured 31.2 (Fast) and 91.6
+    # against 32.4 and 95.4 for `filters_2d` and its deep groups in the same run: the figures are those above times
+    # those ratios
+    "noise_weight_2d": 25.3,
+    "noise_weight_2d_deep_groups": 60.6,
     "wiener_context": 10.8,
     "correlated_filters_2d": 454.6,
     "correlated_wiener_context": 130.8,

@@ -441,7 +441,7 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
                          progress: Optional[Callable[[], None]] = None, correlated_noise: bool = False,
                          gains_from: Optional[np.ndarray] = None, covariance_on_residual: bool = False,
                          noise_shape: bool = False, deep_groups: bool = True,
-                         noise_scale: float = WIENER_2D_NOISE_SCALE) -> np.ndarray:
+                         noise_scale: Union[float, Sequence[float]] = WIENER_2D_NOISE_SCALE) -> np.ndarray:
     """The collaborative Wiener filter of the slices `indices` (all by default) of `noisy`, guided by `pilot`.
 
     `noisy` and `pilot` are (n, H, W), or (H, W) for one slice; the inputs are not modified. With
@@ -460,11 +460,17 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     shape, read on y - `pilot` (`_coefficient_table` with `shape`), with the settings of white noise. Without
     `deep_groups` a lone slice's groups under white noise (or a shape read) hold SHALLOW_WIENER_GROUP_2D patches at
     most, for a fifth of the time of WIENER_GROUP_2D's. A lone slice's Wiener step under white noise weighs the noise
-    `noise_scale` times (WIENER_2D_NOISE_SCALE; noise_weight.py chooses it per image).
+    `noise_scale` times (WIENER_2D_NOISE_SCALE; noise_weight.py chooses it per image); given several weights it
+    filters with each at once, the groups matched and their axes found once, and returns (weights, len(indices), H,
+    W), or (weights, H, W) for a 2D input (one pass over lone slices under white noise only).
     """
     y3, m3, wanted = _checked("Wiener filter", noisy, pilot, context, indices)
-    if not noise_scale > 0:
+    scales = tuple(float(scale) for scale in np.atleast_1d(noise_scale))
+    if not scales or not all(scale > 0 for scale in scales):
         raise ValueError(f"the Wiener filter weighs the noise a positive number of times, got {noise_scale}")
+    if len(scales) > 1 and (passes > 1 or context or correlated_noise or noise_shape):
+        raise ValueError("the Wiener filter tries several weights of the noise only in one pass over lone slices "
+                         "under white noise")
     g3 = None if gains_from is None else _checked("Wiener filter", noisy, gains_from, context, indices)[1]
     if passes < 1:
         raise ValueError(f"the Wiener filter needs 1 or more passes, got {passes}")
@@ -482,9 +488,12 @@ def collaborative_wiener(noisy: np.ndarray, pilot: np.ndarray, curve: Curve, con
     for done, (todo, references) in enumerate(_wiener_passes(n, wanted, context, passes, spread)):
         filtered = _filter_slices(y3, guide, guide, curve, todo, references, context, device, progress, wiener=True,
                                   table=table, gains_on=g3 if done == 0 else None, spread=spread, shape=noise_shape,
-                                  deep_groups=deep_groups, noise_scale=noise_scale)
+                                  deep_groups=deep_groups, noise_scales=scales)
         for i, a in filtered.items():
-            guide[i] = a
+            guide[i] = a[0]
+        if len(scales) > 1:  # one pass: each weight's slices
+            result = np.stack([filtered[i] for i in wanted], axis=1).astype(np.float64)
+            return result[:, 0] if np.ndim(noisy) == 2 else result
     result = guide[wanted].astype(np.float64)
     return result[0] if np.ndim(noisy) == 2 else result
 
@@ -517,13 +526,13 @@ def collaborative_hard_threshold(noisy: np.ndarray, pilot: np.ndarray, curve: Cu
         def first_step(shape_table: Optional[torch.Tensor]) -> np.ndarray:
             done = _filter_slices(y3, y32, m3, curve, read, read, context, device, progress, wiener=False,
                                   table=shape_table, shape=True, groups=groups)
-            return np.stack([done[i] for i in read])
+            return np.stack([done[i][0] for i in read])
 
         table = _read_noise_shape(y3[read], first_step, device, kind=FIRST_STEP_TRANSFORM)
         groups.keep_new = False  # the other slices' patches are matched once only
     filtered = _filter_slices(y3, y32, m3, curve, wanted, wanted, context, device,
                               progress, wiener=False, table=table, shape=noise_shape, groups=groups)
-    result = np.stack([filtered[i] for i in wanted]).astype(np.float64)
+    result = np.stack([filtered[i][0] for i in wanted]).astype(np.float64)
     return result[0] if np.ndim(noisy) == 2 else result
 
 
@@ -810,7 +819,8 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
                    references: Sequence[int], context: int, device: Optional[torch.device],
                    progress: Optional[Callable[[], None]], gains_on: Optional[np.ndarray] = None, spread: bool = False,
                    groups: Optional[MatchedGroups] = None, **options) -> dict:
-    """{slice: filtered slice} for the slices `todo` from the groups of the sorted slices `references`, each
+    """{slice: filtered slice (one per weight of the noise `_filter_slice_sums` tries, (weights, H, W))} for the
+    slices `todo` from the groups of the sorted slices `references`, each
     reference slice's groups drawn from the `context` slices on either side; the Wiener gains come from `gains_on`
     (default `match_on`). With `spread` every group goes back to each slice its members lie in, as BM4D
     aggregates, so the references are those within `context` of the slices in `todo` (`_wiener_passes`);
@@ -832,11 +842,11 @@ def _filter_slices(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, 
         total, weights = _filter_slice_sums(ys, ms, s, centre=j - lo, gains_on=gs, every_slice=spread,
                                             groups=groups, start=j, **options)
         first = lo if spread else j  # the slice of the sums' first
-        for k in range(first, first + len(total)):
+        for k in range(first, first + total.shape[1]):
             if k in wanted:
                 part = sums.setdefault(k, [0.0, 0.0])
-                part[0] = part[0] + total[k - first].cpu().numpy()
-                part[1] = part[1] + weights[k - first].cpu().numpy()
+                part[0] = part[0] + total[:, k - first].cpu().numpy()
+                part[1] = part[1] + weights[:, k - first].cpu().numpy()
         for k in [k for k in sums if k + (context if spread else 0) <= j or j == references[-1]]:
             total_k, weights_k = sums.pop(k)
             filtered[k] = np.where(weights_k > 0, total_k / np.where(weights_k > 0, weights_k, 1.0), match_on[k])
@@ -1049,7 +1059,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
                        table: Optional[torch.Tensor] = None, gains_on: Optional[torch.Tensor] = None,
                        every_slice: bool = False, shape: bool = False, groups: Optional[MatchedGroups] = None,
                        start: int = 0, deep_groups: bool = True,
-                       noise_scale: float = WIENER_2D_NOISE_SCALE) -> Tuple[torch.Tensor, torch.Tensor]:
+                       noise_scales: Sequence[float] = (WIENER_2D_NOISE_SCALE,)) -> Tuple[torch.Tensor, torch.Tensor]:
     """The weighted sums of the filtered patches and their weights, from the groups of slice `centre`'s reference
     patches in the stacks (d, H, W) of y, the image the groups are matched on and the noise variance: only the
     centre slice's patches go back, each (1, H, W), or with `every_slice` every member's, each (d, H, W). Wiener
@@ -1061,7 +1071,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     `shape` instead spreads the curve's variance over the coefficients, with the settings of white noise (a lone
     slice's Wiener groups as large as their similar members allow, the WIENER_ settings, up to
     SHALLOW_WIENER_GROUP_2D without `deep_groups`), and without a `table` that shape is white noise's
-    (`_white_table`), a lone slice's Wiener step then weighing the noise `noise_scale` times on its groups' axes. The first step thresholds Haar coefficients (its `table` must then be read in the Haar
+    (`_white_table`), a lone slice's Wiener step then weighing the noise as each of `noise_scales` says on its groups'
+    axes; the sums have a leading axis, one per weight (one elsewhere). The first step thresholds Haar coefficients (its `table` must then be read in the Haar
     transform, as `collaborative_hard_threshold` reads it), and wherever a shape spreads the curve's variance each
     coefficient gets the curve where its basis patch lies (`_spread_over`). The groups are taken from `groups`
     (`MatchedGroups`, under the slice's index `start` in the whole stack) where they were kept.
@@ -1074,6 +1085,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     weight_of_noise, similar = 1.0, None  # similar: (limit, smallest group) of `_similar_group_sizes`
     shape_of_noise = table is None or shape  # the curve's variance spread over the coefficients by a shape
     on_group_axes = wiener and table is None and d == 1 and WIENER_2D_ON_GROUP_AXES  # a lone slice's white noise
+    if len(noise_scales) > 1 and not on_group_axes:
+        raise ValueError("several weights of the noise are tried only by a lone slice's Wiener step under white noise")
     if shape_of_noise:
         group, radius, step, threshold = GROUP, SEARCH_RADIUS if wiener else HARD_SEARCH_RADIUS, STEP, HARD_THRESHOLD
         if wiener and d == 1:
@@ -1105,7 +1118,7 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     flat_g = (ms if gains_on is None else gains_on).reshape(-1)
     kept = d if every_slice else 1
     offset = 0 if every_slice else centre * h * w  # the flat index of the first slice kept
-    total = torch.zeros(kept * h * w, dtype=dtype, device=device)
+    total = torch.zeros(len(noise_scales), kept * h * w, dtype=dtype, device=device)
     weights = torch.zeros_like(total)
     rows_at_once = max(1, (REFERENCE_CHUNK if table is None else CORRELATED_REFERENCE_CHUNK) // len(ref_x))
     if table is None:  # white noise: the shape of one voxel, whose table counts the noise overlapping members share
@@ -1132,15 +1145,15 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
             cm = dct1 @ (flat_g[pixels] @ block.T) if wiener else None
             if on_group_axes:  # white noise: `shape` holds, and with it the levels
                 filtered, weight = _shrink_on_group_covariance(cy, cm, variance, dct1, block, weight_of_noise, levels,
-                                                               noise_scale)
+                                                               noise_scales)
             else:
-                filtered, weight = _shrink(cy, cm, variance, dct1, block, threshold, weight_of_noise)
-            weight = weight * window  # (R, 1, 64)
+                filtered, weight = (a[None] for a in _shrink(cy, cm, variance, dct1, block, threshold, weight_of_noise))
+            weight = weight * window  # (weights, R, 1, 64)
             back = torch.ones_like(where[..., 0], dtype=torch.bool) if every_slice else where[..., 0] == centre
             at = pixels[back].reshape(-1) - offset
-            total.index_add_(0, at, (filtered * weight)[back].reshape(-1))
-            weights.index_add_(0, at, weight.expand_as(filtered)[back].reshape(-1))
-    return total.reshape(kept, h, w), weights.reshape(kept, h, w)
+            total.index_add_(1, at, (filtered * weight)[:, back].reshape(len(total), -1))
+            weights.index_add_(1, at, weight.expand_as(filtered)[:, back].reshape(len(total), -1))
+    return total.reshape(-1, kept, h, w), weights.reshape(-1, kept, h, w)
 
 
 def _similar_group_sizes(pixels: torch.Tensor, match_on: torch.Tensor, within: Union[float, torch.Tensor],
@@ -1176,7 +1189,8 @@ def _spread_over(levels: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 
 def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: torch.Tensor, dct1: torch.Tensor,
                                 block: torch.Tensor, weight_of_noise: float = 1.0,
-                                levels: Optional[torch.Tensor] = None, noise_scale: float = 1.0):
+                                levels: Optional[torch.Tensor] = None,
+                                noise_scale: Union[float, Sequence[float]] = 1.0):
     """As `_shrink`'s Wiener step, but the members' deviations from their group's mean are filtered on the pilot
     group's own axes rather than the blocks' fixed transform (the second step of NL-Bayes, Lebrun, Buades and Morel
     2013): with the pilot's deviations' covariance C as the signal's and the noise's covariance S, each deviation
@@ -1186,7 +1200,8 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     keeps `_shrink`'s gains. S is each coefficient's variance, averaged over the group's DCT rows but its mean; with
     the noise curve at each voxel, `levels` (R, voxels) averaged over the members, it is that variance spread over the
     coefficients as those levels lie (`_spread_over`): Poisson's or Gamma's noise changes across a patch at an edge.
-    Only for noise alike in each member (white noise)."""
+    Only for noise alike in each member (white noise). Several weights (`noise_scale` a sequence) give the filtered
+    groups and their weights of each, stacked (weights, R, ...), from one eigendecomposition."""
     group = cy.shape[1]
     noise = variance[:, 0]  # the group's mean row (R, K)
     mean_gain = _wiener_gain(cm[:, 0] ** 2, noise, weight_of_noise)
@@ -1219,14 +1234,20 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     else:
         ratio, axes = torch.linalg.eigh(deviations.transpose(1, 2) @ deviations / group)  # p^2 / s along each axis
         ratio = ratio.clamp_min(0.0)
-    gain = _wiener_gain(ratio, torch.full_like(ratio, noise_scale), weight_of_noise).to(cy.dtype)[:, None, :]
     axes = axes.to(cy.dtype)  # (R, dimensions, axes), orthonormal columns
-    rows = from_white((to_white(cy[:, 1:]) @ axes * gain) @ axes.transpose(1, 2))
-    filtered = dct1.T @ torch.cat([(mean_gain * cy[:, 0])[:, None], rows], dim=1) @ block
+    along_axes = to_white(cy[:, 1:]) @ axes
     # the noise left in each of the group's rows but its mean: sum_a gain_a^2 |axis a taken back to coefficients|^2
     left_per_axis = from_white(axes.transpose(1, 2)).pow(2).sum(dim=-1)  # (R, axes)
-    left = (group - 1) * (gain[:, 0] ** 2 * left_per_axis).sum(dim=-1) + (mean_gain ** 2 * noise).sum(dim=-1)
-    return filtered, (1.0 / (left + 1e-20))[:, None, None]
+    each = []
+    for scale in np.atleast_1d(noise_scale):
+        gain = _wiener_gain(ratio, torch.full_like(ratio, float(scale)), weight_of_noise).to(cy.dtype)[:, None, :]
+        rows = from_white((along_axes * gain) @ axes.transpose(1, 2))
+        filtered = dct1.T @ torch.cat([(mean_gain * cy[:, 0])[:, None], rows], dim=1) @ block
+        left = (group - 1) * (gain[:, 0] ** 2 * left_per_axis).sum(dim=-1) + (mean_gain ** 2 * noise).sum(dim=-1)
+        each.append((filtered, (1.0 / (left + 1e-20))[:, None, None]))
+    if np.ndim(noise_scale) == 0:
+        return each[0]
+    return torch.stack([filtered for filtered, _ in each]), torch.stack([weight for _, weight in each])
 
 
 def _wiener_gain(power: torch.Tensor, variance: torch.Tensor, weight_of_noise: float = 1.0) -> torch.Tensor:

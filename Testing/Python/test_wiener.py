@@ -940,3 +940,32 @@ def test_groups_matched_on_an_estimate_whose_errors_do_not_follow_the_noise_keep
     np.testing.assert_array_equal(wiener.collaborative_wiener(noisy, own_errors, curve, **options),
                                   wiener.collaborative_wiener(noisy, own_errors, curve, gains_from=own_errors,
                                                               **options))
+
+
+@pytest.mark.parametrize("deep", [True, False], ids=["Full's groups", "Fast's groups"])
+def test_several_weights_of_the_noise_at_once_give_each_weights_own_filter(deep):
+    """noise_weight.py tries every weight of the noise on one matching: each slice of the result is bit for bit the
+    filter with that weight alone, on a stack and on one slice."""
+    clean = real_ct_image()
+    noisy = add_noise(clean, "poisson", 100, np.random.default_rng(4))
+    curve = noise_variance_curve(noisy)
+    pilot = wiener.collaborative_hard_threshold(noisy, noisy, curve)
+    weights = (1.0, 1.7, 2.2)
+    stack = wiener.collaborative_wiener(np.stack([noisy, noisy[::-1]]), np.stack([pilot, pilot[::-1]]), curve,
+                                        deep_groups=deep, noise_scale=weights)
+    one = wiener.collaborative_wiener(noisy, pilot, curve, deep_groups=deep, noise_scale=weights)
+    assert stack.shape == (3, 2) + noisy.shape and one.shape == (3,) + noisy.shape
+    for i, weight in enumerate(weights):
+        alone = wiener.collaborative_wiener(noisy, pilot, curve, deep_groups=deep, noise_scale=weight)
+        np.testing.assert_array_equal(stack[i, 0], alone)
+        np.testing.assert_array_equal(one[i], alone)
+    assert mse(one[0], one[2]) > 0
+
+
+@pytest.mark.parametrize("options", [dict(passes=2), dict(correlated_noise=True), dict(noise_shape=True),
+                                     dict(noise_scale=(1.0, -1.0)), dict(noise_scale=0.0), dict(noise_scale=())])
+def test_the_wiener_filters_weights_of_the_noise_are_checked(options):
+    noisy = np.random.default_rng(0).normal(0.5, 0.05, (40, 40))
+    scales = options.pop("noise_scale", (1.0, 2.0))
+    with pytest.raises(ValueError, match="weigh"):
+        wiener.collaborative_wiener(noisy, noisy, noise_variance_curve(noisy), noise_scale=scales, **options)
