@@ -63,8 +63,8 @@ def choose_noise_scale(slices: np.ndarray, curve: Curve, pilot_of: Callable[[np.
     (n, H, W) under white noise of `curve`, on `probe_crops` of the middle slice. `pilot_of(y, curve)` makes the
     Wiener step's pilot of crops (c, h, w) as the pipeline makes it (the network's result and hard thresholding);
     `progress` is called after each probe. The draws of z are seeded by the crops' values: the same image gets the
-    same weight, and no fixed seed can coincide with the one its noise was drawn with (a synthetic image's: z would
-    then be its noise). The input is not modified."""
+    same weight, and a synthetic image's noise cannot have been drawn with the same seed (a fixed seed of 0 was the
+    benchmark's: z was then its noise, and every Gaussian row chose the largest weight). The input is not modified."""
     if probes < 1 or not alpha > 0 or not scales:
         raise ValueError(f"choosing the noise's weight needs probes >= 1, alpha > 0 and weights to try, got {probes}, "
                          f"{alpha} and {list(scales)}")

@@ -1072,10 +1072,11 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
     slice's Wiener groups as large as their similar members allow, the WIENER_ settings, up to
     SHALLOW_WIENER_GROUP_2D without `deep_groups`), and without a `table` that shape is white noise's
     (`_white_table`), a lone slice's Wiener step then weighing the noise as each of `noise_scales` says on its groups'
-    axes; the sums have a leading axis, one per weight (one elsewhere). The first step thresholds Haar coefficients (its `table` must then be read in the Haar
-    transform, as `collaborative_hard_threshold` reads it), and wherever a shape spreads the curve's variance each
-    coefficient gets the curve where its basis patch lies (`_spread_over`). The groups are taken from `groups`
-    (`MatchedGroups`, under the slice's index `start` in the whole stack) where they were kept.
+    axes; the sums have a leading axis, one per weight (one elsewhere). The first step thresholds Haar coefficients
+    (its `table` must then be read in the Haar transform, as `collaborative_hard_threshold` reads it), and wherever
+    a shape spreads the curve's variance each coefficient gets the curve where its basis patch lies (`_spread_over`).
+    The groups are taken from `groups` (`MatchedGroups`, under the slice's index `start` in the whole stack) where
+    they were kept.
 
     The reference patches go REFERENCE_CHUNK at a time (whole rows of them), so the working memory stays
     bounded on large slices; patches are read from the slices and written back by index, never all unfolded.
