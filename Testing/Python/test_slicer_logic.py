@@ -231,34 +231,33 @@ def test_the_status_says_when_and_why_the_rician_bias_was_removed(mrml, fake_log
     assert "Rician" not in kept.message and kept.output_volume.GetAttribute("DiffDenoise.RicianSigma") is None
 
 
-def test_the_status_says_when_the_input_was_given_back_because_the_networks_took_anatomy(mrml, fake_logic, tmp_path):
+def _fast_outcomes(mrml, logic, tmp_path, model: str):
+    """(Fast's outcome on a noisy head volume with the fake worker's `model`, and with its default model)."""
     path = tmp_path / "head.nrrd"
     _noisy_volume(path)
     source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
-    given = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="anatomy"))
+    return tuple(logic.denoise(source, DenoiseSettings(mode="fast", **chosen)) for chosen in ({"model": model}, {}))
+
+
+def test_the_status_says_when_the_input_was_given_back_because_the_networks_took_anatomy(mrml, fake_logic, tmp_path):
+    given, plain = _fast_outcomes(mrml, fake_logic, tmp_path, "anatomy")
     assert "what the networks removed followed the volume's edges (fine anatomy with the noise): 80% of the input " \
            "was given back" in given.message
-    assert "given back" not in fake_logic.denoise(source, DenoiseSettings(mode="fast")).message
+    assert "given back" not in plain.message
 
 
 def test_the_status_and_the_result_say_how_heavily_the_wiener_filter_weighed_the_noise(mrml, fake_logic, tmp_path):
-    path = tmp_path / "head.nrrd"
-    _noisy_volume(path)
-    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
-    weighed = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="weighed"))
+    weighed, plain = _fast_outcomes(mrml, fake_logic, tmp_path, "weighed")
     assert "The Wiener filter weighed the noise 2.2 times, as recorrupted copies of the volume chose" in weighed.message
     assert weighed.output_volume.GetAttribute("DiffDenoise.WienerNoiseWeight") == "2.2"
-    assert "weighed the noise" not in fake_logic.denoise(source, DenoiseSettings(mode="fast")).message
+    assert "weighed the noise" not in plain.message
 
 
 def test_the_status_says_that_padding_outside_the_field_of_view_was_left_as_it_was(mrml, fake_logic, tmp_path):
-    path = tmp_path / "head.nrrd"
-    _noisy_volume(path)
-    source = mrml["volumes"].AddArchetypeVolume(str(path), "head")
-    padded = fake_logic.denoise(source, DenoiseSettings(mode="fast", model="padded"))
+    padded, plain = _fast_outcomes(mrml, fake_logic, tmp_path, "padded")
     assert "1,200 voxels of padding outside the field of view (the value -3024" in padded.message
     assert "left as they were" in padded.message
-    assert "padding" not in fake_logic.denoise(source, DenoiseSettings(mode="fast")).message
+    assert "padding" not in plain.message
 
 
 def test_a_model_that_separates_correlated_noise_poorly_is_followed_by_the_one_that_does(mrml, fake_logic,
