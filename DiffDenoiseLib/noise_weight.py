@@ -48,6 +48,11 @@ def probe_crops(shape: Tuple[int, int], crop: int = CROP, crops: int = CROPS) ->
     return windows[:crops]
 
 
+def probe_pixels(shape: Tuple[int, int]) -> int:
+    """How many pixels of an image of `shape` the probes filter: those of its `probe_crops`."""
+    return sum((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in probe_crops(shape))
+
+
 def recorrupted_pair(y: np.ndarray, variance: np.ndarray, alpha: float,
                      rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """(y + alpha z, y - z / alpha), z Gaussian of `variance` at each voxel: their noises are uncorrelated."""
@@ -68,13 +73,14 @@ def choose_noise_scale(slices: np.ndarray, curve: Curve, pilot_of: Callable[[np.
     if probes < 1 or not alpha > 0 or not scales:
         raise ValueError(f"choosing the noise's weight needs probes >= 1, alpha > 0 and weights to try, got {probes}, "
                          f"{alpha} and {list(scales)}")
-    middle = np.asarray(slices, np.float64)[slices.shape[0] // 2]
+    middle = np.asarray(slices[len(slices) // 2], np.float64)
     y = np.stack([middle[window] for window in probe_crops(middle.shape)])
+    variance = np.interp(y, *curve)
     louder = (np.asarray(curve[0]), np.asarray(curve[1]) * (1.0 + alpha ** 2))
     rng = np.random.default_rng(zlib.crc32(np.ascontiguousarray(y).tobytes()))
     distance = np.zeros(len(scales))
     for _ in range(probes):
-        first, second = recorrupted_pair(y, np.interp(y, *curve), alpha, rng)
+        first, second = recorrupted_pair(y, variance, alpha, rng)
         filtered = collaborative_wiener(first, pilot_of(first, louder), louder, device=device, deep_groups=deep_groups,
                                         noise_scale=scales)  # (weights, crops, h, w): one matching for all
         distance += np.mean((filtered.reshape(len(scales), -1) - second.reshape(1, -1)) ** 2, axis=1) / probes

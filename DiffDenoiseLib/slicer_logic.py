@@ -735,7 +735,7 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         correlated_filters_follow, filters_2d_read_the_noise_shape, deep_wiener_groups,
         volumetric_filter_follows,
     )
-    from DiffDenoiseLib.noise_weight import PROBES, probe_crops
+    from DiffDenoiseLib.noise_weight import PROBES, probe_pixels
     from DiffDenoiseLib.wiener import CUBE, noise_shape_steps, shape_read_steps
 
     architecture, sampling, fuse = _card_run(card, side)
@@ -763,9 +763,8 @@ def run_stages(card: dict, mode: str, steps: int, pairs: int, slices: int, side:
         stages["wiener_context" if context else filters] = 1
         if not context and not filters_2d_read_the_noise_shape(side, noise_shape):
             # the noise's weight is chosen once an image, on crops of its middle slice (taken as square)
-            crops = sum((rows.stop - rows.start) * (cols.stop - cols.start) for rows, cols in probe_crops((side, side)))
             stages["noise_weight_2d_deep_groups" if deep_wiener_groups(mode) else "noise_weight_2d"] = (
-                PROBES * crops / side ** 2 / slices)
+                PROBES * probe_pixels((side, side)) / side ** 2 / slices)
         elif not context:
             # a 2D model's filters read the shape on COVARIANCE_SLICES slices at most (wiener.noise_shape_steps), then
             # take about their white-noise time: on 24 slices of the 256x256 phantom (AMD EPYC, 2026-12-07) Full's

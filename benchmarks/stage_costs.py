@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from DiffDenoiseLib.atomic import replaced_when_done  # noqa: E402
 from DiffDenoiseLib.noise import add_noise, noise_variance_curve  # noqa: E402
-from DiffDenoiseLib.noise_weight import PROBES, choose_noise_scale, probe_crops  # noqa: E402
+from DiffDenoiseLib.noise_weight import PROBES, choose_noise_scale, probe_pixels  # noqa: E402
 from DiffDenoiseLib.pipeline import (  # noqa: E402
     CORRELATED_FILTER_SLICE_REACH, DenoisingModel, run_network_on_slices, white_noise_pilot_2d,
 )
@@ -151,8 +151,7 @@ def noise_weight_2d(deep_groups: bool):
         for i in range(len(y)):
             choose_noise_scale(y[i:i + 1], curve, lambda crops, louder: white_noise_pilot_2d(crops, crops, louder),
                                deep_groups=deep_groups)
-        crops = sum((r.stop - r.start) * (c.stop - c.start) for r, c in probe_crops(y.shape[1:]))
-        return len(y) * PROBES * crops / (y.shape[1] * y.shape[2])
+        return len(y) * PROBES * probe_pixels(y.shape[1:]) / (y.shape[1] * y.shape[2])
     return run
 
 
