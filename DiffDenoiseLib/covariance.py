@@ -211,26 +211,40 @@ def coefficient_covariance(covariance: np.ndarray, basis: torch.Tensor, max_offs
     return F.conv3d(r[None, None], autocorrelation)[0].permute(1, 2, 3, 0).contiguous()  # (depth, side, side, K)
 
 
-def group_variance(table: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+def group_variance(table: torch.Tensor, where: torch.Tensor, mean_and_deviations: bool = False) -> torch.Tensor:
     """The noise variance of every coefficient of each group's 3D transform (the DCT-II across the group), (R,
     group, K), from the coefficient covariance `table` (as `coefficient_covariance` returns, on the device,
     covering every offset between two members) and the groups' (slice, y, x) positions `where` (R, group, 3).
 
     C_k is symmetric, so only the pairs i > j are read: their sums along each diagonal (i - j = m) and anti-diagonal
     (i + j = s) give var(a, k) = C_k(0) + c_a sum_m D_m cos(pi a m / G) + c_a sum_s S_s cos(pi a (s + 1) / G),
-    with c_a = 1 / G for a = 0 and 2 / G otherwise (the module docstring says why)."""
+    with c_a = 1 / G for a = 0 and 2 / G otherwise (the module docstring says why).
+
+    With `mean_and_deviations`, (R, 2, K): the mean row's variance C_k(0) + 2 / G sum_{i > j} C_k(p_i - p_j) and
+    the other rows' mean, (G C_k(0) - the mean row's) / (G - 1) (0 for a group of one), as the rows' variances sum
+    to the members' own (the DCT is orthonormal). The filters on the groups' own axes need no more, and the pairs'
+    sum is a matrix product, each group's count of pairs at each offset that covaries times the table's rows, that
+    gathers no pair's row (Full's 2D groups on a 128x128 CT slice, up to 128 members: 0.04 s against 0.49)."""
     group = where.shape[1]
-    at_once = max(1, PAIR_ROWS_AT_ONCE // max(1, group * (group - 1) // 2))
+    rows = table.reshape(-1, table.shape[-1])  # (offsets, K): a view
+    covary = rows.abs().amax(-1) > 0  # only the pairs at these offsets count (white noise's: members that overlap)
+    width = group * (group - 1) // 2 if not mean_and_deviations else max(group * (group - 1) // 2, int(covary.sum()))
+    at_once = max(1, PAIR_ROWS_AT_ONCE // max(1, width))
     if where.shape[0] > at_once:  # large groups: a few at a time, so the memory stays bounded
-        return torch.cat([group_variance(table, part) for part in torch.split(where, at_once)])
+        return torch.cat([group_variance(table, part, mean_and_deviations) for part in torch.split(where, at_once)])
     depth, side = table.shape[0] // 2, table.shape[1]
     i, j = torch.tril_indices(group, group, -1, device=where.device)
     # a pair's row of the table: the flat offset between its members (the table's index is linear in the offset)
     flat = (where[..., 0] * side + where[..., 1]) * side + where[..., 2]  # (R, group)
     index = flat[:, i] - flat[:, j] + (depth * side + side // 2) * side + side // 2  # (R, pairs)
-    rows = table.reshape(-1, table.shape[-1])  # (offsets, K): a view
-    # only the pairs at offsets whose coefficients covary are gathered (white noise's: the members that overlap)
-    group_of, pair_of = (rows.abs().amax(-1) > 0)[index].nonzero(as_tuple=True)
+    at_zero = rows[(depth * side + side // 2) * side + side // 2]  # C_k(0): the members' own variances
+    if mean_and_deviations:
+        slot = (torch.cumsum(covary, 0) * covary)[index]  # each pair's offset among those that covary, from 1; else 0
+        counts = rows.new_zeros(len(where), int(covary.sum()) + 1).scatter_add_(1, slot, torch.ones_like(slot).to(rows))
+        mean_row = at_zero + 2.0 / group * (counts[:, 1:] @ rows[covary])
+        deviations = (group * at_zero - mean_row) / max(1, group - 1)
+        return torch.stack([mean_row, deviations], dim=1).clamp_min(1e-20)
+    group_of, pair_of = covary[index].nonzero(as_tuple=True)
     pair, k = rows[index[group_of, pair_of]], rows.shape[-1]  # (pairs that covary, K)
     diagonals = pair.new_zeros(len(where) * group, k).index_add_(0, group_of * group + (i - j)[pair_of], pair)
     anti_diagonals = pair.new_zeros(len(where) * 2 * group, k).index_add_(0, group_of * 2 * group + (i + j)[pair_of],
@@ -240,5 +254,4 @@ def group_variance(table: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     c = torch.where(a == 0, 1.0, 2.0).to(torch.float64) / group
     along = (c * torch.cos(math.pi * a * torch.arange(group, device=where.device) / group)).to(pair.dtype)
     across = (c * torch.cos(math.pi * a * (torch.arange(2 * group, device=where.device) + 1) / group)).to(pair.dtype)
-    at_zero = rows[(depth * side + side // 2) * side + side // 2]  # C_k(0): the members' own variances
     return (at_zero + along @ diagonals + across @ anti_diagonals).clamp_min(1e-20)

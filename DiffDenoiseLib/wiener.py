@@ -760,8 +760,9 @@ def _filter_cubes(y3: np.ndarray, match_on: np.ndarray, intensity: np.ndarray, c
                 dct1 = _transform_on(where.shape[1], device, torch.float32)
                 cy = dct1 @ (ys[pixels] @ dct_cube.T)
                 cm = dct1 @ (ms[pixels] @ dct_cube.T) if wiener else None
-                variance = s[pixels].mean(dim=(1, 2))[:, None, None] * group_variance(table, where)
-                if wiener and white and CUBE_WIENER_ON_GROUP_AXES:
+                on_axes = wiener and white and CUBE_WIENER_ON_GROUP_AXES
+                variance = s[pixels].mean(dim=(1, 2))[:, None, None] * group_variance(table, where, on_axes)
+                if on_axes:
                     filtered, weight = _shrink_on_group_covariance(cy, cm, variance, dct1, dct_cube, weight_of_noise)
                 else:
                     filtered, weight = _shrink(cy, cm, variance, dct1, dct_cube, threshold, weight_of_noise)
@@ -1139,7 +1140,8 @@ def _filter_slice_sums(ys: torch.Tensor, ms: torch.Tensor, s: torch.Tensor, cent
         for where, pixels in parts:
             dct1 = _transform_on(where.shape[1], device, dtype)
             cy = dct1 @ (flat_y[pixels] @ block.T)  # the group's 3D spectrum
-            variance = group_variance(table, where)  # each coefficient's own, from the members' positions
+            # each coefficient's own, from the members' positions (on the groups' axes: the mean row's and the rest's)
+            variance = group_variance(table, where, mean_and_deviations=on_group_axes)
             if shape:  # the noise curve at the group's intensity, spread over them as the noise's shape has it
                 levels = flat_s[pixels].mean(dim=1)  # the curve at each voxel, averaged over the members (R, 64)
                 variance = variance * _spread_over(levels[:, None], block)
@@ -1198,7 +1200,8 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     becomes C (C + w S)^-1 of itself, w weighing the noise (`noise_scale` times) as `_shrink` does along each axis of
     S^-1/2 C S^-1/2 (its eigenvalue the axis's p^2 / s). A group of similar patches repeats a few shapes, which one
     fixed transform spreads over many coefficients and the group's own axes gather into a few. The group's mean row
-    keeps `_shrink`'s gains. S is each coefficient's variance, averaged over the group's DCT rows but its mean; with
+    keeps `_shrink`'s gains. S is each coefficient's variance, averaged over the group's DCT rows but its mean
+    (`variance` (R, 2, K): the mean row's and that average, as `group_variance`'s `mean_and_deviations` gives); with
     the noise curve at each voxel, `levels` (R, voxels) averaged over the members, it is that variance spread over the
     coefficients as those levels lie (`_spread_over`): Poisson's or Gamma's noise changes across a patch at an edge.
     Only for noise alike in each member (white noise). Several weights (`noise_scale` a sequence) give the filtered
@@ -1207,7 +1210,7 @@ def _shrink_on_group_covariance(cy: torch.Tensor, cm: torch.Tensor, variance: to
     noise = variance[:, 0]  # the group's mean row (R, K)
     mean_gain = _wiener_gain(cm[:, 0] ** 2, noise, weight_of_noise)
     mean_gain[:, 0] = 1.0  # the group's mean is kept, as in `_shrink`
-    level = variance[:, 1:].mean(dim=1).clamp_min(1e-20)  # (R, K): a deviation's noise in each coefficient
+    level = variance[:, 1].clamp_min(1e-20)  # (R, K): a deviation's noise in each coefficient
 
     # rows of coefficients to and from units in which a deviation's noise is white and of variance 1
     if levels is None:

@@ -168,7 +168,8 @@ def test_the_white_noise_table_gives_overlapping_cubes_the_variance_of_the_noise
 def test_the_group_variances_from_diagonal_sums_equal_the_sum_over_every_pair(group, noise, monkeypatch):
     """group_variance sums the pairs' covariances along diagonals (G^2 work), gathering only the pairs at offsets
     whose coefficients covary (under white noise, members that overlap); that equals the sum over every pair of
-    members, sum_ij T(a, i) T(a, j) C_k(p_i - p_j) with T the DCT-II, for any positions, in and across slices."""
+    members, sum_ij T(a, i) T(a, j) C_k(p_i - p_j) with T the DCT-II, for any positions, in and across slices. The
+    mean row's and the other rows' mean, from the pairs' sum and the trace, are those rows' too."""
     rng = np.random.default_rng(4)
     field = add_noise(np.zeros((3, 64, 64)), "correlated", 0.8, rng, sigma=1.0)
     covariance = estimate_noise_covariance(field, np.zeros_like(field), depth=1)
@@ -183,6 +184,9 @@ def test_the_group_variances_from_diagonal_sums_equal_the_sum_over_every_pair(gr
     direct = torch.einsum("ai,rijk,aj->rak", transform, pairs, transform)
     whole = group_variance(table, where)
     np.testing.assert_allclose(whole.numpy(), direct.clamp_min(1e-20).numpy(), rtol=1e-9, atol=1e-12)
+    summary = torch.stack([direct[:, 0], direct[:, 1:].mean(dim=1) if group > 1 else 0 * direct[:, 0]], dim=1)
+    np.testing.assert_allclose(group_variance(table, where, mean_and_deviations=True).numpy(),
+                               summary.clamp_min(1e-20).numpy(), rtol=1e-9, atol=1e-12)
     monkeypatch.setattr(covariance_module, "PAIR_ROWS_AT_ONCE", 2 * group * group)  # two groups at a time
     assert torch.equal(group_variance(table, where), whole)
 

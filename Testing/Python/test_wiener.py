@@ -630,7 +630,7 @@ def test_on_its_groups_own_axes_the_wiener_step_keeps_what_the_pilot_shows_and_d
     y = pilot + torch.from_numpy(0.01 * rng.standard_normal(pilot.shape))
     cy, dct1, block = _group_spectra(y)
     cm = _group_spectra(pilot)[0]
-    variance = torch.full_like(cy, 1e-4)
+    variance = torch.full((2, 2, voxels), 1e-4, dtype=cy.dtype)  # the mean row's and the deviations'
     kept, weight = wiener._shrink_on_group_covariance(cy, cm, variance, dct1, block)
     # the pilot's 15 axes of deviation and the mean keep their noise, the other 48 of 64 dimensions lose it
     assert 0.2 < mse(kept.numpy(), pilot.numpy()) / mse(y.numpy(), pilot.numpy()) < 0.3
@@ -655,12 +655,12 @@ def test_on_its_groups_own_axes_with_the_noise_changing_across_a_patch_the_wiene
     noise_levels = torch.from_numpy(rng.uniform(0.01, 0.05, (3, group, 64)))
     y = pilot + noise_levels.sqrt() * torch.from_numpy(rng.standard_normal(pilot.shape))
     cy, cm = dct1 @ (y @ block.T), dct1 @ (pilot @ block.T)
-    variance = torch.from_numpy(rng.uniform(0.8, 1.2, cy.shape)) * wiener._spread_over(noise_levels, block)
+    variance = torch.from_numpy(rng.uniform(0.8, 1.2, (3, 2, 64))) * wiener._spread_over(noise_levels, block)
     levels, scale = noise_levels.mean(dim=1), 1.7
     filtered, weight = wiener._shrink_on_group_covariance(cy, cm, variance, dct1, block, 1.0, levels, scale)
 
     noise = (block * levels[:, None, :]) @ block.T
-    to_variance = (variance[:, 1:].mean(dim=1) / noise.diagonal(dim1=1, dim2=2)).sqrt()
+    to_variance = (variance[:, 1] / noise.diagonal(dim1=1, dim2=2)).sqrt()
     noise = noise * to_variance[:, :, None] * to_variance[:, None, :]
     signal = cm[:, 1:].transpose(1, 2) @ cm[:, 1:] / group
     wiener_matrix = torch.linalg.solve(signal + scale * noise, signal)
