@@ -225,33 +225,36 @@ def group_variance(table: torch.Tensor, where: torch.Tensor, mean_and_deviations
     to the members' own (the DCT is orthonormal). The filters on the groups' own axes need no more, and the pairs'
     sum is a matrix product, each group's count of pairs at each offset that covaries times the table's rows, that
     gathers no pair's row (Full's 2D groups on a 128x128 CT slice, up to 128 members: 0.04 s against 0.49)."""
-    group = where.shape[1]
-    rows = table.reshape(-1, table.shape[-1])  # (offsets, K): a view
+    group, k, device = where.shape[1], table.shape[-1], where.device
+    rows = table.reshape(-1, k)  # (offsets, K): a view
     covary = rows.abs().amax(-1) > 0  # only the pairs at these offsets count (white noise's: members that overlap)
-    width = group * (group - 1) // 2 if not mean_and_deviations else max(group * (group - 1) // 2, int(covary.sum()))
-    at_once = max(1, PAIR_ROWS_AT_ONCE // max(1, width))
-    if where.shape[0] > at_once:  # large groups: a few at a time, so the memory stays bounded
-        return torch.cat([group_variance(table, part, mean_and_deviations) for part in torch.split(where, at_once)])
+    covarying, slots = int(covary.sum()), torch.cumsum(covary, 0) * covary  # each offset's among them, from 1; else 0
     depth, side = table.shape[0] // 2, table.shape[1]
-    i, j = torch.tril_indices(group, group, -1, device=where.device)
-    # a pair's row of the table: the flat offset between its members (the table's index is linear in the offset)
-    flat = (where[..., 0] * side + where[..., 1]) * side + where[..., 2]  # (R, group)
-    index = flat[:, i] - flat[:, j] + (depth * side + side // 2) * side + side // 2  # (R, pairs)
-    at_zero = rows[(depth * side + side // 2) * side + side // 2]  # C_k(0): the members' own variances
-    if mean_and_deviations:
-        slot = (torch.cumsum(covary, 0) * covary)[index]  # each pair's offset among those that covary, from 1; else 0
-        counts = rows.new_zeros(len(where), int(covary.sum()) + 1).scatter_add_(1, slot, torch.ones_like(slot).to(rows))
-        mean_row = at_zero + 2.0 / group * (counts[:, 1:] @ rows[covary])
-        deviations = (group * at_zero - mean_row) / max(1, group - 1)
-        return torch.stack([mean_row, deviations], dim=1).clamp_min(1e-20)
-    group_of, pair_of = covary[index].nonzero(as_tuple=True)
-    pair, k = rows[index[group_of, pair_of]], rows.shape[-1]  # (pairs that covary, K)
-    diagonals = pair.new_zeros(len(where) * group, k).index_add_(0, group_of * group + (i - j)[pair_of], pair)
-    anti_diagonals = pair.new_zeros(len(where) * 2 * group, k).index_add_(0, group_of * 2 * group + (i + j)[pair_of],
-                                                                           pair)
-    diagonals, anti_diagonals = diagonals.reshape(len(where), group, k), anti_diagonals.reshape(len(where), -1, k)
-    a = torch.arange(group, dtype=torch.float64, device=where.device)[:, None]
+    centre = (depth * side + side // 2) * side + side // 2  # the table's row of offset 0
+    at_zero = rows[centre]  # C_k(0): the members' own variances
+    i, j = torch.tril_indices(group, group, -1, device=device)
+    a = torch.arange(group, dtype=torch.float64, device=device)[:, None]
     c = torch.where(a == 0, 1.0, 2.0).to(torch.float64) / group
-    along = (c * torch.cos(math.pi * a * torch.arange(group, device=where.device) / group)).to(pair.dtype)
-    across = (c * torch.cos(math.pi * a * (torch.arange(2 * group, device=where.device) + 1) / group)).to(pair.dtype)
-    return (at_zero + along @ diagonals + across @ anti_diagonals).clamp_min(1e-20)
+    along = (c * torch.cos(math.pi * a * torch.arange(group, device=device) / group)).to(rows.dtype)
+    across = (c * torch.cos(math.pi * a * (torch.arange(2 * group, device=device) + 1) / group)).to(rows.dtype)
+    width = max(group * (group - 1) // 2, covarying if mean_and_deviations else 0)
+    variances = []
+    for part in torch.split(where, max(1, PAIR_ROWS_AT_ONCE // max(1, width))):  # memory bounded for large groups
+        # a pair's row of the table: the flat offset between its members (the table's index is linear in the offset)
+        flat = (part[..., 0] * side + part[..., 1]) * side + part[..., 2]  # (R, group)
+        index = flat[:, i] - flat[:, j] + centre  # (R, pairs)
+        if mean_and_deviations:
+            slot = slots[index]
+            counts = rows.new_zeros(len(part), covarying + 1).scatter_add_(1, slot, torch.ones_like(slot).to(rows))
+            mean_row = at_zero + 2.0 / group * (counts[:, 1:] @ rows[covary])
+            deviations = (group * at_zero - mean_row) / max(1, group - 1)
+            variances.append(torch.stack([mean_row, deviations], dim=1))
+            continue
+        group_of, pair_of = covary[index].nonzero(as_tuple=True)
+        pair = rows[index[group_of, pair_of]]  # (pairs that covary, K)
+        diagonals = pair.new_zeros(len(part) * group, k).index_add_(0, group_of * group + (i - j)[pair_of], pair)
+        anti_diagonals = pair.new_zeros(len(part) * 2 * group, k).index_add_(
+            0, group_of * 2 * group + (i + j)[pair_of], pair)
+        variances.append(at_zero + along @ diagonals.reshape(len(part), group, k)
+                         + across @ anti_diagonals.reshape(len(part), -1, k))
+    return (torch.cat(variances) if len(variances) > 1 else variances[0]).clamp_min(1e-20)

@@ -1002,9 +1002,10 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     centre slice shifted by `near_shift` voxels or less either way (other than the reference itself) are not taken.
     A `penalty` (R, candidates) is added to the distances (`_shared_noise`).
 
-    The distances for one offset between the slices are box sums of squared differences, read at the
-    reference positions from an integral image (float64, so the subtraction of large sums stays exact enough)
-    over the band of rows the references cover. On a GPU many vertical shifts go through each tensor operation
+    The distances for one offset between the slices are box sums of squared differences over the band of rows the
+    references cover: cumulative sums down the columns, read at the reference rows, then along those rows only, read
+    at the reference columns (float64, so the subtraction of large sums stays exact enough); the shifted copies of
+    the pilot are strided views (`unfold`), not stacked slices. On a GPU many vertical shifts go through each tensor operation
     at once (up to `batch` voxels of squared differences, by default GPU_MATCH_BATCH): one shift at a time, the
     68,000 small operations per slice of a 2.5D Wiener step under correlated noise kept an H200 waiting on their
     launches (block matching was 90 % of Fast's time on a CT volume), against 6,900 so. On the CPU one shift at a
@@ -1027,11 +1028,11 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
             high = min(r, low + shifts_at_once - 1)
             squares = 0.0
             for j in range(depth):  # (dy, dx, band, w); row y of [dy, dx] holds pilot[k + j, first + y + dy, x + dx]
-                rows = torch.stack([padded[k + j, r + dy + first:r + dy + last] for dy in range(low, high + 1)])
-                shifted = torch.stack([rows[:, :, r + dx:r + dx + w] for dx in range(-r, r + 1)], dim=1)
+                shifted = padded[k + j, r + low + first:r + high + last].unfold(0, last - first, 1).unfold(1, w, 1)
                 squares = squares + (shifted - bands[j]) ** 2
-            integral = F.pad(squares.cumsum(2).cumsum(3), (1, 0, 1, 0))
-            rows_in = integral[:, :, top + patch] - integral[:, :, top]  # (dy, dx, R_y, w + 1)
+            # the patch's rows summed at each reference row, then its columns at each reference column
+            down = F.pad(squares.cumsum(2), (0, 0, 1, 0))
+            rows_in = F.pad((down[:, :, top + patch] - down[:, :, top]).cumsum(3), (1, 0))  # (dy, dx, R_y, w + 1)
             distances.append((rows_in[..., left + patch] - rows_in[..., left]).flatten(0, 1))  # (dy dx, R_y, R_x)
     dist = torch.cat(distances).reshape(starts * side * side, -1).T  # (R, candidates (k, dy, dx))
     # candidates whose patch leaves the slice
