@@ -28,7 +28,10 @@ LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
 # on 256x256 slices (benchmarks/results/stage_costs.json; the keys are its stages). The networks' figures are per
 # megapixel they evaluate: a larger slice goes through them in overlapping tiles of that size (slicing.tiled_pixels).
 # A GPU is counted _GPU_SPEED_UP times faster, the filters too (they run in torch there). Only the estimate shown
-# before a run uses these; the time left while it runs comes from the worker.
+# before a run uses these; the time left while it runs comes from the worker. The filters' figures were scaled on
+# 2026-12-08 by how much faster the filters became that day (the Wiener steps on the groups' axes reading only the
+# variances they use, block matching on strided views): stage_costs on 256x256 slices, the code before and after in
+# turn on one machine, 0.53 (the 2D deep groups) to 0.89 times the earlier time.
 _CPU_SECONDS_PER_MEGAPIXEL = {
     "student": 2.9,
     "bsn": 4.6,
@@ -37,8 +40,8 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     # the volumetric filter's Wiener step on each group's own axes (2026-12-07) took 1.15 (Fast) and 1.28 times (the
     # deep groups) the time of the DCT's on 256x256 slices (stage_costs.measure, both alternately, twice each, on a
     # machine then 1.5 times slower than for the other figures), so those figures are the earlier ones times that
-    "volumetric_filter": 18.9,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
-    "volumetric_filter_deep_groups": 83.2,
+    "volumetric_filter": 15.6,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
+    "volumetric_filter_deep_groups": 62.6,
     # reading the noise's shape: per step of the read (wiener.shape_read_steps, 40 from 24 slices on, however long the
     # scan) and megapixel of one slice; then the filter after it, under noise that reads correlated in it (any mode)
     # or white (as strong white noise with a binning ratio above 1.3 has it; Fast, and Full's deeper groups). Against
@@ -46,26 +49,26 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     # counted against 259 taken, Full 551 against 552, 24 slices 98 against 100 and 168 against 148; 48 slices under
     # noise of a 0.5-pixel kernel (std 0.05) Fast 227 against 219 (one figure per megapixel had counted 208, 518, 46,
     # 115 and 93)
-    "noise_shape_read": 22.3,
-    "correlated_volumetric_filter": 53.4,
-    "shaped_volumetric_filter": 28.6,  # noise that reads white in it: the Wiener step on the groups' axes too
-    "shaped_volumetric_filter_deep_groups": 89.0,
+    "noise_shape_read": 19.6,
+    "correlated_volumetric_filter": 42.1,
+    "shaped_volumetric_filter": 22.3,  # noise that reads white in it: the Wiener step on the groups' axes too
+    "shaped_volumetric_filter_deep_groups": 58.0,
     # a lone slice's Wiener step on each group's own axes (2026-12-07): both steps took 1.33 (Fast) and 1.13 times (the
     # deep groups) their earlier time on 256x256 slices (measured as the volumetric filter's, above), so the figures
     # are the earlier ones times that
-    "filters_2d": 26.3,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
-    "filters_2d_deep_groups": 63.1,
-    "noise_shape_read_2d": 7.6,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
+    "filters_2d": 21.9,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
+    "filters_2d_deep_groups": 33.2,
+    "noise_shape_read_2d": 6.8,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
     # choosing the noise's weight of a 2D image's Wiener step (noise_weight.py): per probe and megapixel of its crops
     # (the first step and the Wiener step trying every weight on one matching; the network's run on the crops is
     # small beside them). stage_costs at 128x128 and 256x256 (AMD EPYC, 2026-12-07) measured 31.2 (Fast) and 91.6
     # against 32.4 and 95.4 for `filters_2d` and its deep groups in the same run: the figures are those above times
     # those ratios
-    "noise_weight_2d": 25.3,
-    "noise_weight_2d_deep_groups": 60.6,
-    "wiener_context": 10.8,
-    "correlated_filters_2d": 454.6,
-    "correlated_wiener_context": 130.8,
+    "noise_weight_2d": 19.6,
+    "noise_weight_2d_deep_groups": 35.3,
+    "wiener_context": 7.9,
+    "correlated_filters_2d": 343.6,
+    "correlated_wiener_context": 100.1,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
 _SHAPE_READING_STAGES = {"correlated_volumetric_filter", "shaped_volumetric_filter",
