@@ -254,7 +254,9 @@ def group_variance(table: torch.Tensor, where: torch.Tensor, mean_and_deviations
     width = cosines.shape[1] * (covarying + 1)  # count cells per group
     by_counts = width <= COUNTING_WIDTH_PER_PAIR * lines_per_pair * len(i)
     variances = []
-    for part in torch.split(where, max(1, COUNTS_AT_ONCE // (width if by_counts else max(1, len(i)) * k))):
+    # cells per group held at once: its counts and its pairs' cells (counting), or its pairs' rows (gathering)
+    cells = max(width, lines_per_pair * len(i)) if by_counts else max(1, len(i)) * k
+    for part in torch.split(where, max(1, COUNTS_AT_ONCE // cells)):  # memory bounded for large groups
         # a pair's row of the table: the flat offset between its members (the table's index is linear in the offset)
         flat = (part[..., 0] * side + part[..., 1]) * side + part[..., 2]  # (R, group)
         index = flat[:, i] - flat[:, j] + centre  # (R, pairs)

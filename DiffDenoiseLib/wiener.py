@@ -1005,9 +1005,9 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     The distances for one offset between the slices are box sums of squared differences over the band of rows the
     references cover: cumulative sums down the columns, read at the reference rows, then along those rows only, read
     at the reference columns (float64, so the subtraction of large sums stays exact enough); the shifted copies of
-    the pilot are strided views (`unfold`), not stacked slices. On a GPU many vertical shifts go through each tensor operation
-    at once (up to `batch` voxels of squared differences, by default GPU_MATCH_BATCH): one shift at a time, the
-    68,000 small operations per slice of a 2.5D Wiener step under correlated noise kept an H200 waiting on their
+    the pilot are strided views (`unfold`), not stacked slices. On a GPU many vertical shifts go through each tensor
+    operation at once (up to `batch` voxels of squared differences, by default GPU_MATCH_BATCH): one shift at a time,
+    the 68,000 small operations per slice of a 2.5D Wiener step under correlated noise kept an H200 waiting on their
     launches (block matching was 90 % of Fast's time on a CT volume), against 6,900 so. On the CPU one shift at a
     time is as fast (its smaller tensors stay in cache). The distances are the same either way.
     """
