@@ -253,6 +253,7 @@ def group_variance(table: torch.Tensor, where: torch.Tensor, mean_and_deviations
     lines_per_pair = 1 if mean_and_deviations else 2
     width = cosines.shape[1] * (covarying + 1)  # count cells per group
     by_counts = width <= COUNTING_WIDTH_PER_PAIR * lines_per_pair * len(i)
+    covarying_rows = rows[covary] if by_counts else None  # (covarying, K): the rows the counts multiply
     variances = []
     # cells per group held at once: its counts and its pairs' cells (counting), or its pairs' rows (gathering)
     cells = max(width, lines_per_pair * len(i)) if by_counts else max(1, len(i)) * k
@@ -264,7 +265,7 @@ def group_variance(table: torch.Tensor, where: torch.Tensor, mean_and_deviations
             slot = slots[index].repeat(1, lines_per_pair)  # as `lines`
             cell = (torch.arange(len(part), device=device)[:, None] * cosines.shape[1] + lines) * (covarying + 1) + slot
             counts = rows.new_zeros(len(part) * width).index_add_(0, cell.reshape(-1), rows.new_ones(cell.numel()))
-            sums = counts.reshape(len(part), cosines.shape[1], covarying + 1)[..., 1:] @ rows[covary]  # (R, lines, K)
+            sums = counts.reshape(len(part), cosines.shape[1], covarying + 1)[..., 1:] @ covarying_rows  # (R, lines, K)
         else:  # each pair whose coefficients covary: its row, added onto its lines
             group_of, pair_of = covary[index].nonzero(as_tuple=True)
             pair = rows[index[group_of, pair_of]]

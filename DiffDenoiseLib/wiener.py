@@ -376,7 +376,7 @@ HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise st
 # gained nothing more.
 HARD_SEARCH_RADIUS = 19
 REFERENCE_CHUNK = 2048  # reference patches filtered at once, which bounds the working memory
-CORRELATED_REFERENCE_CHUNK = 128  # under correlated noise (group_variance bounds its own gathering)
+CORRELATED_REFERENCE_CHUNK = 128  # under correlated noise (group_variance bounds its own memory)
 GPU_MATCH_BATCH = 2 ** 24  # voxels of squared differences block matching holds at once on a GPU (128 MiB, float64)
 
 
@@ -929,7 +929,7 @@ def _coefficient_table(y3: np.ndarray, m3: np.ndarray, device: Optional[torch.de
 # shoulder MRI, chest X-ray), Poisson 200 +0.24, -0.03 and +0.14, Gamma 100 +0.35, +0.04 and +0.15, Gaussian 6/255
 # +0.09, -0.14 and -0.03 (faint noise where the blind curve also counts the reference's own noise and texture). The
 # volumetric filter takes 1.2 times its time (CPU time, one thread), the 2D filters about as long as before:
-# `group_variance` gathers only the members that overlap. After it, neither the first step's threshold (2.8, 3.2)
+# `group_variance` counts only the members that overlap. After it, neither the first step's threshold (2.8, 3.2)
 # nor the Wiener step's weight of the noise (0.3, 0.55) gained under both Gaussian 25/255 and Gamma 100.
 @functools.lru_cache(maxsize=None)
 def _white_table(block: int, dims: int, slices: int, device: torch.device, kind: str = "dct") -> torch.Tensor:
