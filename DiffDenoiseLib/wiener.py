@@ -377,7 +377,7 @@ HARD_THRESHOLD = 2.7  # BM3D's first step: coefficients below this many noise st
 HARD_SEARCH_RADIUS = 19
 REFERENCE_CHUNK = 2048  # reference patches filtered at once, which bounds the working memory
 CORRELATED_REFERENCE_CHUNK = 128  # under correlated noise (group_variance bounds its own memory)
-GPU_MATCH_BATCH = 2 ** 24  # voxels of squared differences block matching holds at once on a GPU (128 MiB, float64)
+MATCH_REFERENCES_PER_TILE = 16  # references of a row whose candidates `_match` takes in one matrix product
 
 
 def dct_matrix(size: int) -> torch.Tensor:
@@ -994,7 +994,7 @@ def _reference_positions(length: int, step: int = STEP, patch: int = PATCH) -> t
 
 def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.Tensor, group: int = GROUP,
            radius: int = SEARCH_RADIUS, near_shift: int = 0, patch: int = PATCH, depth: int = 1,
-           batch: Optional[int] = None, penalty: Optional[torch.Tensor] = None) -> torch.Tensor:
+           penalty: Optional[torch.Tensor] = None, refs_per_tile: int = MATCH_REFERENCES_PER_TILE) -> torch.Tensor:
     """For each reference block (ref_y x ref_x, row by row) starting in slice `centre`, the (first slice, y, x) of
     the `group` blocks of `pilot` (d, H, W) nearest to it in squared distance within `radius` voxels either way,
     itself first; (R, group, 3). A block is `patch` voxels a side and `depth` slices deep (a patch when 1, a cube
@@ -1002,39 +1002,40 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     centre slice shifted by `near_shift` voxels or less either way (other than the reference itself) are not taken.
     A `penalty` (R, candidates) is added to the distances (`_shared_noise`).
 
-    The distances for one offset between the slices are box sums of squared differences over the band of rows the
-    references cover: cumulative sums down the columns, read at the reference rows, then along those rows only, read
-    at the reference columns (float64, so the subtraction of large sums stays exact enough); the shifted copies of
-    the pilot are strided views (`unfold`), not stacked slices. On a GPU many vertical shifts go through each tensor
-    operation at once (up to `batch` voxels of squared differences, by default GPU_MATCH_BATCH): one shift at a time,
-    the 68,000 small operations per slice of a 2.5D Wiener step under correlated noise kept an H200 waiting on their
-    launches (block matching was 90 % of Fast's time on a CT volume), against 6,900 so. On the CPU one shift at a
-    time is as fast (its smaller tensors stay in cache). The distances are the same either way.
+    The squared distance is |a|^2 + |b|^2 - 2 a.b (float64, exact enough for every sum of a block's squares): the
+    dot products of each reference row's blocks, `refs_per_tile` at a time, with every candidate block in the rows
+    and columns their windows cover are one matrix product on a view of the candidates (no copy), of which each
+    reference keeps its own window. Against the distances of one search shift at a time (box sums of squared
+    differences) on a 128x128 slab of 8 slices: 2.5 to 3.5 times faster at the search radius of 19 and 20 (the 2D
+    first step, the 2.5D Wiener step under correlated noise), as fast at 8 and on the volumetric filter's cubes; on
+    a GPU a slice's matching is a few thousand operations instead of 68,000.
     """
     d, h, w = pilot.shape
     starts = d - depth + 1  # the slices a candidate block can start in
     r, side = radius, 2 * radius + 1
     py, px = h - patch + 1, w - patch + 1  # block positions along each side
-    first, last = int(ref_y[0]), int(ref_y[-1]) + patch  # the band of rows of the reference blocks
-    padded = F.pad(pilot[:, None].double(), (r, r, r, r))[:, 0]
-    bands = pilot[centre:centre + depth, first:last].double()
-    top, left = ref_y - first, ref_x
-    if batch is None:
-        batch = 0 if pilot.device.type == "cpu" else GPU_MATCH_BATCH
-    shifts_at_once = max(1, batch // (side * (last - first) * w))  # vertical shifts per tensor operation
-    distances = []
-    for k in range(starts):
-        for low in range(-r, r + 1, shifts_at_once):
-            high = min(r, low + shifts_at_once - 1)
-            squares = 0.0
-            for j in range(depth):  # (dy, dx, band, w); row y of [dy, dx] holds pilot[k + j, first + y + dy, x + dx]
-                shifted = padded[k + j, r + low + first:r + high + last].unfold(0, last - first, 1).unfold(1, w, 1)
-                squares = squares + (shifted - bands[j]) ** 2
-            # the patch's rows summed at each reference row, then its columns at each reference column
-            down = F.pad(squares.cumsum(2), (0, 0, 1, 0))
-            rows_in = F.pad((down[:, :, top + patch] - down[:, :, top]).cumsum(3), (1, 0))  # (dy, dx, R_y, w + 1)
-            distances.append((rows_in[..., left + patch] - rows_in[..., left]).flatten(0, 1))  # (dy dx, R_y, R_x)
-    dist = torch.cat(distances).reshape(starts * side * side, -1).T  # (R, candidates (k, dy, dx))
+    first = int(ref_y[0])
+    # every candidate block in the band the references' windows cover, flattened (rows, starts, columns, voxels);
+    # block (y, x) of the padded band is the one at (first + y - r, x - r)
+    band = F.pad(pilot[:, None].double(), (r, r, r, r))[:, 0, first:int(ref_y[-1]) + 2 * r + patch]
+    blocks = band.unfold(1, patch, 1).unfold(2, patch, 1)  # (d, rows, columns, patch, patch)
+    if depth > 1:  # a cube: the patches of `depth` consecutive slices
+        blocks = torch.cat([blocks[j:j + starts] for j in range(depth)], dim=-2)
+    blocks = blocks.permute(1, 0, 2, 3, 4).reshape(blocks.shape[1], starts, blocks.shape[2], -1)
+    squares = blocks.pow(2).sum(-1)  # (rows, starts, columns)
+    rows_of = ref_y - first
+    refs = blocks[rows_of + r, centre][:, ref_x + r]  # (R_y, R_x, voxels)
+    dist = torch.empty(len(ref_y), len(ref_x), side, starts, side, dtype=torch.float64, device=pilot.device)
+    for a in range(0, len(ref_x), refs_per_tile):
+        xs = ref_x[a:a + refs_per_tile]
+        lo, hi = int(xs[0]), int(xs[-1]) + side  # the tile's candidate columns
+        within = (xs - lo, torch.arange(len(xs), device=pilot.device))  # each reference's window in them
+        for i, y in enumerate(rows_of.tolist()):
+            dots = (blocks[y:y + side, :, lo:hi].flatten(0, 1) @ refs[i, a:a + refs_per_tile].T)
+            near = squares[y:y + side, :, lo:hi, None] - 2 * dots.reshape(side, starts, hi - lo, -1)
+            dist[i, a:a + refs_per_tile] = near.unfold(2, side, 1)[:, :, within[0], within[1]].permute(2, 0, 1, 3)
+    dist = dist + squares[rows_of + r, centre][:, ref_x + r][..., None, None, None]
+    dist = dist.permute(0, 1, 3, 2, 4).reshape(len(ref_y) * len(ref_x), -1)  # (R, candidates (k, dy, dx))
     # candidates whose patch leaves the slice
     shift = torch.arange(-r, r + 1, device=pilot.device)
     ry, rx = ref_y[:, None, None, None] + shift[None, :, None, None], ref_x[None, None, :, None] + shift

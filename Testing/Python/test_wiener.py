@@ -88,17 +88,28 @@ def test_block_matching_groups_patches_that_look_alike_in_the_pilot():
     assert bool((k == 1).any()), "the neighbouring slice offers copies too"
 
 
-def test_block_matching_finds_the_same_groups_with_its_shifts_batched_as_on_a_gpu():
-    """A GPU takes many vertical shifts per tensor operation, the CPU one at a time: the same groups, for patches
-    and for cubes, whether every shift fits in one batch or a few."""
+def test_block_matching_finds_the_nearest_blocks_whatever_its_tiles():
+    """The groups are the `group` blocks nearest to each reference in squared distance, summed voxel by voxel
+    (float64) over every block within the search radius that stays inside the slab, the reference first; for
+    patches and for cubes, near the borders and away, and the same whether a matrix product takes one reference
+    of a row, a few or all of them."""
     pilot = torch.from_numpy(np.random.default_rng(4).random((5, 37, 41)).astype(np.float32))
+    voxels = pilot.double().numpy()
     ref_y, ref_x = wiener._reference_positions(37), wiener._reference_positions(41)
-    for patch, depth, centre in ((wiener.PATCH, 1, 2), (wiener.CUBE, wiener.CUBE, 1)):
-        one_by_one = wiener._match(pilot, centre, ref_y, ref_x, patch=patch, depth=depth, batch=0)
-        assert len(set(map(tuple, one_by_one[:, 1:].reshape(-1, 3).tolist()))) > 50  # distances chose them
-        for batch in (2 ** 24, 3 * (2 * wiener.SEARCH_RADIUS + 1) * 37 * 41):
-            batched = wiener._match(pilot, centre, ref_y, ref_x, patch=patch, depth=depth, batch=batch)
-            assert torch.equal(batched, one_by_one), (patch, batch)
+    for patch, depth, centre, radius in ((wiener.PATCH, 1, 2, wiener.SEARCH_RADIUS), (wiener.CUBE, wiener.CUBE, 1, 5)):
+        found = wiener._match(pilot, centre, ref_y, ref_x, group=10, radius=radius, patch=patch, depth=depth)
+        assert len(set(map(tuple, found[:, 1:].reshape(-1, 3).tolist()))) > 50  # distances chose them
+        for tile in (1, 3, 1000):
+            tiled = wiener._match(pilot, centre, ref_y, ref_x, group=10, radius=radius, patch=patch, depth=depth,
+                                  refs_per_tile=tile)
+            assert torch.equal(tiled, found), (patch, tile)
+        for i, (y0, x0) in enumerate((y, x) for y in ref_y.tolist() for x in ref_x.tolist()):
+            reference = voxels[centre:centre + depth, y0:y0 + patch, x0:x0 + patch]
+            candidates = sorted((np.sum((voxels[k:k + depth, y:y + patch, x:x + patch] - reference) ** 2), k, y, x)
+                                for k in range(5 - depth + 1)
+                                for y in range(max(0, y0 - radius), min(37 - patch, y0 + radius) + 1)
+                                for x in range(max(0, x0 - radius), min(41 - patch, x0 + radius) + 1))
+            assert [tuple(c[1:]) for c in candidates[:10]] == [tuple(m) for m in found[i].tolist()], (patch, i)
 
 
 def test_the_wiener_step_leaves_a_references_near_copies_in_its_own_slice_out_of_its_group():
