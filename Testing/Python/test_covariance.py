@@ -187,7 +187,7 @@ def test_the_group_variances_from_diagonal_sums_equal_the_sum_over_every_pair(gr
     summary = torch.stack([direct[:, 0], direct[:, 1:].mean(dim=1) if group > 1 else 0 * direct[:, 0]], dim=1)
     np.testing.assert_allclose(group_variance(table, where, mean_and_deviations=True).numpy(),
                                summary.clamp_min(1e-20).numpy(), rtol=1e-9, atol=1e-12)
-    monkeypatch.setattr(covariance_module, "COUNTS_AT_ONCE", 2 * 3 * group * 200)  # a few groups at a time
+    monkeypatch.setattr(covariance_module, "ENTRIES_AT_ONCE", 2 * 3 * group * table.shape[-1])  # two groups at a time
     assert torch.equal(group_variance(table, where), whole)
 
 
