@@ -37,11 +37,14 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     "bsn": 4.6,
     "bsn_wide": 27.5,
     "diffusion": 3.3,
+    # every filter's figure below was scaled on 2026-12-08 by what block matching's matrix products and
+    # group_variance's embedding_bag gained: benchmarks/stage_costs.py on the code before (85b6ffc) and after, one
+    # after the other on one machine, the mean of the ratios at 128 and 256 pixels (0.46 to 0.85 of the time)
     # the volumetric filter's Wiener step on each group's own axes (2026-12-07) took 1.15 (Fast) and 1.28 times (the
     # deep groups) the time of the DCT's on 256x256 slices (stage_costs.measure, both alternately, twice each, on a
     # machine then 1.5 times slower than for the other figures), so those figures are the earlier ones times that
-    "volumetric_filter": 15.6,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
-    "volumetric_filter_deep_groups": 62.6,
+    "volumetric_filter": 13.2,  # Fast's; the other modes' Wiener groups are as deep as their similar cubes allow
+    "volumetric_filter_deep_groups": 48.4,
     # reading the noise's shape: per step of the read (wiener.shape_read_steps, 40 from 24 slices on, however long the
     # scan) and megapixel of one slice; then the filter after it, under noise that reads correlated in it (any mode)
     # or white (as strong white noise with a binning ratio above 1.3 has it; Fast, and Full's deeper groups). Against
@@ -49,26 +52,26 @@ _CPU_SECONDS_PER_MEGAPIXEL = {
     # counted against 259 taken, Full 551 against 552, 24 slices 98 against 100 and 168 against 148; 48 slices under
     # noise of a 0.5-pixel kernel (std 0.05) Fast 227 against 219 (one figure per megapixel had counted 208, 518, 46,
     # 115 and 93)
-    "noise_shape_read": 19.6,
-    "correlated_volumetric_filter": 42.1,
-    "shaped_volumetric_filter": 22.3,  # noise that reads white in it: the Wiener step on the groups' axes too
-    "shaped_volumetric_filter_deep_groups": 58.0,
+    "noise_shape_read": 9.5,
+    "correlated_volumetric_filter": 30.5,
+    "shaped_volumetric_filter": 15.8,  # noise that reads white in it: the Wiener step on the groups' axes too
+    "shaped_volumetric_filter_deep_groups": 45.0,
     # a lone slice's Wiener step on each group's own axes (2026-12-07): both steps took 1.33 (Fast) and 1.13 times (the
     # deep groups) their earlier time on 256x256 slices (measured as the volumetric filter's, above), so the figures
     # are the earlier ones times that
-    "filters_2d": 21.9,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
-    "filters_2d_deep_groups": 33.2,
-    "noise_shape_read_2d": 6.8,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
+    "filters_2d": 14.7,  # Fast's; the other modes' Wiener groups are as deep as their similar patches allow
+    "filters_2d_deep_groups": 25.6,
+    "noise_shape_read_2d": 3.5,  # per step of the read (wiener.noise_shape_steps), as the volumetric one
     # choosing the noise's weight of a 2D image's Wiener step (noise_weight.py): per probe and megapixel of its crops
     # (the first step and the Wiener step trying every weight on one matching; the network's run on the crops is
     # small beside them). stage_costs at 128x128 and 256x256 (AMD EPYC, 2026-12-07) measured 31.2 (Fast) and 91.6
     # against 32.4 and 95.4 for `filters_2d` and its deep groups in the same run: the figures are those above times
     # those ratios
-    "noise_weight_2d": 19.6,
-    "noise_weight_2d_deep_groups": 35.3,
-    "wiener_context": 7.9,
-    "correlated_filters_2d": 343.6,
-    "correlated_wiener_context": 100.1,
+    "noise_weight_2d": 13.9,
+    "noise_weight_2d_deep_groups": 29.9,
+    "wiener_context": 5.5,
+    "correlated_filters_2d": 231.4,
+    "correlated_wiener_context": 45.9,
 }
 _NETWORK_STAGES = ("student", "bsn", "bsn_wide", "diffusion")
 _SHAPE_READING_STAGES = {"correlated_volumetric_filter", "shaped_volumetric_filter",
