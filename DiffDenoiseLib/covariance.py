@@ -239,24 +239,24 @@ def group_variance(table: torch.Tensor, where: torch.Tensor, mean_and_deviations
     at_zero = rows[centre]  # C_k(0): the members' own variances
     i, j = torch.tril_indices(group, group, -1, device=device)
     if mean_and_deviations:  # every pair on one line, weighed 2 / G
-        first_i, first_j = i, j
+        later, earlier = i, j  # each entry's two members (i > j)
         starts, cosines = i.new_zeros(1), torch.full((1, 1), 2.0 / group, dtype=rows.dtype, device=device)
     else:  # each pair on its diagonal (line i - j) and its anti-diagonal (line G + i + j), listed line by line
         lines = torch.cat([i - j, group + i + j])
         order = torch.argsort(lines, stable=True)
-        first_i, first_j = torch.cat([i, i])[order], torch.cat([j, j])[order]
+        later, earlier = torch.cat([i, i])[order], torch.cat([j, j])[order]
         starts = torch.searchsorted(lines[order], torch.arange(3 * group, device=device))  # each line's first
         a = torch.arange(group, dtype=torch.float64, device=device)[:, None]
         c = torch.where(a == 0, 1.0, 2.0).to(torch.float64) / group
         cosines = torch.cat([c * torch.cos(math.pi * a * torch.arange(group, device=device) / group),
                              c * torch.cos(math.pi * a * (torch.arange(2 * group, device=device) + 1) / group)],
                             dim=1).to(rows.dtype)  # (G, 3 G)
-    entries = len(first_i)  # a group's pairs, once on each of their lines
+    entries = len(later)  # a group's pairs, once on each of their lines
     variances = []
     for part in torch.split(where, max(1, ENTRIES_AT_ONCE // max(1, entries, len(starts) * k))):  # bounded memory
         # a pair's row of the table: the flat offset between its members (the table's index is linear in the offset)
         flat = (part[..., 0] * side + part[..., 1]) * side + part[..., 2]  # (R, group)
-        index = flat[:, first_i] - flat[:, first_j] + centre  # (R, entries)
+        index = flat[:, later] - flat[:, earlier] + centre  # (R, entries)
         bags = (torch.arange(len(part), device=device)[:, None] * entries + starts).reshape(-1)
         sums = F.embedding_bag(slots[index].reshape(-1), covarying_rows, bags, mode="sum")
         variances.append(at_zero + cosines @ sums.reshape(len(part), len(starts), k))

@@ -1025,15 +1025,16 @@ def _match(pilot: torch.Tensor, centre: int, ref_y: torch.Tensor, ref_x: torch.T
     squares = blocks.pow(2).sum(-1)  # (rows, starts, columns)
     rows_of = ref_y - first
     refs = blocks[rows_of + r, centre][:, ref_x + r]  # (R_y, R_x, voxels)
+    # (R_y, R_x, dy, first slice, dx), less the reference's own squares, added once at the end
     dist = torch.empty(len(ref_y), len(ref_x), side, starts, side, dtype=torch.float64, device=pilot.device)
     for a in range(0, len(ref_x), refs_per_tile):
         xs = ref_x[a:a + refs_per_tile]
         lo, hi = int(xs[0]), int(xs[-1]) + side  # the tile's candidate columns
         within = (xs - lo, torch.arange(len(xs), device=pilot.device))  # each reference's window in them
         for i, y in enumerate(rows_of.tolist()):
-            dots = (blocks[y:y + side, :, lo:hi].flatten(0, 1) @ refs[i, a:a + refs_per_tile].T)
-            near = squares[y:y + side, :, lo:hi, None] - 2 * dots.reshape(side, starts, hi - lo, -1)
-            dist[i, a:a + refs_per_tile] = near.unfold(2, side, 1)[:, :, within[0], within[1]].permute(2, 0, 1, 3)
+            dots = blocks[y:y + side, :, lo:hi].flatten(0, 1) @ refs[i, a:a + refs_per_tile].T
+            apart = squares[y:y + side, :, lo:hi, None] - 2 * dots.reshape(side, starts, hi - lo, -1)
+            dist[i, a:a + refs_per_tile] = apart.unfold(2, side, 1)[:, :, within[0], within[1]].permute(2, 0, 1, 3)
     dist = dist + squares[rows_of + r, centre][:, ref_x + r][..., None, None, None]
     dist = dist.permute(0, 1, 3, 2, 4).reshape(len(ref_y) * len(ref_x), -1)  # (R, candidates (k, dy, dx))
     # candidates whose patch leaves the slice
