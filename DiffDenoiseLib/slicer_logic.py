@@ -28,18 +28,16 @@ LIBRARY_PARENT = str(Path(__file__).resolve().parent.parent)
 # on 256x256 slices (benchmarks/results/stage_costs.json; the keys are its stages). The networks' figures are per
 # megapixel they evaluate: a larger slice goes through them in overlapping tiles of that size (slicing.tiled_pixels).
 # A GPU is counted _GPU_SPEED_UP times faster, the filters too (they run in torch there). Only the estimate shown
-# before a run uses these; the time left while it runs comes from the worker. The filters' figures were scaled on
-# 2026-12-08 by how much faster the filters became that day (the Wiener steps on the groups' axes reading only the
-# variances they use, block matching on strided views): stage_costs on 256x256 slices, the code before and after in
-# turn on one machine, 0.53 (the 2D deep groups) to 0.89 times the earlier time.
+# before a run uses these; the time left while it runs comes from the worker. The filters' figures were scaled twice on
+# 2026-12-08 by how much faster the filters became, each time by stage_costs on the code before and after, in turn on
+# one machine: first (the Wiener steps on the groups' axes reading only the variances they use, block matching on
+# strided views; 256x256 slices) 0.53 (the 2D deep groups) to 0.89 times the earlier time, then (block matching by
+# matrix products, group_variance by embedding_bag; the mean of the ratios at 128 and 256) 0.46 to 0.85.
 _CPU_SECONDS_PER_MEGAPIXEL = {
     "student": 2.9,
     "bsn": 4.6,
     "bsn_wide": 27.5,
     "diffusion": 3.3,
-    # every filter's figure below was scaled on 2026-12-08 by what block matching's matrix products and
-    # group_variance's embedding_bag gained: benchmarks/stage_costs.py on the code before (85b6ffc) and after, one
-    # after the other on one machine, the mean of the ratios at 128 and 256 pixels (0.46 to 0.85 of the time)
     # the volumetric filter's Wiener step on each group's own axes (2026-12-07) took 1.15 (Fast) and 1.28 times (the
     # deep groups) the time of the DCT's on 256x256 slices (stage_costs.measure, both alternately, twice each, on a
     # machine then 1.5 times slower than for the other figures), so those figures are the earlier ones times that
